@@ -1,0 +1,51 @@
+"""Backends behind one protocol (``generate`` + ``score``); heavy imports stay lazy.
+
+Nothing outside this package imports torch- or vLLM-specific code, so ``import srdata``
+stays light and works without vLLM installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from .base import Backend, Generation, GenerationParams, ProgressCallback
+
+BACKENDS = ("auto", "hf", "vllm")
+
+__all__ = ["Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKENDS", "select_backend", "load_backend"]
+
+
+def _gpu_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def select_backend(name: str) -> str:
+    """Resolve ``auto``: vLLM when it is importable and a GPU is visible, else transformers."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    if importlib.util.find_spec("vllm") is not None and _gpu_visible():
+        return "vllm"
+    return "hf"
+
+
+def load_backend(name: str, model: str, *, tokenizer: Any = None, **options: Any) -> Backend:
+    """Build the named backend for ``model`` (a local folder or hub id).
+
+    Example:
+        >>> backend = load_backend("hf", "path/to/student", device="cpu", dtype="float32")  # doctest: +SKIP
+    """
+    resolved = select_backend(name)
+    if resolved == "vllm":
+        from .vllm import VLLMBackend  # imported lazily: vLLM is an optional extra
+
+        return VLLMBackend.from_pretrained(model, tokenizer=tokenizer, **options)
+    from .hf import HFBackend
+
+    return HFBackend.from_pretrained(model, tokenizer=tokenizer, **options)

@@ -1,0 +1,55 @@
+"""The backend protocol: the two operations SRD needs from a student model.
+
+A backend receives token ids (never text), so every backend sees exactly the same
+inputs, built once by :func:`srdata.tokenize.encode_pair`. Batching, padding and
+device placement are the backend's own business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
+
+# Called by a backend as work finishes: (rows finished, tokens processed) since the last call.
+ProgressCallback = Optional[Callable[[int, int], None]]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings shared by all backends (greedy by default, as SRD's reference)."""
+
+    max_new_tokens: int = 256
+    no_repeat_ngram_size: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: ids without the stop token, decoded text, and why it ended."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop token was produced) or "length"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Generate answers and score references for a list of prompts.
+
+    Example:
+        >>> backend = load_backend("hf", model="path/to/student")      # doctest: +SKIP
+        >>> backend.score([[1, 2, 3]], [[4, 5, 2]])                      # doctest: +SKIP
+        [5.91]
+    """
+
+    def generate(
+        self, prompt_ids: Sequence[list[int]], params: GenerationParams, progress: ProgressCallback = None
+    ) -> list[Generation]:
+        """Greedy-decode an answer for every prompt, in input order."""
+        ...
+
+    def score(
+        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
+    ) -> list[float]:
+        """Mean negative log-likelihood (nats) of each reference given its prompt, teacher-forced."""
+        ...

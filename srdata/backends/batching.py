@@ -1,0 +1,35 @@
+"""Length-bucketed batches under a padded-token budget (shared by local backends)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def bucket_batches(lengths: Sequence[int], max_rows: int, token_budget: int, extra: int = 0) -> list[list[int]]:
+    """Group row indices into batches of similar length.
+
+    Rows are sorted by length (longest first, so a batch that does not fit shows up at
+    once) and packed while ``rows * (longest + extra) <= token_budget`` and
+    ``rows <= max_rows``; ``extra`` counts tokens every row will add (new tokens during
+    generation). A row longer than the budget gets a batch of its own.
+
+    Example:
+        >>> bucket_batches([5, 100, 7, 98], max_rows=2, token_budget=1000)
+        [[1, 3], [2, 0]]
+    """
+    if max_rows < 1 or token_budget < 1:
+        raise ValueError(f"max_rows and token_budget must be >= 1, got {max_rows} and {token_budget}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        candidate = max(longest, lengths[i] + extra)
+        if current and (len(current) + 1 > max_rows or (len(current) + 1) * candidate > token_budget):
+            batches.append(current)
+            current, candidate = [], lengths[i] + extra
+        current.append(i)
+        longest = candidate
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,217 @@
+"""Transformers/torch backend: the CPU default, and CUDA when present.
+
+* ``score`` runs one teacher-forced forward pass per length bucket (right padding, so
+  positions are exactly those of an unpadded pass) and computes the cross-entropy from
+  the final hidden states *at the reference positions only*, projecting them through the
+  output layer a chunk of tokens at a time. The full ``batch x sequence x vocabulary``
+  float32 logits tensor is never built.
+* ``generate`` runs greedy ``model.generate`` per length bucket with left padding and an
+  attention mask, under a token budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .base import Generation, GenerationParams, ProgressCallback
+from .batching import bucket_batches
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when a GPU is visible, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPUs and float32 on CPUs (CPU half precision is slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class HFBackend:
+    """Generate and score with a ``transformers`` causal LM.
+
+    Example:
+        >>> backend = HFBackend.from_pretrained("path/to/student", device="cpu")  # doctest: +SKIP
+        >>> backend.score([[5, 6, 7]], [[8, 2]])                                    # doctest: +SKIP
+        [6.2]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 16,
+        token_budget: int = 16384,
+        ce_chunk_tokens: int = 1024,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.token_budget = token_budget
+        self.ce_chunk_tokens = ce_chunk_tokens
+        # Padding ids are masked out, so any id works when the tokenizer has no pad token.
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.hidden_state_ce = self._hidden_state_ce_matches_logits()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str = "auto", dtype: str = "auto", tokenizer: Any = None, **options: Any
+    ) -> "HFBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_device = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, torch_device))
+        model.to(torch_device)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, **options)
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
+    ) -> list[float]:
+        """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
+        if len(prompt_ids) != len(reference_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        for i, ref in enumerate(reference_ids):
+            if not ref:
+                raise ValueError(f"reference {i} has no tokens; it must at least hold the end-of-sequence id")
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, reference_ids)]
+        losses: list[float] = [float("nan")] * len(lengths)
+        for batch in bucket_batches(lengths, self.batch_size, self.token_budget):
+            batch_losses = self._score_batch([prompt_ids[i] for i in batch], [reference_ids[i] for i in batch])
+            for i, loss in zip(batch, batch_losses):
+                losses[i] = loss
+            if progress:
+                progress(0, sum(lengths[i] for i in batch))
+        return losses
+
+    @torch.inference_mode()
+    def _score_batch(self, prompts: list[list[int]], references: list[list[int]]) -> list[float]:
+        sequences = [p + r for p, r in zip(prompts, references)]
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        rows, positions, targets = [], [], []
+        for row, (prompt, reference) in enumerate(zip(prompts, references)):
+            seq = prompt + reference
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+            # The hidden state at position t predicts token t + 1.
+            start = len(prompt) - 1
+            rows += [row] * len(reference)
+            positions += range(start, start + len(reference))
+            targets += reference
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        rows_t = torch.tensor(rows, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        targets_t = torch.tensor(targets, device=self.device)
+
+        if self.hidden_state_ce:
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            selected = hidden[rows_t, positions_t]
+            nll = self._chunked_nll(selected, targets_t, project=True)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            nll = self._chunked_nll(logits[rows_t, positions_t], targets_t, project=False)
+
+        totals = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
+        totals.index_add_(0, rows_t, nll.to(torch.float64))
+        counts = torch.tensor([len(r) for r in references], dtype=torch.float64, device=self.device)
+        return (totals / counts).tolist()
+
+    def _chunked_nll(self, states: torch.Tensor, targets: torch.Tensor, project: bool) -> torch.Tensor:
+        """Per-token NLL, upcasting to float32 one chunk of tokens at a time."""
+        head = self.model.get_output_embeddings()
+        out = []
+        for start in range(0, states.shape[0], self.ce_chunk_tokens):
+            chunk = states[start : start + self.ce_chunk_tokens]
+            logits = (head(chunk) if project else chunk).float()
+            chunk_targets = targets[start : start + self.ce_chunk_tokens]
+            out.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, chunk_targets[:, None])[:, 0])
+        return torch.cat(out) if out else torch.zeros(0, device=states.device)
+
+    @torch.inference_mode()
+    def _hidden_state_ce_matches_logits(self) -> bool:
+        """Check once that ``lm_head(base_model(x))`` reproduces ``model(x).logits``.
+
+        Some architectures post-process logits (soft-capping, scaling); for those the
+        backend falls back to the model's own logits at the reference positions.
+        """
+        try:
+            ids = torch.arange(1, 9, device=self.device)[None] % self.model.config.vocab_size
+            expected = self.model(input_ids=ids).logits.float()
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state
+            got = self.model.get_output_embeddings()(hidden).float()
+            ok = torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+        except Exception as err:  # an unusual model layout: use the generic path
+            log.info("hidden-state cross-entropy unavailable (%s); using full logits", err)
+            return False
+        if not ok:
+            log.info("model post-processes its logits; cross-entropy uses the model's own logits")
+        return ok
+
+    # --------------------------------------------------------------- generation
+    def generate(
+        self, prompt_ids: Sequence[list[int]], params: GenerationParams, progress: ProgressCallback = None
+    ) -> list[Generation]:
+        """Greedy answers for every prompt, in input order."""
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        lengths = [len(p) for p in prompt_ids]
+        results: list[Generation | None] = [None] * len(lengths)
+        for batch in bucket_batches(lengths, self.batch_size, self.token_budget, extra=params.max_new_tokens):
+            generations = self._generate_batch([prompt_ids[i] for i in batch], params)
+            for i, generation in zip(batch, generations):
+                results[i] = generation
+            if progress:
+                progress(len(batch), sum(lengths[i] + len(results[i].token_ids) for i in batch))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
+        from transformers import GenerationConfig
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the same column
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        stop_ids = list(params.stop_token_ids)
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=params.max_new_tokens,
+            no_repeat_ngram_size=params.no_repeat_ngram_size or 0,
+            eos_token_id=stop_ids or None,
+            pad_token_id=self.pad_id,
+        )
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=config,
+        )
+        generations = []
+        for row in output[:, width:].tolist():
+            stop_at = next((i for i, t in enumerate(row) if t in stop_ids), None)
+            ids = row if stop_at is None else row[:stop_at]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            generations.append(Generation(ids, text, "length" if stop_at is None else "stop"))
+        return generations

@@ -1,0 +1,123 @@
+"""Tokenization rules shared by the scorer and by srd_distill (one source of truth).
+
+The model sees ``prompt_ids + reference_ids``:
+
+* ``prompt_ids``: the rendered prompt with the tokenizer's normal special tokens (BOS
+  where the model uses one). Chat-template prompts already contain their special tokens,
+  so they are encoded with ``add_special_tokens=False``.
+* ``reference_ids``: the reference tokenized *on its own* with no special tokens, then the
+  end-of-sequence id appended, so the cross-entropy also rewards knowing when to stop.
+
+Prompts longer than ``max_prompt_tokens`` are truncated and flagged. The default
+``truncation_side="left"`` drops the *start* of the prompt and keeps the end, which holds
+the ``### Response:`` marker next to the answer; special tokens the tokenizer adds (BOS)
+are always kept. ``truncation_side="right"`` keeps the start instead, as the SRD
+reference code does. References longer than ``max_reference_tokens`` (end-of-sequence
+included) are cut at that length and flagged; the cut reference then has no EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+TruncationSide = Literal["left", "right"]
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of one prompt/reference pair, with truncation flags."""
+
+    prompt_ids: list[int]
+    reference_ids: list[int]
+    prompt_truncated: bool
+    reference_truncated: bool
+
+
+def resolve_eos_id(tokenizer: Any) -> int:
+    """The id appended to every reference: the tokenizer's end-of-sequence token.
+
+    Raises a ValueError naming the fix when the tokenizer has none.
+    """
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise ValueError(
+            "the tokenizer has no end-of-sequence token (tokenizer.eos_token is None); "
+            "the reference's cross-entropy includes the end-of-sequence token, so set one "
+            "with --eos-token TOKEN (an existing token of the vocabulary, e.g. '</s>')"
+        )
+    return int(eos_id)
+
+
+def _special_affixes(tokenizer: Any, with_specials: list[int], plain: list[int]) -> tuple[list[int], list[int]]:
+    """Split the special tokens the tokenizer adds into a prefix (BOS) and a suffix."""
+    n = len(plain)
+    for start in range(len(with_specials) - n + 1):
+        if with_specials[start : start + n] == plain:
+            return with_specials[:start], with_specials[start + n :]
+    # The tokenizer's post-processor changed the text tokens themselves; treat every
+    # extra token as a prefix so truncation never cuts into them.
+    return with_specials[: len(with_specials) - n], []
+
+
+def encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    *,
+    max_prompt_tokens: int = 256,
+    max_reference_tokens: int | None = 256,
+    truncation_side: TruncationSide = "left",
+    add_special_tokens: bool = True,
+) -> list[EncodedPair]:
+    """Encode prompt/reference pairs by the rules above (batched through the fast tokenizer).
+
+    Example:
+        >>> pairs = encode_pairs(tok, ["### Instruction:\\nSay hi\\n\\n### Response:\\n"], ["hi"])  # doctest: +SKIP
+        >>> pairs[0].reference_ids[-1] == tok.eos_token_id                                       # doctest: +SKIP
+        True
+    """
+    if len(prompts) != len(references):
+        raise ValueError(f"got {len(prompts)} prompts but {len(references)} references")
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if max_reference_tokens is not None and max_reference_tokens < 1:
+        raise ValueError(f"max_reference_tokens must be >= 1 or None, got {max_reference_tokens}")
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+    eos_id = resolve_eos_id(tokenizer)
+    prompts, references = list(prompts), list(references)
+    if not prompts:
+        return []
+
+    plain_prompts = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if add_special_tokens:
+        full_prompts = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    else:
+        full_prompts = plain_prompts
+    plain_refs = tokenizer(references, add_special_tokens=False)["input_ids"]
+
+    encoded = []
+    for full, plain, ref in zip(full_prompts, plain_prompts, plain_refs):
+        prompt_ids, prompt_truncated = list(full), False
+        if len(full) > max_prompt_tokens:
+            prefix, suffix = _special_affixes(tokenizer, list(full), list(plain))
+            budget = max_prompt_tokens - len(prefix) - len(suffix)
+            if budget < 1:
+                raise ValueError(
+                    f"max_prompt_tokens={max_prompt_tokens} leaves no room for text next to "
+                    f"the {len(prefix) + len(suffix)} special tokens the tokenizer adds"
+                )
+            body = plain[-budget:] if truncation_side == "left" else plain[:budget]
+            prompt_ids, prompt_truncated = prefix + list(body) + suffix, True
+        reference_ids = list(ref) + [eos_id]
+        reference_truncated = max_reference_tokens is not None and len(reference_ids) > max_reference_tokens
+        if reference_truncated:
+            reference_ids = reference_ids[:max_reference_tokens]
+        encoded.append(EncodedPair(prompt_ids, reference_ids, prompt_truncated, reference_truncated))
+    return encoded
+
+
+def encode_pair(tokenizer: Any, prompt: str, reference: str, **options: Any) -> EncodedPair:
+    """Encode a single pair; see :func:`encode_pairs` for the rules and options."""
+    return encode_pairs(tokenizer, [prompt], [reference], **options)[0]
