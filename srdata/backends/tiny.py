@@ -100,3 +100,32 @@ def build_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def warm_up(path: str | Path, texts: list[str], steps: int = 60, lr: float = 3e-3, seed: int = 0) -> Path:
+    """Briefly train the saved model at ``path`` on ``texts`` (causal LM loss) and save it back.
+
+    The demo uses this to make a student that knows some rows better than others, so the
+    ranking has something real to find.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:256] + [tokenizer.eos_token_id] for t in texts]
+    for step in range(steps):
+        batch = [encoded[(step * 8 + k) % len(encoded)] for k in range(8)]
+        width = max(len(b) for b in batch)
+        ids = torch.tensor([b + [tokenizer.eos_token_id] * (width - len(b)) for b in batch])
+        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(path)
+    return Path(path)

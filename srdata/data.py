@@ -1,0 +1,171 @@
+"""Load any Hugging Face dataset split and decide which columns hold prompt and response."""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+# Common layouts, tried in order: (prompt, input/context, response).
+KNOWN_LAYOUTS: list[tuple[str, Optional[str], str]] = [
+    ("instruction", "input", "output"),  # Alpaca
+    ("instruction", "context", "response"),  # Dolly
+    ("prompt", None, "completion"),
+    ("prompt", None, "response"),
+    ("question", None, "answer"),
+    ("instruction", None, "output"),
+    ("instruction", None, "response"),
+    ("input", None, "output"),
+]
+MESSAGE_COLUMNS = ("messages", "conversations")
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which columns feed the prompt, the optional input/context and the reference response.
+
+    A chat layout has ``messages_column`` set instead: the last assistant turn is the
+    reference, the turns before it are the prompt.
+    """
+
+    prompt_column: Optional[str] = None
+    response_column: Optional[str] = None
+    input_column: Optional[str] = None
+    messages_column: Optional[str] = None
+    detected: bool = False
+
+    def describe(self) -> str:
+        how = "auto-detected" if self.detected else "given"
+        if self.messages_column:
+            return f"chat messages from column '{self.messages_column}' ({how})"
+        text = f"prompt='{self.prompt_column}', response='{self.response_column}'"
+        if self.input_column:
+            text += f", input='{self.input_column}'"
+        return f"{text} ({how})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DatasetLoadError(ValueError):
+    """The dataset could not be found or read; the message says why and what to do."""
+
+
+def load_split(dataset: str, split: str = "train", limit: int | None = None):
+    """Load one split of ``dataset`` as a ``datasets.Dataset``.
+
+    ``dataset`` may be a data file (.jsonl/.json/.parquet/.csv), a glob or comma-separated
+    list of such files, a ``save_to_disk`` folder, a folder of data files, or a hub id.
+
+    Example:
+        >>> ds = load_split("data/train.jsonl")   # doctest: +SKIP
+    """
+    ds = _load(dataset, split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def _load(dataset: str, split: str):
+    import datasets
+
+    files = [f.strip() for f in dataset.split(",")] if "," in dataset else [dataset]
+    suffixes = {Path(f).suffix.lower() for f in files}
+    path = Path(dataset)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DatasetLoadError(
+                        f"split '{split}' is not in {dataset}; available splits: {', '.join(loaded)} (use --split)"
+                    )
+                return loaded[split]
+            return loaded
+        return _with_split(lambda: datasets.load_dataset(str(path)), dataset, split)
+    if suffixes <= set(DATA_FILE_BUILDERS) and len({DATA_FILE_BUILDERS[s] for s in suffixes}) == 1:
+        missing = [f for f in files if not glob.glob(f)]
+        if missing:
+            raise DatasetLoadError(f"data file not found: {', '.join(missing)}")
+        builder = DATA_FILE_BUILDERS[suffixes.pop()]
+        try:
+            # Local files always form a single split, whatever --split says.
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as err:
+            raise DatasetLoadError(f"could not read {dataset} as {builder}: {err}") from err
+    if path.exists():
+        raise DatasetLoadError(
+            f"{dataset} is neither a save_to_disk folder nor a .jsonl/.json/.parquet/.csv file"
+        )
+    if not HUB_ID.match(dataset):
+        raise DatasetLoadError(f"dataset {dataset!r} not found: no such file or folder")
+    return _from_hub(dataset, split)
+
+
+def _from_hub(dataset: str, split: str):
+    import datasets
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        hint = "HF_HUB_OFFLINE is set"
+    else:
+        hint = "the hub could not be reached"
+    try:
+        return datasets.load_dataset(dataset, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DatasetLoadError(f"split '{split}' not found in {dataset}: {err}") from err
+        raise DatasetLoadError(f"could not load {dataset!r} from the Hugging Face hub ({hint}): {err}") from err
+    except Exception as err:
+        raise DatasetLoadError(
+            f"{dataset!r} is not a local file or folder, and loading it from the Hugging Face hub failed "
+            f"({hint}: {type(err).__name__}). Offline, pass a local data file or a save_to_disk folder."
+        ) from err
+
+
+def _with_split(load, dataset: str, split: str):
+    import datasets
+
+    loaded = load()
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DatasetLoadError(f"split '{split}' is not in {dataset}; available splits: {', '.join(loaded)} (use --split)")
+        return loaded[split]
+    return loaded
+
+
+def resolve_columns(
+    column_names: list[str],
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    input_column: str | None = None,
+) -> ColumnMapping:
+    """Use the given column names, or detect a common layout when they are not given.
+
+    Example:
+        >>> resolve_columns(["instruction", "input", "output"]).describe()
+        "prompt='instruction', response='output', input='input' (auto-detected)"
+    """
+    available = ", ".join(column_names) or "(none)"
+    for role, name in (("--prompt-column", prompt_column), ("--response-column", response_column), ("--input-column", input_column)):
+        if name is not None and name not in column_names:
+            raise DatasetLoadError(f"{role} '{name}' is not a column of the dataset; available columns: {available}")
+    if prompt_column and response_column:
+        return ColumnMapping(prompt_column, response_column, input_column)
+    if prompt_column is None and response_column is None and input_column is None:
+        for name in MESSAGE_COLUMNS:
+            if name in column_names:
+                return ColumnMapping(messages_column=name, detected=True)
+    for p, i, r in KNOWN_LAYOUTS:
+        if (prompt_column or p) == p and (response_column or r) == r and p in column_names and r in column_names:
+            chosen_input = input_column or (i if i in column_names else None)
+            return ColumnMapping(p, r, chosen_input, detected=True)
+    raise DatasetLoadError(
+        f"could not tell which columns hold the prompt and the response (available columns: {available}); "
+        "pass --prompt-column and --response-column"
+    )

@@ -1,0 +1,167 @@
+"""Render each row into the exact prompt string the student sees, and pick its reference.
+
+Templates:
+* ``alpaca``: the SRD reference code's format ("Below is an instruction ...", with an
+  ``### Input:`` block when the input/context column is non-empty).
+* ``raw``: the prompt column as it is.
+* ``chat``: the tokenizer's chat template with the generation prompt added.
+* any other string: a Python format string with ``{column}`` fields, e.g.
+  ``"Question: {question}\\nAnswer: "``.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .data import ColumnMapping
+
+ALPACA = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+NAMED_TEMPLATES = ("alpaca", "raw", "chat")
+
+
+class TemplateError(ValueError):
+    """The template does not fit the dataset or tokenizer."""
+
+
+@dataclass(frozen=True)
+class RenderedRow:
+    """The prompt string and reference of one row, or why the row cannot be scored."""
+
+    prompt_text: Optional[str]
+    reference: Optional[str]
+    invalid_reason: Optional[str] = None
+
+
+def resolve_template(template: str | None, mapping: ColumnMapping, column_names: list[str], tokenizer: Any = None) -> str:
+    """Pick the default template and check that the chosen one can be rendered.
+
+    Example:
+        >>> resolve_template("Q: {question}", ColumnMapping("question", "answer"), ["question", "answer"])
+        'Q: {question}'
+    """
+    if template is None:
+        template = "chat" if mapping.messages_column else "alpaca"
+    if template == "chat":
+        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("--template chat needs a tokenizer with a chat template, and this tokenizer has none; use --template alpaca or raw")
+        return template
+    if mapping.messages_column:
+        raise TemplateError(
+            f"the dataset holds chat messages (column '{mapping.messages_column}'), which only --template chat can render"
+        )
+    if template in NAMED_TEMPLATES:
+        return template
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise TemplateError(f"template {template!r} is not a valid format string: {err}") from err
+    if not fields:
+        raise TemplateError(
+            f"template {template!r} is not one of {', '.join(NAMED_TEMPLATES)} and has no {{column}} field"
+        )
+    unknown = [f for f in fields if f not in column_names]
+    if unknown:
+        raise TemplateError(
+            f"template field(s) {', '.join('{' + f + '}' for f in unknown)} are not columns of the dataset; "
+            f"available columns: {', '.join(column_names)}"
+        )
+    return template
+
+
+def render_rows(rows: dict[str, list], mapping: ColumnMapping, template: str, tokenizer: Any = None) -> list[RenderedRow]:
+    """Render a column-oriented batch of rows (as ``Dataset[a:b]`` returns) into prompts.
+
+    Example:
+        >>> m = ColumnMapping("instruction", "output", "input")
+        >>> r = render_rows({"instruction": ["Add"], "input": [""], "output": ["3"]}, m, "alpaca")
+        >>> r[0].prompt_text.endswith("### Response:\\n"), r[0].reference
+        (True, '3')
+    """
+    n = len(next(iter(rows.values()))) if rows else 0
+    out = []
+    for i in range(n):
+        row = {name: values[i] for name, values in rows.items()}
+        out.append(_render_row(row, mapping, template, tokenizer))
+    return out
+
+
+def _text(row: dict, column: str) -> tuple[Optional[str], Optional[str]]:
+    """Value of a text column, or why it is unusable."""
+    value = row.get(column)
+    if value is None:
+        return None, f"column '{column}' is null"
+    if not isinstance(value, str):
+        return None, f"column '{column}' holds {type(value).__name__}, not text"
+    return value, None
+
+
+def row_problem(row: dict, mapping: ColumnMapping) -> Optional[str]:
+    """Why a row cannot be scored (null, non-text or empty prompt, unusable reference), or None.
+
+    An empty reference is fine: it is scored on the end-of-sequence token alone.
+    """
+    if mapping.messages_column:
+        return _messages_problem(row.get(mapping.messages_column), mapping.messages_column)
+    _, problem = _text(row, mapping.response_column)
+    if problem:
+        return problem
+    prompt, problem = _text(row, mapping.prompt_column)
+    if problem:
+        return problem
+    if not prompt.strip():
+        return f"column '{mapping.prompt_column}' is empty"
+    if mapping.input_column:
+        value = row.get(mapping.input_column)
+        if value is not None and not isinstance(value, str):
+            return f"column '{mapping.input_column}' holds {type(value).__name__}, not text"
+    return None
+
+
+def _render_row(row: dict, mapping: ColumnMapping, template: str, tokenizer: Any) -> RenderedRow:
+    problem = row_problem(row, mapping)
+    if problem:
+        return RenderedRow(None, None, problem)
+    if mapping.messages_column:
+        messages = row[mapping.messages_column]
+        history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        return RenderedRow(text, messages[-1]["content"])
+    prompt, reference = row[mapping.prompt_column], row[mapping.response_column]
+    extra = (row.get(mapping.input_column) or "") if mapping.input_column else ""
+    if template == "alpaca":
+        text = ALPACA_WITH_INPUT.format(instruction=prompt, input=extra) if extra.strip() else ALPACA.format(instruction=prompt)
+    elif template == "raw":
+        text = prompt
+    elif template == "chat":
+        content = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    else:
+        values = {k: ("" if v is None else v) for k, v in row.items()}
+        text = template.format_map(values)
+    return RenderedRow(text, reference)
+
+
+def _messages_problem(messages: Any, column: str) -> Optional[str]:
+    if not isinstance(messages, list) or not messages:
+        return f"column '{column}' is not a non-empty list of messages"
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        return f"column '{column}' has a message without 'role' and 'content'"
+    last = messages[-1]
+    if last["role"] != "assistant":
+        return f"column '{column}': the last message is from '{last['role']}', not the assistant"
+    if not isinstance(last["content"], str):
+        return f"column '{column}': the assistant's content is not text"
+    if len(messages) < 2:
+        return f"column '{column}' has no message before the assistant's answer"
+    return None

@@ -1,0 +1,134 @@
+"""The run folder: resumable shards, the manifest, the final annotated table.
+
+Layout::
+
+    DIR/manifest.json          settings, identity, shard plan, counts, timings
+    DIR/shards/shard-00000.parquet   rows [0, shard_size) once scored (written atomically)
+    DIR/annotated.parquet      every row, original columns + srdata's columns
+
+A shard file exists only once it is complete (temp file + rename), so a run killed at
+any moment resumes by recomputing just the shards whose file is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from .config import diff_settings
+from .io import atomic_path, write_json_atomic
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def file(self) -> str:
+        return f"shards/shard-{self.index:05d}.parquet"
+
+
+def plan_shards(n_rows: int, shard_size: int) -> list[Shard]:
+    """Consecutive row ranges of ``shard_size`` rows (the last may be shorter).
+
+    Example:
+        >>> [(s.start, s.stop) for s in plan_shards(5, 2)]
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    return [Shard(i, start, min(start + shard_size, n_rows)) for i, start in enumerate(range(0, n_rows, shard_size))]
+
+
+class RunStore:
+    """Reads and writes one run folder.
+
+    Example:
+        >>> store = RunStore("runs/student-a")                       # doctest: +SKIP
+        >>> store.prepare(settings, identity, overwrite=False)       # doctest: +SKIP
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.manifest_path = self.dir / "manifest.json"
+        self.annotated_path = self.dir / "annotated.parquet"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def prepare(self, settings: dict[str, Any], identity: dict[str, Any], overwrite: bool) -> bool:
+        """Check the folder can hold this run; returns True when it resumes an earlier one.
+
+        A folder holding a run with other settings (or another model or dataset) is
+        refused, naming every difference, unless ``overwrite`` is set.
+        """
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
+        previous = self.read_manifest()
+        if previous is None:
+            if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
+                raise RunDirError(
+                    f"output folder {self.dir} is not empty and holds no srdata run; "
+                    "choose an empty or new folder, or pass --overwrite to score into it anyway"
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return False
+        differences = diff_settings(previous.get("settings", {}), settings) + diff_settings(
+            {"identity": previous.get("identity", {})}, {"identity": identity}
+        )
+        if not differences:
+            return True
+        if not overwrite:
+            raise RunDirError(
+                f"{self.dir} holds a run with other settings:\n  "
+                + "\n  ".join(differences)
+                + "\nuse the same settings to resume it, another --output, or --overwrite to start over"
+            )
+        self.clear()
+        return False
+
+    def clear(self) -> None:
+        """Remove a previous run's files (only those srdata writes)."""
+        shutil.rmtree(self.dir / "shards", ignore_errors=True)
+        for name in ("annotated.parquet", "manifest.json"):
+            (self.dir / name).unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def is_done(self, shard: Shard) -> bool:
+        """A shard is done when its file exists and holds exactly its rows."""
+        path = self.dir / shard.file
+        if not path.exists():
+            return False
+        try:
+            n = pl.scan_parquet(path).select(pl.len()).collect().item()
+        except Exception:  # an unreadable file (disk trouble): recompute it
+            return False
+        return n == shard.stop - shard.start
+
+    def write_shard(self, shard: Shard, frame: pl.DataFrame) -> None:
+        with atomic_path(self.dir / shard.file) as tmp:
+            frame.write_parquet(tmp)
+
+    def read_shards(self, shards: list[Shard]) -> pl.DataFrame:
+        missing = [s.file for s in shards if not (self.dir / s.file).exists()]
+        if missing:
+            raise RunDirError(f"{self.dir} is missing finished shards: {', '.join(missing)}; re-run `srdata score` to finish them")
+        return pl.concat([pl.read_parquet(self.dir / s.file) for s in shards], how="vertical_relaxed")
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json_atomic(self.manifest_path, manifest)
+
+    def write_annotated(self, frame: pl.DataFrame) -> None:
+        with atomic_path(self.annotated_path) as tmp:
+            frame.write_parquet(tmp)
