@@ -97,6 +97,8 @@ def _load(dataset: str, split: str):
             # Local files always form a single split, whatever --split says.
             return datasets.load_dataset(builder, data_files=files, split="train")
         except Exception as err:
+            if "corresponds to no data" in str(err):  # datasets' words for an empty file
+                raise DatasetLoadError(f"{dataset} has 0 rows: nothing to score") from err
             raise DatasetLoadError(f"could not read {dataset} as {builder}: {err}") from err
     if path.exists():
         raise DatasetLoadError(

@@ -1,13 +1,33 @@
-"""Shared fixtures: real data from ../shared/data (skipped cleanly when absent)."""
+"""Shared fixtures: tiny offline models and real data from ../shared/data.
+
+Tests never reach a model or dataset hub: models are random-weight configs with a
+tokenizer trained on the spot, saved with save_pretrained and loaded back through
+from_pretrained, exactly like a real student.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+
+# Before any Hugging Face import: a test must never wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DEMO_SAMPLE = REPO_ROOT / "srdata" / "data" / "demo.jsonl"
+
+
+def corpus() -> list[str]:
+    """Text to train tiny tokenizers on: the bundled sample plus emoji/CJK so they encode."""
+    rows = [json.loads(line) for line in DEMO_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows]
+    return texts + ["Below is an instruction that describes a task. ### Response: 你好世界 😀 مرحبا"] * 5
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +36,39 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    from srdata.backends.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "gpt2", corpus(), arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama architecture; its tokenizer prepends BOS."""
+    from srdata.backends.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "llama", corpus(), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_no_pad(tmp_path_factory) -> Path:
+    from srdata.backends.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "llama-nopad", corpus(), arch="llama", pad_token=False)
+
+
+@pytest.fixture()
+def instruct_file(tmp_path) -> Path:
+    """A small alpaca-layout jsonl file (real SelfInst rows)."""
+    rows = [json.loads(line) for line in DEMO_SAMPLE.read_text(encoding="utf-8").splitlines()][:12]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
