@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 #: Columns srdata adds to every row (the public contract), in output order.
 SCORE_COLUMNS = [
-    "srd_id", "prompt_text", "student_output", "finish_reason", "prompt_tokens", "reference_tokens",
+    "srd_id", "prompt_text", "reference_text", "student_output", "finish_reason", "prompt_tokens", "reference_tokens",
     "output_tokens", "prompt_truncated", "reference_truncated", "rouge_l", "ce_loss", "invalid_reason",
 ]
 RANK_COLUMNS = ["rank_rouge_l", "rank_ce_loss", "rrf_score", "difficulty_rank"]
 SHARD_SCHEMA = {
-    "srd_id": pl.Int64, "prompt_text": pl.String, "student_output": pl.String, "finish_reason": pl.String,
+    "srd_id": pl.Int64, "prompt_text": pl.String, "reference_text": pl.String, "student_output": pl.String, "finish_reason": pl.String,
     "prompt_tokens": pl.Int64, "reference_tokens": pl.Int64, "output_tokens": pl.Int64,
     "prompt_truncated": pl.Boolean, "reference_truncated": pl.Boolean, "rouge_l": pl.Float64,
     "ce_loss": pl.Float64, "invalid_reason": pl.String,
@@ -157,6 +157,7 @@ def score_shard(
     for i, r in enumerate(rendered):
         columns["invalid_reason"][i] = r.invalid_reason
         columns["prompt_text"][i] = r.prompt_text
+        columns["reference_text"][i] = r.reference
     for k, i in enumerate(valid):
         pair, generation = pairs[k], generations[k]
         columns["student_output"][i] = generation.text
