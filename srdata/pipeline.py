@@ -16,9 +16,10 @@ from typing import Any, Callable
 import polars as pl
 
 from . import __version__
-from .backends import GenerationParams, load_backend, select_backend
+from .backends import GenerationParams, select_backend
 from .config import ScoreConfig, build_config, result_settings, settings_hash
 from .data import ColumnMapping, load_split, resolve_columns
+from .engines import ShardJob, run_shards
 from .prompts import render_rows, resolve_template, row_problem
 from .rank import rank
 from .rouge import rouge_l
@@ -98,22 +99,20 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     if resumed:
         say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done")
 
-    # generate + score, shard by shard
+    # generate + score, shard by shard: in this process, or on Ray actors (--engine ray)
     work = {"seconds": 0.0, "rows": 0, "tokens": 0}
+
+    def save_shard(shard: Shard, frame: pl.DataFrame, seconds: float) -> None:
+        work["seconds"] += seconds
+        work["rows"] += frame["ce_loss"].is_not_null().sum()
+        work["tokens"] += int(frame.select(pl.sum("prompt_tokens") + pl.sum("reference_tokens") + pl.sum("output_tokens")).item() or 0)
+        store.write_shard(shard, frame)
+        manifest["shards"][shard.index]["done"] = True
+        store.write_manifest(manifest)
+
     if pending:
-        backend = load_backend(config.model.backend, config.model.model, tokenizer=tokenizer, **_backend_options(config))
-        bar = _ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
-        for shard in pending:
-            t0 = time.perf_counter()
-            rows = dataset[shard.start : shard.stop]
-            frame = score_shard(rows, shard, mapping, template, tokenizer, backend, config, bar.update_work)
-            work["seconds"] += time.perf_counter() - t0
-            work["rows"] += frame["ce_loss"].is_not_null().sum()
-            work["tokens"] += int(frame.select(pl.sum("prompt_tokens") + pl.sum("reference_tokens") + pl.sum("output_tokens")).item() or 0)
-            store.write_shard(shard, frame)
-            manifest["shards"][shard.index]["done"] = True
-            store.write_manifest(manifest)
-        bar.close()
+        job = ShardJob(dataset, mapping, template, tokenizer, config)
+        run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # rank + write
     scored = store.read_shards(shards)
@@ -247,6 +246,8 @@ def _backend_options(config: ScoreConfig) -> dict[str, Any]:
             dtype=m.dtype, seed=config.run.seed, gpu_memory_utilization=m.gpu_memory_utilization,
             max_model_len=m.max_model_len, max_num_batched_tokens=m.max_num_batched_tokens,
             tensor_parallel_size=m.tensor_parallel_size,
+            # vLLM has no such sampling parameter: the engine registers a logits processor for it.
+            no_repeat_ngram_size=config.generation.no_repeat_ngram_size,
         )
     return dict(device=m.device, dtype=m.dtype, batch_size=config.batching.batch_size, token_budget=config.batching.token_budget)
 

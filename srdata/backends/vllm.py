@@ -1,0 +1,698 @@
+"""vLLM backend: teacher-forced scoring and greedy generation through one engine.
+
+Per batch of rows the work is done in two passes over the same engine:
+
+1. **Scoring.** One request per row whose prompt is ``prompt_ids + reference_ids``,
+   with ``max_tokens=1``, ``prompt_logprobs=0`` and detokenisation off. vLLM returns,
+   for every prompt position, the log-probability of the actual token; each output is
+   reduced at once to the mean NLL over the reference positions and dropped.
+   A request with prompt logprobs never *reads* the prefix cache (vLLM sets
+   ``skip_reading_prefix_cache`` for it, because cached positions have no logits) but
+   it does *write* the blocks it computes.
+2. **Generation.** Greedy (``temperature=0``) requests on ``prompt_ids`` alone, with the
+   caller's stop ids and ``max_tokens``. Their prompts are prefixes of the scoring
+   requests, so the full KV blocks written in pass 1 are served from the prefix cache.
+
+Design choices (see the README section "vLLM backend"):
+
+* Token ids in, token ids out: the engine is built with ``skip_tokenizer_init=True`` and
+  every request has ``detokenize=False``; answers are decoded here with the same
+  tokenizer, and the same call, as the transformers backend.
+* ``dtype="auto"`` means bfloat16, as in the transformers backend on a GPU (vLLM's own
+  ``auto`` would pick float16 for a checkpoint saved in float32).
+* ``no_repeat_ngram_size`` has no vLLM sampling parameter. It is implemented as a vLLM
+  custom logits processor (:data:`NGRAM_PROCESSOR_FQCN`), registered when the engine is
+  built with ``no_repeat_ngram_size=N``; the bans are exactly those of transformers'
+  ``NoRepeatNGramLogitsProcessor`` (n-grams over prompt + output).
+* vLLM is imported lazily: importing this module never needs it; building the backend
+  without it raises an ImportError naming ``pip install 'srdata[vllm]'``.
+
+The request-building and output-reduction logic is in plain functions that take objects
+shaped like vLLM's, so it is tested on a CPU without vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from .base import Generation, GenerationParams, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'srdata[vllm]'"
+
+# Our dtype names; "auto" is resolved to bfloat16 (see resolve_vllm_dtype).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+# Options the CLI may hand to every backend that only the transformers backend uses.
+# They are ignored here (logged at debug level); any other unknown option is an error.
+HF_ONLY_OPTIONS = frozenset({"batch_size", "token_budget", "ce_chunk_tokens"})
+
+# Key of the per-request argument read by the n-gram logits processor.
+NGRAM_ARG = "srdata_no_repeat_ngram_size"
+# vLLM loads custom logits processors by "<module>:<class>" in the engine process.
+NGRAM_PROCESSOR_FQCN = f"{__name__}:NoRepeatNGramLogitsProcessor"
+
+
+def require_vllm() -> Any:
+    """Import vLLM, or raise an ImportError that names the fix.
+
+    Example:
+        >>> vllm = require_vllm()  # doctest: +SKIP
+    """
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            "the vLLM backend needs the optional vLLM dependency, which is not installed: "
+            f"run `{INSTALL_HINT}` on a machine with a CUDA GPU, or use --backend hf"
+        ) from err
+    return vllm
+
+
+# --------------------------------------------------------------------- engine settings
+def resolve_vllm_dtype(dtype: str) -> str:
+    """Map our dtype names to vLLM's; ``auto`` is bfloat16, as the transformers backend on a GPU.
+
+    Example:
+        >>> resolve_vllm_dtype("auto")
+        'bfloat16'
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Accept (and ignore) the transformers-only options; reject any other unknown option by name.
+
+    Example:
+        >>> check_options({"batch_size": 16})
+    """
+    unknown = sorted(set(options) - HF_ONLY_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) for the vLLM backend: {', '.join(unknown)}; accepted: tokenizer, dtype, "
+            "seed, gpu_memory_utilization, max_model_len, max_num_batched_tokens, tensor_parallel_size, "
+            "no_repeat_ngram_size, enforce_eager, engine_args, device"
+        )
+    ignored = {k: v for k, v in options.items() if k in HF_ONLY_OPTIONS}
+    if ignored:
+        log.debug("vLLM backend ignores transformers-only options %s (vLLM batches by itself)", ignored)
+
+
+def engine_kwargs(
+    model: str | Path,
+    *,
+    dtype: str = "auto",
+    seed: int = 0,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    tensor_parallel_size: int = 1,
+    no_repeat_ngram_size: int | None = None,
+    enforce_eager: bool = False,
+    engine_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``; ``engine_args`` entries are added last (they win).
+
+    Example:
+        >>> engine_kwargs("/models/student", max_model_len=1024)["enable_prefix_caching"]
+        True
+    """
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    for name, value in (("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    kwargs: dict[str, Any] = {
+        "model": str(model),
+        "dtype": resolve_vllm_dtype(dtype),
+        "seed": seed,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "tensor_parallel_size": tensor_parallel_size,
+        # Explicit although it is vLLM's default: generation reuses the scoring pass's blocks.
+        "enable_prefix_caching": True,
+        # Requests carry token ids and answers are decoded here, so vLLM needs no tokenizer.
+        "skip_tokenizer_init": True,
+    }
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+    if no_repeat_ngram_size:
+        kwargs["logits_processors"] = [NGRAM_PROCESSOR_FQCN]
+    if enforce_eager:
+        kwargs["enforce_eager"] = True
+    kwargs.update(engine_args or {})
+    return kwargs
+
+
+# ------------------------------------------------------------------- request building
+def _token_list(ids: Sequence[int]) -> list[int]:
+    return [int(t) for t in ids]
+
+
+def scoring_prompt(prompt_ids: Sequence[int], reference_ids: Sequence[int]) -> dict[str, list[int]]:
+    """The scoring request's prompt: ``prompt + reference`` as a vLLM ``TokensPrompt``.
+
+    ``TokensPrompt`` is a TypedDict, so at run time it is this plain dict.
+
+    Example:
+        >>> scoring_prompt([5, 6], [7, 2])
+        {'prompt_token_ids': [5, 6, 7, 2]}
+    """
+    if not prompt_ids:
+        raise ValueError("a prompt has no tokens; the first reference token needs a context to be scored")
+    if not reference_ids:
+        raise ValueError("a reference has no tokens; it must at least hold the end-of-sequence id")
+    return {"prompt_token_ids": _token_list(prompt_ids) + _token_list(reference_ids)}
+
+
+def generation_prompt(prompt_ids: Sequence[int]) -> dict[str, list[int]]:
+    """The generation request's prompt: the prompt ids alone (a prefix of the scoring request).
+
+    Example:
+        >>> generation_prompt([5, 6])
+        {'prompt_token_ids': [5, 6]}
+    """
+    if not prompt_ids:
+        raise ValueError("a prompt has no tokens")
+    return {"prompt_token_ids": _token_list(prompt_ids)}
+
+
+def scoring_sampling_kwargs() -> dict[str, Any]:
+    """``SamplingParams`` of a scoring request.
+
+    ``prompt_logprobs=0`` returns the log-probability of the actual prompt token only
+    (no top-k alternatives); ``flat_logprobs`` stores them in a few flat lists instead of
+    one dict per position; ``skip_reading_prefix_cache`` is what vLLM derives for prompt
+    logprobs anyway (cached positions have no logits), stated here so it cannot change.
+
+    Example:
+        >>> scoring_sampling_kwargs()["prompt_logprobs"]
+        0
+    """
+    return {
+        "temperature": 0.0,
+        "max_tokens": 1,
+        "prompt_logprobs": 0,
+        "detokenize": False,
+        "flat_logprobs": True,
+        "skip_reading_prefix_cache": True,
+    }
+
+
+def generation_sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
+    """``SamplingParams`` of a greedy generation request.
+
+    Example:
+        >>> generation_sampling_kwargs(GenerationParams(max_new_tokens=8, stop_token_ids=(2,)))["stop_token_ids"]
+        [2]
+    """
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    kwargs: dict[str, Any] = {
+        "temperature": 0.0,
+        "max_tokens": params.max_new_tokens,
+        "stop_token_ids": _token_list(params.stop_token_ids),
+        "detokenize": False,
+    }
+    if params.no_repeat_ngram_size:
+        kwargs["extra_args"] = {NGRAM_ARG: int(params.no_repeat_ngram_size)}
+    return kwargs
+
+
+# ------------------------------------------------------------------- output reduction
+def position_logprob(prompt_logprobs: Any, position: int, token_id: int) -> float:
+    """Log-probability of ``token_id`` at ``position`` of a ``RequestOutput.prompt_logprobs``.
+
+    Accepts both layouts vLLM returns: a list whose entries are ``{token_id: Logprob}``
+    dicts (entry 0 is None), or a ``FlatLogprobs`` (``flat_logprobs=True``), read through
+    its flat lists without building per-position dicts.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> position_logprob([None, {7: NS(logprob=-0.5)}], 1, 7)
+        -0.5
+    """
+    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
+        start, end = prompt_logprobs.start_indices[position], prompt_logprobs.end_indices[position]
+        for i in range(start, end):
+            if prompt_logprobs.token_ids[i] == token_id:
+                return float(prompt_logprobs.logprobs[i])
+        raise ValueError(f"vLLM returned no log-probability for token {token_id} at prompt position {position}")
+    entry = prompt_logprobs[position]
+    if entry is None or token_id not in entry:
+        raise ValueError(f"vLLM returned no log-probability for token {token_id} at prompt position {position}")
+    return float(entry[token_id].logprob)
+
+
+def mean_reference_nll(prompt_logprobs: Any, prompt_len: int, reference_ids: Sequence[int]) -> float:
+    """Mean NLL (nats) over the reference positions of one scoring request.
+
+    Position ``prompt_len + k`` holds log p(reference[k] | everything before it).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> lps = [None, {6: NS(logprob=-9.0)}, {7: NS(logprob=-1.0)}, {2: NS(logprob=-3.0)}]
+        >>> mean_reference_nll(lps, prompt_len=2, reference_ids=[7, 2])
+        2.0
+    """
+    if prompt_logprobs is None:
+        raise ValueError("the vLLM output has no prompt logprobs; the request must set prompt_logprobs=0")
+    expected = prompt_len + len(reference_ids)
+    if len(prompt_logprobs) != expected:
+        # A request that read the prefix cache returns fewer positions (no logits there).
+        raise ValueError(
+            f"vLLM returned {len(prompt_logprobs)} prompt positions, expected {expected}; "
+            "prompt-logprob requests must not read the prefix cache (skip_reading_prefix_cache)"
+        )
+    if not reference_ids:
+        raise ValueError("a reference has no tokens")
+    total = math.fsum(
+        -position_logprob(prompt_logprobs, prompt_len + k, int(token)) for k, token in enumerate(reference_ids)
+    )
+    return total / len(reference_ids)
+
+
+def to_generation(completion: Any, stop_token_ids: Sequence[int], decode: Callable[[list[int]], str]) -> Generation:
+    """Convert a vLLM ``CompletionOutput`` to a :class:`Generation`.
+
+    vLLM keeps the stop token at the end of ``token_ids`` (``stop_reason`` is that id, or
+    None when the model's own end-of-sequence id stopped it); it is removed here, as the
+    transformers backend does. A ``length`` finish whose last token is a stop id counts
+    as ``stop``, again as in the transformers backend.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> out = NS(token_ids=[5, 6, 2], finish_reason="stop", stop_reason=2)
+        >>> to_generation(out, [2], lambda ids: " ".join(map(str, ids)))
+        Generation(token_ids=[5, 6], text='5 6', finish_reason='stop')
+    """
+    ids = _token_list(completion.token_ids)
+    finish = completion.finish_reason
+    if finish == "stop":
+        stop_reason = getattr(completion, "stop_reason", None)
+        if isinstance(stop_reason, str):
+            raise ValueError(f"generation stopped on the string {stop_reason!r}, but no stop strings are requested")
+        if ids and (stop_reason is None or ids[-1] == stop_reason):
+            ids = ids[:-1]
+        reason = "stop"
+    elif finish == "length":
+        reason = "length"
+        if ids and ids[-1] in set(stop_token_ids):
+            ids, reason = ids[:-1], "stop"
+    else:
+        raise RuntimeError(f"vLLM ended a generation with finish_reason={finish!r}")
+    return Generation(ids, decode(ids), reason)
+
+
+# ------------------------------------------------------------------ no_repeat_ngram_size
+class NGramBlocker:
+    """Tokens banned by ``no_repeat_ngram_size`` for one request, updated incrementally.
+
+    Bans exactly what transformers' ``NoRepeatNGramLogitsProcessor`` bans for the
+    sequence ``prompt_ids + output_ids``: every token that would complete an n-gram
+    already present. ``output_ids`` may be a live list that grows between calls (vLLM
+    hands logits processors a reference to the request's output list); only the n-grams
+    ending in new tokens are added, so each step costs O(n), not O(length).
+
+    Example:
+        >>> out = [1, 2]
+        >>> blocker = NGramBlocker(2, [1, 2, 3], out)
+        >>> sorted(blocker.banned())  # "2" was followed by "3" before
+        [3]
+    """
+
+    def __init__(self, n: int, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        if n < 1:
+            raise ValueError(f"no_repeat_ngram_size must be >= 1, got {n}")
+        self.n = n
+        self.prompt_ids = prompt_ids
+        self.output_ids = output_ids
+        self._table: dict[tuple[int, ...], set[int]] = {}
+        self._next_start = 0  # first n-gram start index not yet in the table
+        self._seen_output = 0
+
+    def _token(self, i: int) -> int:
+        p = len(self.prompt_ids)
+        return int(self.prompt_ids[i] if i < p else self.output_ids[i - p])
+
+    def _window(self, start: int, stop: int) -> tuple[int, ...]:
+        return tuple(self._token(i) for i in range(start, stop))
+
+    def banned(self) -> frozenset[int]:
+        """Tokens that may not come next."""
+        if len(self.output_ids) < self._seen_output:  # the request was reset: rebuild
+            self._table, self._next_start = {}, 0
+        self._seen_output = len(self.output_ids)
+        length = len(self.prompt_ids) + len(self.output_ids)
+        n = self.n
+        for start in range(self._next_start, length - n + 1):
+            self._table.setdefault(self._window(start, start + n - 1), set()).add(self._token(start + n - 1))
+        self._next_start = max(self._next_start, length - n + 1)
+        if length < n - 1:
+            return frozenset()
+        return frozenset(self._table.get(self._window(length - n + 1, length), ()))
+
+
+def _build_ngram_processor_class() -> type:
+    """Define the vLLM logits processor (needs vLLM, hence built on first use)."""
+    import torch
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    class NoRepeatNGramLogitsProcessor(LogitsProcessor):
+        """Batch-level vLLM logits processor applying :class:`NGramBlocker` to opted-in rows.
+
+        A request opts in with ``SamplingParams(extra_args={NGRAM_ARG: n})``.
+        """
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            n = (sampling_params.extra_args or {}).get(NGRAM_ARG)
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise ValueError(f"{NGRAM_ARG} must be an int >= 1, got {n!r}")
+
+        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+            self.blockers: dict[int, NGramBlocker] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes greedy choices
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            # vLLM's documented order: removed, added, moved.
+            for index in batch_update.removed:
+                self.blockers.pop(index, None)
+            for index, params, prompt_ids, output_ids in batch_update.added:
+                n = (params.extra_args or {}).get(NGRAM_ARG) if params is not None else None
+                if n and prompt_ids is not None:
+                    self.blockers[index] = NGramBlocker(int(n), prompt_ids, output_ids)
+                else:
+                    self.blockers.pop(index, None)
+            for a, b, direction in batch_update.moved:
+                moved_a, moved_b = self.blockers.pop(a, None), self.blockers.pop(b, None)
+                if moved_a is not None:
+                    self.blockers[b] = moved_a
+                if direction == MoveDirectionality.SWAP and moved_b is not None:
+                    self.blockers[a] = moved_b
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            rows: list[int] = []
+            cols: list[int] = []
+            vocab = logits.shape[-1]
+            for row, blocker in self.blockers.items():
+                banned = [t for t in blocker.banned() if t < vocab]
+                rows += [row] * len(banned)
+                cols += banned
+            if rows:  # one scatter for the whole batch
+                index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+                logits[index] = float("-inf")
+            return logits
+
+    # Pickling by reference and vLLM's "<module>:<class>" loader both find it here.
+    NoRepeatNGramLogitsProcessor.__module__ = __name__
+    NoRepeatNGramLogitsProcessor.__qualname__ = "NoRepeatNGramLogitsProcessor"
+    return NoRepeatNGramLogitsProcessor
+
+
+def __getattr__(name: str) -> Any:
+    # Module-level lazy attribute: the processor class subclasses vLLM's and so is only
+    # defined when vLLM (or the engine process) asks for it.
+    if name == "NoRepeatNGramLogitsProcessor":
+        try:
+            cls = _build_ngram_processor_class()
+        except ImportError as err:  # keep hasattr() and getattr(..., default) working without vLLM
+            raise AttributeError(f"{name} needs vLLM ({INSTALL_HINT})") from err
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------- backend
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+def _engine_attr(llm: Any, *path: str) -> Any:
+    """Follow ``llm.llm_engine.<path>`` (or ``llm.<path>``); None where a version lacks it."""
+    for root in (llm, getattr(llm, "llm_engine", None)):
+        obj = root
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
+class VLLMBackend:
+    """Generate and score with a vLLM engine (see the module docstring for the design).
+
+    Example:
+        >>> backend = VLLMBackend.from_pretrained("path/to/student", max_model_len=1024)  # doctest: +SKIP
+        >>> backend.score([[5, 6, 7]], [[8, 2]])                                             # doctest: +SKIP
+        [6.2]
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        tokenizer: Any,
+        *,
+        ngram_processor: bool = False,
+        score_chunk_rows: int = 2048,
+        generate_chunk_rows: int = 8192,
+        sampling_params_cls: Callable[..., Any] | None = None,
+    ) -> None:
+        if score_chunk_rows < 1 or generate_chunk_rows < 1:
+            raise ValueError("score_chunk_rows and generate_chunk_rows must be >= 1")
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.ngram_processor = ngram_processor
+        # Scoring outputs hold one log-probability per token until reduced: chunks bound that memory.
+        self.score_chunk_rows = score_chunk_rows
+        # Generation chunks only bound progress granularity; larger ones batch better.
+        self.generate_chunk_rows = generate_chunk_rows
+        self._sampling_params_cls = sampling_params_cls
+        self.max_model_len: int | None = _engine_attr(llm, "model_config", "max_model_len")
+        # Prefix-cache reuse seen by generation: prompt tokens and how many came from the cache.
+        self.prefix_cache_stats = {"generation_prompt_tokens": 0, "generation_cached_tokens": 0}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        *,
+        tokenizer: Any = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        tensor_parallel_size: int = 1,
+        no_repeat_ngram_size: int | None = None,
+        enforce_eager: bool = False,
+        engine_args: dict[str, Any] | None = None,
+        device: str = "auto",
+        **unused: Any,
+    ) -> "VLLMBackend":
+        """Build the engine for ``model`` (a local folder or hub id).
+
+        ``tokenizer`` is a tokenizer object or a path (default: the model's); it decodes
+        answers. ``no_repeat_ngram_size`` > 0 registers the n-gram logits processor, which
+        generation then needs; ``engine_args`` passes further ``vllm.LLM`` arguments.
+        Transformers-only options (batch_size, token_budget, ce_chunk_tokens) are ignored;
+        other unknown options raise a TypeError.
+        """
+        vllm = require_vllm()
+        check_options(unused)
+        if device not in ("auto", "cuda"):
+            raise ValueError(
+                f"the vLLM backend runs on the visible CUDA GPUs (choose them with CUDA_VISIBLE_DEVICES); "
+                f"--device {device} is not supported with --backend vllm"
+            )
+        kwargs = engine_kwargs(
+            model,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            tensor_parallel_size=tensor_parallel_size,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            enforce_eager=enforce_eager,
+            engine_args=engine_args,
+        )
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        llm = vllm.LLM(**kwargs)
+        return cls(llm, tokenizer, ngram_processor=bool(no_repeat_ngram_size), sampling_params_cls=vllm.SamplingParams)
+
+    # ------------------------------------------------------------------ helpers
+    def _sampling_params(self, **kwargs: Any) -> Any:
+        if self._sampling_params_cls is None:
+            self._sampling_params_cls = require_vllm().SamplingParams
+        return self._sampling_params_cls(**kwargs)
+
+    def _check_length(self, i: int, tokens: int, what: str) -> None:
+        # vLLM rejects a prompt that leaves no room for one token within max_model_len.
+        if self.max_model_len is not None and tokens >= self.max_model_len:
+            raise ValueError(
+                f"row {i}: the {what} has {tokens} tokens, which does not fit max_model_len={self.max_model_len}; "
+                "raise --max-model-len (up to the model's context length) or lower the token limits"
+            )
+
+    def _run(self, prompts: list[dict[str, list[int]]], sampling_params: Any) -> list[Any]:
+        outputs = self.llm.generate(prompts, sampling_params, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests")
+        for prompt, output in zip(prompts, outputs):
+            # LLM.generate returns outputs in request order; check it, since a silent
+            # misalignment would pair scores with the wrong rows.
+            got = getattr(output, "prompt_token_ids", None)
+            if got is not None and list(got) != prompt["prompt_token_ids"]:
+                raise RuntimeError("vLLM returned outputs out of request order")
+        return outputs
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
+    ) -> list[float]:
+        """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
+        if len(prompt_ids) != len(reference_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        params = self._sampling_params(**scoring_sampling_kwargs())
+        losses: list[float] = []
+        for rows in _chunks(len(prompt_ids), self.score_chunk_rows):
+            prompts = []
+            for i in rows:
+                prompts.append(scoring_prompt(prompt_ids[i], reference_ids[i]))
+                self._check_length(i, len(prompts[-1]["prompt_token_ids"]), "prompt + reference")
+            outputs = self._run(prompts, params)
+            for i, output in zip(rows, outputs):
+                losses.append(mean_reference_nll(output.prompt_logprobs, len(prompt_ids[i]), reference_ids[i]))
+            del outputs  # the per-token log-probabilities are not kept
+            if progress:
+                progress(0, sum(len(p["prompt_token_ids"]) for p in prompts))
+        return losses
+
+    # --------------------------------------------------------------- generation
+    def generate(
+        self, prompt_ids: Sequence[list[int]], params: GenerationParams, progress: ProgressCallback = None
+    ) -> list[Generation]:
+        """Greedy answers for every prompt, in input order."""
+        if params.no_repeat_ngram_size and not self.ngram_processor:
+            raise ValueError(
+                "no_repeat_ngram_size needs the n-gram logits processor, which is registered when the engine "
+                f"is built: pass no_repeat_ngram_size={params.no_repeat_ngram_size} to load_backend('vllm', ...)"
+            )
+        sampling_params = self._sampling_params(**generation_sampling_kwargs(params))
+        results: list[Generation] = []
+        for rows in _chunks(len(prompt_ids), self.generate_chunk_rows):
+            prompts = []
+            for i in rows:
+                prompts.append(generation_prompt(prompt_ids[i]))
+                self._check_length(i, len(prompt_ids[i]), "prompt")
+            outputs = self._run(prompts, sampling_params)
+            generated = 0
+            for prompt, output in zip(prompts, outputs):
+                generation = to_generation(output.outputs[0], params.stop_token_ids, self._decode)
+                results.append(generation)
+                generated += len(generation.token_ids)
+                self.prefix_cache_stats["generation_prompt_tokens"] += len(prompt["prompt_token_ids"])
+                self.prefix_cache_stats["generation_cached_tokens"] += int(getattr(output, "num_cached_tokens", 0) or 0)
+            if progress:
+                progress(len(rows), sum(len(p["prompt_token_ids"]) for p in prompts) + generated)
+        return results
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ both
+    def score_and_generate(
+        self,
+        prompt_ids: Sequence[list[int]],
+        reference_ids: Sequence[list[int]],
+        params: GenerationParams,
+        progress: ProgressCallback = None,
+        *,
+        window_tokens: int | None = None,
+    ) -> tuple[list[float], list[Generation]]:
+        """Score, then generate, window by window, so each window's prompts are still cached.
+
+        The prefix cache evicts least-recently-used blocks; when the scoring pass of a
+        large batch writes more blocks than the KV cache holds, the first prompts are gone
+        before generation reaches them. Windows of at most ``window_tokens`` scored
+        tokens (default: half the KV cache, when the engine reports its size; else the
+        whole batch) keep the reuse.
+        """
+        if len(prompt_ids) != len(reference_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        budget = window_tokens or self.kv_cache_tokens() // 2 or None
+        losses: list[float] = []
+        generations: list[Generation] = []
+        for window in token_windows([len(p) + len(r) for p, r in zip(prompt_ids, reference_ids)], budget):
+            prompts = [prompt_ids[i] for i in window]
+            losses += self.score(prompts, [reference_ids[i] for i in window], progress)
+            generations += self.generate(prompts, params, progress)
+        return losses, generations
+
+    def kv_cache_tokens(self) -> int:
+        """KV cache capacity in tokens as the engine reports it, or 0 when it does not."""
+        blocks = _engine_attr(self.llm, "vllm_config", "cache_config", "num_gpu_blocks")
+        block_size = _engine_attr(self.llm, "vllm_config", "cache_config", "block_size")
+        return int(blocks) * int(block_size) if blocks and block_size else 0
+
+    def close(self) -> None:
+        """Shut the engine down and free its GPU memory (best effort across vLLM versions)."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine_core = _engine_attr(llm, "engine_core")
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+def token_windows(lengths: Sequence[int], budget: int | None) -> list[range]:
+    """Consecutive row ranges whose token counts sum to at most ``budget`` (one range if None).
+
+    A row longer than the budget gets a window of its own.
+
+    Example:
+        >>> token_windows([3, 3, 3, 9, 1], budget=6)
+        [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    """
+    if budget is None or not lengths:
+        return [range(0, len(lengths))] if lengths else []
+    windows, start, used = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and used + length > budget:
+            windows.append(range(start, i))
+            start, used = i, 0
+        used += length
+    windows.append(range(start, len(lengths)))
+    return windows

@@ -1,0 +1,399 @@
+"""The vLLM backend's CPU-testable parts: request building, output reduction, selection.
+
+vLLM itself is not needed: outputs are built in the shapes vLLM returns
+(``RequestOutput.prompt_logprobs`` as a list of ``{token_id: Logprob}`` dicts with a
+leading None, or as a ``FlatLogprobs``; ``CompletionOutput`` with ``token_ids``,
+``finish_reason`` and ``stop_reason``), and the NLLs are compared to the transformers
+backend on a tiny model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import types
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import srdata.backends as backends
+from srdata.backends import GenerationParams, load_backend, select_backend
+from srdata.backends import vllm as vb
+from srdata.backends.hf import HFBackend
+from srdata.backends.tiny import build_tiny_model
+from srdata.tokenize import encode_pairs
+
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine and a penny saved is a penny earned",
+    "question: what is the capital of france? answer: paris",
+    "translate to german: good morning -> guten morgen",
+    "summarize: the meeting was moved to tuesday because of the holiday",
+] * 40
+
+PROMPTS = [
+    "question: what is the capital of france? answer:",
+    "summarize: the meeting was moved",
+    "the quick brown",
+    "translate to german: good morning ->",
+    "a stitch in time",
+    "a",
+    "question: what",
+]
+REFERENCES = [" paris", " to tuesday", " fox jumps over the lazy dog", " guten morgen", " saves nine", "", " is"]
+
+
+# ---------------------------------------------------------------- vLLM-shaped fakes
+@dataclass
+class Logprob:
+    """Shaped like vllm.logprobs.Logprob."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class FlatLogprobs:
+    """Shaped like vllm.logprobs.FlatLogprobs (the fields and __len__ the backend reads)."""
+
+    start_indices: list[int] = field(default_factory=list)
+    end_indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int | None] = field(default_factory=list)
+    decoded_tokens: list[str | None] = field(default_factory=list)
+
+    def append(self, position: dict[int, Logprob] | None) -> None:
+        self.start_indices.append(len(self.logprobs))
+        for token, lp in (position or {}).items():
+            self.token_ids.append(token)
+            self.logprobs.append(lp.logprob)
+            self.ranks.append(lp.rank)
+            self.decoded_tokens.append(None)
+        self.end_indices.append(len(self.logprobs))
+
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+
+def as_prompt_logprobs(sequence: list[int], token_logprobs: list[float], flat: bool):
+    """vLLM's prompt_logprobs for ``sequence``: None, then {actual token: Logprob} per position."""
+    positions = [None] + [{t: Logprob(lp, rank=1)} for t, lp in zip(sequence[1:], token_logprobs)]
+    if not flat:
+        return positions
+    container = FlatLogprobs()
+    for position in positions:
+        container.append(position)
+    return container
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", TEXTS, arch="llama", vocab_size=300)
+    hf = HFBackend.from_pretrained(path, device="cpu", dtype="float32", batch_size=4, token_budget=4096)
+    pairs = encode_pairs(hf.tokenizer, PROMPTS, REFERENCES)
+    prompts, references = [p.prompt_ids for p in pairs], [p.reference_ids for p in pairs]
+    eos = hf.tokenizer.eos_token_id
+    # A random model rarely says EOS; a token it does produce is made a stop id so that
+    # both finish reasons occur.
+    frequent = hf.generate(prompts[:1], GenerationParams(max_new_tokens=3))[0].token_ids[-1]
+    params = GenerationParams(max_new_tokens=6, stop_token_ids=(eos, frequent))
+    expected = hf.generate(prompts, params)
+    assert {g.finish_reason for g in expected} == {"stop", "length"}
+    return SimpleNamespace(
+        path=path,
+        hf=hf,
+        prompts=prompts,
+        references=references,
+        eos=eos,
+        params=params,
+        expected_scores=hf.score(prompts, references),
+        expected_generations=expected,
+    )
+
+
+@torch.inference_mode()
+def token_logprobs(model, sequence: list[int]) -> list[float]:
+    """log p(sequence[t] | sequence[:t]) for t >= 1 from one plain transformers forward pass."""
+    logits = model(input_ids=torch.tensor([sequence])).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return logprobs.gather(1, torch.tensor(sequence[1:])[:, None])[:, 0].tolist()
+
+
+class FakeLLM:
+    """Answers ``generate`` like vllm.LLM, computing with a transformers model on the CPU.
+
+    Scoring requests get prompt logprobs (flat layout), generation requests a greedy
+    loop that keeps the stop token in token_ids, as vLLM does, and applies
+    ``no_repeat_ngram_size`` through :class:`NGramBlocker`, as the logits processor does.
+    """
+
+    def __init__(self, model, max_model_len: int = 1024):
+        self.model = model
+        self.model_config = SimpleNamespace(max_model_len=max_model_len)
+        self.calls: list[tuple[int, dict]] = []
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((len(prompts), sampling_params))
+        return [self._one(p["prompt_token_ids"], sampling_params) for p in prompts]
+
+    @torch.inference_mode()
+    def _one(self, ids: list[int], sp: dict):
+        prompt_logprobs = None
+        if sp.get("prompt_logprobs") is not None:
+            prompt_logprobs = as_prompt_logprobs(ids, token_logprobs(self.model, ids), flat=sp.get("flat_logprobs"))
+        out: list[int] = []
+        finish, stop_reason = "length", None
+        n = (sp.get("extra_args") or {}).get(vb.NGRAM_ARG)
+        blocker = vb.NGramBlocker(n, ids, out) if n else None
+        while len(out) < sp["max_tokens"]:
+            logits = self.model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
+            if blocker is not None:
+                logits[list(blocker.banned())] = float("-inf")
+            out.append(int(logits.argmax()))
+            if out[-1] in sp.get("stop_token_ids", []):
+                finish, stop_reason = "stop", out[-1]
+                break
+        completion = SimpleNamespace(token_ids=out, finish_reason=finish, stop_reason=stop_reason, text="")
+        return SimpleNamespace(
+            prompt_token_ids=list(ids), prompt_logprobs=prompt_logprobs, outputs=[completion], num_cached_tokens=0
+        )
+
+
+def fake_backend(tiny, **options) -> vb.VLLMBackend:
+    # SamplingParams are plain dicts here: the fake engine reads them by key.
+    return vb.VLLMBackend(FakeLLM(tiny.hf.model), tiny.hf.tokenizer, sampling_params_cls=dict, **options)
+
+
+# ------------------------------------------------------------------ request building
+def test_scoring_request_is_prompt_plus_reference_with_one_prompt_logprob():
+    assert vb.scoring_prompt([5, 6], [7, 2]) == {"prompt_token_ids": [5, 6, 7, 2]}
+    kwargs = vb.scoring_sampling_kwargs()
+    assert kwargs["max_tokens"] == 1
+    assert kwargs["prompt_logprobs"] == 0
+    assert kwargs["detokenize"] is False
+    assert kwargs["skip_reading_prefix_cache"] is True
+    with pytest.raises(ValueError, match="end-of-sequence"):
+        vb.scoring_prompt([5], [])
+    with pytest.raises(ValueError, match="prompt has no tokens"):
+        vb.scoring_prompt([], [2])
+
+
+def test_generation_request_is_greedy_with_explicit_stop_ids():
+    assert vb.generation_prompt([5, 6]) == {"prompt_token_ids": [5, 6]}
+    kwargs = vb.generation_sampling_kwargs(GenerationParams(max_new_tokens=12, stop_token_ids=(2, 9)))
+    assert kwargs == {"temperature": 0.0, "max_tokens": 12, "stop_token_ids": [2, 9], "detokenize": False}
+    kwargs = vb.generation_sampling_kwargs(GenerationParams(max_new_tokens=4, no_repeat_ngram_size=6))
+    assert kwargs["extra_args"] == {vb.NGRAM_ARG: 6}
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        vb.generation_sampling_kwargs(GenerationParams(max_new_tokens=0))
+
+
+def test_engine_kwargs_share_the_prefix_cache_and_map_dtypes():
+    kwargs = vb.engine_kwargs("/m", max_model_len=1024, max_num_batched_tokens=4096, tensor_parallel_size=2)
+    assert kwargs["enable_prefix_caching"] is True and kwargs["skip_tokenizer_init"] is True
+    assert kwargs["dtype"] == "bfloat16"  # "auto", as the transformers backend on a GPU
+    settings = (kwargs["max_model_len"], kwargs["max_num_batched_tokens"], kwargs["tensor_parallel_size"])
+    assert settings == (1024, 4096, 2)
+    assert "logits_processors" not in kwargs  # only registered when n-gram blocking is asked for
+    assert vb.engine_kwargs("/m", no_repeat_ngram_size=6)["logits_processors"] == [vb.NGRAM_PROCESSOR_FQCN]
+    assert vb.engine_kwargs("/m", dtype="float32", engine_args={"max_num_seqs": 64})["max_num_seqs"] == 64
+    assert "max_model_len" not in vb.engine_kwargs("/m")  # vLLM then uses the model's context length
+    with pytest.raises(ValueError, match="dtype"):
+        vb.engine_kwargs("/m", dtype="fp8")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        vb.engine_kwargs("/m", gpu_memory_utilization=1.5)
+
+
+def test_unknown_options_are_rejected_and_hf_only_options_ignored():
+    vb.check_options({"batch_size": 16, "token_budget": 8192})
+    with pytest.raises(TypeError, match="max_num_seqs"):
+        vb.check_options({"max_num_seqs": 8})
+
+
+# ------------------------------------------------------------------ output reduction
+@pytest.mark.parametrize("flat", [False, True])
+def test_mean_nll_over_reference_positions_by_hand(flat):
+    sequence = [1, 5, 6, 7, 2]  # prompt [1, 5, 6], reference [7, 2]
+    logprobs = [-4.0, -3.0, -0.5, -1.5]  # positions 1..4
+    lps = as_prompt_logprobs(sequence, logprobs, flat=flat)
+    assert vb.mean_reference_nll(lps, prompt_len=3, reference_ids=[7, 2]) == pytest.approx((0.5 + 1.5) / 2)
+    with pytest.raises(ValueError, match="prompt positions"):  # what a prefix-cache read would return
+        vb.mean_reference_nll(lps[2:] if not flat else lps, prompt_len=3, reference_ids=[7, 2, 2])
+    with pytest.raises(ValueError, match="no log-probability"):
+        vb.mean_reference_nll(lps, prompt_len=3, reference_ids=[8, 2])
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_reduction_matches_transformers_backend_score(tiny, flat):
+    got = []
+    for prompt, reference in zip(tiny.prompts, tiny.references):
+        sequence = prompt + reference
+        lps = as_prompt_logprobs(sequence, token_logprobs(tiny.hf.model, sequence), flat=flat)
+        got.append(vb.mean_reference_nll(lps, len(prompt), reference))
+    assert got == pytest.approx(tiny.expected_scores, rel=1e-5)
+    assert all(math.isfinite(x) and x > 0 for x in got)
+
+
+def test_generation_output_conversion():
+    decode = lambda ids: "|".join(map(str, ids))  # noqa: E731
+    stop_id = vb.to_generation(SimpleNamespace(token_ids=[4, 5, 2], finish_reason="stop", stop_reason=2), [2], decode)
+    assert (stop_id.token_ids, stop_id.text, stop_id.finish_reason) == ([4, 5], "4|5", "stop")
+    eos = vb.to_generation(SimpleNamespace(token_ids=[4, 9], finish_reason="stop", stop_reason=None), [2], decode)
+    assert (eos.token_ids, eos.finish_reason) == ([4], "stop")  # the model's own EOS (stop_reason None)
+    length = vb.to_generation(
+        SimpleNamespace(token_ids=[4, 5, 6], finish_reason="length", stop_reason=None), [2], decode
+    )
+    assert (length.token_ids, length.text, length.finish_reason) == ([4, 5, 6], "4|5|6", "length")
+    capped = vb.to_generation(SimpleNamespace(token_ids=[4, 2], finish_reason="length", stop_reason=None), [2], decode)
+    assert (capped.token_ids, capped.finish_reason) == ([4], "stop")
+    with pytest.raises(RuntimeError, match="abort"):
+        vb.to_generation(SimpleNamespace(token_ids=[4], finish_reason="abort", stop_reason=None), [2], decode)
+    with pytest.raises(ValueError, match="stop strings"):
+        vb.to_generation(SimpleNamespace(token_ids=[4], finish_reason="stop", stop_reason="###"), [2], decode)
+
+
+# ------------------------------------------------------------------ n-gram blocking
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_ngram_blocker_bans_what_transformers_bans(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    rng = random.Random(n)
+    hf = NoRepeatNGramLogitsProcessor(n)
+    for _ in range(20):
+        prompt = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
+        output: list[int] = []
+        blocker = vb.NGramBlocker(n, prompt, output)  # sees the output list grow, as in vLLM
+        for _ in range(15):
+            scores = hf(torch.tensor([prompt + output]), torch.zeros(1, 6))
+            expected = set(torch.nonzero(torch.isinf(scores[0])).flatten().tolist())
+            assert blocker.banned() == expected
+            output.append(rng.randrange(6))
+
+
+def test_ngram_logits_processor_bookkeeping_with_vllm_interface(monkeypatch):
+    """The batch-level processor against the interface of vllm.v1.sample.logits_processor."""
+
+    class MoveDirectionality(Enum):
+        UNIDIRECTIONAL = auto()
+        SWAP = auto()
+
+    @dataclass(frozen=True)
+    class BatchUpdate:
+        batch_size: int
+        removed: list
+        added: list
+        moved: list
+
+    class LogitsProcessor:
+        @classmethod
+        def validate_params(cls, sampling_params):
+            return None
+
+    module = types.ModuleType("vllm.v1.sample.logits_processor")
+    module.LogitsProcessor, module.BatchUpdate = LogitsProcessor, BatchUpdate
+    module.MoveDirectionality = MoveDirectionality
+    for name in ("vllm", "vllm.v1", "vllm.v1.sample"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.v1.sample.logits_processor", module)
+
+    cls = vb._build_ngram_processor_class()
+    assert cls.__module__ == vb.__name__ and cls.__qualname__ == "NoRepeatNGramLogitsProcessor"
+    proc = cls(None, torch.device("cpu"), False)
+    assert proc.is_argmax_invariant() is False
+    on = SimpleNamespace(extra_args={vb.NGRAM_ARG: 2})
+    off = SimpleNamespace(extra_args=None)
+    out0: list[int] = []
+    proc.update_state(BatchUpdate(2, [], [(0, on, [1, 2, 1], out0), (1, off, [1, 2, 1], [])], []))
+    logits = proc.apply(torch.zeros(2, 5))
+    assert torch.isinf(logits[0, 2]) and torch.isinf(logits).sum() == 1  # "1" was followed by "2"; row 1 untouched
+    proc.update_state(BatchUpdate(2, [], [], [(0, 1, MoveDirectionality.SWAP)]))
+    assert torch.isinf(proc.apply(torch.zeros(2, 5))[1, 2])
+    proc.update_state(BatchUpdate(1, [1], [], []))
+    assert not torch.isinf(proc.apply(torch.zeros(2, 5))).any()
+    with pytest.raises(ValueError, match=vb.NGRAM_ARG):
+        cls.validate_params(SimpleNamespace(extra_args={vb.NGRAM_ARG: 0}))
+
+
+# ------------------------------------------------------------------ backend plumbing
+def test_backend_scores_like_the_transformers_backend(tiny):
+    backend = fake_backend(tiny, score_chunk_rows=3)
+    seen = []
+    got = backend.score(tiny.prompts, tiny.references, progress=lambda rows, tokens: seen.append((rows, tokens)))
+    assert got == pytest.approx(tiny.expected_scores, rel=1e-5)
+    assert [n for n, _ in backend.llm.calls] == [3, 3, 1]  # chunks of score_chunk_rows
+    assert all(sp == vb.scoring_sampling_kwargs() for _, sp in backend.llm.calls)
+    assert sum(tokens for _, tokens in seen) == sum(len(p) + len(r) for p, r in zip(tiny.prompts, tiny.references))
+
+
+def test_backend_generates_like_the_transformers_backend(tiny):
+    backend = fake_backend(tiny, generate_chunk_rows=4)
+    seen = []
+    got = backend.generate(tiny.prompts, tiny.params, progress=lambda rows, tokens: seen.append(rows))
+    assert got == tiny.expected_generations  # ids without the stop token, text, finish reasons
+    assert seen == [4, 3]
+    assert backend.prefix_cache_stats["generation_prompt_tokens"] == sum(map(len, tiny.prompts))
+
+
+def test_backend_ngram_blocking_matches_transformers(tiny):
+    params = GenerationParams(max_new_tokens=8, no_repeat_ngram_size=2, stop_token_ids=(tiny.eos,))
+    got = fake_backend(tiny, ngram_processor=True).generate(tiny.prompts, params)
+    assert got == tiny.hf.generate(tiny.prompts, params)
+
+
+def test_generation_with_ngram_blocking_needs_the_registered_processor(tiny):
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=6"):
+        fake_backend(tiny).generate(tiny.prompts, GenerationParams(max_new_tokens=4, no_repeat_ngram_size=6))
+
+
+def test_score_and_generate_windows(tiny):
+    backend = fake_backend(tiny)
+    losses, generations = backend.score_and_generate(tiny.prompts, tiny.references, tiny.params, window_tokens=60)
+    assert losses == pytest.approx(tiny.expected_scores, rel=1e-5)
+    assert generations == tiny.expected_generations
+    assert len(backend.llm.calls) > 2  # several score+generate windows
+    assert vb.token_windows([3, 3, 3, 9, 1], budget=6) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert vb.token_windows([3, 3], budget=None) == [range(0, 2)]
+
+
+def test_rows_longer_than_max_model_len_are_refused_by_name(tiny):
+    backend = fake_backend(tiny)
+    backend.max_model_len = 8
+    with pytest.raises(ValueError, match="max-model-len"):
+        backend.score(tiny.prompts, tiny.references)
+
+
+def test_outputs_out_of_order_are_detected(tiny):
+    backend = fake_backend(tiny)
+    original = backend.llm.generate
+    backend.llm.generate = lambda prompts, sp, use_tqdm=True: original(prompts, sp)[::-1]
+    with pytest.raises(RuntimeError, match="order"):
+        backend.score(tiny.prompts[:2], tiny.references[:2])
+
+
+# ------------------------------------------------------------------ selection and errors
+def test_auto_selects_hf_without_vllm_or_gpu():
+    assert select_backend("auto") == "hf"
+
+
+def test_auto_selects_vllm_when_importable_and_gpu_visible(monkeypatch):
+    real_find_spec = backends.importlib.util.find_spec
+    monkeypatch.setattr(
+        backends.importlib.util, "find_spec", lambda name: object() if name == "vllm" else real_find_spec(name)
+    )
+    monkeypatch.setattr(backends, "_gpu_visible", lambda: True)
+    assert select_backend("auto") == "vllm"
+    monkeypatch.setattr(backends, "_gpu_visible", lambda: False)
+    assert select_backend("auto") == "hf"
+
+
+def test_load_backend_vllm_without_vllm_names_the_extra(monkeypatch, tiny):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # "not installed", even where it is
+    with pytest.raises(ImportError, match=r"pip install 'srdata\[vllm\]'"):
+        load_backend("vllm", str(tiny.path), max_model_len=512)
+    assert not hasattr(vb, "NoRepeatNGramLogitsProcessor")
