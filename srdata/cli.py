@@ -66,6 +66,10 @@ def main() -> None:
 @click.option("--max-model-len", type=int, help="vLLM: context length of the engine.")
 @click.option("--max-num-batched-tokens", type=int, help="vLLM: tokens per engine step (lower it if prompt log-probs run out of memory).")
 @click.option("--tensor-parallel-size", type=int, help="vLLM: GPUs per model replica. [default: 1]")
+@click.option("--engine", type=click.Choice(["local", "ray"]), help="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way. [default: local]")
+@click.option("--ray-address", help="Ray: cluster to join (auto, HOST:6379, ray://HOST:10001). [default: RAY_ADDRESS, else a Ray already running on this machine, else a new local one]")
+@click.option("--num-replicas", type=int, help="Ray: scoring actors, each holding one model. [default: as many as the cluster fits]")
+@click.option("--gpus-per-replica", type=float, help="Ray: GPUs per actor (vLLM: the tensor-parallel size). [default: 0]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
 def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> None:
     """Annotate DATASET with the student's output, ROUGE-L, cross-entropy and SRD ranks.

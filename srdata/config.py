@@ -80,6 +80,18 @@ class RunConfig(_Section):
     seed: int = 0
 
 
+class EngineConfig(_Section):
+    """Where the shards are scored: in this process, or by a pool of Ray actors (``srdata[ray]``)."""
+
+    engine: Literal["local", "ray"] = "local"
+    ray_address: Optional[str] = Field(
+        default=None, description="Ray cluster to join (auto, host:port, ray://host:10001); default: RAY_ADDRESS, a Ray running here, or a new local one"
+    )
+    num_replicas: Optional[int] = Field(default=None, ge=1, description="Ray actors, each holding one model; default: as many as the cluster fits")
+    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs reserved per actor (vLLM: tensor_parallel_size)")
+    cpus_per_replica: float = Field(default=1, gt=0, description="CPUs reserved per actor")
+
+
 class ScoreConfig(_Section):
     data: DataConfig
     model: ModelConfig
@@ -88,6 +100,7 @@ class ScoreConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     batching: BatchingConfig = BatchingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    engine: EngineConfig = EngineConfig()
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -102,6 +115,11 @@ PERFORMANCE_ONLY = {
     ("model", "max_num_batched_tokens"),
     ("run", "overwrite"),
     ("run", "output"),
+    ("engine", "engine"),
+    ("engine", "ray_address"),
+    ("engine", "num_replicas"),
+    ("engine", "gpus_per_replica"),
+    ("engine", "cpus_per_replica"),
 }
 
 

@@ -1,0 +1,165 @@
+"""`srdata score --engine ray`: same output as the local engine, actor faults, resume.
+
+The Ray tests start one local Ray runtime for the module (2 CPUs, 2 actors) and skip
+cleanly when Ray is not installed; the missing-extra test runs everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from srdata.cli import main
+from srdata.config import build_config, result_settings
+from srdata.pipeline import score
+
+from .conftest import DEMO_SAMPLE, write_jsonl
+
+# Ray Data's own context copies trip its deprecation warnings; nothing srdata calls.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+
+FAST = dict(max_new_tokens=6, shard_size=5, device="cpu", dtype="float32", on_invalid="flag")
+N_ROWS = 20  # 4 shards of 5 rows
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'srdata[ray]'")
+    pytest.importorskip("ray.data")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """Real alpaca-layout rows; one has an empty instruction (flagged, per --on-invalid flag)."""
+    rows = [json.loads(line) for line in DEMO_SAMPLE.read_text(encoding="utf-8").splitlines()][:N_ROWS]
+    rows[7] = {**rows[7], "instruction": ""}
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_gpt2, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "run"
+    score(dataset=str(data_file), model=str(tiny_gpt2), output=str(out), progress=False, **FAST)
+    return out
+
+
+def ray_score(data_file, model, out, **kw):
+    return score(dataset=str(data_file), model=str(model), output=str(out), progress=False, engine="ray", num_replicas=2, **{**FAST, **kw})
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Annotated table and every shard file equal; the manifests agree on settings and counts."""
+    assert pl.read_parquet(run / "annotated.parquet").equals(pl.read_parquet(reference / "annotated.parquet"))
+    shards = sorted(p.name for p in (reference / "shards").glob("shard-*.parquet"))
+    assert shards and sorted(p.name for p in (run / "shards").glob("*")) == shards  # no temp files left behind
+    for name in shards:
+        assert pl.read_parquet(run / "shards" / name).equals(pl.read_parquet(reference / "shards" / name)), name
+    ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (run, reference))
+    assert ours["status"] == "complete" and all(s["done"] for s in ours["shards"])
+    assert ours["config_hash"] == theirs["config_hash"] and ours["counts"] == theirs["counts"]
+
+
+def test_engine_settings_do_not_change_the_resume_hash():
+    local = build_config({"dataset": "d.jsonl", "model": "m", "output": "o"})
+    remote = build_config({"dataset": "d.jsonl", "model": "m", "output": "o", "engine": "ray", "ray_address": "auto",
+                           "num_replicas": 4, "gpus_per_replica": 1})
+    assert remote.engine.engine == "ray" and remote.engine.num_replicas == 4
+    assert result_settings(local) == result_settings(remote)
+
+
+def test_engine_ray_without_ray_names_the_extra(tiny_gpt2, data_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    result = CliRunner().invoke(main, ["score", str(data_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run"),
+                                       "--engine", "ray", "--max-new-tokens", "4", "--device", "cpu", "--on-invalid", "flag", "-q"])
+    assert result.exit_code == 1, result.output
+    assert "--engine ray needs Ray Data" in result.output and "pip install 'srdata[ray]'" in result.output
+
+
+def test_replicas_fit_the_cluster():
+    from srdata.engines.ray_engine import _replicas
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 8.0, "GPU": 2.0}
+
+    engine = build_config({"dataset": "d", "model": "m", "output": "o", "engine": "ray"}).engine
+    assert _replicas(FakeRay, engine, n_shards=100, strict=True) == 8  # default: as many as the CPUs fit
+    assert _replicas(FakeRay, engine, n_shards=3, strict=True) == 3  # never more actors than shards
+    gpus = engine.model_copy(update={"gpus_per_replica": 1.0})
+    assert _replicas(FakeRay, gpus, n_shards=100, strict=True) == 2
+    with pytest.raises(ValueError, match="lower --num-replicas"):
+        _replicas(FakeRay, gpus.model_copy(update={"num_replicas": 3}), n_shards=100, strict=True)
+    assert _replicas(FakeRay, gpus.model_copy(update={"num_replicas": 3}), n_shards=100, strict=False) == 3  # a cluster may grow
+
+
+def test_ray_output_identical_to_local(ray_runtime, tiny_gpt2, data_file, local_run, tmp_path):
+    out = tmp_path / "run"
+    args = ["score", str(data_file), "--model", str(tiny_gpt2), "--output", str(out), "--engine", "ray", "--num-replicas", "2",
+            "--gpus-per-replica", "0", "--max-new-tokens", "6", "--shard-size", "5", "--device", "cpu", "--dtype", "float32",
+            "--on-invalid", "flag", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert_same_run(out, local_run)
+    annotated = pl.read_parquet(out / "annotated.parquet")
+    assert annotated["srd_id"].to_list() == list(range(N_ROWS))
+    assert annotated.filter(pl.col("srd_id") == 7)["invalid_reason"].item()  # per-row failure flagged, as locally
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["engine"]["engine"] == "ray" and manifest["timings"]["rows_scored_this_call"] == N_ROWS - 1
+
+
+def test_killed_actor_is_retried_without_losing_or_duplicating_rows(ray_runtime, tiny_gpt2, data_file, local_run, tmp_path, monkeypatch):
+    from srdata.engines import ray_engine
+
+    marker = str(tmp_path / "actor-died")
+
+    class DiesOnce(ray_engine.ShardScorer):
+        """Exits the actor's process while scoring shard 1, the first time only (a marker file)."""
+
+        def __call__(self, batch):
+            if 1 in batch["shard"].to_pylist():
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    pass  # the retry, on the restarted actor
+                else:
+                    os._exit(1)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(ray_engine, "ShardScorer", DiesOnce)
+    out = tmp_path / "run"
+    ray_score(data_file, tiny_gpt2, out)
+    assert os.path.exists(marker), "the actor never died: the test did not exercise a fault"
+    annotated = pl.read_parquet(out / "annotated.parquet")
+    assert annotated["srd_id"].to_list() == list(range(N_ROWS))  # complete, no duplicates
+    assert_same_run(out, local_run)
+
+
+def test_resume_skips_finished_shards(ray_runtime, tiny_gpt2, data_file, local_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(local_run, out)  # a local run, two shards of which were lost
+    for name in ("shard-00001.parquet", "shard-00003.parquet"):
+        (out / "shards" / name).unlink()
+    (out / "annotated.parquet").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+
+    result = ray_score(data_file, tiny_gpt2, out)
+    assert result.manifest["resumed"] is True
+    assert result.manifest["timings"]["rows_scored_this_call"] == 10 - 1  # shards 1 and 3 only (row 7 is flagged)
+    assert {name: (out / "shards" / name).stat().st_mtime_ns for name in kept} == kept  # finished shards untouched
+    assert_same_run(out, local_run)
+
+    again = ray_score(data_file, tiny_gpt2, out)  # everything done: no actor is started
+    assert again.manifest["timings"]["rows_scored_this_call"] == 0
