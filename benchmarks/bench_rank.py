@@ -1,0 +1,242 @@
+"""Benchmark SRD ranking and curriculum export against a reference-style implementation.
+
+For each size (default 1M and 10M rows) it writes a synthetic finished run folder:
+``srd_id``, scores with many ties (ROUGE-L on a 1e-4 grid, cross-entropy) and one text
+column of realistic length (Zipf-distributed words, log-normal lengths, mean 300
+characters by default, about an instruction-tuning response), then times, each in a
+fresh process so that peak RSS belongs to that step alone:
+
+- ``rank``: read the score columns and run ``srdata.rank.rank`` (what ``srdata score``
+  does at the end of a run);
+- ``export``: ``export_curriculum(run, rrf_k=60)``: re-rank and write the paper's three
+  cumulative stages as parquet (the whole ``srdata export`` path, text included);
+- ``export-jsonl``: the same, written as JSONL (at the reference sizes only);
+- ``reference``: what the authors' ``tools/rank.py`` does, in plain Python: rows as
+  dicts, three ``sorted`` calls, ``json.dumps`` of the three cumulative stages to JSONL.
+  It also checks that ``rank(..., ties="reference")`` gives its exact order.
+
+Usage:
+    python benchmarks/bench_rank.py                       # 1M and 10M rows
+    python benchmarks/bench_rank.py --rows 100000 --reference-rows 100000
+    python benchmarks/bench_rank.py --rows 10000000 --reference-rows --compression lz4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CHUNK_ROWS = 100_000
+STAGES, KEEP, RRF_K = 4, 3, 60
+
+
+# --- synthetic run -----------------------------------------------------------------------
+
+
+def word_corpus(rng: np.random.Generator, words: int = 12_000_000) -> np.ndarray:
+    """Bytes of Zipf-distributed pseudo-words, sliced into the rows' texts."""
+    vocabulary = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(n))) for n in rng.integers(2, 10, 5000)]
+    weights = 1 / np.arange(1, len(vocabulary) + 1)
+    picks = rng.choice(len(vocabulary), size=words, p=weights / weights.sum())
+    return np.frombuffer(" ".join(vocabulary[i] for i in picks).encode(), dtype=np.uint8)
+
+
+def text_chunk(rng: np.random.Generator, corpus: np.ndarray, rows: int, mean_chars: int) -> pa.Array:
+    lengths = np.clip(rng.lognormal(np.log(mean_chars) - 0.5, 1.0, rows), 1, 4000).astype(np.int32)
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    start = int(rng.integers(0, len(corpus) - int(offsets[-1])))
+    data = corpus[start : start + int(offsets[-1])].copy()
+    return pa.StringArray.from_buffers(rows, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def write_run(folder: Path, rows: int, mean_chars: int, seed: int = 0) -> Path:
+    """A finished run folder with ``rows`` scored rows (no ranks yet)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    corpus = word_corpus(rng)
+    writer = None
+    for start in range(0, rows, CHUNK_ROWS):
+        n = min(CHUNK_ROWS, rows - start)
+        rouge = np.round(rng.random(n), 4)
+        table = pa.table({
+            "srd_id": np.arange(start, start + n, dtype=np.int64),
+            "prompt_text": text_chunk(rng, corpus, n, mean_chars),
+            "rouge_l": rouge,
+            "ce_loss": 3.0 - 2.0 * rouge + rng.gamma(2.0, 0.4, n),
+        })
+        writer = writer or pq.ParquetWriter(folder / "annotated.parquet", table.schema, compression="zstd")
+        writer.write_table(table)
+    writer.close()
+    manifest = {"srdata_version": "bench", "status": "complete", "config": {"rrf_k": RRF_K}, "config_hash": "bench", "shards": [], "counts": {"rows": rows}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+# --- timed steps (each runs in its own process) -------------------------------------------
+
+
+def step_rank(run: Path, out: Path) -> dict:
+    from srdata.rank import rank
+
+    scores = pl.read_parquet(run / "annotated.parquet", columns=["srd_id", "rouge_l", "ce_loss"])
+    ranked = rank(scores, RRF_K)
+    return {"ranked_rows": ranked["difficulty_rank"].count()}
+
+
+def step_export(run: Path, out: Path, fmt: str, compression: str) -> dict:
+    from srdata.export import export_curriculum
+
+    folder = export_curriculum(run, stages=STAGES, keep=KEEP, out=out, fmt=fmt, rrf_k=RRF_K, compression=compression)
+    return {"written_bytes": sum(p.stat().st_size for p in folder.glob("stage-*"))}
+
+
+def step_reference(run: Path, out: Path) -> dict:
+    """The authors' tools/rank.py, over the same rows: Python dicts, sorts, JSONL dumps."""
+    rows = pq.read_table(run / "annotated.parquet").to_pylist()
+    data = sorted(rows, key=lambda x: x["rouge_l"], reverse=True)
+    for i, row in enumerate(data):
+        row["rank_rouge_l"] = i + 1
+    data = sorted(data, key=lambda x: x["ce_loss"], reverse=False)
+    for i, row in enumerate(data):
+        row["rank_ce_loss"] = i + 1
+    for row in data:
+        row["rrf_score"] = 1 / (int(row["rank_rouge_l"]) + RRF_K) + 1 / (int(row["rank_ce_loss"]) + RRF_K)
+    data = sorted(data, key=lambda x: x["rrf_score"], reverse=True)
+    for i, row in enumerate(data):
+        row["difficulty_rank"] = i + 1
+    out.mkdir(parents=True, exist_ok=True)
+    each_stage = len(data) // STAGES
+    for stage in range(KEEP):
+        with open(out / f"stage-{stage}.jsonl", "w") as handle:
+            for row in data[: (stage + 1) * each_stage]:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"order": [row["srd_id"] for row in data]}
+
+
+def check_reference_order(run: Path, order: list[int]) -> bool:
+    from srdata.rank import rank
+
+    scores = pl.read_parquet(run / "annotated.parquet", columns=["srd_id", "rouge_l", "ce_loss"])
+    ours = rank(scores, RRF_K, ties="reference").sort("difficulty_rank")["srd_id"].to_list()
+    return ours == order
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM, unlike ru_maxrss, does not carry over
+    the parent's peak through fork + exec, so each step is measured on its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): unlike wall time, it barely
+    moves when other jobs share the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(step: str, run: Path, out: Path, compression: str) -> None:
+    """Entry point of a child process: time one step, report seconds and peak RSS."""
+    import srdata.export  # noqa: F401  imports are not part of the timed work
+    import srdata.rank  # noqa: F401
+
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    if step == "rank":
+        extra = step_rank(run, out)
+    elif step in ("export", "export-jsonl"):
+        extra = step_export(run, out, "jsonl" if step == "export-jsonl" else "parquet", compression)
+    else:
+        extra = step_reference(run, out)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
+    peak_gb = peak_rss_gb()
+    if step == "reference":
+        extra = {"same_order_as_ties_reference": check_reference_order(run, extra.pop("order"))}
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gb": peak_gb, **extra}))
+
+
+def time_step(step: str, run: Path, out: Path, compression: str) -> dict:
+    command = [sys.executable, __file__, "--child", step, str(run), str(out), compression]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{step} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- driver ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--reference-rows", type=int, nargs="*", default=[1_000_000], help="sizes at which the reference-style run is timed too")
+    parser.add_argument("--text-chars", type=int, default=300, help="mean length of the text column")
+    parser.add_argument("--compression", default="zstd", help="parquet compression of the stage files (srdata export's default: zstd)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where runs are written (default: a temporary folder, removed)")
+    parser.add_argument("--child", nargs=4, metavar=("STEP", "RUN", "OUT", "COMPRESSION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.child[3])
+        return
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="srd-bench-rank-"))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
+          f"python {platform.python_version()}, polars {pl.__version__}; text column mean {args.text_chars} chars; "
+          f"stage files: parquet {args.compression}")
+    print(f"{'rows':>11}  {'step':<13} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12}  notes")
+    results: dict[tuple[int, str], dict] = {}
+    try:
+        for rows in args.rows:
+            run = write_run(workdir / f"run-{rows}", rows, args.text_chars)
+            size_gb = (run / "annotated.parquet").stat().st_size / 1e9
+            steps = ["rank", "export"] + (["export-jsonl", "reference"] if rows in args.reference_rows else [])
+            for step in steps:
+                result = time_step(step, run, workdir / f"out-{rows}-{step}", args.compression)
+                results[rows, step] = result
+                notes = {k: v for k, v in result.items() if k not in ("seconds", "cpu_seconds", "peak_rss_gb")}
+                if step == "export":
+                    notes["input_parquet_gb"] = round(size_gb, 2)
+                print(f"{rows:>11,}  {step:<13} {result['seconds']:>8.2f} {result['cpu_seconds']:>8.2f} {result['peak_rss_gb']:>12.2f}  {json.dumps(notes) if notes else ''}", flush=True)
+                shutil.rmtree(workdir / f"out-{rows}-{step}", ignore_errors=True)
+            shutil.rmtree(run, ignore_errors=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summarise(results)
+
+
+def summarise(results: dict[tuple[int, str], dict]) -> None:
+    for (rows, step), result in sorted(results.items()):
+        if step != "reference":
+            continue
+        for ours in ("export", "export-jsonl"):
+            ratio = result["seconds"] / results[rows, ours]["seconds"]
+            cpu_ratio = result["cpu_seconds"] / results[rows, ours]["cpu_seconds"]
+            memory = result["peak_rss_gb"] / results[rows, ours]["peak_rss_gb"]
+            print(f"{rows:,} rows: reference-style takes {ratio:.1f}x the wall time, {cpu_ratio:.1f}x the CPU time "
+                  f"and {memory:.1f}x the peak memory of srdata {ours}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    for (rows, step), result in sorted(results.items()):
+        if step == "export" and rows >= 10_000_000:
+            verdict = "meets" if result["seconds"] <= 10 and result["peak_rss_gb"] <= 3 else "misses"
+            print(f"{rows:,} rows: export {result['seconds']:.1f} s, {result['peak_rss_gb']:.2f} GB peak RSS: {verdict} the 10 s / 3 GB target")
+
+
+if __name__ == "__main__":
+    main()

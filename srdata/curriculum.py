@@ -1,0 +1,275 @@
+"""Feed an exported SRD curriculum to a trainer: Hugging Face datasets, a torch Sampler
+that walks the stages, and a transformers callback that follows the stage switches.
+
+Two ways to train on a curriculum:
+
+1. The paper's way: one ``trainer.train()`` per stage on ``load_curriculum(out)["stage_s"]``,
+   each stage starting from the previous stage's weights with a fresh optimizer.
+2. One training run: ``CurriculumSampler`` yields the whole schedule (stage 0 for its
+   epochs or steps, then stage 1, ...) as one long sequence of row indices, so any
+   trainer that accepts a sampler sees an ordinary, fixed-length epoch;
+   ``CurriculumCallback`` tells a ``transformers.Trainer`` when a stage starts.
+
+This module imports torch; transformers is imported only when ``CurriculumCallback``
+is first used, so plain PyTorch users do not pay for it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import numbers
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from srdata.export import CURRICULUM_FILE, LAYOUTS
+from srdata.rank import DIFFICULTY_COLUMN
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+STAGE_PREFIX = "stage_"
+
+
+def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) -> "datasets.DatasetDict":
+    """Load every stage of an export as a ``datasets.DatasetDict`` (``stage_0``, ``stage_1``, ...).
+
+    ``path`` is the export folder, its ``curriculum.json``, or a run folder holding the
+    default ``curriculum/`` export.
+
+    Example:
+        >>> stages = load_curriculum("runs/dolly/curriculum")      # doctest: +SKIP
+        >>> list(stages), stages["stage_0"].num_rows               # doctest: +SKIP
+        (['stage_0', 'stage_1', 'stage_2'], 3750)
+    """
+    import datasets
+
+    folder = _curriculum_folder(Path(path))
+    summary = json.loads((folder / CURRICULUM_FILE).read_text())
+    files = {f"{STAGE_PREFIX}{stage['stage']}": folder / stage["file"] for stage in summary["stages"]}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"curriculum in {folder} lists stage files that are missing: {', '.join(missing)}; export again")
+    builder = "parquet" if summary["settings"]["format"] == "parquet" else "json"
+    return datasets.load_dataset(builder, data_files={name: str(f) for name, f in files.items()}, cache_dir=cache_dir)
+
+
+def _curriculum_folder(path: Path) -> Path:
+    for candidate in (path, path.parent if path.name == CURRICULUM_FILE else None, path / "curriculum"):
+        if candidate is not None and (candidate / CURRICULUM_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"no {CURRICULUM_FILE} in {path} (or {path / 'curriculum'}); create one with `srdata export RUN_DIR`")
+
+
+def curriculum_training_set(curriculum: "datasets.DatasetDict") -> tuple["datasets.Dataset", list[int]]:
+    """One dataset holding every kept row, and the stage in which each row is first trained.
+
+    Works for both export layouts (cumulative: the last stage already holds every row;
+    disjoint: the stages are concatenated). Feed the second value to ``CurriculumSampler``.
+
+    Example:
+        >>> train, stage_of_row = curriculum_training_set(load_curriculum(out))   # doctest: +SKIP
+        >>> sampler = CurriculumSampler(stage_of_row, epochs_per_stage=8)         # doctest: +SKIP
+    """
+    import datasets
+
+    names = sorted(curriculum, key=lambda name: int(name.removeprefix(STAGE_PREFIX)))
+    stages = [curriculum[name] for name in names]
+    ends = np.array([_difficulty(stage).max() for stage in stages])  # last difficulty rank of each stage
+    cumulative = all(_difficulty(stage).min() == 1 for stage in stages)
+    train = stages[-1] if cumulative else datasets.concatenate_datasets(stages)
+    return train, np.searchsorted(ends, _difficulty(train), side="left").tolist()
+
+
+def _difficulty(stage: "datasets.Dataset") -> np.ndarray:
+    return np.asarray(stage.with_format("numpy")[DIFFICULTY_COLUMN])
+
+
+class CurriculumSampler(Sampler[int]):
+    """Yield row indices stage after stage: easy rows first, harder rows joining later.
+
+    ``stage_of_row[i]`` is the stage in which row ``i`` is first trained (0 = easiest).
+    With ``layout="cumulative"`` (the paper) stage s draws from rows of stages ``0..s``;
+    with ``"disjoint"`` only from rows of stage s. Each stage runs ``epochs_per_stage``
+    passes over its rows (``by="epoch"``) or ``steps_per_stage`` optimizer steps of
+    ``samples_per_step`` rows (``by="step"``). Rows are reshuffled every pass from
+    ``seed``, the stage, the pass and the epoch set by ``set_epoch``, so every process
+    of a distributed run draws the same sequence.
+
+    ``samples_per_step`` is the number of rows per optimizer step (batch size x gradient
+    accumulation x processes). By epoch, each stage is padded with rows of the same stage
+    to a whole number of steps, so that no step mixes two stages.
+
+    Example:
+        >>> sampler = CurriculumSampler([0, 0, 1, 1, 2, 2], epochs_per_stage=1, shuffle=False)
+        >>> list(sampler)
+        [0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
+    """
+
+    def __init__(
+        self,
+        stage_of_row: Sequence[int],
+        *,
+        layout: Literal["cumulative", "disjoint"] = "cumulative",
+        by: Literal["epoch", "step"] = "epoch",
+        epochs_per_stage: int | Sequence[int] = 1,
+        steps_per_stage: int | Sequence[int] | None = None,
+        samples_per_step: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        stage_of_row = np.asarray(stage_of_row, dtype=np.int64)
+        self.num_stages = _check_stages(stage_of_row)
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+        if by not in ("epoch", "step"):
+            raise ValueError(f"by must be 'epoch' or 'step', got {by!r}")
+        if samples_per_step < 1:
+            raise ValueError(f"samples_per_step must be at least 1, got {samples_per_step}")
+        self.layout, self.by, self.samples_per_step, self.shuffle, self.seed = layout, by, samples_per_step, shuffle, seed
+        self.epoch = 0
+        self.pools = [_stage_pool(stage_of_row, s, layout) for s in range(self.num_stages)]
+        self.stage_lengths = self._stage_lengths(epochs_per_stage, steps_per_stage)
+        self.boundaries = np.cumsum(self.stage_lengths).tolist()  # end position of every stage
+
+    def _stage_lengths(self, epochs_per_stage: int | Sequence[int], steps_per_stage: int | Sequence[int] | None) -> list[int]:
+        if self.by == "step":
+            if steps_per_stage is None:
+                raise ValueError("by='step' needs steps_per_stage")
+            steps = _per_stage(steps_per_stage, self.num_stages, "steps_per_stage")
+            return [n * self.samples_per_step for n in steps]
+        epochs = _per_stage(epochs_per_stage, self.num_stages, "epochs_per_stage")
+        step = self.samples_per_step
+        return [-(-n * len(pool) // step) * step for n, pool in zip(epochs, self.pools)]
+
+    def __len__(self) -> int:
+        return int(self.boundaries[-1])
+
+    def __iter__(self) -> Iterator[int]:
+        for stage in range(self.num_stages):
+            yield from self.stage_indices(stage)
+
+    def stage_indices(self, stage: int) -> Iterator[int]:
+        """The row indices drawn during ``stage``, pass after pass, cut to the stage length."""
+        pool, remaining, pass_number = self.pools[stage], self.stage_lengths[stage], 0
+        while remaining > 0:
+            order = self._pass_order(pool, stage, pass_number)[:remaining]
+            remaining -= len(order)
+            pass_number += 1
+            yield from order.tolist()
+
+    def _pass_order(self, pool: np.ndarray, stage: int, pass_number: int) -> np.ndarray:
+        if not self.shuffle:
+            return pool
+        rng = np.random.default_rng([self.seed, self.epoch, stage, pass_number])
+        return rng.permutation(pool)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by trainers between epochs: a new epoch draws new shuffles."""
+        self.epoch = epoch
+
+    def stage_at(self, position: int) -> int:
+        """The stage of the sample at ``position`` in the sequence (clamped to the last stage)."""
+        return min(bisect.bisect_right(self.boundaries, position), self.num_stages - 1)
+
+    def stage_of_step(self, step: int) -> int:
+        """The stage that optimizer step ``step`` (0-based) trains on."""
+        return self.stage_at(step * self.samples_per_step)
+
+
+def _check_stages(stage_of_row: np.ndarray) -> int:
+    if stage_of_row.ndim != 1 or stage_of_row.size == 0:
+        raise ValueError("stage_of_row must be a non-empty list of stage numbers, one per row")
+    if stage_of_row.min() < 0:
+        raise ValueError("stage numbers must be >= 0")
+    num_stages = int(stage_of_row.max()) + 1
+    empty = sorted(set(range(num_stages)) - set(np.unique(stage_of_row).tolist()))
+    if empty:
+        raise ValueError(f"stages {empty} have no rows; number the stages 0..{num_stages - 1} without gaps")
+    return num_stages
+
+
+def _stage_pool(stage_of_row: np.ndarray, stage: int, layout: str) -> np.ndarray:
+    in_stage = stage_of_row <= stage if layout == "cumulative" else stage_of_row == stage
+    return np.flatnonzero(in_stage)
+
+
+def _per_stage(value: int | Sequence[int], num_stages: int, name: str) -> list[int]:
+    values = [value] * num_stages if isinstance(value, numbers.Integral) else list(value)
+    if len(values) != num_stages:
+        raise ValueError(f"{name} has {len(values)} values for {num_stages} stages")
+    if any(not isinstance(v, numbers.Integral) or v < 1 for v in values):
+        raise ValueError(f"{name} must be positive integers, got {values}")
+    return values
+
+
+def _make_callback_class() -> type:
+    """Build ``CurriculumCallback`` on first use, importing transformers only then."""
+    from transformers import TrainerCallback
+
+    class CurriculumCallback(TrainerCallback):
+        """Follow a ``CurriculumSampler`` inside ``transformers.Trainer`` (and TRL trainers).
+
+        At the step where a new stage starts it records the switch in ``switches``
+        (``(global_step, stage)`` pairs), calls ``on_stage_start(stage, state)`` (to change
+        a KD ratio or temperature per stage, for instance) and, with
+        ``save_at_stage_end=True``, saves a checkpoint at the end of every stage.
+
+        Example:
+            >>> callback = CurriculumCallback(sampler, save_at_stage_end=True)   # doctest: +SKIP
+            >>> trainer.add_callback(callback)                                   # doctest: +SKIP
+        """
+
+        def __init__(
+            self,
+            sampler: CurriculumSampler,
+            on_stage_start: Callable[[int, Any], None] | None = None,
+            save_at_stage_end: bool = False,
+        ) -> None:
+            self.sampler = sampler
+            self.on_stage_start = on_stage_start
+            self.save_at_stage_end = save_at_stage_end
+            self.stage: int | None = None
+            self.switches: list[tuple[int, int]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            if per_step != self.sampler.samples_per_step:
+                raise ValueError(
+                    f"the sampler was built with samples_per_step={self.sampler.samples_per_step}, but each optimizer "
+                    f"step of this trainer uses {per_step} rows (batch x accumulation x processes); rebuild the sampler "
+                    f"with samples_per_step={per_step}"
+                )
+            self._enter(self.sampler.stage_of_step(state.global_step), state)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            upcoming = self.sampler.stage_of_step(state.global_step)
+            if upcoming != self.stage:
+                if self.save_at_stage_end:
+                    control.should_save = True
+                self._enter(upcoming, state)
+
+        def _enter(self, stage: int, state) -> None:
+            self.stage = stage
+            self.switches.append((state.global_step, stage))
+            logger.info("curriculum stage %d starts at step %d", stage, state.global_step)
+            if self.on_stage_start is not None:
+                self.on_stage_start(stage, state)
+
+    CurriculumCallback.__qualname__ = "CurriculumCallback"
+    CurriculumCallback.__module__ = __name__
+    return CurriculumCallback
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CurriculumCallback":
+        callback_class = _make_callback_class()
+        globals()[name] = callback_class
+        return callback_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,489 @@
+"""See what SRD kept and dropped, and why: ``srdata report`` and ``srdata inspect``.
+
+The report reads only the score and rank columns of a run (plus the few example rows it
+shows), so it stays cheap on millions of rows. It writes ``report.md``, ``report.html``
+and three PNG figures (matplotlib, no display needed):
+
+- ``score_histograms.png``: ROUGE-L and cross-entropy distributions;
+- ``scores_by_stage.png``: ROUGE-L against cross-entropy, coloured by curriculum stage,
+  the dropped (hardest) part marked in grey;
+- ``stage_sizes.png``: rows per stage, dropped and invalid rows.
+
+Stages come from the run's ``curriculum/curriculum.json`` when it exists (or the one
+given), otherwise from the paper's default cut (4 stages, keep 3).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+
+from srdata.export import (
+    ANNOTATED_FILE,
+    CURRICULUM_FILE,
+    CurriculumError,
+    Run,
+    read_manifest,
+    plan_stages,
+    read_run,
+    stage_bounds,
+)
+from srdata.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
+
+SCORE_COLUMNS = ("rouge_l", "ce_loss")
+RANK_COLUMNS = ("rank_rouge_l", "rank_ce_loss")
+SCATTER_POINTS = 20_000  # enough to see the shape; more only slows the plot down
+DPI = 100
+EXAMPLE_CHARS = 160
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Where the curriculum cuts the ranked rows: last difficulty rank of every kept stage."""
+
+    ends: list[int]
+    layout: str
+    source: str  # "curriculum.json at ..." or "paper default"
+
+    def part_of(self, difficulty: pl.Expr) -> pl.Expr:
+        """Stage (part) in which a row is first trained; ``len(ends)`` means dropped."""
+        expr = pl.lit(len(self.ends), dtype=pl.Int64)
+        for stage, end in reversed(list(enumerate(self.ends))):
+            expr = pl.when(difficulty <= end).then(pl.lit(stage, dtype=pl.Int64)).otherwise(expr)
+        return expr
+
+
+def ranking_agreement(scores: pl.DataFrame) -> dict[str, Any]:
+    """Spearman rho between the ROUGE-L and cross-entropy rankings, and hardest-quarter overlap.
+
+    rho is computed on the scores with average ranks for ties (ROUGE-L against minus the
+    loss, so +1 means both signals order the rows the same way). The overlap is the share
+    of the hardest quarter by ROUGE-L that is also in the hardest quarter by loss; 25% is
+    what independent signals would give.
+
+    Example:
+        >>> df = pl.DataFrame({"rouge_l": [0.9, 0.5, 0.1, 0.3], "ce_loss": [1.0, 2.0, 4.0, 3.0],
+        ...                    "rank_rouge_l": [1, 2, 4, 3], "rank_ce_loss": [1, 2, 4, 3]})
+        >>> ranking_agreement(df)["spearman_rho"], ranking_agreement(df)["hardest_quarter_overlap"]
+        (1.0, 1.0)
+    """
+    valid = scores.drop_nulls(list(SCORE_COLUMNS) + list(RANK_COLUMNS))
+    n = valid.height
+    quarter = n // 4
+    rho = valid.select(pl.corr(pl.col("rouge_l"), -pl.col("ce_loss"), method="spearman")).item() if n > 1 else None
+    if quarter == 0:
+        return {"spearman_rho": rho, "hardest_quarter_rows": 0, "hardest_quarter_overlap": None, "overlap_rows": 0}
+    hardest = (pl.col("rank_rouge_l") > n - quarter) & (pl.col("rank_ce_loss") > n - quarter)
+    both = valid.filter(hardest).height
+    return {"spearman_rho": rho, "hardest_quarter_rows": quarter, "hardest_quarter_overlap": both / quarter, "overlap_rows": both}
+
+
+def load_stages(run: Run, n_valid: int, curriculum: str | os.PathLike[str] | None = None) -> Stages:
+    """The stage cut of the run's export (or the given one), or the paper's default cut."""
+    path = Path(curriculum) if curriculum is not None else run.path / "curriculum"
+    summary_path = path if path.name == CURRICULUM_FILE else path / CURRICULUM_FILE
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        ends = [stage["thresholds"]["max_difficulty_rank"] for stage in summary["stages"] if stage["rows"]]
+        # An export that re-ranked in memory cut other rows than the run's own ranking shows.
+        caveat = " (stage sizes only: that export re-ranked the rows)" if summary["ranking"].get("recomputed") else ""
+        return Stages(ends, summary["settings"]["layout"], f"{summary_path}{caveat}")
+    if curriculum is not None:
+        raise CurriculumError(f"no {CURRICULUM_FILE} at {path}")
+    bounds = stage_bounds(n_valid, plan_stages())
+    return Stages([stop for _, stop in bounds], "cumulative", "paper default (4 stages, keep 3; not exported yet)")
+
+
+def read_scores(run: Run, by: Sequence[str] = ()) -> pl.DataFrame:
+    """The score, rank and grouping columns of every row (no text)."""
+    schema = pl.read_parquet_schema(run.annotated)
+    missing = [c for c in by if c not in schema]
+    if missing:
+        raise CurriculumError(f"--by column {', '.join(map(repr, missing))} does not exist; columns: {', '.join(schema)}")
+    needed = [ID_COLUMN, *SCORE_COLUMNS, *RANK_COLUMNS, FUSED_COLUMN, DIFFICULTY_COLUMN]
+    absent = [c for c in needed if c not in schema]
+    if absent:
+        raise CurriculumError(f"{run.annotated} lacks {', '.join(absent)}; rank it first with `srdata rank {run.path}`")
+    optional = [INVALID_COLUMN] if INVALID_COLUMN in schema else []
+    return pl.read_parquet(run.annotated, columns=list(dict.fromkeys([*needed, *optional, *by])))
+
+
+def build_report(
+    run_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    by: Sequence[str] = (),
+    curriculum: str | os.PathLike[str] | None = None,
+    examples: int = 5,
+) -> Path:
+    """Write ``report.md``, ``report.html`` and the PNG figures; return the report folder.
+
+    Example:
+        >>> build_report("runs/dolly", by=["category"])       # doctest: +SKIP
+        PosixPath('runs/dolly/report')
+    """
+    run = read_run(run_dir)
+    scores = read_scores(run, by)
+    valid = scores.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
+    stages = load_stages(run, valid.height, curriculum)
+    staged = valid.with_columns(stages.part_of(pl.col(DIFFICULTY_COLUMN)).alias("part"))
+    out_dir = _writable_folder(Path(out) if out is not None else run.path / "report")
+    figures = [
+        _plot_histograms(valid, out_dir / "score_histograms.png"),
+        _plot_scatter(staged, stages, out_dir / "scores_by_stage.png"),
+        _plot_stage_sizes(staged, stages, scores.height - valid.height, out_dir / "stage_sizes.png"),
+    ]
+    blocks = _report_blocks(run, scores, staged, stages, by, examples, figures)
+    (out_dir / "report.md").write_text(_to_markdown(blocks))
+    (out_dir / "report.html").write_text(_to_html(blocks, title=f"SRD report: {run.path.name}"))
+    return out_dir
+
+
+def _writable_folder(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CurriculumError(f"report folder {path} is not writable: {err.strerror or err}") from None
+    return path
+
+
+# --- figures -----------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float):
+    # Figure + Agg canvas directly: no pyplot, no global backend, works without a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _plot_histograms(valid: pl.DataFrame, path: Path) -> Path:
+    figure = _new_figure(10, 4)
+    for axis, column, label in zip(figure.subplots(1, 2), SCORE_COLUMNS, ("ROUGE-L F1", "cross-entropy (nats/token)")):
+        axis.hist(valid[column].to_numpy(), bins=50, color="#4477aa")
+        axis.set_xlabel(label)
+        axis.set_ylabel("rows")
+        axis.set_title(f"{column} ({valid.height} rows)")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _plot_scatter(staged: pl.DataFrame, stages: Stages, path: Path) -> Path:
+    figure = _new_figure(7, 6)
+    axis = figure.subplots()
+    shown = staged.sample(SCATTER_POINTS, seed=0) if staged.height > SCATTER_POINTS else staged
+    colours = _stage_colours(len(stages.ends))
+    for part in range(len(stages.ends)):
+        rows = shown.filter(pl.col("part") == part)
+        axis.scatter(rows["rouge_l"], rows["ce_loss"], s=8, alpha=0.6, color=colours[part], label=f"stage {part}")
+    dropped = shown.filter(pl.col("part") == len(stages.ends))
+    axis.scatter(dropped["rouge_l"], dropped["ce_loss"], s=10, marker="x", color="#999999", label="dropped (hardest)")
+    axis.set_xlabel("ROUGE-L F1 (higher = easier)")
+    axis.set_ylabel("cross-entropy, nats/token (lower = easier)")
+    sampled = f", {shown.height} of {staged.height} rows shown" if shown.height < staged.height else ""
+    axis.set_title(f"Scores by curriculum stage{sampled}")
+    axis.legend(loc="upper right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _plot_stage_sizes(staged: pl.DataFrame, stages: Stages, invalid_rows: int, path: Path) -> Path:
+    sizes = _stage_sizes(staged, stages)
+    labels = [f"stage {s}" for s in range(len(sizes))] + ["dropped", "invalid"]
+    values = [*sizes, _count_part(staged, len(stages.ends)), invalid_rows]
+    colours = [*_stage_colours(len(sizes)), "#999999", "#cc6677"]
+    figure = _new_figure(7, 4)
+    axis = figure.subplots()
+    bars = axis.bar(labels, values, color=colours)
+    axis.bar_label(bars)
+    axis.set_ylabel("rows")
+    axis.set_title(f"Rows per stage ({stages.layout} layout)")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _stage_colours(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](x) for x in np.linspace(0.1, 0.9, max(count, 1))]
+
+
+def _count_part(staged: pl.DataFrame, part: int) -> int:
+    return staged.filter(pl.col("part") == part).height
+
+
+def _stage_sizes(staged: pl.DataFrame, stages: Stages) -> list[int]:
+    """Rows in each stage file: cumulative stages include every easier part."""
+    own = [_count_part(staged, part) for part in range(len(stages.ends))]
+    return np.cumsum(own).tolist() if stages.layout == "cumulative" else own
+
+
+# --- report content ----------------------------------------------------------------------
+
+
+def _report_blocks(
+    run: Run,
+    scores: pl.DataFrame,
+    staged: pl.DataFrame,
+    stages: Stages,
+    by: Sequence[str],
+    examples: int,
+    figures: Sequence[Path],
+) -> list[tuple]:
+    agreement = ranking_agreement(staged)
+    blocks: list[tuple] = [
+        ("h1", f"SRD report: {run.path}"),
+        ("p", _run_line(run, scores, staged)),
+        ("h2", "Scores"),
+        ("table", ["score", "mean", "median", "min", "max"], _score_rows(staged)),
+        ("img", figures[0].name, "Histograms of ROUGE-L and cross-entropy"),
+        ("h2", "Agreement between the two rankings"),
+        ("p", _agreement_text(agreement)),
+        ("h2", "Curriculum"),
+        ("p", f"Stages from {stages.source}; {stages.layout} layout."),
+        ("table", ["stage", "rows", "new rows", "difficulty ranks", "mean rouge_l", "mean ce_loss"], _stage_rows(staged, stages)),
+        ("img", figures[1].name, "ROUGE-L against cross-entropy, coloured by stage"),
+        ("img", figures[2].name, "Rows per stage"),
+    ]
+    blocks += _example_blocks(run, staged, examples)
+    blocks += _invalid_blocks(scores)
+    for column in by:
+        blocks += [("h2", f"By {column}"), ("table", *_group_table(scores, staged, stages, column))]
+    return blocks
+
+
+def _run_line(run: Run, scores: pl.DataFrame, staged: pl.DataFrame) -> str:
+    return (
+        f"{scores.height} rows, {staged.height} ranked, {scores.height - staged.height} invalid. "
+        f"Student: {_model_name(run.manifest)}. Run config hash: {run.config_hash}."
+    )
+
+
+def _model_name(manifest: dict[str, Any]) -> str:
+    model = (manifest.get("identity") or {}).get("model") or (manifest.get("config") or {}).get("model")
+    if isinstance(model, dict):
+        model = model.get("name") or model.get("model")
+    return str(model or "unknown model")
+
+
+def _score_rows(valid: pl.DataFrame) -> list[list[str]]:
+    return [
+        [column, *(_fmt(getattr(valid[column], stat)()) for stat in ("mean", "median", "min", "max"))]
+        for column in SCORE_COLUMNS
+    ]
+
+
+def _agreement_text(agreement: dict[str, Any]) -> str:
+    rho = _fmt(agreement["spearman_rho"])
+    if agreement["hardest_quarter_overlap"] is None:
+        return f"Spearman rho between the ROUGE-L and cross-entropy rankings: {rho}. Too few rows for quarters."
+    return (
+        f"Spearman rho between the ROUGE-L and cross-entropy rankings: {rho} (1 = same order). "
+        f"Hardest quarters: {agreement['overlap_rows']} of {agreement['hardest_quarter_rows']} rows "
+        f"({agreement['hardest_quarter_overlap']:.0%}) are in both; independent signals would share about 25%."
+    )
+
+
+def _stage_rows(staged: pl.DataFrame, stages: Stages) -> list[list[str]]:
+    rows = []
+    sizes = _stage_sizes(staged, stages)
+    for part in range(len(stages.ends) + 1):
+        own = staged.filter(pl.col("part") == part)
+        in_file = own if stages.layout == "disjoint" or part == len(stages.ends) else staged.filter(pl.col("part") <= part)
+        label = f"stage {part}" if part < len(stages.ends) else "dropped"
+        size = sizes[part] if part < len(sizes) else own.height
+        ranks = f"{in_file[DIFFICULTY_COLUMN].min()}-{in_file[DIFFICULTY_COLUMN].max()}" if in_file.height else "-"
+        rows.append([label, str(size), str(own.height), ranks, _fmt(in_file["rouge_l"].mean()), _fmt(in_file["ce_loss"].mean())])
+    return rows
+
+
+def example_rows(run: Run, difficulty_ranks: Sequence[int]) -> pl.DataFrame:
+    """The full rows at the given difficulty ranks, in that order (streamed, not loaded)."""
+    order = pl.DataFrame({DIFFICULTY_COLUMN: list(difficulty_ranks)}, schema={DIFFICULTY_COLUMN: pl.Int64})
+    found = pl.scan_parquet(run.annotated).filter(pl.col(DIFFICULTY_COLUMN).is_in(list(difficulty_ranks))).collect()
+    return order.join(found, on=DIFFICULTY_COLUMN, how="inner", maintain_order="left")
+
+
+def _text_columns(run: Run) -> list[str]:
+    """Prompt, reference and student output columns. The source prompt column (from the
+    column mapping srdata score recorded) reads better than prompt_text, whose template
+    boilerplate would fill the clipped cell."""
+    schema = pl.read_parquet_schema(run.annotated)
+    mapping = run.manifest.get("columns") or {}
+    prompt = mapping.get("prompt_column") if mapping.get("prompt_column") in schema else "prompt_text"
+    wanted = [prompt, mapping.get("response_column"), "student_output"]
+    return [c for c in wanted if c and c in schema]
+
+
+def _easiest_and_hardest(n_valid: int, examples: int) -> tuple[list[int], list[int]]:
+    count = min(examples, n_valid)
+    return list(range(1, count + 1)), list(range(n_valid, n_valid - count, -1))
+
+
+def _example_blocks(run: Run, staged: pl.DataFrame, examples: int) -> list[tuple]:
+    if examples <= 0 or staged.height == 0:
+        return []
+    easiest, hardest = _easiest_and_hardest(staged.height, examples)
+    text_columns = _text_columns(run)
+    headers = ["difficulty", "srd_id", "rouge_l", "ce_loss", *text_columns]
+    blocks: list[tuple] = []
+    for title, ranks in ((f"{len(easiest)} easiest rows", easiest), (f"{len(hardest)} hardest rows", hardest)):
+        rows = example_rows(run, ranks)
+        table = [
+            [str(r[DIFFICULTY_COLUMN]), str(r[ID_COLUMN]), _fmt(r["rouge_l"]), _fmt(r["ce_loss"]), *(_clip(r[c]) for c in text_columns)]
+            for r in rows.iter_rows(named=True)
+        ]
+        blocks += [("h2", title), ("table", headers, table)]
+    return blocks
+
+
+def _invalid_blocks(scores: pl.DataFrame) -> list[tuple]:
+    if INVALID_COLUMN not in scores.columns or scores[INVALID_COLUMN].null_count() == scores.height:
+        return []
+    reasons = scores.filter(pl.col(INVALID_COLUMN).is_not_null()).group_by(INVALID_COLUMN).len().sort("len", descending=True)
+    return [("h2", "Invalid rows (not ranked)"), ("table", ["reason", "rows"], [[r, str(n)] for r, n in reasons.iter_rows()])]
+
+
+def _group_table(scores: pl.DataFrame, staged: pl.DataFrame, stages: Stages, column: str) -> tuple[list[str], list[list[str]]]:
+    dropped = len(stages.ends)
+    totals = scores.group_by(column).agg(pl.len().alias("rows"))
+    ranked = staged.group_by(column).agg(
+        pl.len().alias("ranked"),
+        pl.col("rouge_l").mean().alias("rouge_l"),
+        pl.col("ce_loss").mean().alias("ce_loss"),
+        (pl.col("part") < dropped).mean().alias("kept"),
+        ((pl.col(DIFFICULTY_COLUMN).mean() - 1) / max(staged.height - 1, 1)).alias("percentile"),
+    )
+    table = totals.join(ranked, on=column, how="left").sort("rows", descending=True)
+    headers = [column, "rows", "ranked", "mean rouge_l", "mean ce_loss", "kept", "mean difficulty (0 = easiest, 1 = hardest)"]
+    rows = [
+        [str(r[column]), str(r["rows"]), str(r["ranked"] or 0), _fmt(r["rouge_l"]), _fmt(r["ce_loss"]), _pct(r["kept"]), _fmt(r["percentile"])]
+        for r in table.head(50).iter_rows(named=True)
+    ]
+    return headers, rows
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _clip(text: Any) -> str:
+    flat = " ".join(str(text or "").split())
+    return flat if len(flat) <= EXAMPLE_CHARS else flat[: EXAMPLE_CHARS - 1] + "…"
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def _to_markdown(blocks: Sequence[tuple]) -> str:
+    lines: list[str] = []
+    for kind, *content in blocks:
+        if kind == "h1":
+            lines += [f"# {content[0]}", ""]
+        elif kind == "h2":
+            lines += [f"## {content[0]}", ""]
+        elif kind == "p":
+            lines += [content[0], ""]
+        elif kind == "img":
+            lines += [f"![{content[1]}]({content[0]})", ""]
+        elif kind == "table":
+            headers, rows = content
+            lines += [_md_row(headers), "|" + "---|" * len(headers), *(_md_row(r) for r in rows), ""]
+    return "\n".join(lines)
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _to_html(blocks: Sequence[tuple], title: str) -> str:
+    body: list[str] = []
+    for kind, *content in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
+        elif kind == "img":
+            body.append(f'<img src="{html.escape(content[0])}" alt="{html.escape(content[1])}">')
+        elif kind == "table":
+            headers, rows = content
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%}img{max-width:100%}"
+    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+
+
+# --- terminal summary --------------------------------------------------------------------
+
+
+def inspect_run(run_dir: str | os.PathLike[str], examples: int = 5) -> str:
+    """A plain-text summary of a run: progress if unfinished, else scores, agreement and stages.
+
+    Example:
+        >>> print(inspect_run("runs/dolly"))                 # doctest: +SKIP
+        run runs/dolly: complete, 15011 rows (15011 ranked, 0 invalid), config hash 5f1c...
+    """
+    path = Path(run_dir)
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is None:
+        raise CurriculumError(f"run folder {path} does not exist")
+    if manifest.get("status") != "complete" or not (path / ANNOTATED_FILE).is_file():
+        return _progress_text(path, manifest)
+    run = read_run(path)
+    scores = read_scores(run)
+    valid = scores.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
+    stages = load_stages(run, valid.height)
+    staged = valid.with_columns(stages.part_of(pl.col(DIFFICULTY_COLUMN)).alias("part"))
+    lines = [
+        f"run {path}: complete, {scores.height} rows ({valid.height} ranked, {scores.height - valid.height} invalid), "
+        f"config hash {run.config_hash}",
+        *(f"  {row[0]:<8} mean {row[1]}  median {row[2]}  min {row[3]}  max {row[4]}" for row in _score_rows(valid)),
+        "agreement: " + _agreement_text(ranking_agreement(valid)),
+        f"stages ({stages.source}, {stages.layout}):",
+        *(f"  {r[0]:<8} {r[1]:>8} rows  difficulty {r[3]:<14} mean rouge_l {r[4]}  mean ce_loss {r[5]}" for r in _stage_rows(staged, stages)),
+    ]
+    lines += _inspect_examples(run, valid.height, examples)
+    return "\n".join(lines)
+
+
+def _progress_text(path: Path, manifest: dict[str, Any]) -> str:
+    shards = manifest.get("shards", [])
+    done = [s for s in shards if s.get("done") and (path / s["file"]).is_file()]
+    rows_done = sum(s["stop"] - s["start"] for s in done)
+    rows_total = sum(s["stop"] - s["start"] for s in shards)
+    return (
+        f"run {path}: {manifest.get('status', 'unknown')}, {len(done)} of {len(shards)} shards done "
+        f"({rows_done} of {rows_total} rows); rerun the same `srdata score` command to finish it"
+    )
+
+
+def _inspect_examples(run: Run, n_valid: int, examples: int) -> list[str]:
+    if examples <= 0 or n_valid == 0:
+        return []
+    easiest, hardest = _easiest_and_hardest(n_valid, examples)
+    lines: list[str] = []
+    for title, ranks in (("easiest", easiest), ("hardest", hardest)):
+        lines.append(f"{title}:")
+        prompt_column = _text_columns(run)[0]
+        for r in example_rows(run, ranks).iter_rows(named=True):
+            prompt = _clip(r.get(prompt_column))[:80]
+            lines.append(f"  #{r[DIFFICULTY_COLUMN]:<6} srd_id {r[ID_COLUMN]:<8} rouge_l {_fmt(r['rouge_l'])}  ce_loss {_fmt(r['ce_loss'])}  {prompt}")
+    return lines
