@@ -31,6 +31,7 @@ from typing import Any, Literal, Sequence
 
 import polars as pl
 
+from srdata.io import write_json_atomic
 from srdata.rank import (
     CONTRACT_KEYS,
     DEFAULT_RRF_K,
@@ -454,16 +455,6 @@ def _range_summary(valid: pl.DataFrame, start: int, stop: int, score_columns: Se
         "thresholds": {"max_difficulty_rank": part[DIFFICULTY_COLUMN].max(), "min_rrf_score": part[FUSED_COLUMN].min()},
         "scores": {c: {"min": part[c].min(), "max": part[c].max(), "mean": part[c].mean()} for c in score_columns},
     }
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON next to its destination, then move it into place."""
-    temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        temp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _remove_stale_stage_files(out_dir: Path, keep_names: set[str]) -> None:
