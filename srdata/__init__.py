@@ -26,6 +26,13 @@ _EXPORTS = {
     "load_curriculum": "srdata.curriculum",
     "CurriculumSampler": "srdata.curriculum",
     "encode_pairs": "srdata.tokenize",
+    "rerank_run": "srdata.export",
+    "CurriculumError": "srdata.export",
+    "RankingError": "srdata.rank",
+    "CurriculumCallback": "srdata.curriculum",
+    "curriculum_training_set": "srdata.curriculum",
+    "build_report": "srdata.report",
+    "inspect_run": "srdata.report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
