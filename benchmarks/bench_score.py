@@ -1,0 +1,466 @@
+"""Benchmark ``srdata.score`` against a reference-style scoring loop on real T0 rows.
+
+Usage:
+    python benchmarks/bench_score.py                          # both models, defaults below
+    python benchmarks/bench_score.py --model small --rows 1000 --max-new-tokens 32
+    python benchmarks/bench_score.py --model 124m --rows-124m 64 --max-new-tokens-124m 32
+    python benchmarks/bench_score.py --model both --rows 5000 --rows-124m 1000 \
+        --max-new-tokens 256 --max-new-tokens-124m 256 --tuned 64:32768   # a bigger rerun
+
+Both arms run in the same process on the same rows of ``../shared/data/t0-train.parquet``
+(columns template, prompt, response; by default a seeded random sample of ``--rows`` rows
+kept in file order, ``--select head`` takes the first rows instead), with the same model
+weights, the same alpaca prompts and the same token ids (``srdata.tokenize.encode_pairs``
+with srdata's default limits: 256 prompt tokens cut on the left, 256 reference tokens):
+
+* **reference-style** (what the SRD authors' code does): rows in input order, batches of
+  ``--ref-batch-size`` (16); per batch one right-padded teacher-forced forward pass
+  ``model(input_ids, attention_mask).logits``, ``log_softmax`` over the full vocabulary in
+  float32 and a masked mean over the reference tokens, then one greedy ``model.generate``
+  call with left padding. Timed from rendering the prompts to the decoded answers.
+* **srdata**: ``srdata.score(...)`` with its default batching (batch_size 16, token
+  budget 16384) and, unless ``--tuned none``, once more with a tuned setting. Throughput
+  uses the manifest's ``scoring_seconds`` (render, tokenize, CE, generate, decode and
+  ROUGE-L; model/dataset load and parquet writing excluded); the wall time of the whole
+  call, load included, is printed alongside.
+
+On a small machine shared with other work, ``--threads 1`` gives steadier figures: two
+torch threads on two busy cores stall each other at every parallel region (measured here:
+a 124M forward ran at 50 GFLOP/s with 2 threads, 75-80 with 1).
+
+Model load time is excluded from both arms. Before timing, one untimed warm-up (a CE
+forward and a 4-token generate on the first 16 rows) runs, so neither arm pays torch's
+first-call costs. Each arm then runs once.
+
+tokens = prompt + reference + generated tokens (generated: up to, not including, the
+first EOS), the same count for both arms. GFLOP/s = 2 x non-embedding parameters x
+forward tokens / seconds, with forward tokens = (prompt + reference) for the CE pass plus
+(prompt + generated) for generation, i.e. *useful* work, padding not counted; a second
+figure adds the LM head that is actually needed (2 x hidden x vocab per reference and
+generated token). The peak is the best of ``--peak-reps`` 2048x2048 float32
+``torch.matmul`` calls, measured at the start and the end of the run (best of both).
+
+Models are random-weight GPT-2s with a byte-level BPE tokenizer trained on the T0 text
+(``srdata.backends.tiny.build_tiny_model``), cached under ``--cache-dir`` by their shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "t0-train.parquet"
+
+MODELS = {
+    # name: (hidden, layers, heads, vocab)
+    "small": (256, 2, 4, 8000),
+    "124m": (768, 12, 12, 50257),
+}
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def load_frame(path: Path):
+    if not path.is_file():
+        sys.exit(
+            f"bench_score: real data file {path} is absent.\n"
+            "It ships in the shared data folder beside the repository "
+            "(../shared/data/t0-train.parquet, columns template/prompt/response); pass --data PATH to use another copy."
+        )
+    import polars as pl
+
+    frame = pl.read_parquet(path)
+    missing = [c for c in ("prompt", "response") if c not in frame.columns]
+    if missing:
+        sys.exit(f"bench_score: {path} lacks column(s) {', '.join(missing)} (has {', '.join(frame.columns)})")
+    return frame
+
+
+def sample_rows(frame, n: int, select: str, seed: int, cache: Path) -> Path:
+    """Write the benchmark rows to a parquet file under ``cache`` and return its path."""
+    import random
+
+    n = min(n, frame.height)
+    if select == "head":
+        index = list(range(n))
+    else:  # a seeded random sample, kept in the file's order
+        index = sorted(random.Random(seed).sample(range(frame.height), n))
+    path = cache / f"t0-{select}-{n}-seed{seed}.parquet"
+    if not path.is_file():
+        frame[index].write_parquet(path)
+    return path
+
+
+def build_model(name: str, cache: Path, frame) -> Path:
+    hidden, layers, heads, vocab = MODELS[name]
+    path = cache / f"gpt2-h{hidden}-l{layers}-a{heads}-v{vocab}"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    from srdata.backends.tiny import build_tiny_model
+
+    texts = (frame["prompt"] + "\n" + frame["response"]).to_list()
+    t0 = time.perf_counter()
+    build_tiny_model(path, texts, "gpt2", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads)
+    print(f"  built {path} in {time.perf_counter() - t0:.1f} s (tokenizer trained on all {len(texts):,} T0 rows)")
+    return path
+
+
+def matmul_peak(reps: int, size: int = 2048) -> float:
+    """Best-of-``reps`` float32 matmul throughput in GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def param_counts(model) -> tuple[int, int, int]:
+    """(non-embedding parameters, hidden size, vocabulary size)."""
+    embedding_ids = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None for p in m.parameters()}
+    for name, module in model.named_modules():
+        if name.endswith(("wpe", "embed_positions")):
+            embedding_ids |= {id(p) for p in module.parameters()}
+    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
+    return non_embedding, model.config.hidden_size, model.config.vocab_size
+
+
+def render_and_encode(rows: dict, tokenizer):
+    """Alpaca prompts and token ids exactly as ``srdata.score`` makes them (default limits)."""
+    from srdata.config import PromptConfig
+    from srdata.data import resolve_columns
+    from srdata.prompts import render_rows
+    from srdata.tokenize import encode_pairs
+
+    mapping = resolve_columns(list(rows))
+    defaults = PromptConfig()
+    rendered = render_rows(rows, mapping, "alpaca", tokenizer)
+    bad = [r.invalid_reason for r in rendered if r.invalid_reason]
+    if bad:
+        sys.exit(f"bench_score: {len(bad)} benchmark rows are invalid ({bad[0]}); pick other rows")
+    pairs = encode_pairs(
+        tokenizer, [r.prompt_text for r in rendered], [r.reference for r in rendered],
+        max_prompt_tokens=defaults.max_prompt_tokens, max_reference_tokens=defaults.max_reference_tokens,
+        truncation_side=defaults.truncation_side,
+    )
+    return pairs
+
+
+class ReferenceLoop:
+    """The SRD authors' way: input order, fixed batches, full-logit CE, one generate per batch."""
+
+    def __init__(self, model, tokenizer, batch_size: int, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.gen_config = GenerationConfig(
+            do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, no_repeat_ngram_size=0,
+            eos_token_id=[self.eos], pad_token_id=self.pad,
+        )
+        self.seconds = {"ce": 0.0, "generate": 0.0}
+        self.padded = {"ce": 0, "generate": 0}
+
+    def ce(self, prompts, references) -> list[float]:
+        import torch
+
+        seqs = [p + r for p, r in zip(prompts, references)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        ref_mask = torch.zeros_like(ids, dtype=torch.float32)  # 1 where the *target* token is a reference token
+        for i, (p, r) in enumerate(zip(prompts, references)):
+            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, : len(p) + len(r)] = 1
+            ref_mask[i, len(p) : len(p) + len(r)] = 1
+        self.padded["ce"] += ids.numel()
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+            token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+            target_mask = ref_mask[:, 1:]
+            ce = -(token_logp * target_mask).sum(1) / target_mask.sum(1)
+        return ce.tolist()
+
+    def generate(self, prompts, max_new_tokens: int | None = None) -> list[list[int]]:
+        import torch
+
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        config = self.gen_config
+        if max_new_tokens is not None:
+            config = type(config)(**{**config.to_dict(), "max_new_tokens": max_new_tokens})
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        self.padded["generate"] += out.numel()
+        generated = []
+        for row in out[:, width:].tolist():
+            stop = next((k for k, t in enumerate(row) if t == self.eos), None)
+            generated.append(row if stop is None else row[:stop])
+        return generated
+
+    def run(self, rows: dict) -> tuple[list[float], list[list[int]], list[str], list]:
+        pairs = render_and_encode(rows, self.tokenizer)
+        ces, gens = [], []
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start : start + self.batch_size]
+            prompts = [p.prompt_ids for p in batch]
+            t0 = time.perf_counter()
+            ces += self.ce(prompts, [p.reference_ids for p in batch])
+            t1 = time.perf_counter()
+            gens += self.generate(prompts)
+            self.seconds["ce"] += t1 - t0
+            self.seconds["generate"] += time.perf_counter() - t1
+        texts = [self.tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+        return ces, gens, texts, pairs
+
+
+@contextlib.contextmanager
+def time_backend_calls(into: dict):
+    """Accumulate the seconds srdata's HF backend spends in ``score`` (CE) and ``generate``."""
+    from srdata.backends.hf import HFBackend
+
+    originals = {"ce": HFBackend.score, "generate": HFBackend.generate}
+
+    def wrap(key, fn):
+        def timed(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                into[key] = into.get(key, 0.0) + time.perf_counter() - t0
+        return timed
+
+    HFBackend.score, HFBackend.generate = wrap("ce", originals["ce"]), wrap("generate", originals["generate"])
+    try:
+        yield into
+    finally:
+        HFBackend.score, HFBackend.generate = originals["ce"], originals["generate"]
+
+
+def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, **batching):
+    import shutil
+
+    import srdata
+
+    # a fresh folder: srdata resumes (skips) finished shards of a run with the same settings
+    shutil.rmtree(output, ignore_errors=True)
+    split: dict[str, float] = {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    with time_backend_calls(split):
+        result = srdata.score(
+            dataset=str(dataset), model=str(model), output=str(output), max_new_tokens=max_new_tokens,
+            device="cpu", dtype="float32", overwrite=True, progress=False, **batching,
+        )
+    wall = time.perf_counter() - t0
+    split["cpu"] = time.process_time() - c0
+    return result, wall, split
+
+
+def bench_model(name: str, args, frame, cache: Path, results: list, notes: list) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    n_rows = args.rows if name == "small" else args.rows_124m
+    max_new = args.max_new_tokens if name == "small" else args.max_new_tokens_124m
+    hidden, layers, heads, vocab = MODELS[name]
+    print(f"\n== {name}: GPT-2 {layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}; "
+          f"{n_rows} rows, max_new_tokens {max_new}")
+    model_path = build_model(name, cache, frame)
+    data_path = sample_rows(frame, n_rows, args.select, args.seed, cache)
+    import polars as pl
+
+    rows = pl.read_parquet(data_path).to_dict(as_series=False)
+    n_rows = len(rows["prompt"])
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    n_nonemb, d_model, v = param_counts(model)
+    print(f"  non-embedding parameters {n_nonemb / 1e6:.2f} M, all parameters {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+
+    ref = ReferenceLoop(model, tokenizer, args.ref_batch_size, max_new)
+    # untimed warm-up: one CE forward and a 4-token generate on the first batch
+    warm = render_and_encode({k: v_[: args.ref_batch_size] for k, v_ in rows.items()}, tokenizer)
+    ref.ce([p.prompt_ids for p in warm], [p.reference_ids for p in warm])
+    ref.generate([p.prompt_ids for p in warm], max_new_tokens=4)
+    ref.seconds = {"ce": 0.0, "generate": 0.0}
+    ref.padded = {"ce": 0, "generate": 0}
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    ref_ce, ref_gens, ref_texts, pairs = ref.run(rows)
+    ref_seconds = time.perf_counter() - t0
+    ref.seconds["cpu"] = time.process_time() - c0
+    del model
+
+    prompt_tokens = sum(len(p.prompt_ids) for p in pairs)
+    ref_tokens_in = sum(len(p.reference_ids) for p in pairs)
+
+    def figures(label, seconds, generated, split, padded, wall=None, extra=""):
+        tokens = prompt_tokens + ref_tokens_in + generated
+        forward_tokens = (prompt_tokens + ref_tokens_in) + (prompt_tokens + generated)
+        gflop = 2 * n_nonemb * forward_tokens / 1e9
+        gflop_head = gflop + 2 * d_model * v * (ref_tokens_in + generated) / 1e9
+        results.append(dict(
+            model=name, arm=label, rows=n_rows, seconds=seconds, wall=wall, rows_s=n_rows / seconds,
+            tok_s=tokens / seconds, gflops=gflop / seconds, gflops_head=gflop_head / seconds,
+            ce_s=split.get("ce"), gen_s=split.get("generate"), cpu_s=split.get("cpu"), padded=padded, extra=extra,
+        ))
+
+    ref_generated = sum(map(len, ref_gens))
+    figures(f"reference-style (batch {args.ref_batch_size}, input order)", ref_seconds, ref_generated, ref.seconds,
+            ref.padded)
+
+    arms = [("srdata defaults (batch_size 16, token_budget 16384)", {})]
+    tuned = args.tuned if name == "small" else args.tuned_124m
+    if tuned:
+        arms.append((f"srdata tuned (batch_size {tuned[0]}, token_budget {tuned[1]})",
+                     dict(batch_size=tuned[0], token_budget=tuned[1])))
+    from srdata.backends.batching import bucket_batches
+
+    lengths = [len(p.prompt_ids) + len(p.reference_ids) for p in pairs]
+    plens = [len(p.prompt_ids) for p in pairs]
+    for k, (label, batching) in enumerate(arms):
+        result, wall, split = run_srdata(data_path, model_path, cache / f"run-{name}-{k}", max_new, **batching)
+        timings = result.manifest["timings"]
+        annotated = result.to_polars().sort("srd_id")
+        generated = int(annotated["output_tokens"].sum())
+        if result.manifest.get("resumed") or int(timings["tokens_this_call"]) != prompt_tokens + ref_tokens_in + generated:
+            sys.exit(f"bench_score: srdata run in {result.output} did not score every row afresh ({timings})")
+        # the padded token grid srdata's batches form (same rule as srdata.backends.batching)
+        bs, budget = batching.get("batch_size", 16), batching.get("token_budget", 16384)
+        padded_ce = sum(len(b) * max(lengths[i] for i in b) for b in bucket_batches(lengths, bs, budget))
+        padded_gen = sum(len(b) * (max(plens[i] for i in b) + max_new) for b in bucket_batches(plens, bs, budget, extra=max_new))
+        ce = annotated["ce_loss"].to_list()
+        rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ce, ref_ce))
+        same = sum(a == b for a, b in zip(annotated["student_output"].to_list(), ref_texts))
+        figures(label, timings["scoring_seconds"], generated, split, {"ce": padded_ce, "generate": padded_gen},
+                wall=wall, extra=f"ce max rel diff vs reference {rel:.2e}; identical outputs {same}/{n_rows}")
+    useful = {"ce": prompt_tokens + ref_tokens_in, "generate": prompt_tokens + n_rows * max_new}
+    notes.append(
+        f"{name}: {n_rows} rows, {prompt_tokens:,} prompt + {ref_tokens_in:,} reference tokens "
+        f"(mean {prompt_tokens / n_rows:.0f} + {ref_tokens_in / n_rows:.0f}/row), generated {ref_generated:,} "
+        f"(reference arm; {sum(len(g) == max_new for g in ref_gens)} rows hit max_new_tokens={max_new}); "
+        f"non-embedding params {n_nonemb / 1e6:.2f} M, hidden {d_model}, vocab {v}; "
+        f"useful tokens in CE grid {useful['ce']:,}, in generate grid <= {useful['generate']:,}"
+    )
+
+
+def print_table(results: list, peak: float, notes: list) -> None:
+    print("\n" + "=" * 118)
+    header = (f"{'model':<6} {'arm':<52} {'rows':>5} {'sec':>7} {'rows/s':>7} {'tok/s':>8} {'x ref':>6} "
+              f"{'GF/s':>6} {'%pk':>5} {'%pk+hd':>6}")
+    print(header)
+    print("-" * 118)
+    base = {}
+    for r in results:
+        if r["arm"].startswith("reference"):
+            base[r["model"]] = r["tok_s"]
+        ratio = r["tok_s"] / base[r["model"]]
+        print(f"{r['model']:<6} {r['arm']:<52} {r['rows']:>5} {r['seconds']:>7.1f} {r['rows_s']:>7.2f} "
+              f"{r['tok_s']:>8,.0f} {ratio:>5.2f}x {r['gflops']:>6.1f} {100 * r['gflops'] / peak:>4.1f}% "
+              f"{100 * r['gflops_head'] / peak:>5.1f}%")
+    print("-" * 118)
+    print("time split (wall s) and padding (padded = token slots in the padded batches: CE rows x width, generate rows x (prompt width + new tokens)); "
+          "CPU-s = process CPU time of the arm, all threads (CPU-s close to threads x wall: the arm got its cores):")
+    for r in results:
+        wall = f"; whole call incl. model+data load and writes {r['wall']:.1f} s wall" if r["wall"] else ""
+        wall += f", {r['cpu_s']:.1f} CPU-s"
+        print(f"  {r['model']:<6} {r['arm'][:40]:<40} CE {r['ce_s']:6.1f} s, generate {r['gen_s']:6.1f} s; "
+              f"padded CE {r['padded']['ce']:,} / generate {r['padded']['generate']:,}{wall}")
+        if r["extra"]:
+            print(f"  {'':<6} {'':<40} {r['extra']}")
+    for note in notes:
+        print(f"  {note}")
+
+
+def parse_tuned(text: str):
+    if text.lower() in ("none", "off", ""):
+        return None
+    bs, _, budget = text.partition(":")
+    return int(bs), int(budget or 16384)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="T0 train parquet (template, prompt, response)")
+    parser.add_argument("--model", choices=["small", "124m", "both"], default="both",
+                        help="small: 2-layer GPT-2 (hidden 256, vocab 8000); 124m: GPT-2-small size (768/12/12, vocab 50257)")
+    parser.add_argument("--rows", type=int, default=1000, help="rows for the small model (default 1000)")
+    parser.add_argument("--rows-124m", type=int, default=64, help="rows for the 124M model (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="small model (default 32; srdata's own default is 256)")
+    parser.add_argument("--max-new-tokens-124m", type=int, default=32, help="124M model (default 32)")
+    parser.add_argument("--ref-batch-size", type=int, default=16, help="reference-style batch size (default 16, as the SRD code)")
+    parser.add_argument("--tuned", type=parse_tuned, default=parse_tuned("64:32768"),
+                        help="small model: extra srdata run with BATCH:BUDGET (default 64:32768); 'none' to skip")
+    parser.add_argument("--tuned-124m", type=parse_tuned, default=None,
+                        help="124M model: extra srdata run with BATCH:BUDGET (default none, to save time)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--select", choices=["spread", "head"], default="spread",
+                        help="spread: seeded random sample kept in file order (default); head: the first rows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-reps", type=int, default=10)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/srdata-bench-score"),
+                        help="models, row samples and run folders (models are reused between runs)")
+    args = parser.parse_args()
+
+    frame = load_frame(args.data)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    import logging
+
+    import torch
+    import transformers
+
+    logging.getLogger("srdata").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    started = time.perf_counter()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work; load average "
+          f"{os.getloadavg()[0]:.1f} at start), torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"transformers {version('transformers')}, srdata {version('srdata')}, Python {platform.python_version()}")
+    peak_start = matmul_peak(args.peak_reps)
+    print(f"matmul peak at start: {peak_start:.1f} GFLOP/s (best of {args.peak_reps} 2048x2048 float32 matmuls)")
+
+    results: list = []
+    notes: list = []
+    for name in (["small", "124m"] if args.model == "both" else [args.model]):
+        bench_model(name, args, frame, args.cache_dir, results, notes)
+
+    peak_end = matmul_peak(args.peak_reps)
+    peak = max(peak_start, peak_end)
+    print(f"\nmatmul peak at end: {peak_end:.1f} GFLOP/s; peak used: {peak:.1f} GFLOP/s; load average at end "
+          f"{os.getloadavg()[0]:.1f}; total benchmark time {time.perf_counter() - started:.0f} s")
+    print_table(results, peak, notes)
+    print("GF/s = 2 x non-embedding params x forward tokens / s (forward tokens = prompt+reference for CE, "
+          "prompt+generated for generate; padding not counted); %pk+hd also counts the needed LM head "
+          "(2 x hidden x vocab per reference and generated token). sec = scoring time, model load excluded.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
