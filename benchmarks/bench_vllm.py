@@ -69,36 +69,10 @@ def require_gpu_and_vllm() -> None:
 
 
 def build_qwen2_05b_layout(path: Path, texts: list[str], *, vocab_size: int = 32_000, seed: int = 0) -> Path:
-    """A random-weight Qwen2 with the 0.5B layout and a tokenizer trained on ``texts``."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """A random-weight Qwen2 with the 0.5B layout, saved in bfloat16 (the GPU dtype)."""
+    from srdata.backends.tiny import build_qwen2_05b_layout as build
 
-    from srdata.backends.tiny import train_tokenizer
-
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build(path, texts, vocab_size=vocab_size, seed=seed, dtype="bfloat16")
 
 
 def load_rows(rows: int, seed: int) -> tuple[list[str], list[str]]:

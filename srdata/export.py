@@ -349,7 +349,7 @@ def _ranked_rows(run: Run, new_ranks: pl.DataFrame | None) -> pl.LazyFrame:
     return zipped.select([*original, *(c for c in outputs if c not in original)])
 
 
-def prepare_output(out_dir: Path) -> Path:
+def prepare_output(out_dir: Path, what: str = "output folder") -> Path:
     """Create the output folder and prove it is writable before any work is done."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +357,7 @@ def prepare_output(out_dir: Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise CurriculumError(f"output folder {out_dir} is not writable: {err.strerror or err}") from None
+        raise CurriculumError(f"{what} {out_dir} is not writable: {err.strerror or err}") from None
     return out_dir
 
 

@@ -17,7 +17,7 @@ import polars as pl
 
 from . import __version__
 from .backends import GenerationParams, select_backend
-from .config import ScoreConfig, build_config, result_settings, settings_hash
+from .config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from .data import ColumnMapping, load_split, resolve_columns
 from .engines import ShardJob, run_shards
 from .prompts import render_rows, resolve_template, row_problem
@@ -177,8 +177,6 @@ def _as_config(config: ScoreConfig | dict[str, Any] | None, settings: dict[str, 
         if not settings:
             return config
         config = config.model_dump()
-    from .config import merge, nest
-
     return build_config(merge(nest(config or {}), nest(settings)))
 
 

@@ -32,6 +32,7 @@ from srdata.export import (
     Run,
     read_manifest,
     plan_stages,
+    prepare_output,
     read_run,
     stage_bounds,
 )
@@ -146,14 +147,7 @@ def build_report(
 
 
 def _writable_folder(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise CurriculumError(f"report folder {path} is not writable: {err.strerror or err}") from None
-    return path
+    return prepare_output(path, what="report folder")
 
 
 # --- figures -----------------------------------------------------------------------------

@@ -129,3 +129,38 @@ def warm_up(path: str | Path, texts: list[str], steps: int = 60, lr: float = 3e-
     model.eval()
     model.save_pretrained(path)
     return Path(path)
+
+
+def build_qwen2_05b_layout(path: str | Path, texts: Iterable[str], *, vocab_size: int = 32_000, seed: int = 0, dtype: str = "float32") -> Path:
+    """Save a random-weight Qwen2 with the 0.5B layout (896 hidden, 24 layers) and a tokenizer trained on ``texts``.
+
+    For GPU checks, where a real architecture's size matters but nothing can be downloaded.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    path = Path(path)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -33,7 +33,6 @@ if not torch.cuda.is_available():
 
 from srdata.backends import GenerationParams  # noqa: E402
 from srdata.backends.hf import HFBackend  # noqa: E402
-from srdata.backends.tiny import train_tokenizer  # noqa: E402
 from srdata.backends.vllm import VLLMBackend  # noqa: E402
 from srdata.tokenize import encode_pairs  # noqa: E402
 
@@ -48,32 +47,9 @@ TRAINED_MODEL = os.environ.get("SRDATA_PARITY_MODEL")
 
 def build_qwen2_05b_layout(path: Path, texts: list[str], *, seed: int = 0) -> Path:
     """Save a random-weight Qwen2 with the 0.5B layout and a freshly trained tokenizer."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from srdata.backends.tiny import build_qwen2_05b_layout as build
 
-    tokenizer = train_tokenizer(texts, vocab_size=VOCAB_SIZE)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build(path, texts, vocab_size=VOCAB_SIZE, seed=seed)
 
 
 @pytest.fixture(scope="module")
