@@ -145,9 +145,8 @@ def score_shard(
         add_special_tokens=template != "chat",  # chat templates write their own special tokens
     )
     prompt_ids = [p.prompt_ids for p in pairs]
-    ce_losses = backend.score(prompt_ids, [p.reference_ids for p in pairs], on_progress)
     params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, (resolve_eos_id(tokenizer),))
-    generations = backend.generate(prompt_ids, params, on_progress)
+    ce_losses, generations = backend.score_and_generate(prompt_ids, [p.reference_ids for p in pairs], params, on_progress)
     rouge = rouge_l([g.text for g in generations], [rendered[i].reference for i in valid], tokenizer=config.metrics.rouge_tokenizer)
 
     n = shard.stop - shard.start

@@ -28,31 +28,79 @@ def reference_ce(model, prompt_ids, reference_ids) -> float:
     return float(-picked.mean())
 
 
+def expected_greedy(model, tok, prompt_ids, max_new_tokens, **options) -> tuple[list[int], bool]:
+    """Plain single-example greedy ``generate``: the ids before the first EOS, and whether it stopped."""
+    expected = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, **options,
+    )[0, len(prompt_ids):].tolist()
+    stopped = tok.eos_token_id in expected
+    return (expected[: expected.index(tok.eos_token_id)] if stopped else expected), stopped
+
+
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_llama_no_pad"])
-def test_ce_and_greedy_match_single_example_transformers(request, fixture):
+@pytest.mark.parametrize("mode", ["separate", "shared_prefill"])
+def test_ce_and_greedy_match_single_example_transformers(request, fixture, mode):
     path = request.getfixturevalue(fixture)
     # A small token budget forces several length buckets and padding inside them.
     backend = HFBackend.from_pretrained(path, device="cpu", dtype="float32", batch_size=3, token_budget=120)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     pairs = encode_pairs(tok, PROMPTS, REFERENCES)
+    prompts, references = [p.prompt_ids for p in pairs], [p.reference_ids for p in pairs]
+    params = GenerationParams(max_new_tokens=12, stop_token_ids=(tok.eos_token_id,))
 
-    losses = backend.score([p.prompt_ids for p in pairs], [p.reference_ids for p in pairs])
+    if mode == "separate":
+        losses, generations = backend.score(prompts, references), backend.generate(prompts, params)
+    else:
+        losses, generations = backend.score_and_generate(prompts, references, params)
+        assert backend.shared_prefill, "plain architectures must take the shared-prefill path"
     for pair, loss in zip(pairs, losses):
         assert loss == pytest.approx(reference_ce(model, pair.prompt_ids, pair.reference_ids), rel=1e-3)
-
-    params = GenerationParams(max_new_tokens=12, stop_token_ids=(tok.eos_token_id,))
-    generations = backend.generate([p.prompt_ids for p in pairs], params)
     for pair, generation in zip(pairs, generations):
-        expected = model.generate(
-            torch.tensor([pair.prompt_ids]), max_new_tokens=12, do_sample=False,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-        )[0, len(pair.prompt_ids):].tolist()
-        stopped = tok.eos_token_id in expected
-        expected = expected[: expected.index(tok.eos_token_id)] if stopped else expected
+        expected, stopped = expected_greedy(model, tok, pair.prompt_ids, 12)
         assert generation.token_ids == expected
         assert generation.finish_reason == ("stop" if stopped else "length")
         assert generation.text == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_shared_prefill_keeps_no_repeat_ngram(tiny_gpt2):
+    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu", batch_size=4)
+    tok = backend.tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    pairs = encode_pairs(tok, PROMPTS, REFERENCES)
+    params = GenerationParams(max_new_tokens=24, no_repeat_ngram_size=2, stop_token_ids=(tok.eos_token_id,))
+    _, generations = backend.score_and_generate([p.prompt_ids for p in pairs], [p.reference_ids for p in pairs], params)
+    for pair, generation in zip(pairs, generations):
+        assert generation.token_ids == expected_greedy(model, tok, pair.prompt_ids, 24, no_repeat_ngram_size=2)[0]
+
+
+def test_models_that_cannot_share_the_prefill_use_separate_passes(tiny_gpt2, monkeypatch):
+    def unusual_cache(self, *args, **kwargs):
+        raise NotImplementedError("this cache cannot be sliced")
+
+    monkeypatch.setattr(HFBackend, "_prefill_score_generate", unusual_cache)
+    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu")
+    tok = backend.tokenizer
+    prompts = [tok("hello there", add_special_tokens=False)["input_ids"]]
+    references = [tok("general kenobi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    params = GenerationParams(max_new_tokens=5)
+    losses, generations = backend.score_and_generate(prompts, references, params)
+    assert backend.shared_prefill is False
+    assert losses == backend.score(prompts, references)
+    assert [g.token_ids for g in generations] == [g.token_ids for g in backend.generate(prompts, params)]
+
+
+def test_reference_groups_bound_padding():
+    from srdata.backends.hf import _similar_length_groups
+
+    lengths = [3, 256, 4, 5, 60, 2, 250, 64]
+    groups = _similar_length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:  # padded width stays within the rule's bound
+        tokens = sum(lengths[i] for i in group)
+        assert len(group) * max(lengths[i] for i in group) <= 1.25 * tokens + 32
+    assert {1, 6} in [set(g) for g in groups] and not any({0, 1} <= set(g) for g in groups)
 
 
 def test_hidden_state_path_is_used_for_plain_architectures(tiny_gpt2):
@@ -75,3 +123,16 @@ def test_bad_arguments_are_refused(tiny_gpt2):
         backend.generate([[1, 2]], GenerationParams(max_new_tokens=0))
     with pytest.raises(ValueError, match="no tokens"):
         backend.score([[1, 2]], [[]])
+    with pytest.raises(ValueError, match="no tokens"):
+        backend.score_and_generate([[1, 2]], [[]], GenerationParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        backend.score_and_generate([[1, 2]], [[3]], GenerationParams(max_new_tokens=0))
+
+
+def test_one_token_prompts_score_and_generate_like_separate_passes(tiny_gpt2):
+    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu")
+    prompts, references = [[5], [6]], [[7, 8, 2], [9, 2]]
+    params = GenerationParams(max_new_tokens=4)
+    losses, generations = backend.score_and_generate(prompts, references, params)
+    assert losses == pytest.approx(backend.score(prompts, references), rel=1e-6)
+    assert [g.token_ids for g in generations] == [g.token_ids for g in backend.generate(prompts, params)]

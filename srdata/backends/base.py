@@ -53,3 +53,17 @@ class Backend(Protocol):
     ) -> list[float]:
         """Mean negative log-likelihood (nats) of each reference given its prompt, teacher-forced."""
         ...
+
+    def score_and_generate(
+        self,
+        prompt_ids: Sequence[list[int]],
+        reference_ids: Sequence[list[int]],
+        params: GenerationParams,
+        progress: ProgressCallback = None,
+    ) -> tuple[list[float], list[Generation]]:
+        """Both of the above for the same prompts, in input order; what a scoring run calls.
+
+        A backend does both in one sweep so each prompt's computation can be reused (a
+        shared prompt cache, or a prefix cache that is still warm).
+        """
+        ...

@@ -69,6 +69,7 @@ class HFBackend:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self.hidden_state_ce = self._hidden_state_ce_matches_logits()
+        self.shared_prefill: bool | None = None  # checked on first use (see _shared_prefill_matches)
 
     @classmethod
     def from_pretrained(
@@ -167,6 +168,147 @@ class HFBackend:
             log.info("model post-processes its logits; cross-entropy uses the model's own logits")
         return ok
 
+    # ------------------------------------------------------------------ both
+    def score_and_generate(
+        self,
+        prompt_ids: Sequence[list[int]],
+        reference_ids: Sequence[list[int]],
+        params: GenerationParams,
+        progress: ProgressCallback = None,
+    ) -> tuple[list[float], list[Generation]]:
+        """Cross-entropy of every reference and a greedy answer to every prompt, in input order.
+
+        Each prompt is run through the model once: its key/value cache serves both the
+        teacher-forced reference (scored as a continuation of the cache) and generation
+        (which starts from the same cache). Separate :meth:`score` and :meth:`generate`
+        calls would run every prompt twice, and prompts are most of the tokens SRD sees.
+        Models whose cache cannot be shared this way (checked once, see
+        :meth:`_shared_prefill_matches`) get the two separate passes.
+
+        Example:
+            >>> losses, answers = backend.score_and_generate([[5, 6, 7]], [[8, 2]], GenerationParams(16))  # doctest: +SKIP
+        """
+        if len(prompt_ids) != len(reference_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        for i, ref in enumerate(reference_ids):
+            if not ref:
+                raise ValueError(f"reference {i} has no tokens; it must at least hold the end-of-sequence id")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if self.shared_prefill is None:
+            self.shared_prefill = self._shared_prefill_matches()
+        if not self.shared_prefill:
+            return self.score(prompt_ids, reference_ids, progress), self.generate(prompt_ids, params, progress)
+        lengths = [len(p) for p in prompt_ids]
+        losses: list[float] = [float("nan")] * len(lengths)
+        results: list[Generation | None] = [None] * len(lengths)
+        # Batched by prompt length, as generate(): the prompt's padding is paid at every step.
+        for batch in bucket_batches(lengths, self.batch_size, self.token_budget, extra=params.max_new_tokens):
+            batch_losses, generations = self._prefill_score_generate(
+                [prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], params
+            )
+            for k, i in enumerate(batch):
+                losses[i], results[i] = batch_losses[k], generations[k]
+            if progress:
+                progress(len(batch), sum(lengths[i] + len(reference_ids[i]) + len(results[i].token_ids) for i in batch))
+        return losses, results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _prefill_score_generate(
+        self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams
+    ) -> tuple[list[float], list[Generation]]:
+        from transformers import DynamicCache
+
+        input_ids, attention_mask = self._left_padded(prompts)
+        width = input_ids.shape[1]
+        if width < 2:  # nothing to cache before the last prompt token
+            return self._score_batch(prompts, references), self._generate_batch(prompts, params)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # Cache every prompt token but the last: generate() runs the last one itself (its
+        # logits pick the first answer token), and scoring feeds it as the continuation's
+        # first token, whose output predicts the first reference token.
+        cache = DynamicCache(config=self.model.config)
+        self.model.base_model(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+            past_key_values=cache, use_cache=True,
+        )
+        losses = [float("nan")] * len(prompts)
+        for group in _similar_length_groups([len(r) for r in references]):
+            group_losses = self._score_continuation(
+                cache, group, input_ids, attention_mask, positions, references
+            )
+            for row, loss in zip(group, group_losses):
+                losses[row] = loss
+        return losses, self._generate_batch(prompts, params, past_key_values=cache)
+
+    def _score_continuation(
+        self, cache: Any, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        positions: torch.Tensor, references: list[list[int]],
+    ) -> list[float]:
+        """Mean NLL of the references of ``rows``, run on a copy of their slice of the prompt cache."""
+        from transformers import DynamicCache
+
+        index = torch.tensor(rows, device=self.device)
+        # Indexing copies the slices, and the forward below appends to the copy only, so
+        # the prompt cache stays intact for generation.
+        group_cache = DynamicCache(
+            ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers], config=self.model.config
+        )
+        refs = [references[r] for r in rows]
+        width = max(len(r) for r in refs)
+        # Continuation = last prompt token + reference minus its last token, right padded:
+        # the output at step j predicts reference token j.
+        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, ref in enumerate(refs):
+            tokens[k, 0] = input_ids[rows[k], -1]
+            tokens[k, 1 : len(ref)] = torch.tensor(ref[:-1], dtype=torch.long)
+            valid[k, : len(ref)] = 1
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+        mask = torch.cat([attention_mask[index, :-1], valid], dim=1)
+        steps = positions[index, -1:] + torch.arange(width, device=self.device)
+        group_rows = torch.cat([torch.full((len(ref),), k, device=self.device) for k, ref in enumerate(refs)])
+        group_positions = torch.cat([torch.arange(len(ref), device=self.device) for ref in refs])
+        targets = torch.tensor([t for ref in refs for t in ref], device=self.device)
+        if self.hidden_state_ce:
+            hidden = self.model.base_model(
+                input_ids=tokens, attention_mask=mask, position_ids=steps, past_key_values=group_cache, use_cache=True
+            ).last_hidden_state
+            nll = self._chunked_nll(hidden[group_rows, group_positions], targets, project=True)
+        else:
+            logits = self.model(
+                input_ids=tokens, attention_mask=mask, position_ids=steps, past_key_values=group_cache, use_cache=True
+            ).logits
+            nll = self._chunked_nll(logits[group_rows, group_positions], targets, project=False)
+        totals = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+        totals.index_add_(0, group_rows, nll.to(torch.float64))
+        counts = torch.tensor([len(r) for r in refs], dtype=torch.float64, device=self.device)
+        return (totals / counts).tolist()
+
+    @torch.inference_mode()
+    def _shared_prefill_matches(self) -> bool:
+        """Check once, on two made-up rows, that the shared prompt cache gives the separate passes' results.
+
+        Models with caches that cannot be sliced or continued this way (sliding-window or
+        recurrent layers, custom cache classes) fail the check and use separate passes.
+        """
+        vocab = self.model.config.vocab_size
+        prompts = [[(7 * i + 3) % vocab for i in range(1, 10)], [(5 * i + 1) % vocab for i in range(1, 5)]]
+        references = [[(3 * i + 2) % vocab for i in range(1, 4)], [(11 * i) % vocab for i in range(1, 7)]]
+        params = GenerationParams(max_new_tokens=4)
+        try:
+            shared_losses, shared_outputs = self._prefill_score_generate(prompts, references, params)
+        except Exception as err:  # an unusual cache layout: use the separate passes
+            log.info("shared prompt prefill unavailable (%s); scoring and generating separately", err)
+            return False
+        losses, outputs = self._score_batch(prompts, references), self._generate_batch(prompts, params)
+        ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(shared_losses, losses)) and [
+            g.token_ids for g in shared_outputs
+        ] == [g.token_ids for g in outputs]
+        if not ok:
+            log.info("shared prompt prefill disagrees with separate passes for this model; scoring and generating separately")
+        return ok
+
     # --------------------------------------------------------------- generation
     def generate(
         self, prompt_ids: Sequence[list[int]], params: GenerationParams, progress: ProgressCallback = None
@@ -184,16 +326,25 @@ class HFBackend:
                 progress(len(batch), sum(lengths[i] + len(results[i].token_ids) for i in batch))
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], params: GenerationParams) -> list[Generation]:
-        from transformers import GenerationConfig
-
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts left padded (every prompt ends at the same column) and their attention mask, on the device."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the same column
+        for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompts: list[list[int]], params: GenerationParams, past_key_values: Any = None
+    ) -> list[Generation]:
+        """Greedy answers for one batch; ``past_key_values`` may hold every prompt token but the last."""
+        from transformers import GenerationConfig
+
+        input_ids, attention_mask = self._left_padded(prompts)
+        width = input_ids.shape[1]
         stop_ids = list(params.stop_token_ids)
         config = GenerationConfig(
             do_sample=False,
@@ -204,9 +355,7 @@ class HFBackend:
             pad_token_id=self.pad_id,
         )
         output = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            generation_config=config,
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, generation_config=config
         )
         generations = []
         for row in output[:, width:].tolist():
@@ -215,3 +364,24 @@ class HFBackend:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             generations.append(Generation(ids, text, "length" if stop_at is None else "stop"))
         return generations
+
+
+def _similar_length_groups(lengths: Sequence[int], slack_tokens: int = 32) -> list[list[int]]:
+    """Split rows into groups whose padded width wastes little: sorted by length, a group
+    grows while ``rows * longest <= 1.25 * tokens + slack_tokens``.
+
+    Example:
+        >>> _similar_length_groups([3, 200, 4, 5])
+        [[0, 2, 3], [1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= 1.25 * (tokens + lengths[i]) + slack_tokens:
+            groups[-1].append(i)
+            tokens += lengths[i]
+        else:
+            groups.append([i])
+            tokens = lengths[i]
+    return groups
