@@ -217,7 +217,7 @@ class HFBackend:
     def _prefill_score_generate(
         self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams
     ) -> tuple[list[float], list[Generation]]:
-        from transformers import DynamicCache
+        from transformers import StaticCache
 
         input_ids, attention_mask = self._left_padded(prompts)
         width = input_ids.shape[1]
@@ -227,7 +227,9 @@ class HFBackend:
         # Cache every prompt token but the last: generate() runs the last one itself (its
         # logits pick the first answer token), and scoring feeds it as the continuation's
         # first token, whose output predicts the first reference token.
-        cache = DynamicCache(config=self.model.config)
+        # A preallocated cache: generation writes each step in place, where a growing
+        # DynamicCache copies the whole cache at every step (60% of decode time measured on CPU).
+        cache = StaticCache(config=self.model.config, max_cache_len=width + params.max_new_tokens)
         self.model.base_model(
             input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
             past_key_values=cache, use_cache=True,
@@ -252,7 +254,11 @@ class HFBackend:
         # Indexing copies the slices, and the forward below appends to the copy only, so
         # the prompt cache stays intact for generation.
         group_cache = DynamicCache(
-            ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers], config=self.model.config
+            ddp_cache_data=[
+                (layer.keys[index, :, : input_ids.shape[1] - 1], layer.values[index, :, : input_ids.shape[1] - 1])
+                for layer in cache.layers
+            ],
+            config=self.model.config,
         )
         refs = [references[r] for r in rows]
         width = max(len(r) for r in refs)
