@@ -63,7 +63,7 @@ class GenerationConfig(_Section):
 
 
 class BatchingConfig(_Section):
-    batch_size: int = Field(default=16, ge=1, description="most rows in one forward pass")
+    batch_size: int = Field(default=64, ge=1, description="most rows decoded together (prompts are prefilled in chunks)")
     token_budget: int = Field(default=16384, ge=1, description="most padded tokens in one forward pass")
     shard_size: int = Field(default=1000, ge=1, description="rows per resumable shard")
 

@@ -43,7 +43,10 @@ def expected_greedy(model, tok, prompt_ids, max_new_tokens, **options) -> tuple[
 def test_ce_and_greedy_match_single_example_transformers(request, fixture, mode):
     path = request.getfixturevalue(fixture)
     # A small token budget forces several length buckets and padding inside them.
-    backend = HFBackend.from_pretrained(path, device="cpu", dtype="float32", batch_size=3, token_budget=120)
+    # ... and a small prefill chunk splits each batch's prompt prefill into several forwards.
+    backend = HFBackend.from_pretrained(
+        path, device="cpu", dtype="float32", batch_size=3, token_budget=120, prefill_chunk_tokens=16
+    )
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     pairs = encode_pairs(tok, PROMPTS, REFERENCES)

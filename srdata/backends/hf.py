@@ -55,9 +55,10 @@ class HFBackend:
         model: Any,
         tokenizer: Any,
         *,
-        batch_size: int = 16,
+        batch_size: int = 64,
         token_budget: int = 16384,
         ce_chunk_tokens: int = 1024,
+        prefill_chunk_tokens: int = 4096,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -65,6 +66,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.ce_chunk_tokens = ce_chunk_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         # Padding ids are masked out, so any id works when the tokenizer has no pad token.
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
@@ -217,23 +219,12 @@ class HFBackend:
     def _prefill_score_generate(
         self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams
     ) -> tuple[list[float], list[Generation]]:
-        from transformers import StaticCache
-
         input_ids, attention_mask = self._left_padded(prompts)
         width = input_ids.shape[1]
         if width < 2:  # nothing to cache before the last prompt token
             return self._score_batch(prompts, references), self._generate_batch(prompts, params)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # Cache every prompt token but the last: generate() runs the last one itself (its
-        # logits pick the first answer token), and scoring feeds it as the continuation's
-        # first token, whose output predicts the first reference token.
-        # A preallocated cache: generation writes each step in place, where a growing
-        # DynamicCache copies the whole cache at every step (60% of decode time measured on CPU).
-        cache = StaticCache(config=self.model.config, max_cache_len=width + params.max_new_tokens)
-        self.model.base_model(
-            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-            past_key_values=cache, use_cache=True,
-        )
+        cache = self._prefill(input_ids, attention_mask, positions, width + params.max_new_tokens)
         losses = [float("nan")] * len(prompts)
         for group in _similar_length_groups([len(r) for r in references]):
             group_losses = self._score_continuation(
@@ -242,6 +233,39 @@ class HFBackend:
             for row, loss in zip(group, group_losses):
                 losses[row] = loss
         return losses, self._generate_batch(prompts, params, past_key_values=cache)
+
+    def _prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_cache_len: int
+    ) -> Any:
+        """A KV cache holding every prompt token but the last, room left for ``max_cache_len``.
+
+        generate() runs the last prompt token itself (its logits pick the first answer
+        token), and scoring feeds it as the continuation's first token, whose output
+        predicts the first reference token. The cache is preallocated (StaticCache), so
+        generation writes each step in place; a growing DynamicCache copies the whole
+        cache at every step (61% of decode time, measured on CPU). Prompts run in chunks
+        of about ``prefill_chunk_tokens``: decoding wants many rows per step, but one
+        forward over all of them is slower per token (activations fall out of the caches).
+        """
+        from transformers import DynamicCache, StaticCache
+
+        rows, width = input_ids.shape[0], input_ids.shape[1] - 1
+        step = max(1, self.prefill_chunk_tokens // width)
+        chunks = []
+        for start in range(0, rows, step):
+            chunk = slice(start, start + step)
+            chunk_cache = DynamicCache(config=self.model.config)
+            self.model.base_model(
+                input_ids=input_ids[chunk, :-1], attention_mask=attention_mask[chunk, :-1],
+                position_ids=positions[chunk, :-1], past_key_values=chunk_cache, use_cache=True,
+            )
+            chunks.append(chunk_cache)
+        cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+        for layer_idx in range(len(chunks[0].layers)):
+            keys = torch.cat([c.layers[layer_idx].keys for c in chunks])
+            values = torch.cat([c.layers[layer_idx].values for c in chunks])
+            cache.update(keys, values, layer_idx)
+        return cache
 
     def _score_continuation(
         self, cache: Any, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
