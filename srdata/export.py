@@ -11,9 +11,13 @@ When every part is kept (``keep == stages``) the last stage also takes the remai
 rows, as the authors' ``tools/rank.py`` does. ``fractions`` replaces the equal cuts by
 cumulative boundaries (``0.25,0.5,0.75``); the rows past the last boundary are dropped.
 
-Rows keep their input (``srd_id``) order inside a stage file: trainers shuffle within a
-stage anyway, and keeping the order lets export stream the text columns from disk
-instead of holding them in memory; sort by ``difficulty_rank`` for easiest-first order.
+Inside a stage file the rows come part by part, easiest part first, each part in input
+(``srd_id``) order, so the rows of cumulative stage s-1 are the first rows of stage s
+(a disjoint stage is one part: input order). This lets export read the annotated rows
+once and encode every part once, whatever the number of stages that hold it: a
+cumulative stage file is assembled by copying its parts' parquet row groups (see
+``write_stages``), half the compression work of encoding every stage on its own.
+Trainers shuffle within a stage anyway; sort by ``difficulty_rank`` for easiest-first.
 Every file is written to a temporary name in the output folder and moved into place
 with ``os.replace``, so a crash never leaves a half-written stage behind.
 """
@@ -22,16 +26,39 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, BinaryIO, Literal, Sequence
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from srdata.io import write_json_atomic
+from srdata.parquet_splice import (
+    Footer,
+    GROUP_COLUMNS,
+    GROUP_NUM_ROWS,
+    Struct,
+    chunk_index,
+    copy_bytes,
+    copy_row_group,
+    get_field,
+    open_fd,
+    read_footer,
+    renumbered,
+    row_groups,
+    start_appending,
+    write_footer,
+)
 from srdata.rank import (
     CONTRACT_KEYS,
     DEFAULT_RRF_K,
@@ -58,6 +85,10 @@ CURRICULUM_FILE = "curriculum.json"
 DEFAULT_STAGES = 4
 ZSTD_LEVEL = 1
 STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
+QUEUED_BATCHES = 4  # per segment writer: enough to keep it busy, few enough to bound memory
+ROW_GROUP_BYTES = 128 << 20  # Arrow bytes per parquet row group (about 350k rows of 300 chars)
+COPY_BLOCK_BYTES = 8 << 20
+DICTIONARY_PAGE_BYTES = 64 << 10
 
 
 class CurriculumError(ValueError):
@@ -364,27 +395,323 @@ def prepare_output(out_dir: Path, what: str = "output folder") -> Path:
 def write_stages(
     rows: pl.LazyFrame, bounds: Sequence[tuple[int, int]], out_dir: Path, fmt: str, compression: str = "zstd"
 ) -> list[Path]:
-    """Write one file per stage, each streamed from the rows; return the final paths.
+    """Write one file per stage (rows whose ``difficulty_rank`` is in ``(start, stop]``); return the final paths.
 
-    Stages are written one after the other: scanning the input again per stage costs
-    less CPU and far less memory than feeding several writers from one scan.
+    The rows are read once. Every boundary cuts them into disjoint segments (the paper's
+    three cumulative stages are three segments); each row goes to its segment's writer,
+    and each segment is encoded and compressed once, on its own thread. A stage file is
+    then assembled from its segments: parquet row groups are copied byte for byte (only
+    the small ``stage`` column chunks are re-made), JSON lines get their ``stage`` value
+    rewritten. A cumulative stage's rows thus come segment by segment, easiest first, in
+    input order inside each segment, and stage s-1 is the first part of stage s.
+
+    Example:
+        >>> rows = pl.scan_parquet("runs/dolly/annotated.parquet")             # doctest: +SKIP
+        >>> write_stages(rows, [(0, 10), (0, 20)], Path("out"), "parquet")    # doctest: +SKIP
+        [PosixPath('out/stage-0.parquet'), PosixPath('out/stage-1.parquet')]
     """
+    rows = rows.drop(STAGE_COLUMN, strict=False)  # a stale `stage` column is replaced, last
+    segments, members = _segments(bounds)
     finals = [out_dir / f"stage-{s}.{fmt}" for s in range(len(bounds))]
-    temps = [out_dir / f".tmp-{os.getpid()}-{final.name}" for final in finals]
+    temps = _TempFiles(out_dir)
     try:
-        for s, ((start, stop), temp) in enumerate(zip(bounds, temps)):
-            _sink(_stage_rows(rows, s, start, stop), temp, fmt, compression)
-        for temp, final in zip(temps, finals):
-            os.replace(temp, final)
+        segment_files = [temps.new(f"segment-{g}.{fmt}") for g in range(len(segments))]
+        schema = _output_schema(rows)
+        _write_segments(rows, segments, segment_files, schema, fmt, compression)
+        written = [_Written(segment, path, read_footer(path) if fmt == "parquet" else None) for segment, path in zip(segments, segment_files)]
+        # Stages are assembled side by side: mostly kernel copies, which release the GIL.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(bounds), os.cpu_count() or 1))) as pool:
+            futures = [pool.submit(_stage_file, s, [written[g] for g in members[s]], schema, fmt, compression, temps) for s in range(len(bounds))]
+            stage_files = [future.result() for future in futures]
+        for stage_file, final in zip(stage_files, finals):
+            os.replace(stage_file, final)
     finally:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
+        temps.remove_all()
     return finals
 
 
-def _stage_rows(rows: pl.LazyFrame, stage: int, start: int, stop: int) -> pl.LazyFrame:
-    in_stage = pl.col(DIFFICULTY_COLUMN).is_between(start + 1, stop)  # difficulty_rank is 1-based
-    return rows.filter(in_stage).with_columns(pl.lit(stage, dtype=pl.Int64).alias(STAGE_COLUMN))
+@dataclass(frozen=True)
+class _Segment:
+    """Easy-to-hard positions ``[start, stop)`` written once, with ``stage`` = ``first_stage``."""
+
+    start: int
+    stop: int
+    first_stage: int
+
+
+def _segments(bounds: Sequence[tuple[int, int]]) -> tuple[list[_Segment], list[list[int]]]:
+    """The disjoint segments between all stage boundaries, and each stage's segments in order.
+
+    Example:
+        >>> [(g.start, g.stop) for g in _segments([(0, 2), (0, 4), (0, 6)])[0]], _segments([(0, 2), (0, 4)])[1]
+        ([(0, 2), (2, 4), (4, 6)], [[0], [0, 1]])
+    """
+    points = sorted({p for bound in bounds for p in bound})
+    pieces = [(a, b) for a, b in zip(points, points[1:]) if any(start <= a and b <= stop for start, stop in bounds)]
+    members = [[g for g, (a, b) in enumerate(pieces) if start <= a and b <= stop] for start, stop in bounds]
+    first = [min(s for s, m in enumerate(members) if g in m) for g in range(len(pieces))]
+    return [_Segment(a, b, f) for (a, b), f in zip(pieces, first)], members
+
+
+class _TempFiles:
+    """Temporary files in the output folder, all removed at the end, whatever happens."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.paths: list[Path] = []
+
+    def new(self, name: str) -> Path:
+        path = self.folder / f".tmp-{os.getpid()}-{name}"
+        self.paths.append(path)
+        return path
+
+    def remove_all(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
+def _output_schema(rows: pl.LazyFrame) -> pa.Schema:
+    """The Arrow schema of the stage files: the rows' columns, then ``stage``."""
+    empty = pl.DataFrame(schema=rows.collect_schema()).with_columns(pl.lit(0, dtype=pl.Int64).alias(STAGE_COLUMN))
+    return empty.to_arrow().schema
+
+
+def _write_segments(
+    rows: pl.LazyFrame, segments: Sequence[_Segment], paths: Sequence[Path], schema: pa.Schema, fmt: str, compression: str
+) -> None:
+    """Stream the rows once and send each to its segment's writer thread."""
+    if not segments:
+        return
+    writers = [_SegmentWriter(_segment_sink(path, segment.first_stage, schema, fmt, compression)) for segment, path in zip(segments, paths)]
+    failed = False
+    try:
+        for batch in rows.collect_batches(maintain_order=True):
+            segment_of_row = _segment_of_rows(batch[DIFFICULTY_COLUMN], segments)
+            for g, writer in enumerate(writers):
+                in_segment = segment_of_row == g
+                if in_segment.any():
+                    writer.put(batch.filter(pl.Series(in_segment)))
+            _raise_first_error(writers)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for writer in writers:
+            writer.finish(discard=failed)
+    _raise_first_error(writers)
+
+
+def _segment_of_rows(ranks: pl.Series, segments: Sequence[_Segment]) -> np.ndarray:
+    """Each row's segment index; -1 for rows in no segment (invalid or dropped)."""
+    positions = ranks.fill_null(0).to_numpy() - 1  # difficulty_rank is 1-based; null -> -1
+    starts = np.array([g.start for g in segments], dtype=np.int64)
+    stops = np.array([g.stop for g in segments], dtype=np.int64)
+    found = np.searchsorted(starts, positions, side="right") - 1  # the last segment starting at or before
+    inside = (found >= 0) & (positions < stops[np.maximum(found, 0)]) if segments else np.zeros(len(positions), dtype=bool)
+    return np.where(inside, found, -1)
+
+
+def _raise_first_error(writers: Sequence["_SegmentWriter"]) -> None:
+    for writer in writers:
+        if writer.error is not None:
+            raise writer.error
+
+
+class _SegmentWriter:
+    """Encodes one segment on its own thread, fed through a bounded queue.
+
+    pyarrow and polars release the GIL while encoding and compressing, so the segments
+    and the reading thread share the cores; the bounded queue keeps memory bounded.
+    """
+
+    def __init__(self, sink: "_ParquetSink | _JsonlSink") -> None:
+        self.sink = sink
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=QUEUED_BATCHES)
+        self._discard = False
+        self._thread = threading.Thread(target=self._run, name="srdata-segment-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, rows: pl.DataFrame) -> None:
+        self._queue.put(rows)
+
+    def finish(self, discard: bool = False) -> None:
+        """Let the thread write what it has (or drop it) and wait for it; never raises."""
+        self._discard = discard
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        got_end = False
+        try:
+            while (rows := self._queue.get()) is not None:
+                if not self._discard:
+                    self.sink.write(rows)
+            got_end = True
+            self.sink.close(complete=not self._discard)
+        except BaseException as err:  # handed to the reading thread, which raises it
+            self.error = err
+            with suppress(BaseException):  # the file is temporary: the first error is the one to report
+                self.sink.close(complete=False)
+            while not got_end and self._queue.get() is not None:  # keep the reader from blocking on put
+                pass
+
+
+def _segment_sink(path: Path, stage: int, schema: pa.Schema, fmt: str, compression: str) -> "_ParquetSink | _JsonlSink":
+    return _ParquetSink(path, stage, schema, compression) if fmt == "parquet" else _JsonlSink(path, stage)
+
+
+class _ParquetSink:
+    """A parquet file written in row groups of about ``ROW_GROUP_BYTES`` of Arrow data."""
+
+    def __init__(self, path: Path, stage: int, schema: pa.Schema, compression: str) -> None:
+        self.stage = stage
+        self.schema = schema
+        self.writer = _parquet_writer(path, schema, compression)
+        self.pending: list[pa.Table] = []
+        self.pending_bytes = 0
+
+    def write(self, rows: pl.DataFrame) -> None:
+        table = rows.with_columns(pl.lit(self.stage, dtype=pl.Int64).alias(STAGE_COLUMN)).to_arrow()
+        self.pending.append(table if table.schema == self.schema else table.cast(self.schema))
+        self.pending_bytes += table.nbytes
+        if self.pending_bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            table = pa.concat_tables(self.pending)
+            self.writer.write_table(table, row_group_size=table.num_rows)  # one row group
+        self.pending, self.pending_bytes = [], 0
+
+    def close(self, complete: bool) -> None:
+        if complete:
+            self._flush()
+        self.pending = []
+        self.writer.close()
+
+
+class _JsonlSink:
+    """A JSON-lines file, one object per row, ``stage`` its last key."""
+
+    def __init__(self, path: Path, stage: int) -> None:
+        self.stage = stage
+        self.handle = open(path, "wb")
+
+    def write(self, rows: pl.DataFrame) -> None:
+        rows.with_columns(pl.lit(self.stage, dtype=pl.Int64).alias(STAGE_COLUMN)).write_ndjson(self.handle)
+
+    def close(self, complete: bool) -> None:
+        self.handle.close()
+
+
+def _parquet_writer(path: Path, schema: pa.Schema, compression: str) -> pq.ParquetWriter:
+    codec = "none" if compression == "uncompressed" else compression
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression=codec,
+        compression_level=_compression_level(compression),
+        # Dictionaries only for columns with few distinct values: the hashing of a long
+        # text or a float column until its dictionary overflows costs ~10% of the encoding.
+        dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
+        write_page_index=False,  # row groups are later copied into other files, which moves them
+    )
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A segment's temporary file, and its parquet footer as written (None for JSON lines)."""
+
+    segment: _Segment
+    path: Path
+    footer: "Footer | None"
+
+
+def _stage_file(stage: int, parts: Sequence[_Written], schema: pa.Schema, fmt: str, compression: str, temps: _TempFiles) -> Path:
+    """The temporary file that becomes the stage file: a segment as written, or an assembly."""
+    if len(parts) == 1 and parts[0].segment.first_stage == stage:
+        return parts[0].path  # written with this stage's value already: moved, not copied
+    if fmt == "jsonl":
+        path = temps.new(f"stage-{stage}.jsonl")
+        _concat_jsonl(path, stage, parts)
+        return path
+    if not parts:
+        path = temps.new(f"stage-{stage}.parquet")
+        _parquet_writer(path, schema, compression).close()
+        return path
+    return _assemble_parquet_stage(stage, parts, schema, compression, temps)
+
+
+def _assemble_parquet_stage(stage: int, parts: Sequence[_Written], schema: pa.Schema, compression: str, temps: _TempFiles) -> Path:
+    """Assemble a stage from its segments' row groups, copied without decoding.
+
+    The segment written with this stage's value (the newest rows of a cumulative stage)
+    is extended in place: the others' row groups are appended after it and the footer
+    lists all row groups in segment order, which is the order readers return. The
+    appended row groups get their ``stage`` column chunk from a small one-column file.
+    """
+    base = next((part for part in parts if part.segment.first_stage == stage), None)
+    relabelled = [part for part in parts if part.segment.first_stage != stage]
+    stage_column = _stage_column_file(stage, relabelled, schema, compression, temps)
+    path = base.path if base is not None else temps.new(f"stage-{stage}.parquet")
+    with ExitStack() as stack:
+        out = open_fd(stack, path, os.O_RDWR | os.O_CREAT)
+        position = start_appending(out, base.footer if base is not None else None)
+        column_fd = open_fd(stack, stage_column[0], os.O_RDONLY)
+        column_groups = iter(row_groups(stage_column[1]))
+        groups: list[Struct] = []
+        for part in parts:
+            if part is base:
+                groups += [renumbered(group, len(groups) + r) for r, group in enumerate(row_groups(part.footer))]
+                continue
+            source = open_fd(stack, part.path, os.O_RDONLY)
+            for group in row_groups(part.footer):
+                chunks = [(source, chunk) for chunk in get_field(group, GROUP_COLUMNS)[1]]
+                chunks[chunk_index(group, STAGE_COLUMN)] = (column_fd, get_field(next(column_groups), GROUP_COLUMNS)[1][0])
+                moved, position = copy_row_group(out, position, group, chunks, len(groups))
+                groups.append(moved)
+        write_footer(out, (base or parts[0]).footer, groups)
+    return path
+
+
+def _concat_jsonl(path: Path, stage: int, parts: Sequence[_Written]) -> None:
+    with open(path, "wb") as out:
+        for part in parts:
+            _copy_jsonl(part.path, out, part.segment.first_stage, stage)
+
+
+def _copy_jsonl(source: Path, out: BinaryIO, written_stage: int, stage: int) -> None:
+    if written_stage == stage:
+        out.flush()
+        with open(source, "rb") as handle:
+            copy_bytes(handle.fileno(), out.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        return
+    # Every line ends with `,"stage":N}`: `stage` is the last key, and a raw newline
+    # never occurs inside a JSON line, so the replacement touches nothing else.
+    old, new = f',"stage":{written_stage}}}\n'.encode(), f',"stage":{stage}}}\n'.encode()
+    rest = b""
+    with open(source, "rb") as handle:
+        while block := handle.read(COPY_BLOCK_BYTES):
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            out.write(block[:cut].replace(old, new))
+            rest = block[cut:]
+    out.write(rest)
+
+
+def _stage_column_file(stage: int, parts: Sequence[_Written], schema: pa.Schema, compression: str, temps: _TempFiles) -> "tuple[Path, Footer]":
+    """A one-column parquet file, ``stage`` = ``stage``, with a row group per row group of ``parts``."""
+    path = temps.new(f"stage-column-{stage}.parquet")
+    column_schema = pa.schema([schema.field(STAGE_COLUMN)])
+    with _parquet_writer(path, column_schema, compression) as writer:
+        for part in parts:
+            for group in row_groups(part.footer):
+                rows = get_field(group, GROUP_NUM_ROWS)
+                # From a buffer: pa.scalar or pa.array would import pandas (0.3 s) on first use.
+                values = pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(np.full(rows, stage, dtype=np.int64))])
+                writer.write_table(pa.table([values], schema=column_schema), row_group_size=max(rows, 1))
+    return path, read_footer(path)
 
 
 def _sink(rows: pl.LazyFrame, path: Path, fmt: str, compression: str) -> None:
@@ -414,8 +741,8 @@ def curriculum_summary(
     from srdata import __version__
 
     score_columns = _score_columns(dict.fromkeys(ranks.columns), ranking.keys)
-    valid = ranks.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
-    last_stop = bounds[-1][1]
+    n_valid = ranks[DIFFICULTY_COLUMN].count()
+    *stage_ranges, dropped = _range_summaries(ranks, [*bounds, (bounds[-1][1], n_valid)], score_columns)
     return {
         "format_version": 1,
         "srdata_version": __version__,
@@ -425,8 +752,8 @@ def curriculum_summary(
             "config_hash": run.config_hash,
             "run_srdata_version": run.manifest.get("srdata_version"),
             "annotated_rows": ranks.height,
-            "valid_rows": valid.height,
-            "invalid_rows": ranks.height - valid.height,
+            "valid_rows": n_valid,
+            "invalid_rows": ranks.height - n_valid,
         },
         "settings": {
             **plan.describe(),
@@ -436,24 +763,58 @@ def curriculum_summary(
         },
         "ranking": ranking.describe(),
         "stages": [
-            {"stage": s, "file": f.name, **_range_summary(valid, start, stop, score_columns), "new_rows": stop - (bounds[s - 1][1] if s else 0)}
-            for s, ((start, stop), f) in enumerate(zip(bounds, files))
+            {"stage": s, "file": f.name, **summary, "new_rows": stop - (bounds[s - 1][1] if s else 0)}
+            for s, ((_, stop), f, summary) in enumerate(zip(bounds, files, stage_ranges))
         ],
-        "dropped": _range_summary(valid, last_stop, valid.height, score_columns),
+        "dropped": dropped,
     }
 
 
-def _range_summary(valid: pl.DataFrame, start: int, stop: int, score_columns: Sequence[str]) -> dict[str, Any]:
-    """Size, rank and score thresholds of the rows at easy-to-hard positions [start, stop)."""
-    part = valid.filter(pl.col(DIFFICULTY_COLUMN).is_between(start + 1, stop))
-    if part.height == 0:
+def _range_summaries(ranks: pl.DataFrame, ranges: Sequence[tuple[int, int]], score_columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Size, rank and score thresholds of the rows at each range of easy-to-hard positions [start, stop).
+
+    One grouped pass over the rows: aggregates per piece between any two range
+    boundaries, combined per range (the cumulative stages overlap).
+    """
+    points = sorted({p for r in ranges for p in r})
+    pieces = _piece_aggregates(ranks, points, score_columns)
+    return [_combine_pieces([pieces[i] for i in range(len(points) - 1) if start <= points[i] and points[i + 1] <= stop and i in pieces], score_columns) for start, stop in ranges]
+
+
+def _piece_aggregates(ranks: pl.DataFrame, points: Sequence[int], score_columns: Sequence[str]) -> dict[int, dict[str, Any]]:
+    """Per piece ``i`` = easy-to-hard positions ``[points[i], points[i+1])``: count, min, max, sum."""
+    position = pl.col(DIFFICULTY_COLUMN).fill_null(0) - 1  # null (not ranked) -> -1, in no piece
+    piece = pl.sum_horizontal([(position >= p).cast(pl.Int8) for p in points]) - 1
+    aggregates = [pl.len().alias("rows")]
+    for column in (DIFFICULTY_COLUMN, FUSED_COLUMN, *score_columns):
+        aggregates += [pl.col(column).min().alias(f"{column}:min"), pl.col(column).max().alias(f"{column}:max")]
+    for column in score_columns:
+        aggregates += [pl.col(column).sum().alias(f"{column}:sum"), pl.col(column).count().alias(f"{column}:count")]
+    grouped = ranks.lazy().group_by(piece.alias("piece")).agg(aggregates).collect()  # lazy: parallel, no copies
+    return {row.pop("piece"): row for row in grouped.iter_rows(named=True)}
+
+
+def _combine_pieces(pieces: Sequence[dict[str, Any]], score_columns: Sequence[str]) -> dict[str, Any]:
+    rows = sum(piece["rows"] for piece in pieces)
+    if rows == 0:
         return {"rows": 0}
+
+    def low(column: str) -> Any:
+        return min(piece[f"{column}:min"] for piece in pieces)
+
+    def high(column: str) -> Any:
+        return max(piece[f"{column}:max"] for piece in pieces)
+
+    def mean(column: str) -> float | None:
+        count = sum(piece[f"{column}:count"] for piece in pieces)
+        return sum(piece[f"{column}:sum"] for piece in pieces) / count if count else None
+
     return {
-        "rows": part.height,
-        "difficulty_rank": {"min": part[DIFFICULTY_COLUMN].min(), "max": part[DIFFICULTY_COLUMN].max()},
-        "rrf_score": {"min": part[FUSED_COLUMN].min(), "max": part[FUSED_COLUMN].max()},
-        "thresholds": {"max_difficulty_rank": part[DIFFICULTY_COLUMN].max(), "min_rrf_score": part[FUSED_COLUMN].min()},
-        "scores": {c: {"min": part[c].min(), "max": part[c].max(), "mean": part[c].mean()} for c in score_columns},
+        "rows": rows,
+        "difficulty_rank": {"min": low(DIFFICULTY_COLUMN), "max": high(DIFFICULTY_COLUMN)},
+        "rrf_score": {"min": low(FUSED_COLUMN), "max": high(FUSED_COLUMN)},
+        "thresholds": {"max_difficulty_rank": high(DIFFICULTY_COLUMN), "min_rrf_score": low(FUSED_COLUMN)},
+        "scores": {c: {"min": low(c), "max": high(c), "mean": mean(c)} for c in score_columns},
     }
 
 

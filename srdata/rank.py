@@ -19,6 +19,8 @@ Everything is columnar (polars); ten million rows rank in a few seconds.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -196,29 +198,136 @@ def _rank_valid_rows(
 ) -> pl.DataFrame:
     """Ranks of the valid rows (already in srd_id order), one column per output."""
     chained = ties == "reference"
-    order: pl.Series | None = None  # None = input order; a permutation of row positions otherwise
+    orders, ranks = _key_ranks(scores, keys, info_keys, chained)
     columns: dict[str, pl.Series] = {ID_COLUMN: scores[ID_COLUMN]}
     fused = pl.zeros(scores.height, dtype=pl.Float64, eager=True)
     for key in keys:
-        order = _stable_order(scores[key.column], key.descending, order if chained else None)
-        key_rank = _ranks_from_order(order)
-        columns[key.rank_column] = key_rank
+        columns[key.rank_column] = ranks[key.column]
         # Same float operations, in the same order, as the reference: 1/(k+rank) summed.
-        fused = fused + key.weight / (rrf_k + key_rank.cast(pl.Float64))
+        fused = fused + key.weight / (rrf_k + ranks[key.column].cast(pl.Float64))
     for key in info_keys:
-        columns[key.rank_column] = _ranks_from_order(_stable_order(scores[key.column], key.descending, None))
+        columns[key.rank_column] = ranks[key.column]
     columns[FUSED_COLUMN] = fused.alias(FUSED_COLUMN)
-    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(fused, True, order if chained else None))
+    last_order = orders[keys[-1].column] if chained else None
+    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(fused, True, last_order))
     return pl.DataFrame([series.alias(name) for name, series in columns.items()])
+
+
+def _key_ranks(
+    scores: pl.DataFrame, keys: Sequence[RankKey], info_keys: Sequence[RankKey], chained: bool
+) -> tuple[dict[str, pl.Series], dict[str, pl.Series]]:
+    """The sort order and the rank of every ranked column; independent sorts run on parallel threads.
+
+    In ``reference`` mode each fused key sorts the previous key's order, so those run one
+    after the other; otherwise every sort starts from the input order.
+    """
+
+    def order_and_rank(key: RankKey, start: pl.Series | None) -> tuple[pl.Series, pl.Series]:
+        order = _stable_order(scores[key.column], key.descending, start)
+        return order, _ranks_from_order(order)
+
+    independent = [*info_keys, *([] if chained else keys)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(independent), os.cpu_count() or 1))) as pool:
+        futures = {key.column: pool.submit(order_and_rank, key, None) for key in independent}
+        results: dict[str, tuple[pl.Series, pl.Series]] = {}
+        previous: pl.Series | None = None
+        for key in keys if chained else ():
+            results[key.column] = order_and_rank(key, previous)
+            previous = results[key.column][0]
+        results.update({column: future.result() for column, future in futures.items()})
+    return {c: r[0] for c, r in results.items()}, {c: r[1] for c, r in results.items()}
 
 
 def _stable_order(values: pl.Series, descending: bool, start: pl.Series | None) -> pl.Series:
     """Row positions sorted by ``values`` with a stable sort applied to the ``start`` order."""
     in_start_order = values if start is None else values.gather(start)
-    local = pl.DataFrame({"v": in_start_order}).select(
-        pl.arg_sort_by("v", descending=descending, maintain_order=True)
-    ).to_series()
+    local = stable_arg_sort(in_start_order, descending)
     return local if start is None else start.gather(local)
+
+
+def stable_arg_sort(values: pl.Series, descending: bool = False) -> pl.Series:
+    """Positions of ``values`` in sorted order, equal values in position order (Int64).
+
+    The same result as ``arg_sort_by(..., maintain_order=True)``, about 3x faster on
+    10M rows: the value's sortable bits and the position are packed into one uint64 and
+    sorted as plain numbers, which polars does much faster than a stable arg sort.
+
+    Example:
+        >>> stable_arg_sort(pl.Series([0.5, 0.1, 0.5, 0.2]), descending=True).to_list()
+        [0, 2, 3, 1]
+    """
+    keys = _sortable_keys(values)
+    position_bits = max(1, (values.len() - 1).bit_length())
+    if keys is None or position_bits > 40:  # other dtypes, nulls, or too little room for the value
+        return _polars_stable_arg_sort(values, descending)
+    if descending:
+        keys = ~keys
+    keys = keys - keys.min()  # a new, writable array; the smaller range keeps more value bits
+    # The value gets the bits the position leaves: all of them when its range fits (ints),
+    # else its top bits, and _sort_truncated_ties puts right the few distinct values that
+    # share them (they come out in position order).
+    dropped = np.uint64(max(0, int(keys.max()).bit_length() - (64 - position_bits)))
+    shift = np.uint64(position_bits)
+    packed = keys >> dropped
+    packed <<= shift
+    packed |= np.arange(values.len(), dtype=np.uint64)
+    # Single-threaded is faster here, and leaves the other core to a concurrent sort.
+    packed = pl.Series(packed).sort(multithreaded=False).to_numpy()
+    order = (packed & ((np.uint64(1) << shift) - np.uint64(1))).view(np.int64)  # positions < 2**40
+    if dropped:
+        _sort_truncated_ties(order, keys, packed >> shift, dropped)
+    return pl.Series(order)
+
+
+def _polars_stable_arg_sort(values: pl.Series, descending: bool) -> pl.Series:
+    frame = pl.DataFrame({"v": values})
+    return frame.select(pl.arg_sort_by("v", descending=descending, maintain_order=True)).to_series().cast(pl.Int64)
+
+
+_SIGN_BIT = np.uint64(1 << 63)
+_SIGNED_64 = (pl.Int8, pl.Int16, pl.Int32, pl.Int64)
+_UNSIGNED_64 = (pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+
+
+def _sortable_keys(values: pl.Series) -> np.ndarray | None:
+    """uint64 keys whose unsigned order is the values' order (None if there is no such cheap map)."""
+    if values.len() == 0 or values.null_count() or not values.dtype.is_numeric():
+        return None
+    if values.dtype.is_float():
+        # + 0.0 turns -0.0 into 0.0: they compare equal, so they must tie. NaN is refused earlier.
+        bits = (values.cast(pl.Float64).to_numpy() + 0.0).view(np.uint64)
+        # IEEE order as unsigned order: flip every bit of negatives, only the sign of others.
+        negatives = (bits.view(np.int64) >> 63).view(np.uint64)  # all ones or all zeros
+        return bits ^ (negatives | _SIGN_BIT)
+    if values.dtype in _SIGNED_64:
+        return values.cast(pl.Int64).to_numpy().view(np.uint64) ^ _SIGN_BIT
+    if values.dtype in _UNSIGNED_64:
+        return values.cast(pl.UInt64).to_numpy()
+    return None  # decimals, 128-bit integers
+
+
+def _sort_truncated_ties(order: np.ndarray, keys: np.ndarray, truncated: np.ndarray, dropped: np.uint64) -> None:
+    """Re-sort, in place, the runs of ``order`` whose keys differ only in the ``dropped`` low bits.
+
+    ``truncated`` holds the sorted truncated keys: only neighbours equal there can be out
+    of order, so only they need comparing in full.
+    """
+    same = np.flatnonzero(truncated[1:] == truncated[:-1])
+    if same.size > order.size // 8:  # many repeated values: one gather of every key is cheaper
+        sorted_keys = keys[order]
+        out_of_order = np.flatnonzero(sorted_keys[1:] < sorted_keys[:-1])
+    else:
+        out_of_order = same[keys[order[same + 1]] < keys[order[same]]]
+    if out_of_order.size == 0:
+        return
+    runs = np.unique(truncated[out_of_order])
+    firsts = np.searchsorted(truncated, runs, side="left")
+    lengths = np.searchsorted(truncated, runs, side="right") - firsts
+    slots = np.repeat(firsts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    rows = order[slots]
+    # The runs are in value order among themselves, so sorting their union by (full value,
+    # position) and writing it back into their slots sorts each run.
+    order[slots] = rows[np.lexsort((rows, keys[rows]))]
 
 
 def _ranks_from_order(order: pl.Series) -> pl.Series:

@@ -7,13 +7,15 @@ import os
 from pathlib import Path
 
 import click
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from tests._runs import annotated_frame, make_run
 from srdata.cli_curriculum import COMMANDS
-from srdata.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds
+from srdata.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
 from srdata.rank import RankingError, rank
 
 
@@ -25,6 +27,13 @@ def run(tmp_path: Path) -> Path:
 
 def stage(out: Path, s: int) -> pl.DataFrame:
     return pl.read_parquet(out / f"stage-{s}.parquet")
+
+
+def in_stage_order(frame: pl.DataFrame, ends: list[int]) -> pl.DataFrame:
+    """The rows of a cumulative stage as export writes them: part by part (easiest first),
+    input order inside each part."""
+    starts = [0, *ends[:-1]]
+    return pl.concat([frame.filter(pl.col("difficulty_rank").is_between(a + 1, b)) for a, b in zip(starts, ends)])
 
 
 def summary(out: Path) -> dict:
@@ -53,14 +62,17 @@ def test_default_export_follows_the_paper(run: Path):
         assert rows["stage"].to_list() == [s] * size and rows.schema["stage"] == pl.Int64
         assert sorted(rows["difficulty_rank"].to_list()) == list(range(1, size + 1))
         assert rows["invalid_reason"].null_count() == size
-        assert rows["srd_id"].is_sorted()  # input order inside a stage file
+        # Part by part, easiest first, input order inside a part: stage s-1 is the head of stage s.
+        assert rows.drop("stage").equals(in_stage_order(annotated, [10, 20, 30][: s + 1]))
+        assert rows.head(10 * s).drop("stage").equals(stage(out, max(s - 1, 0)).head(10 * s).drop("stage"))
 
 
 def test_stage_rows_are_identical_to_the_annotated_rows(run: Path):
     out = export_curriculum(run)
     annotated = pl.read_parquet(run / "annotated.parquet")
-    expected = annotated.filter(pl.col("difficulty_rank") <= 20).with_columns(stage=pl.lit(1, dtype=pl.Int64))
+    expected = in_stage_order(annotated, [10, 20]).with_columns(stage=pl.lit(1, dtype=pl.Int64))
     assert stage(out, 1).equals(expected)
+    assert pq.read_table(out / "stage-1.parquet").equals(expected.to_arrow())  # any reader, same rows
 
 
 def test_keeping_every_stage_puts_the_remainder_in_the_last(run: Path):
@@ -97,8 +109,12 @@ def test_fractions_use_exact_decimal_cuts():
 def test_jsonl_format_holds_the_same_rows(run: Path):
     out = export_curriculum(run, fmt="jsonl", out=run / "jsonl")
     assert sorted(p.name for p in out.glob("stage-*")) == ["stage-0.jsonl", "stage-1.jsonl", "stage-2.jsonl"]
-    rows = pl.read_ndjson(out / "stage-2.jsonl")
-    assert rows["srd_id"].to_list() == stage(export_curriculum(run), 2)["srd_id"].to_list()
+    parquet = export_curriculum(run)
+    for s in range(3):
+        rows = pl.read_ndjson(out / f"stage-{s}.jsonl")
+        expected = stage(parquet, s)
+        assert rows.columns == expected.columns
+        assert rows.select("srd_id", "stage", "difficulty_rank", "prompt_text").equals(expected.select("srd_id", "stage", "difficulty_rank", "prompt_text"))
     assert summary(out)["settings"]["format"] == "jsonl"
 
 
@@ -135,7 +151,7 @@ def test_ranking_options_rerank_in_memory_without_touching_the_run(run: Path):
     expected = rank(pl.read_parquet(run / "annotated.parquet"), 10, rank_by="rouge_l:desc,ce_loss:asc:2", ties="reference")
     rows = stage(out, 2)
     assert rows.columns == [*pl.read_parquet(run / "annotated.parquet").columns, "stage"]
-    assert rows.drop("stage").equals(expected.filter(pl.col("difficulty_rank") <= 30).select(rows.columns[:-1]))
+    assert rows.drop("stage").equals(in_stage_order(expected, [10, 20, 30]).select(rows.columns[:-1]))
     assert summary(out)["ranking"] == {"rank_by": "rouge_l:desc,ce_loss:asc:2", "rrf_k": 10, "ties": "reference", "recomputed": True}
 
 
@@ -181,19 +197,141 @@ def test_reexport_removes_stale_stage_files(run: Path):
 def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
     out = export_curriculum(run)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_sink = pl.LazyFrame.sink_parquet
+    real_write = pq.ParquetWriter.write_table
     calls = []
 
-    def sink_then_fail(self, path, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:  # stage 0 is already written to its temporary file
+    def write_then_fail(self, table, *args, **kwargs):
+        calls.append(table.num_rows)
+        if len(calls) == 2:  # another segment is already written: fail in a writer thread
             raise OSError("disk full")
-        return real_sink(self, path, **kwargs)
+        return real_write(self, table, *args, **kwargs)
 
-    monkeypatch.setattr(pl.LazyFrame, "sink_parquet", sink_then_fail)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         export_curriculum(run, rrf_k=5)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
+
+
+@pytest.mark.parametrize("where", ["reading", "assembling"])
+def test_failure_while_reading_or_assembling_removes_temporary_files(run: Path, monkeypatch, where: str):
+    import srdata.export as export
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"boom while {where}")
+
+    monkeypatch.setattr(export, "_segment_of_rows" if where == "reading" else "copy_row_group", fail)
+    with pytest.raises(RuntimeError, match=f"boom while {where}"):
+        export_curriculum(run, out=run / "failed")
+    assert list((run / "failed").iterdir()) == []
+
+
+def test_many_row_groups_are_copied_into_the_stage_files(tmp_path: Path, monkeypatch):
+    import srdata.export as export
+
+    frame = annotated_frame(3000, seed=2, invalid_ids=[5, 700, 2999])
+    run = make_run(tmp_path / "run", frame=frame)
+    pq.write_table(frame.to_arrow(), run / "annotated.parquet", row_group_size=128)  # many input row groups
+    monkeypatch.setattr(export, "ROW_GROUP_BYTES", 16 << 10)  # and many output row groups
+    out = export_curriculum(run)
+    ends = [749, 1498, 2247]  # floor(2997 / 4) * (s + 1)
+    for s in range(3):
+        rows = stage(out, s)
+        assert pq.ParquetFile(out / f"stage-{s}.parquet").metadata.num_row_groups > 3
+        assert rows.drop("stage").equals(in_stage_order(frame, ends[: s + 1]))
+        assert rows["stage"].to_list() == [s] * ends[s]
+        assert pq.read_table(out / f"stage-{s}.parquet").equals(rows.to_arrow())
+    lazy = pl.scan_parquet(out / "stage-2.parquet").filter(pl.col("srd_id") >= 2000).select("srd_id", "stage").collect()
+    assert lazy.equals(stage(out, 2).filter(pl.col("srd_id") >= 2000).select("srd_id", "stage"))
+
+
+def test_copies_without_copy_file_range(run: Path, monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+
+    expected = [stage(export_curriculum(run), s) for s in range(3)]
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    for fmt in ("parquet", "jsonl"):
+        out = export_curriculum(run, fmt=fmt, out=run / f"no-copy-file-range-{fmt}")
+        for s in range(3):
+            rows = stage(out, s) if fmt == "parquet" else pl.read_ndjson(out / f"stage-{s}.jsonl")
+            assert rows["srd_id"].to_list() == expected[s]["srd_id"].to_list() and set(rows["stage"]) == {s}
+
+
+def test_nested_categorical_and_null_columns_survive_the_copy(tmp_path: Path, monkeypatch):
+    # Parquet has one column chunk per leaf: a struct column shifts the `stage` chunk's position.
+    import srdata.export as export
+
+    n = 600
+    frame = rank(
+        pl.DataFrame({
+            "srd_id": range(n),
+            "template": pl.Series([("alpaca", "raw", "chat")[i % 3] for i in range(n)], dtype=pl.Categorical),
+            "tokens": [[i, i + 1] if i % 7 else None for i in range(n)],
+            "meta": [{"x": i, "y": str(i)} for i in range(n)],
+            "nothing": [None] * n,
+            "rouge_l": [round((i * 37 % 101) / 100, 2) for i in range(n)],
+            "ce_loss": [(i * 53 % 97) / 10 for i in range(n)],
+        })
+    )
+    monkeypatch.setattr(export, "ROW_GROUP_BYTES", 4 << 10)
+    files = write_stages(frame.lazy(), [(0, 150), (0, 300), (0, 450)], tmp_path, "parquet")
+    for s, path in enumerate(files):
+        expected = in_stage_order(frame, [150, 300, 450][: s + 1]).with_columns(stage=pl.lit(s, dtype=pl.Int64))
+        assert pl.read_parquet(path).equals(expected)
+        assert pl.from_arrow(pq.read_table(path)).equals(expected)
+
+
+def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: Path):
+    frame = annotated_frame(20).with_columns(stage=pl.lit("stale"))
+    bounds = [(0, 0), (0, 5), (10, 15), (18, 30), (0, 15)]
+    files = write_stages(frame.lazy(), bounds, tmp_path, "parquet")
+    for s, (start, stop) in enumerate(bounds):
+        rows = pl.read_parquet(files[s])
+        assert rows.columns == [*frame.columns[:-1], "stage"] and rows.schema["stage"] == pl.Int64
+        assert sorted(rows["difficulty_rank"].to_list()) == list(range(start + 1, min(stop, 20) + 1))
+        assert rows["stage"].to_list() == [s] * rows.height
+    assert pl.read_parquet(files[4])["difficulty_rank"].to_list() == pl.read_parquet(files[1])["difficulty_rank"].to_list() + [
+        r for r in frame["difficulty_rank"].to_list() if 5 < r <= 10] + pl.read_parquet(files[2])["difficulty_rank"].to_list()
+    (tmp_path / "jsonl").mkdir()
+    jsonl = write_stages(frame.lazy(), bounds, tmp_path / "jsonl", "jsonl")
+    assert jsonl[0].read_text() == ""
+    for s in range(1, len(bounds)):
+        lines = pl.read_ndjson(jsonl[s])
+        assert lines["srd_id"].to_list() == pl.read_parquet(files[s])["srd_id"].to_list() and set(lines["stage"]) == {s}
+    assert not list(tmp_path.glob(".tmp-*")) and not list((tmp_path / "jsonl").glob(".tmp-*"))
+
+
+def test_parquet_footers_decode_and_encode_to_the_same_bytes(tmp_path: Path):
+    from srdata.parquet_splice import ThriftWriter, read_footer
+
+    frame = annotated_frame(50, invalid_ids=[3]).with_columns(flag=pl.col("srd_id") % 2 == 0, tiny=pl.col("srd_id").cast(pl.Int8))
+    for name, write in {"pyarrow": lambda p: pq.write_table(frame.to_arrow(), p, row_group_size=7), "polars": lambda p: frame.write_parquet(p, row_group_size=7)}.items():
+        path = tmp_path / f"{name}.parquet"
+        write(path)
+        data = path.read_bytes()
+        footer = read_footer(path)
+        assert ThriftWriter().struct(footer.fields) == data[footer.start : -8], name
+
+
+def test_fast_stable_sort_matches_a_stable_polars_sort():
+    # srdata.rank.stable_arg_sort packs the value's top bits with the position; values that
+    # differ only in the dropped bits, -0.0 and 0.0, extremes and integers must still sort exactly.
+    from srdata.rank import stable_arg_sort
+
+    rng = np.random.default_rng(3)
+    cases = [
+        [0.0, -0.0, 0.0, -0.0, -1e-300],
+        [1.0 + i * 2.0**-52 for i in rng.integers(0, 8, 500)],
+        [np.finfo(np.float64).max, -np.finfo(np.float64).max, np.inf, -np.inf, 5e-324] * 40,
+        rng.integers(-5, 5, 300).tolist(),
+        rng.integers(-(2**63), 2**63 - 1, 300).tolist(),
+        np.round(rng.random(5000) * 3, 5).tolist(),
+    ]
+    for values in cases:
+        series = pl.Series(values)
+        for descending in (False, True):
+            expected = pl.DataFrame({"v": series}).select(pl.arg_sort_by("v", descending=descending, maintain_order=True)).to_series()
+            assert stable_arg_sort(series, descending).to_list() == expected.to_list()
 
 
 # --- bad input ---------------------------------------------------------------------------
