@@ -309,9 +309,12 @@ def test_grad_accum_gives_the_same_step(models, curriculum, tmp_path):
                    max_steps=2, grad_accum=accum), progress=False)
         runs[accum] = AutoModelForCausalLM.from_pretrained(out / "stage-2").state_dict()
     # Adam divides by sqrt(v), so float32 summation-order noise in near-zero gradients can
-    # move a weight by a few 1e-5 over 6 steps; a wrong token weighting moves many by ~lr.
+    # move a few weights by up to ~1e-4 over 6 steps; a wrong token weighting moves most
+    # weights by ~lr (3e-3). So: almost every weight equal to 5e-5, none off by lr / 3.
     for name in runs[1]:
-        torch.testing.assert_close(runs[1][name], runs[3][name], rtol=1e-4, atol=5e-5)
+        diff = (runs[1][name] - runs[3][name]).abs()
+        assert (diff > 5e-5).float().mean() < 1e-3, name
+        assert diff.max() < FAST["lr"] / 3, name
 
 
 # ----------------------------------------------------------------------------- errors
