@@ -104,13 +104,21 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
 
 @main.command()
 @click.option("--output", "-o", default="runs/demo", show_default=True, help="Run folder for the demo.")
-@click.option("--rows", default=48, show_default=True, help="Rows of the bundled sample to score.")
-def demo(output: str, rows: int) -> None:
-    """Score a bundled sample with a tiny offline model, rank it, and summarise (no network, no GPU)."""
+@click.option("--rows", "--pairs", "rows", default=600, show_default=True, help="Training pairs of the testbed to score (10% noisy).")
+@click.option("--warmup-steps", default=300, show_default=True, help="Warm-up steps of the tiny student before it scores.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the testbed and of the student.")
+def demo(output: str, rows: int, warmup_steps: int, seed: int) -> None:
+    """SRD on a controlled testbed: known task difficulty and known noisy pairs (offline, ~1 min, no GPU).
+
+    A tiny character-level student scores synthetic instruction pairs (copy, reverse, shift,
+    sort at 4 difficulty levels, 10% with wrong responses); the summary shows the
+    difficulty ranks tracking the known level and the noisy pairs landing in the dropped
+    quarter. Example: srdata demo --output runs/demo
+    """
     from .demo import run_demo
 
     try:
-        run_demo(output, rows=rows, echo=click.echo)
+        run_demo(output, train_pairs=rows, warmup_steps=warmup_steps, seed=seed, echo=click.echo)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from err
 

@@ -164,3 +164,167 @@ def build_qwen2_05b_layout(path: str | Path, texts: Iterable[str], *, vocab_size
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------------------
+# Character-level models for the controlled testbed (srdata.testbed)
+# --------------------------------------------------------------------------------------
+
+
+def build_char_model(
+    path: str | Path,
+    arch: Architecture = "gpt2",
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    max_positions: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Save a random-weight causal LM with the testbed's character-level tokenizer under ``path``.
+
+    Example:
+        >>> build_char_model("/tmp/char-student", hidden_size=64, num_layers=2)   # doctest: +SKIP
+        PosixPath('/tmp/char-student')
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from ..testbed import char_tokenizer
+
+    path = Path(path)
+    tokenizer = char_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if arch == "gpt2":
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+    elif arch == "llama":
+        config = LlamaConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 4, num_hidden_layers=num_layers,
+                             num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                             max_position_embeddings=max_positions, **ids)
+    else:
+        raise ValueError(f"unknown architecture {arch!r} for a character model; use gpt2 or llama")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_on_pairs(
+    path: str | Path,
+    prompts: list[str],
+    responses: list[str],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    log_every: int = 0,
+    echo=print,
+    callback=None,
+) -> list[float]:
+    """Supervised fine-tuning of the saved model at ``path`` on prompt/response pairs; saved back.
+
+    The loss is the cross-entropy of the response tokens and the end-of-sequence token
+    (prompt tokens are not scored), with the tokenization of :func:`srdata.encode_pairs`.
+    Batches are drawn by a shuffled pass over the pairs, repeated as needed; AdamW with
+    linear warm-up and cosine decay, gradient norm clipped at 1. Returns the mean training
+    loss of every ``log_every`` steps (empty when ``log_every`` is 0). ``callback(step,
+    model)``, when given, is called after each logged step (e.g. to evaluate).
+
+    Example:
+        >>> train_on_pairs("/tmp/char-student", ["copy a b\\n"], ["a b"], steps=10)   # doctest: +SKIP
+        []
+    """
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..tokenize import encode_pairs
+
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need as many prompts as responses (and at least one), got {len(prompts)} and {len(responses)}")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    pairs = encode_pairs(tokenizer, prompts, responses, max_prompt_tokens=10_000, max_reference_tokens=None)
+    sequences = [(p.prompt_ids + p.reference_ids, len(p.prompt_ids)) for p in pairs]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order: list[int] = []
+    history: list[float] = []
+    window: list[float] = []
+    for step in range(steps):
+        if step < warmup_steps:
+            step_lr = lr * (step + 1) / warmup_steps
+        else:
+            step_lr = lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        if len(order) < batch_size:
+            order += torch.randperm(len(sequences), generator=generator).tolist()
+        rows, order = order[:batch_size], order[batch_size:]
+        width = max(len(sequences[i][0]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq, prompt_length = sequences[i]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            labels[r, prompt_length : len(seq)] = torch.tensor(seq[prompt_length:])
+        # Right padding under causal attention never reaches a real token, and padded
+        # positions carry no label, so no attention mask is needed (a padding mask makes
+        # the CPU attention path several times slower).
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            history.append(sum(window) / len(window))
+            echo(f"  step {step + 1}/{steps}: loss {history[-1]:.4f}")
+            window = []
+            if callback is not None:
+                model.eval()
+                callback(step + 1, model)
+                model.train()
+    model.eval()
+    model.save_pretrained(path)
+    return history
+
+
+class quiet_transformers:
+    """Context manager: transformers' warnings and load/save progress bars off, restored after.
+
+    Example:
+        >>> with quiet_transformers():      # doctest: +SKIP
+        ...     build_char_model("/tmp/m")
+    """
+
+    def __enter__(self) -> "quiet_transformers":
+        from transformers.utils import logging as hf_logging
+
+        self._verbosity = hf_logging.get_verbosity()
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._verbosity)
+        if self._bars:
+            hf_logging.enable_progress_bar()
