@@ -15,9 +15,10 @@ sort      ``sort 7 1 9 1``            ``1 1 7 9``     level+2 digits
 
 An ``add`` family (a (level+1)-digit number plus one digit, digits least significant
 first) is available through ``tasks=(..., "add")`` but is not in the default ``TASKS``:
-the 4-layer teacher the laptop budget allows did not learn it (under 10% exact match
-after 2,000 steps, with either digit order), and a testbed whose teacher cannot do a
-family measures the teacher rather than SRD.
+the 4-layer teacher the laptop budget allows did not learn it (10-33% exact match after
+1,250-2,000 steps in the variants tried: two k-digit numbers in either digit order, or a
+one-digit addend), and a testbed whose teacher cannot do a family measures the teacher
+rather than SRD.
 
 (Each prompt ends with a newline; the response follows it.) The difficulty of a pair is
 known twice: its ``level`` (longer inputs) and its task.

@@ -584,11 +584,14 @@ def reproduce(settings: Settings, out: Path, *, mode: str, echo: Callable[[str],
     if publish_dir is not None:
         published = publish_dir / "results.json"
         previous = json.loads(published.read_text(encoding="utf-8")) if published.is_file() else None
-        if diagnostics and previous and previous.get("settings") == results["settings"] and "diagnostics" not in previous["summary"]:
+        same_settings = previous is not None and previous.get("settings") == json.loads(json.dumps(results["settings"]))
+        if diagnostics and same_settings and "diagnostics" not in previous["summary"]:
             # A diagnostics rerun reuses the main arms: keep the main run's record (its
             # wall-clock covers the whole pipeline) and add the post-hoc variants to it.
             previous["summary"]["diagnostics"] = results["summary"]["diagnostics"]
-            previous["diagnostics_run"] = {"started_at": started_at, "wall_seconds": results["wall_seconds"],
+            previous["diagnostics_run"] = {"started_at": started_at, "invocation_wall_seconds": results["wall_seconds"],
+                                           "note": "wall-clock of the invocation that merged the variants; cached steps were reused, "
+                                                   "see each variant's train_seconds",
                                            "seeds": {k: v.get("diagnostics") for k, v in results["seeds"].items()}}
             write_json_atomic(published, previous)
         else:
