@@ -8,7 +8,7 @@ normal ``from_pretrained`` path, exactly as a real student would be.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 Architecture = Literal["gpt2", "llama", "qwen2"]
 
@@ -63,8 +63,7 @@ def build_tiny_model(
         >>> build_tiny_model("/tmp/tiny", ["hello world"] * 10, arch="llama")  # doctest: +SKIP
         PosixPath('/tmp/tiny')
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     path = Path(path)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, add_bos=arch == "llama")
@@ -90,12 +89,23 @@ def build_tiny_model(
         )
     else:
         raise ValueError(f"unknown architecture {arch!r}; use one of gpt2, llama, qwen2")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = ids["pad_token_id"]
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    pad_id = ids["pad_token_id"]
     if not pad_token:
         tokenizer.pad_token = None
+    return _save_random_model(path, config, tokenizer, seed, pad_token_id=pad_id)
+
+
+def _save_random_model(
+    path: Path, config: Any, tokenizer: Any, seed: int, *, dtype: str = "float32", pad_token_id: int | None = None
+) -> Path:
+    """Seeded random weights for ``config``, saved with ``tokenizer`` under ``path``; returns ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -136,8 +146,7 @@ def build_qwen2_05b_layout(path: str | Path, texts: Iterable[str], *, vocab_size
 
     For GPU checks, where a real architecture's size matters but nothing can be downloaded.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     path = Path(path)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
@@ -156,14 +165,7 @@ def build_qwen2_05b_layout(path: str | Path, texts: Iterable[str], *, vocab_size
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_random_model(path, config, tokenizer, seed, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -187,8 +189,7 @@ def build_char_model(
         >>> build_char_model("/tmp/char-student", hidden_size=64, num_layers=2)   # doctest: +SKIP
         PosixPath('/tmp/char-student')
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig
 
     from ..testbed import char_tokenizer
 
@@ -205,14 +206,7 @@ def build_char_model(
                              max_position_embeddings=max_positions, **ids)
     else:
         raise ValueError(f"unknown architecture {arch!r} for a character model; use gpt2 or llama")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_random_model(path, config, tokenizer, seed)
 
 
 def train_on_pairs(
