@@ -57,6 +57,7 @@ from srdata.parquet_splice import (
     renumbered,
     row_groups,
     start_appending,
+    without_key_value_metadata,
     write_footer,
 )
 from srdata.rank import (
@@ -416,7 +417,7 @@ def write_stages(
     temps = _TempFiles(out_dir)
     try:
         segment_files = [temps.new(f"segment-{g}.{fmt}") for g in range(len(segments))]
-        schema = _output_schema(rows)
+        schema = _output_schemas(rows, compression, temps) if fmt == "parquet" else None
         _write_segments(rows, segments, segment_files, schema, fmt, compression)
         written = [_Written(segment, path, read_footer(path) if fmt == "parquet" else None) for segment, path in zip(segments, segment_files)]
         # Stages are assembled side by side: mostly kernel copies, which release the GIL.
@@ -470,14 +471,51 @@ class _TempFiles:
             path.unlink(missing_ok=True)
 
 
-def _output_schema(rows: pl.LazyFrame) -> pa.Schema:
-    """The Arrow schema of the stage files: the rows' columns, then ``stage``."""
+@dataclass(frozen=True)
+class _Schemas:
+    """The Arrow schema the stage files declare, and the one their rows are encoded from.
+
+    Polars holds strings as views; converting them to Arrow's ``large_string`` copies
+    every text (about a tenth of the export's CPU time at 10M rows). Top-level string and
+    binary columns are therefore encoded straight from ``string_view``/``binary_view``
+    arrays. Parquet stores both types identically (BYTE_ARRAY, STRING), so only the
+    footer's ``ARROW:schema`` entry differs: every stage file gets ``footer`` (that of an
+    empty file of ``public``), and readers see the same types as before.
+    """
+
+    public: pa.Schema
+    encoded: pa.Schema
+    footer: Footer
+
+    @property
+    def restamp(self) -> bool:
+        return self.encoded is not self.public
+
+
+def _output_schemas(rows: pl.LazyFrame, compression: str, temps: _TempFiles) -> _Schemas:
+    """The stage files' schema (the rows' columns, then ``stage``) and how to encode it."""
     empty = pl.DataFrame(schema=rows.collect_schema()).with_columns(pl.lit(0, dtype=pl.Int64).alias(STAGE_COLUMN))
-    return empty.to_arrow().schema
+    public = empty.to_arrow().schema
+    public_footer = _empty_file_footer(public, compression, temps.new("public-schema.parquet"))
+    views = {pa.large_string(): pa.string_view(), pa.large_binary(): pa.binary_view()}
+    encoded = pa.schema([f.with_type(views.get(f.type, f.type)) for f in public], metadata=public.metadata)
+    if encoded.equals(public):
+        return _Schemas(public, public, public_footer)
+    # Only ever a faster path: if this pyarrow wrote anything but ARROW:schema
+    # differently for views, encode from the public types as before.
+    encoded_footer = _empty_file_footer(encoded, compression, temps.new("encoded-schema.parquet"))
+    if without_key_value_metadata(encoded_footer) != without_key_value_metadata(public_footer):
+        return _Schemas(public, public, public_footer)
+    return _Schemas(public, encoded, public_footer)
+
+
+def _empty_file_footer(schema: pa.Schema, compression: str, path: Path) -> Footer:
+    _parquet_writer(path, schema, compression).close()
+    return read_footer(path)
 
 
 def _write_segments(
-    rows: pl.LazyFrame, segments: Sequence[_Segment], paths: Sequence[Path], schema: pa.Schema, fmt: str, compression: str
+    rows: pl.LazyFrame, segments: Sequence[_Segment], paths: Sequence[Path], schema: "_Schemas | None", fmt: str, compression: str
 ) -> None:
     """Stream the rows once and send each to its segment's writer thread."""
     if not segments:
@@ -557,8 +595,8 @@ class _SegmentWriter:
                 pass
 
 
-def _segment_sink(path: Path, stage: int, schema: pa.Schema, fmt: str, compression: str) -> "_ParquetSink | _JsonlSink":
-    return _ParquetSink(path, stage, schema, compression) if fmt == "parquet" else _JsonlSink(path, stage)
+def _segment_sink(path: Path, stage: int, schema: "_Schemas | None", fmt: str, compression: str) -> "_ParquetSink | _JsonlSink":
+    return _ParquetSink(path, stage, schema.encoded, compression) if schema is not None else _JsonlSink(path, stage)
 
 
 class _ParquetSink:
@@ -572,9 +610,10 @@ class _ParquetSink:
         self.pending_bytes = 0
 
     def write(self, rows: pl.DataFrame) -> None:
-        table = rows.with_columns(pl.lit(self.stage, dtype=pl.Int64).alias(STAGE_COLUMN)).to_arrow()
+        # newest(): strings as zero-copy views (see _Schemas); other types are cast if they differ.
+        table = rows.with_columns(pl.lit(self.stage, dtype=pl.Int64).alias(STAGE_COLUMN)).to_arrow(compat_level=pl.CompatLevel.newest())
         self.pending.append(table if table.schema == self.schema else table.cast(self.schema))
-        self.pending_bytes += table.nbytes
+        self.pending_bytes += rows.estimated_size()  # table.nbytes counts the whole buffers a view points into
         if self.pending_bytes >= ROW_GROUP_BYTES:
             self._flush()
 
@@ -628,22 +667,33 @@ class _Written:
     footer: "Footer | None"
 
 
-def _stage_file(stage: int, parts: Sequence[_Written], schema: pa.Schema, fmt: str, compression: str, temps: _TempFiles) -> Path:
+def _stage_file(stage: int, parts: Sequence[_Written], schema: "_Schemas | None", fmt: str, compression: str, temps: _TempFiles) -> Path:
     """The temporary file that becomes the stage file: a segment as written, or an assembly."""
     if len(parts) == 1 and parts[0].segment.first_stage == stage:
+        if schema is not None and schema.restamp:
+            _restamp_footer(parts[0], schema.footer)
         return parts[0].path  # written with this stage's value already: moved, not copied
-    if fmt == "jsonl":
+    if schema is None:
         path = temps.new(f"stage-{stage}.jsonl")
         _concat_jsonl(path, stage, parts)
         return path
     if not parts:
         path = temps.new(f"stage-{stage}.parquet")
-        _parquet_writer(path, schema, compression).close()
+        _parquet_writer(path, schema.public, compression).close()
         return path
     return _assemble_parquet_stage(stage, parts, schema, compression, temps)
 
 
-def _assemble_parquet_stage(stage: int, parts: Sequence[_Written], schema: pa.Schema, compression: str, temps: _TempFiles) -> Path:
+def _restamp_footer(part: _Written, template: Footer) -> None:
+    """Replace a segment file's footer by one declaring the public schema (same row groups)."""
+    assert part.footer is not None
+    with ExitStack() as stack:
+        out = open_fd(stack, part.path, os.O_RDWR)
+        start_appending(out, part.footer)
+        write_footer(out, template, row_groups(part.footer))
+
+
+def _assemble_parquet_stage(stage: int, parts: Sequence[_Written], schema: _Schemas, compression: str, temps: _TempFiles) -> Path:
     """Assemble a stage from its segments' row groups, copied without decoding.
 
     The segment written with this stage's value (the newest rows of a cumulative stage)
@@ -653,7 +703,7 @@ def _assemble_parquet_stage(stage: int, parts: Sequence[_Written], schema: pa.Sc
     """
     base = next((part for part in parts if part.segment.first_stage == stage), None)
     relabelled = [part for part in parts if part.segment.first_stage != stage]
-    stage_column = _stage_column_file(stage, relabelled, schema, compression, temps)
+    stage_column = _stage_column_file(stage, relabelled, schema.public, compression, temps)
     path = base.path if base is not None else temps.new(f"stage-{stage}.parquet")
     with ExitStack() as stack:
         out = open_fd(stack, path, os.O_RDWR | os.O_CREAT)
@@ -671,7 +721,7 @@ def _assemble_parquet_stage(stage: int, parts: Sequence[_Written], schema: pa.Sc
                 chunks[chunk_index(group, STAGE_COLUMN)] = (column_fd, get_field(next(column_groups), GROUP_COLUMNS)[1][0])
                 moved, position = copy_row_group(out, position, group, chunks, len(groups))
                 groups.append(moved)
-        write_footer(out, (base or parts[0]).footer, groups)
+        write_footer(out, schema.footer, groups)
     return path
 
 

@@ -26,7 +26,7 @@ _MAGIC = b"PAR1"
 # Thrift compact protocol type ids.
 _TRUE, _FALSE, _I8, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(1, 13)
 # Field ids in parquet.thrift.
-_FILE_NUM_ROWS, _FILE_ROW_GROUPS = 3, 4
+_FILE_NUM_ROWS, _FILE_ROW_GROUPS, _FILE_KEY_VALUE_METADATA = 3, 4, 5
 GROUP_COLUMNS, _GROUP_BYTE_SIZE, GROUP_NUM_ROWS, _GROUP_FILE_OFFSET, _GROUP_COMPRESSED_SIZE, _GROUP_ORDINAL = 1, 2, 3, 5, 6, 7
 _CHUNK_FILE_PATH, _CHUNK_FILE_OFFSET, _CHUNK_META = 1, 2, 3
 _CHUNK_UNSUPPORTED = {4: "an offset index", 6: "a column index", 8: "encryption", 9: "encryption"}
@@ -181,6 +181,11 @@ def read_footer(path: Path) -> Footer:
         start = size - 8 - int.from_bytes(tail[:4], "little")
         handle.seek(start)
         return Footer(ThriftReader(handle.read(size - 8 - start)).struct(), start)
+
+
+def without_key_value_metadata(footer: Footer) -> Struct:
+    """The footer's fields but its key-value metadata (where pyarrow keeps ``ARROW:schema``)."""
+    return [f for f in footer.fields if f[0] != _FILE_KEY_VALUE_METADATA]
 
 
 def row_groups(footer: Footer) -> list[Struct]:

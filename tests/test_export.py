@@ -281,6 +281,29 @@ def test_nested_categorical_and_null_columns_survive_the_copy(tmp_path: Path, mo
         assert pl.from_arrow(pq.read_table(path)).equals(expected)
 
 
+def test_stage_files_declare_the_rows_arrow_types_not_the_views_they_are_encoded_from(tmp_path: Path):
+    # Strings and binaries are encoded from zero-copy views; the footers must still declare
+    # what a plain polars -> Arrow conversion gives, for a moved stage and an assembled one.
+    import datasets
+
+    n = 60
+    frame = rank(pl.DataFrame({
+        "srd_id": range(n),
+        "prompt": [f"prompt {i} " * (i % 5 + 1) for i in range(n)],
+        "blob": [bytes([i % 256]) * (i % 4) for i in range(n)],
+        "rouge_l": [(i * 37 % 61) / 60 for i in range(n)],
+        "ce_loss": [(i * 53 % 59) / 10 for i in range(n)],
+    }))
+    files = write_stages(frame.lazy(), [(0, 20), (0, 40)], tmp_path, "parquet")
+    declared = frame.with_columns(stage=pl.lit(0, dtype=pl.Int64)).to_arrow().schema
+    assert declared.field("prompt").type == "large_string"
+    for s, path in enumerate(files):
+        assert pq.read_schema(path).equals(declared), path.name
+        assert pq.read_table(path).column("blob").to_pylist() == in_stage_order(frame, [20, 40][: s + 1])["blob"].to_list()
+        loaded = datasets.Dataset.from_parquet(str(path))
+        assert loaded.features["prompt"] == datasets.Value("large_string") and loaded.num_rows == 20 * (s + 1)
+
+
 def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: Path):
     frame = annotated_frame(20).with_columns(stage=pl.lit("stale"))
     bounds = [(0, 0), (0, 5), (10, 15), (18, 30), (0, 15)]
@@ -326,6 +349,9 @@ def test_fast_stable_sort_matches_a_stable_polars_sort():
         rng.integers(-5, 5, 300).tolist(),
         rng.integers(-(2**63), 2**63 - 1, 300).tolist(),
         np.round(rng.random(5000) * 3, 5).tolist(),
+        np.round(rng.random(20000), 2).tolist(),  # many ties, distinct top bits: the n_unique shortcut
+        (np.round(rng.random(20000), 1) + rng.integers(0, 3, 20000) * 2.0**-50).tolist(),  # many ties, some sharing top bits
+        pl.Series(rng.integers(0, 2**64 - 1, 300, dtype=np.uint64, endpoint=True)),
     ]
     for values in cases:
         series = pl.Series(values)
