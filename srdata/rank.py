@@ -329,16 +329,18 @@ def _sort_truncated_ties(order: np.ndarray, keys: np.ndarray, truncated: np.ndar
     ``truncated`` holds the sorted truncated keys: only neighbours equal there can be out
     of order, so only they need comparing in full.
     """
-    same = np.flatnonzero(truncated[1:] == truncated[:-1])
-    if same.size > order.size // 8:  # many repeated values
+    tied = truncated[1:] == truncated[:-1]
+    n_tied = int(np.count_nonzero(tied))
+    if n_tied > order.size // 8:  # many repeated values
         # As many distinct full keys as truncated ones: no two values share their top
         # bits, nothing to fix. A hash count is ~5x cheaper than gathering every key.
-        if pl.Series(keys).n_unique() == order.size - same.size:
+        if pl.Series(keys).n_unique() == order.size - n_tied:
             return
         # Else one gather of every key is cheaper than comparing the many tied neighbours.
         sorted_keys = keys[order]
         out_of_order = np.flatnonzero(sorted_keys[1:] < sorted_keys[:-1])
     else:
+        same = np.flatnonzero(tied)
         out_of_order = same[keys[order[same + 1]] < keys[order[same]]]
     if out_of_order.size == 0:
         return

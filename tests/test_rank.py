@@ -201,6 +201,8 @@ def test_bad_settings_and_ids():
     with pytest.raises(RankingError, match="non-negative integer"):
         rank(frame, rrf_k=-1)
     with pytest.raises(RankingError, match="unique"):
-        rank(scores_frame([0.5, 0.4], [1.0, 2.0], ids=[1, 1]))
+        rank(scores_frame([0.5, 0.4], [1.0, 2.0], ids=[1, 1]))  # sorted ids
+    with pytest.raises(RankingError, match="unique"):
+        rank(scores_frame([0.5, 0.4, 0.3], [1.0, 2.0, 3.0], ids=[2, 1, 2]))  # unsorted ids
     with pytest.raises(RankingError, match="no 'srd_id'"):
         rank(frame.drop("srd_id"))
