@@ -302,6 +302,12 @@ def test_stage_files_declare_the_rows_arrow_types_not_the_views_they_are_encoded
         assert pq.read_table(path).column("blob").to_pylist() == in_stage_order(frame, [20, 40][: s + 1])["blob"].to_list()
         loaded = datasets.Dataset.from_parquet(str(path))
         assert loaded.features["prompt"] == datasets.Value("large_string") and loaded.num_rows == 20 * (s + 1)
+        # Integer columns are delta bit-packed (ranks barely compress otherwise), the rest as before.
+        group = pq.ParquetFile(path).metadata.row_group(0)
+        encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+        for column in ("srd_id", "rank_rouge_l", "rank_ce_loss", "difficulty_rank", "stage"):
+            assert "DELTA_BINARY_PACKED" in encodings[column], (column, encodings[column])
+        assert "DELTA_BINARY_PACKED" not in encodings["prompt"] + encodings["rrf_score"]
 
 
 def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: Path):
