@@ -209,7 +209,8 @@ def _rank_valid_rows(
         columns[key.rank_column] = ranks[key.column]
     columns[FUSED_COLUMN] = fused.alias(FUSED_COLUMN)
     last_order = orders[keys[-1].column] if chained else None
-    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(fused, True, last_order))
+    # The fused sort runs alone: it may use every core.
+    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(fused, True, last_order, alone=True))
     return pl.DataFrame([series.alias(name) for name, series in columns.items()])
 
 
@@ -238,14 +239,14 @@ def _key_ranks(
     return {c: r[0] for c, r in results.items()}, {c: r[1] for c, r in results.items()}
 
 
-def _stable_order(values: pl.Series, descending: bool, start: pl.Series | None) -> pl.Series:
+def _stable_order(values: pl.Series, descending: bool, start: pl.Series | None, alone: bool = False) -> pl.Series:
     """Row positions sorted by ``values`` with a stable sort applied to the ``start`` order."""
     in_start_order = values if start is None else values.gather(start)
-    local = stable_arg_sort(in_start_order, descending)
+    local = stable_arg_sort(in_start_order, descending, multithreaded=alone)
     return local if start is None else start.gather(local)
 
 
-def stable_arg_sort(values: pl.Series, descending: bool = False) -> pl.Series:
+def stable_arg_sort(values: pl.Series, descending: bool = False, multithreaded: bool = False) -> pl.Series:
     """Positions of ``values`` in sorted order, equal values in position order (Int64).
 
     The same result as ``arg_sort_by(..., maintain_order=True)``, about 3x faster on
@@ -273,8 +274,8 @@ def stable_arg_sort(values: pl.Series, descending: bool = False) -> pl.Series:
     packed = np.right_shift(keys, dropped, out=None if dropped else keys)  # keys are needed again only if truncated
     packed <<= shift
     _or_positions(packed)
-    # Single-threaded is faster here, and leaves the other core to a concurrent sort.
-    packed = pl.Series(packed).sort(multithreaded=False).to_numpy()
+    # Single-threaded by default: it leaves the other core to a concurrent sort.
+    packed = pl.Series(packed).sort(multithreaded=multithreaded).to_numpy()
     order = (packed & ((np.uint64(1) << shift) - np.uint64(1))).view(np.int64)  # positions < 2**40
     if dropped:
         _sort_truncated_ties(order, keys, packed >> shift, dropped)
