@@ -477,7 +477,7 @@ class _Schemas:
     """The Arrow schema the stage files declare, and the one their rows are encoded from.
 
     Polars holds strings as views; converting them to Arrow's ``large_string`` copies
-    every text (about a tenth of the export's CPU time at 10M rows). Top-level string and
+    every text (about 12% of the encoding CPU at 10M rows). Top-level string and
     binary columns are therefore encoded straight from ``string_view``/``binary_view``
     arrays. Parquet stores both types identically (BYTE_ARRAY, STRING), so only the
     footer's ``ARROW:schema`` entry differs: every stage file gets ``footer`` (that of an
