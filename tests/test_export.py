@@ -269,6 +269,9 @@ def test_nested_categorical_and_null_columns_survive_the_copy(tmp_path: Path, mo
             "tokens": [[i, i + 1] if i % 7 else None for i in range(n)],
             "meta": [{"x": i, "y": str(i)} for i in range(n)],
             "nothing": [None] * n,
+            # Integer columns are delta bit-packed: nulls, narrow and unsigned extremes too.
+            "small": pl.Series([None if i % 5 == 0 else (i % 256) - 128 for i in range(n)], dtype=pl.Int8),
+            "big": pl.Series([0 if i % 2 else 2**64 - 1 - i for i in range(n)], dtype=pl.UInt64),
             "rouge_l": [round((i * 37 % 101) / 100, 2) for i in range(n)],
             "ce_loss": [(i * 53 % 97) / 10 for i in range(n)],
         })
