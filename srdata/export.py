@@ -502,9 +502,12 @@ def _output_schemas(rows: pl.LazyFrame, compression: str, temps: _TempFiles) -> 
     encoded = pa.schema([f.with_type(views.get(f.type, f.type)) for f in public], metadata=public.metadata)
     if encoded.equals(public):
         return _Schemas(public, public, public_footer)
-    # Only ever a faster path: if this pyarrow wrote anything but ARROW:schema
-    # differently for views, encode from the public types as before.
-    encoded_footer = _empty_file_footer(encoded, compression, temps.new("encoded-schema.parquet"))
+    # Only ever a faster path: if this pyarrow cannot write views, or writes anything but
+    # ARROW:schema differently for them, encode from the public types.
+    try:
+        encoded_footer = _empty_file_footer(encoded, compression, temps.new("encoded-schema.parquet"))
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return _Schemas(public, public, public_footer)
     if without_key_value_metadata(encoded_footer) != without_key_value_metadata(public_footer):
         return _Schemas(public, public, public_footer)
     return _Schemas(public, encoded, public_footer)

@@ -313,6 +313,26 @@ def test_stage_files_declare_the_rows_arrow_types_not_the_views_they_are_encoded
         assert "DELTA_BINARY_PACKED" not in encodings["prompt"] + encodings["rrf_score"]
 
 
+def test_a_pyarrow_that_cannot_write_string_views_falls_back_to_the_plain_types(tmp_path: Path, monkeypatch):
+    import pyarrow as pa
+
+    import srdata.export as export
+
+    real = export._empty_file_footer
+
+    def no_views(schema, compression, path):
+        if any(f.type == pa.string_view() for f in schema):
+            raise pa.ArrowNotImplementedError("string_view to parquet")
+        return real(schema, compression, path)
+
+    monkeypatch.setattr(export, "_empty_file_footer", no_views)
+    frame = annotated_frame(40)
+    files = write_stages(frame.lazy(), [(0, 10), (0, 20)], tmp_path, "parquet")
+    for s, path in enumerate(files):
+        assert pl.read_parquet(path).drop("stage").equals(in_stage_order(frame, [10, 20][: s + 1]))
+        assert pq.read_schema(path).field("prompt_text").type == "large_string"
+
+
 def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: Path):
     frame = annotated_frame(20).with_columns(stage=pl.lit("stale"))
     bounds = [(0, 0), (0, 5), (10, 15), (18, 30), (0, 15)]
