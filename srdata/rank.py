@@ -317,8 +317,7 @@ def _sortable_keys(values: pl.Series) -> np.ndarray | None:
         bits ^= flips
         return bits
     if values.dtype in _SIGNED_64:
-        keys = values.cast(pl.Int64).to_numpy().view(np.uint64) ^ _SIGN_BIT
-        return keys
+        return values.cast(pl.Int64).to_numpy().view(np.uint64) ^ _SIGN_BIT  # a new array
     if values.dtype in _UNSIGNED_64:
         return values.cast(pl.UInt64).to_numpy().copy()  # a writable array of our own
     return None  # decimals, 128-bit integers
