@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import polars as pl
@@ -200,17 +200,21 @@ def _rank_valid_rows(
     chained = ties == "reference"
     orders, ranks = _key_ranks(scores, keys, info_keys, chained)
     columns: dict[str, pl.Series] = {ID_COLUMN: scores[ID_COLUMN]}
-    fused = pl.zeros(scores.height, dtype=pl.Float64, eager=True)
+    fused = np.zeros(scores.height, dtype=np.float64)
+    term = np.empty(scores.height, dtype=np.float64)  # in place: no fresh 80 MB per operation
     for key in keys:
         columns[key.rank_column] = ranks[key.column]
         # Same float operations, in the same order, as the reference: 1/(k+rank) summed.
-        fused = fused + key.weight / (rrf_k + ranks[key.column].cast(pl.Float64))
+        np.add(ranks[key.column].to_numpy(), rrf_k, out=term, casting="unsafe")  # exact: ranks < 2**53
+        np.divide(key.weight, term, out=term)
+        fused += term
+    del term
     for key in info_keys:
         columns[key.rank_column] = ranks[key.column]
-    columns[FUSED_COLUMN] = fused.alias(FUSED_COLUMN)
+    columns[FUSED_COLUMN] = pl.Series(FUSED_COLUMN, fused)
     last_order = orders[keys[-1].column] if chained else None
     # The fused sort runs alone: it may use every core.
-    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(fused, True, last_order, alone=True))
+    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(columns[FUSED_COLUMN], True, last_order, alone=True))
     return pl.DataFrame([series.alias(name) for name, series in columns.items()])
 
 
@@ -257,28 +261,37 @@ def stable_arg_sort(values: pl.Series, descending: bool = False, multithreaded: 
         >>> stable_arg_sort(pl.Series([0.5, 0.1, 0.5, 0.2]), descending=True).to_list()
         [0, 2, 3, 1]
     """
-    keys = _sortable_keys(values)
+    raw = _raw_values(values)
     position_bits = max(1, (values.len() - 1).bit_length())
-    if keys is None or position_bits > 40:  # other dtypes, nulls, or too little room for the value
+    if raw is None or position_bits > 40:  # other dtypes, nulls, or too little room for the value
         return _polars_stable_arg_sort(values, descending)
-    # In place wherever possible: every fresh 80 MB array costs page faults, about as
-    # much CPU as the sort itself on a VM.
+    # One 80 MB work array per sort, reused at every step: on a VM, first-touch page
+    # faults on fresh memory cost as much CPU as the sort itself.
+    keys = _sortable_keys(raw)
     if descending:
         np.invert(keys, out=keys)
-    keys -= keys.min()  # the smaller range keeps more value bits
+    key_min = keys.min()
+    keys -= key_min  # the smaller range keeps more value bits
     # The value gets the bits the position leaves: all of them when its range fits (ints),
     # else its top bits, and _sort_truncated_ties puts right the few distinct values that
-    # share them (they come out in position order).
+    # share them (they come out in position order, and full keys are recomputed for them).
     dropped = np.uint64(max(0, int(keys.max()).bit_length() - (64 - position_bits)))
     shift = np.uint64(position_bits)
-    packed = np.right_shift(keys, dropped, out=None if dropped else keys)  # keys are needed again only if truncated
-    packed <<= shift
-    _or_positions(packed)
-    # Single-threaded by default: it leaves the other core to a concurrent sort.
-    packed = pl.Series(packed).sort(multithreaded=multithreaded).to_numpy()
-    order = (packed & ((np.uint64(1) << shift) - np.uint64(1))).view(np.int64)  # positions < 2**40
     if dropped:
-        _sort_truncated_ties(order, keys, packed >> shift, dropped)
+        keys >>= dropped
+    keys <<= shift
+    _or_positions(keys)
+    # Single-threaded by default: it leaves the other core to a concurrent sort.
+    packed = pl.Series(keys).sort(multithreaded=multithreaded).to_numpy()
+    order = np.bitwise_and(packed, (np.uint64(1) << shift) - np.uint64(1), out=keys).view(np.int64)  # positions < 2**40
+    if dropped:
+
+        def full_keys(rows: np.ndarray) -> np.ndarray:
+            # The same map as for the whole column, for a few rows.
+            some = _sortable_keys(raw[rows])
+            return (np.invert(some, out=some) if descending else some) - key_min
+
+        _sort_truncated_ties(order, packed, shift, full_keys, values)
     return pl.Series(order)
 
 
@@ -304,61 +317,99 @@ _SIGNED_64 = (pl.Int8, pl.Int16, pl.Int32, pl.Int64)
 _UNSIGNED_64 = (pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 
 
-def _sortable_keys(values: pl.Series) -> np.ndarray | None:
-    """uint64 keys whose unsigned order is the values' order, a new writable array (None if there is no such cheap map)."""
+def _raw_values(values: pl.Series) -> np.ndarray | None:
+    """The values as a float64, int64 or uint64 array (None if they have no cheap sortable map)."""
     if values.len() == 0 or values.null_count() or not values.dtype.is_numeric():
         return None
     if values.dtype.is_float():
-        # + 0.0 turns -0.0 into 0.0: they compare equal, so they must tie. NaN is refused earlier.
-        bits = (values.cast(pl.Float64).to_numpy() + 0.0).view(np.uint64)
-        # IEEE order as unsigned order: flip every bit of negatives, only the sign of others.
-        flips = np.right_shift(bits.view(np.int64), 63).view(np.uint64)  # all ones or all zeros
-        flips |= _SIGN_BIT
-        bits ^= flips
-        return bits
+        return values.cast(pl.Float64).to_numpy()
     if values.dtype in _SIGNED_64:
-        return values.cast(pl.Int64).to_numpy().view(np.uint64) ^ _SIGN_BIT  # a new array
+        return values.cast(pl.Int64).to_numpy()
     if values.dtype in _UNSIGNED_64:
-        return values.cast(pl.UInt64).to_numpy().copy()  # a writable array of our own
+        return values.cast(pl.UInt64).to_numpy()
     return None  # decimals, 128-bit integers
 
 
-def _sort_truncated_ties(order: np.ndarray, keys: np.ndarray, truncated: np.ndarray, dropped: np.uint64) -> None:
-    """Re-sort, in place, the runs of ``order`` whose keys differ only in the ``dropped`` low bits.
+def _sortable_keys(raw: np.ndarray) -> np.ndarray:
+    """uint64 keys whose unsigned order is the order of ``raw`` (from ``_raw_values``), a new array."""
+    if raw.dtype == np.uint64:
+        return raw.copy()
+    if raw.dtype == np.int64:
+        keys = raw.view(np.uint64).copy()
+        keys ^= _SIGN_BIT
+        return keys
+    # + 0.0 turns -0.0 into 0.0: they compare equal, so they must tie. NaN is refused earlier.
+    keys = np.add(raw, 0.0).view(np.uint64)
+    # IEEE order as unsigned order: flip every bit of negatives, only the sign of others.
+    if keys.view(np.int64).min() >= 0:  # no negatives (scores usually): no temporary needed
+        keys |= _SIGN_BIT
+        return keys
+    negative = keys.view(np.int64) < 0
+    np.invert(keys, out=keys, where=negative)
+    np.bitwise_or(keys, _SIGN_BIT, out=keys, where=~negative)
+    return keys
 
-    ``truncated`` holds the sorted truncated keys: only neighbours equal there can be out
-    of order, so only they need comparing in full.
+
+def _sort_truncated_ties(
+    order: np.ndarray, packed: np.ndarray, shift: np.uint64, full_keys: "Callable[[np.ndarray], np.ndarray]", values: pl.Series
+) -> None:
+    """Re-sort, in place, the runs of ``order`` whose values share their truncated keys.
+
+    ``packed`` is the sorted array of (truncated key << shift | position): only neighbours
+    with the same truncated key can be out of order, so only they are compared in full.
     """
-    tied = truncated[1:] == truncated[:-1]
+    tied = _tied_neighbours(packed, shift)
     n_tied = int(np.count_nonzero(tied))
+    if n_tied == 0:
+        return
     if n_tied > order.size // 8:  # many repeated values
-        # As many distinct full keys as truncated ones: no two values share their top
-        # bits, nothing to fix. A hash count is ~5x cheaper than gathering every key.
-        if pl.Series(keys).n_unique() == order.size - n_tied:
+        # As many distinct values as truncated keys: no two values share their top bits,
+        # nothing to fix. A hash count is ~5x cheaper than gathering every key.
+        if values.n_unique() == order.size - n_tied:
             return
         # Else one gather of every key is cheaper than comparing the many tied neighbours.
-        sorted_keys = keys[order]
+        sorted_keys = full_keys(order)
         out_of_order = np.flatnonzero(sorted_keys[1:] < sorted_keys[:-1])
     else:
         same = np.flatnonzero(tied)
-        out_of_order = same[keys[order[same + 1]] < keys[order[same]]]
+        out_of_order = same[full_keys(order[same + 1]) < full_keys(order[same])]
     if out_of_order.size == 0:
         return
-    runs = np.unique(truncated[out_of_order])
-    firsts = np.searchsorted(truncated, runs, side="left")
-    lengths = np.searchsorted(truncated, runs, side="right") - firsts
+    # Each run: the packed values from (truncated << shift) to (truncated << shift) | mask.
+    low = (packed[out_of_order] >> shift) << shift
+    starts = np.unique(low)
+    firsts = np.searchsorted(packed, starts, side="left")
+    lengths = np.searchsorted(packed, starts | ((np.uint64(1) << shift) - np.uint64(1)), side="right") - firsts
     slots = np.repeat(firsts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
     rows = order[slots]
     # The runs are in value order among themselves, so sorting their union by (full value,
     # position) and writing it back into their slots sorts each run.
-    order[slots] = rows[np.lexsort((rows, keys[rows]))]
+    order[slots] = rows[np.lexsort((rows, full_keys(rows)))]
+
+
+def _tied_neighbours(packed: np.ndarray, shift: np.uint64) -> np.ndarray:
+    """``tied[i]``: sorted entries i and i+1 have the same truncated key (a block at a time)."""
+    tied = np.empty(max(packed.size - 1, 0), dtype=bool)
+    limit = np.uint64(1) << shift
+    scratch = np.empty(min(POSITION_BLOCK, tied.size), dtype=np.uint64)
+    for start in range(0, tied.size, POSITION_BLOCK):
+        stop = min(start + POSITION_BLOCK, tied.size)
+        xor = np.bitwise_xor(packed[start + 1 : stop + 1], packed[start:stop], out=scratch[: stop - start])
+        np.less(xor, limit, out=tied[start:stop])  # equal top bits: they differ below `shift`
+    return tied
 
 
 def _ranks_from_order(order: pl.Series) -> pl.Series:
     """1-based rank of every row: the inverse permutation of a sort order."""
     # A scatter is linear; inverting by a second sort would cost as much as the first.
-    ranks = np.empty(order.len(), dtype=np.int64)
-    ranks[order.to_numpy()] = np.arange(1, order.len() + 1, dtype=np.int64)
+    # Block by block, so that no 80 MB arange is made.
+    positions = order.to_numpy()
+    ranks = np.empty(positions.size, dtype=np.int64)
+    block = np.arange(1, min(POSITION_BLOCK, positions.size) + 1, dtype=np.int64)
+    for start in range(0, positions.size, POSITION_BLOCK):
+        piece = positions[start : start + POSITION_BLOCK]
+        ranks[piece] = block[: piece.size]
+        block += POSITION_BLOCK
     return pl.Series(ranks)
 
 

@@ -380,6 +380,8 @@ def test_fast_stable_sort_matches_a_stable_polars_sort():
         np.round(rng.random(5000) * 3, 5).tolist(),
         np.round(rng.random(20000), 2).tolist(),  # many ties, distinct top bits: the n_unique shortcut
         (np.round(rng.random(20000), 1) + rng.integers(0, 3, 20000) * 2.0**-50).tolist(),  # many ties, some sharing top bits
+        (np.round(rng.standard_normal(20000), 1) * (1 + rng.integers(0, 3, 20000) * 2.0**-50)).tolist(),  # the same, negatives too
+        (lambda base: np.concatenate([base, base[:200] * (1 + 2.0**-51), base[200:300]]))(rng.standard_normal(2800)).tolist(),  # few ties, sharing top bits
         pl.Series(rng.integers(0, 2**64 - 1, 300, dtype=np.uint64, endpoint=True)),
     ]
     for values in cases:
