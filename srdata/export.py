@@ -87,8 +87,8 @@ CURRICULUM_FILE = "curriculum.json"
 DEFAULT_STAGES = 4
 ZSTD_LEVEL = 1
 STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
-QUEUED_BATCHES = 4  # per segment writer: enough to keep it busy, few enough to bound memory
-ROW_GROUP_BYTES = 128 << 20  # Arrow bytes per parquet row group (about 350k rows of 300 chars)
+QUEUED_BATCHES = 2  # per segment writer: enough to keep it busy, few enough to bound memory
+ROW_GROUP_BYTES = 64 << 20  # Arrow bytes per parquet row group (about 170k rows of 300 chars)
 COPY_BLOCK_BYTES = 8 << 20
 DICTIONARY_PAGE_BYTES = 64 << 10
 
@@ -322,9 +322,12 @@ def export_curriculum(
     n_valid = ranks[DIFFICULTY_COLUMN].count()
     bounds = stage_bounds(n_valid, plan)
     out_dir = prepare_output(Path(out) if out is not None else run.path / "curriculum")
-    rows = _ranked_rows(run, ranks if ranking.recompute else None)
-    files = write_stages(rows, bounds, out_dir, fmt, compression)
-    summary = curriculum_summary(run, plan, ranking, ranks, bounds, files, fmt, compression)
+    # Summarised before the rows are streamed, so that the score columns are freed first:
+    # on a VM, memory that is reused is much cheaper than memory touched for the first time.
+    summary = curriculum_summary(run, plan, ranking, ranks, bounds, stage_file_paths(out_dir, len(bounds), fmt), fmt, compression)
+    new_ranks = ranks.select(_rank_output_columns(ranks)) if ranking.recompute else None
+    del ranks
+    files = write_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression)
     write_json_atomic(out_dir / CURRICULUM_FILE, summary)
     _remove_stale_stage_files(out_dir, keep_names={f.name for f in files})
     return out_dir
@@ -414,7 +417,7 @@ def write_stages(
     """
     rows = rows.drop(STAGE_COLUMN, strict=False)  # a stale `stage` column is replaced, last
     segments, members = _segments(bounds)
-    finals = [out_dir / f"stage-{s}.{fmt}" for s in range(len(bounds))]
+    finals = stage_file_paths(out_dir, len(bounds), fmt)
     temps = _TempFiles(out_dir)
     try:
         segment_files = [temps.new(f"segment-{g}.{fmt}") for g in range(len(segments))]
@@ -430,6 +433,16 @@ def write_stages(
     finally:
         temps.remove_all()
     return finals
+
+
+def stage_file_paths(out_dir: Path, n_stages: int, fmt: str) -> list[Path]:
+    """Where ``write_stages`` puts each stage: ``stage-0.parquet``, ``stage-1.parquet``, ...
+
+    Example:
+        >>> [p.name for p in stage_file_paths(Path("out"), 2, "jsonl")]
+        ['stage-0.jsonl', 'stage-1.jsonl']
+    """
+    return [out_dir / f"stage-{s}.{fmt}" for s in range(n_stages)]
 
 
 @dataclass(frozen=True)
