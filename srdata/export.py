@@ -686,7 +686,9 @@ def _parquet_writer(path: Path, schema: pa.Schema, compression: str) -> pq.Parqu
 def _leaf_columns(schema: pa.Schema) -> tuple[str, ...]:
     """Parquet's leaf column paths of ``schema`` (``meta.x``, ``tokens.list.element``)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(schema.empty_table(), sink)
+    # from_batches, not schema.empty_table(): that builds arrays with pa.array, which imports
+    # pandas on first use (0.4-0.8 s, inside every export).
+    pq.write_table(pa.Table.from_batches([], schema=schema), sink)
     parquet_schema = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
     return tuple(parquet_schema.column(i).path for i in range(len(parquet_schema)))
 
