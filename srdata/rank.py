@@ -149,7 +149,7 @@ def _check_settings(df: pl.DataFrame, keys: Sequence[RankKey], rrf_k: int, ties:
         raise RankingError(f"rrf_k must be a non-negative integer, got {rrf_k!r}")
     if ID_COLUMN not in df.columns:
         raise RankingError(f"the data has no {ID_COLUMN!r} column, needed as the join key and tie-breaker")
-    if df[ID_COLUMN].null_count() or df[ID_COLUMN].n_unique() != df.height:
+    if df[ID_COLUMN].null_count() or not _all_distinct(df[ID_COLUMN]):
         raise RankingError(f"{ID_COLUMN!r} must be unique and non-null")
     numeric = [c for c, t in df.schema.items() if t.is_numeric() and c != ID_COLUMN]
     for key in keys:
@@ -159,6 +159,15 @@ def _check_settings(df: pl.DataFrame, keys: Sequence[RankKey], rrf_k: int, ties:
             )
         if key.column not in numeric:
             raise RankingError(f"--rank-by column {key.column!r} is {df.schema[key.column]}, not numeric")
+
+
+def _all_distinct(ids: pl.Series) -> bool:
+    """No value twice. Sorted ids (the usual case) need only a neighbour comparison, not a hash count."""
+    if ids.len() < 2:
+        return True
+    if ids.is_sorted():
+        return not (ids.slice(1) == ids.slice(0, ids.len() - 1)).any()
+    return ids.n_unique() == ids.len()
 
 
 def _informational_keys(df: pl.DataFrame, keys: Sequence[RankKey]) -> tuple[RankKey, ...]:
@@ -199,43 +208,47 @@ def _rank_valid_rows(
     """Ranks of the valid rows (already in srd_id order), one column per output."""
     chained = ties == "reference"
     orders, ranks = _key_ranks(scores, keys, info_keys, chained)
+    last_order = orders[keys[-1].column] if chained else None
+    # Work memory for the fused score and its sort: a key order that is no longer needed
+    # when one is (in "input" mode), as fresh memory costs page faults (see stable_arg_sort).
+    spare = [order for order in orders.values() if not chained and order.flags.writeable and order.dtype == np.int64]
+    work = spare[0].view(np.uint64) if spare else np.empty(scores.height, dtype=np.uint64)
+    del orders, spare
     columns: dict[str, pl.Series] = {ID_COLUMN: scores[ID_COLUMN]}
     fused = np.zeros(scores.height, dtype=np.float64)
-    term = np.empty(scores.height, dtype=np.float64)  # in place: no fresh 80 MB per operation
+    term = work.view(np.float64)
     for key in keys:
         columns[key.rank_column] = ranks[key.column]
         # Same float operations, in the same order, as the reference: 1/(k+rank) summed.
         np.add(ranks[key.column].to_numpy(), rrf_k, out=term, casting="unsafe")  # exact: ranks < 2**53
         np.divide(key.weight, term, out=term)
         fused += term
-    del term
     for key in info_keys:
         columns[key.rank_column] = ranks[key.column]
     columns[FUSED_COLUMN] = pl.Series(FUSED_COLUMN, fused)
-    last_order = orders[keys[-1].column] if chained else None
     # The fused sort runs alone: it may use every core.
-    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(columns[FUSED_COLUMN], True, last_order, alone=True))
+    columns[DIFFICULTY_COLUMN] = _ranks_from_order(_stable_order(columns[FUSED_COLUMN], True, last_order, alone=True, work=work))
     return pl.DataFrame([series.alias(name) for name, series in columns.items()])
 
 
 def _key_ranks(
     scores: pl.DataFrame, keys: Sequence[RankKey], info_keys: Sequence[RankKey], chained: bool
-) -> tuple[dict[str, pl.Series], dict[str, pl.Series]]:
+) -> tuple[dict[str, np.ndarray], dict[str, pl.Series]]:
     """The sort order and the rank of every ranked column; independent sorts run on parallel threads.
 
     In ``reference`` mode each fused key sorts the previous key's order, so those run one
     after the other; otherwise every sort starts from the input order.
     """
 
-    def order_and_rank(key: RankKey, start: pl.Series | None) -> tuple[pl.Series, pl.Series]:
+    def order_and_rank(key: RankKey, start: np.ndarray | None) -> tuple[np.ndarray, pl.Series]:
         order = _stable_order(scores[key.column], key.descending, start)
         return order, _ranks_from_order(order)
 
     independent = [*info_keys, *([] if chained else keys)]
     with ThreadPoolExecutor(max_workers=max(1, min(len(independent), os.cpu_count() or 1))) as pool:
         futures = {key.column: pool.submit(order_and_rank, key, None) for key in independent}
-        results: dict[str, tuple[pl.Series, pl.Series]] = {}
-        previous: pl.Series | None = None
+        results: dict[str, tuple[np.ndarray, pl.Series]] = {}
+        previous: np.ndarray | None = None
         for key in keys if chained else ():
             results[key.column] = order_and_rank(key, previous)
             previous = results[key.column][0]
@@ -243,11 +256,15 @@ def _key_ranks(
     return {c: r[0] for c, r in results.items()}, {c: r[1] for c, r in results.items()}
 
 
-def _stable_order(values: pl.Series, descending: bool, start: pl.Series | None, alone: bool = False) -> pl.Series:
-    """Row positions sorted by ``values`` with a stable sort applied to the ``start`` order."""
+def _stable_order(
+    values: pl.Series, descending: bool, start: np.ndarray | None, alone: bool = False, work: np.ndarray | None = None
+) -> np.ndarray:
+    """Row positions (int64) sorted by ``values`` with a stable sort applied to the ``start`` order."""
     in_start_order = values if start is None else values.gather(start)
-    local = stable_arg_sort(in_start_order, descending, multithreaded=alone)
-    return local if start is None else start.gather(local)
+    local = _packed_arg_sort(in_start_order, descending, alone, work)
+    if local is None:
+        local = _polars_stable_arg_sort(in_start_order, descending).to_numpy()
+    return local if start is None else start[local]
 
 
 def stable_arg_sort(values: pl.Series, descending: bool = False, multithreaded: bool = False) -> pl.Series:
@@ -261,13 +278,19 @@ def stable_arg_sort(values: pl.Series, descending: bool = False, multithreaded: 
         >>> stable_arg_sort(pl.Series([0.5, 0.1, 0.5, 0.2]), descending=True).to_list()
         [0, 2, 3, 1]
     """
+    order = _packed_arg_sort(values, descending, multithreaded)
+    return pl.Series(order) if order is not None else _polars_stable_arg_sort(values, descending)
+
+
+def _packed_arg_sort(values: pl.Series, descending: bool, multithreaded: bool, work: np.ndarray | None = None) -> np.ndarray | None:
+    """``stable_arg_sort`` as an int64 array, in ``work`` (uint64, overwritten) when given; None where it does not apply."""
     raw = _raw_values(values)
     position_bits = max(1, (values.len() - 1).bit_length())
     if raw is None or position_bits > 40:  # other dtypes, nulls, or too little room for the value
-        return _polars_stable_arg_sort(values, descending)
+        return None
     # One 80 MB work array per sort, reused at every step: on a VM, first-touch page
     # faults on fresh memory cost as much CPU as the sort itself.
-    keys = _sortable_keys(raw)
+    keys = _sortable_keys(raw, out=work)
     if descending:
         np.invert(keys, out=keys)
     key_min = keys.min()
@@ -292,7 +315,7 @@ def stable_arg_sort(values: pl.Series, descending: bool = False, multithreaded: 
             return (np.invert(some, out=some) if descending else some) - key_min
 
         _sort_truncated_ties(order, packed, shift, full_keys, values)
-    return pl.Series(order)
+    return order
 
 
 POSITION_BLOCK = 1 << 18
@@ -330,16 +353,17 @@ def _raw_values(values: pl.Series) -> np.ndarray | None:
     return None  # decimals, 128-bit integers
 
 
-def _sortable_keys(raw: np.ndarray) -> np.ndarray:
-    """uint64 keys whose unsigned order is the order of ``raw`` (from ``_raw_values``), a new array."""
+def _sortable_keys(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint64 keys whose unsigned order is the order of ``raw`` (from ``_raw_values``), in ``out`` or a new array."""
+    keys = np.empty(raw.size, dtype=np.uint64) if out is None else out
     if raw.dtype == np.uint64:
-        return raw.copy()
+        np.copyto(keys, raw)
+        return keys
     if raw.dtype == np.int64:
-        keys = raw.view(np.uint64).copy()
-        keys ^= _SIGN_BIT
+        np.bitwise_xor(raw.view(np.uint64), _SIGN_BIT, out=keys)
         return keys
     # + 0.0 turns -0.0 into 0.0: they compare equal, so they must tie. NaN is refused earlier.
-    keys = np.add(raw, 0.0).view(np.uint64)
+    np.add(raw, 0.0, out=keys.view(np.float64))
     # IEEE order as unsigned order: flip every bit of negatives, only the sign of others.
     if keys.view(np.int64).min() >= 0:  # no negatives (scores usually): no temporary needed
         keys |= _SIGN_BIT
@@ -399,11 +423,10 @@ def _tied_neighbours(packed: np.ndarray, shift: np.uint64) -> np.ndarray:
     return tied
 
 
-def _ranks_from_order(order: pl.Series) -> pl.Series:
+def _ranks_from_order(positions: np.ndarray) -> pl.Series:
     """1-based rank of every row: the inverse permutation of a sort order."""
     # A scatter is linear; inverting by a second sort would cost as much as the first.
     # Block by block, so that no 80 MB arange is made.
-    positions = order.to_numpy()
     ranks = np.empty(positions.size, dtype=np.int64)
     block = np.arange(1, min(POSITION_BLOCK, positions.size) + 1, dtype=np.int64)
     for start in range(0, positions.size, POSITION_BLOCK):
