@@ -14,8 +14,8 @@ cumulative boundaries (``0.25,0.5,0.75``); the rows past the last boundary are d
 Inside a stage file the rows come part by part, easiest part first, each part in input
 (``srd_id``) order, so the rows of cumulative stage s-1 are the first rows of stage s
 (a disjoint stage is one part: input order). This lets export read the annotated rows
-once and encode every part once, whatever the number of stages that hold it: a
-cumulative stage file is assembled by copying its parts' parquet row groups (see
+once and encode every part once, whatever the number of stages that hold it: each
+encoded parquet row group is appended to every stage file that holds its part (see
 ``write_stages``), half the compression work of encoding every stage on its own.
 Trainers shuffle within a stage anyway; sort by ``difficulty_rank`` for easiest-first.
 Every file is written to a temporary name in the output folder and moved into place
@@ -45,21 +45,23 @@ import pyarrow.parquet as pq
 
 from srdata.io import write_json_atomic
 from srdata.parquet_splice import (
+    AlignedBuffer,
+    BlockFile,
     Footer,
     GROUP_COLUMNS,
     GROUP_NUM_ROWS,
     Struct,
+    chunk_bytes_range,
     chunk_index,
     copy_bytes,
-    copy_row_group,
+    footer_bytes,
+    footer_from_bytes,
     get_field,
-    open_fd,
+    moved_chunk,
     read_footer,
-    renumbered,
     row_groups,
-    start_appending,
+    with_chunks,
     without_key_value_metadata,
-    write_footer,
 )
 from srdata.rank import (
     CONTRACT_KEYS,
@@ -404,11 +406,13 @@ def write_stages(
 
     The rows are read once. Every boundary cuts them into disjoint segments (the paper's
     three cumulative stages are three segments); each row goes to its segment's writer,
-    and each segment is encoded and compressed once, on its own thread. A stage file is
-    then assembled from its segments: parquet row groups are copied byte for byte (only
-    the small ``stage`` column chunks are re-made), JSON lines get their ``stage`` value
-    rewritten. A cumulative stage's rows thus come segment by segment, easiest first, in
-    input order inside each segment, and stage s-1 is the first part of stage s.
+    and each segment is encoded and compressed once, on its own thread. Parquet: each
+    row group is appended byte for byte to every stage file that holds its segment (only
+    the small ``stage`` column chunk is re-made for the later stages). JSON lines: each
+    segment is written to a file of its own, and the stage files are concatenated from
+    them with the ``stage`` value rewritten. A cumulative stage's rows thus come segment
+    by segment, easiest first, in input order inside each segment, and stage s-1 is the
+    first part of stage s.
 
     Example:
         >>> rows = pl.scan_parquet("runs/dolly/annotated.parquet")             # doctest: +SKIP
@@ -420,14 +424,10 @@ def write_stages(
     finals = stage_file_paths(out_dir, len(bounds), fmt)
     temps = _TempFiles(out_dir)
     try:
-        segment_files = [temps.new(f"segment-{g}.{fmt}") for g in range(len(segments))]
-        schema = _output_schemas(rows, compression, temps) if fmt == "parquet" else None
-        _write_segments(rows, segments, segment_files, schema, fmt, compression)
-        written = [_Written(segment, path, read_footer(path) if fmt == "parquet" else None) for segment, path in zip(segments, segment_files)]
-        # Stages are assembled side by side: mostly kernel copies, which release the GIL.
-        with ThreadPoolExecutor(max_workers=max(1, min(len(bounds), os.cpu_count() or 1))) as pool:
-            futures = [pool.submit(_stage_file, s, [written[g] for g in members[s]], schema, fmt, compression, temps) for s in range(len(bounds))]
-            stage_files = [future.result() for future in futures]
+        if fmt == "parquet":
+            stage_files = _write_parquet_stages(rows, segments, members, compression, temps)
+        else:
+            stage_files = _write_jsonl_stages(rows, segments, members, temps)
         for stage_file, final in zip(stage_files, finals):
             os.replace(stage_file, final)
     finally:
@@ -531,13 +531,11 @@ def _empty_file_footer(schema: pa.Schema, compression: str, path: Path) -> Foote
     return read_footer(path)
 
 
-def _write_segments(
-    rows: pl.LazyFrame, segments: Sequence[_Segment], paths: Sequence[Path], schema: "_Schemas | None", fmt: str, compression: str
-) -> None:
+def _write_segments(rows: pl.LazyFrame, segments: Sequence[_Segment], sinks: Sequence["_TeeParquetSink | _JsonlSink"]) -> None:
     """Stream the rows once and send each to its segment's writer thread."""
     if not segments:
         return
-    writers = [_SegmentWriter(_segment_sink(path, segment.first_stage, schema, fmt, compression)) for segment, path in zip(segments, paths)]
+    writers = [_SegmentWriter(sink) for sink in sinks]
     failed = False
     try:
         for batch in rows.collect_batches(maintain_order=True):
@@ -582,7 +580,7 @@ class _SegmentWriter:
     and the reading thread share the cores; the bounded queue keeps memory bounded.
     """
 
-    def __init__(self, sink: "_ParquetSink | _JsonlSink") -> None:
+    def __init__(self, sink: "_TeeParquetSink | _JsonlSink") -> None:
         self.sink = sink
         self.error: BaseException | None = None
         self._queue: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=QUEUED_BATCHES)
@@ -615,17 +613,116 @@ class _SegmentWriter:
                 pass
 
 
-def _segment_sink(path: Path, stage: int, schema: "_Schemas | None", fmt: str, compression: str) -> "_ParquetSink | _JsonlSink":
-    return _ParquetSink(path, stage, schema.encoded, compression) if schema is not None else _JsonlSink(path, stage)
+def _write_parquet_stages(
+    rows: pl.LazyFrame, segments: Sequence[_Segment], members: Sequence[Sequence[int]], compression: str, temps: _TempFiles
+) -> list[Path]:
+    """Write every stage file; return their temporary paths.
+
+    Each segment's rows are encoded once into row groups, and every row group is appended,
+    byte for byte, to each stage file that holds its segment (three files for the
+    easiest rows of the paper's three cumulative stages), in aligned blocks that bypass
+    the page cache (``BlockFile``). Each file's footer then lists its row groups in
+    segment order; a row group appended to a later stage than its segment's first gets a
+    ``stage`` column chunk of that stage's value, written after the row groups (the
+    original chunk stays in the file, unreferenced).
+    """
+    schema = _output_schemas(rows, compression, temps)
+    paths = [temps.new(f"stage-{s}.parquet") for s in range(len(members))]
+    files: list[BlockFile] = []
+    try:
+        files += [BlockFile(path) for path in paths]
+        sinks = [
+            _TeeParquetSink(segment.first_stage, schema.encoded, compression, [files[s] for s, held in enumerate(members) if g in held])
+            for g, segment in enumerate(segments)
+        ]
+        _write_segments(rows, segments, sinks)
+        for s, (file, held) in enumerate(zip(files, members)):
+            file.finish(_stage_file_end(s, file, [(segments[g], sinks[g]) for g in held], schema, compression))
+    finally:
+        for file in files:
+            file.close()
+    return paths
 
 
-class _ParquetSink:
-    """A parquet file written in row groups of about ``ROW_GROUP_BYTES`` of Arrow data."""
+def _stage_file_end(stage: int, file: BlockFile, parts: Sequence[tuple[_Segment, "_TeeParquetSink"]], schema: _Schemas, compression: str) -> bytes:
+    """What follows a stage file's row groups: relabelled ``stage`` column chunks, then the footer."""
+    relabelled = [get_field(group, GROUP_NUM_ROWS) for segment, sink in parts if segment.first_stage != stage for group in row_groups(sink.footer)]
+    stage_chunks = iter(_stage_column_chunks(stage, relabelled, schema.public, compression))
+    tail = bytearray()
+    groups: list[Struct] = []
+    for segment, sink in parts:
+        for group, (start, offsets) in zip(row_groups(sink.footer), sink.placed):
+            chunks = [moved_chunk(chunk, offsets[sink.files.index(file)] - start) for chunk in get_field(group, GROUP_COLUMNS)[1]]
+            if segment.first_stage != stage:
+                data, chunk = next(stage_chunks)
+                chunks[chunk_index(group, STAGE_COLUMN)] = moved_chunk(chunk, file.end + len(tail) - chunk_bytes_range(chunk)[0])
+                tail += data
+            groups.append(with_chunks(group, chunks, len(groups)))
+    return bytes(tail) + footer_bytes(schema.footer, groups)
 
-    def __init__(self, path: Path, stage: int, schema: pa.Schema, compression: str) -> None:
+
+def _stage_column_chunks(stage: int, row_counts: Sequence[int], schema: pa.Schema, compression: str) -> list[tuple[bytes, Struct]]:
+    """One ``stage`` column chunk (its bytes and footer entry) per row count, all of value ``stage``."""
+    if not row_counts:
+        return []
+    column_schema = pa.schema([schema.field(STAGE_COLUMN)])
+    sink = pa.BufferOutputStream()
+    with _parquet_writer(sink, column_schema, compression) as writer:
+        for rows in row_counts:
+            # From a buffer: pa.scalar or pa.array would import pandas (0.3 s) on first use.
+            values = pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(np.full(rows, stage, dtype=np.int64))])
+            writer.write_table(pa.table([values], schema=column_schema), row_group_size=max(rows, 1))
+    data = sink.getvalue().to_pybytes()
+    chunks = []
+    for group in row_groups(footer_from_bytes(data)):
+        chunk = get_field(group, GROUP_COLUMNS)[1][0]
+        start, length = chunk_bytes_range(chunk)
+        chunks.append((data[start : start + length], chunk))
+    return chunks
+
+
+class _PyArrowTarget:
+    """The file-like object pyarrow writes a segment to: bytes are kept until a row group is whole."""
+
+    closed = False
+
+    def __init__(self, buffer: AlignedBuffer) -> None:
+        self.buffer = buffer
+        self.position = 0  # offsets in pyarrow's footer are counted from here
+
+    def write(self, data: bytes) -> int:
+        size = memoryview(data).nbytes
+        self.buffer.append(data)
+        self.position += size
+        return size
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _TeeParquetSink:
+    """A segment encoded once, in row groups of about ``ROW_GROUP_BYTES`` of Arrow data, each
+    appended to every stage file that holds the segment."""
+
+    def __init__(self, stage: int, schema: pa.Schema, compression: str, files: Sequence[BlockFile]) -> None:
         self.stage = stage
         self.schema = schema
-        self.writer = _parquet_writer(path, schema, compression)
+        self.files = list(files)
+        self.io = _BlockWriter()
+        self.target = _PyArrowTarget(self.io.free_buffer())
+        self.writer = _parquet_writer(pa.PythonFile(self.target, mode="w"), schema, compression)
+        self.target.buffer.clear()  # the leading magic: every stage file has its own
+        self.placed: list[tuple[int, list[int]]] = []  # per row group: its offset for pyarrow, and in each file
+        self.footer: Footer | None = None
         self.pending: list[pa.Table] = []
         self.pending_bytes = 0
 
@@ -641,14 +738,91 @@ class _ParquetSink:
         if self.pending:
             table = pa.concat_tables(self.pending)
             self.writer.write_table(table, row_group_size=table.num_rows)  # one row group
+            start = self.target.position - self.target.buffer.size
+            block = self.target.buffer.padded()
+            offsets = [file.reserve(len(block)) for file in self.files]
+            self.placed.append((start, offsets))
+            # Written on the I/O thread while the next row group is encoded into another buffer.
+            self.io.submit(self.target.buffer, block, list(zip(self.files, offsets)))
+            self.target.buffer = self.io.free_buffer()
         self.pending, self.pending_bytes = [], 0
 
     def close(self, complete: bool) -> None:
+        try:
+            if complete:
+                self._flush()
+            self.pending = []
+            self.writer.close()  # pyarrow's footer: what is left in the buffer
+        finally:
+            self.io.finish()  # every row group written (or the first write error raised)
         if complete:
-            self._flush()
-        self.pending = []
-        self.writer.close()
+            self.footer = footer_from_bytes(bytes(self.target.buffer.content()))
+            self._check_layout()
 
+
+    def _check_layout(self) -> None:
+        # Every row group's chunks lie in the bytes that were appended for it; a pyarrow that
+        # wrote anything else between row groups would make the moved offsets wrong.
+        assert self.footer is not None
+        groups = row_groups(self.footer)
+        if len(groups) != len(self.placed):
+            raise RuntimeError(f"pyarrow wrote {len(groups)} row groups, {len(self.placed)} were appended")
+        ends = [start for start, _ in self.placed[1:]] + [self.target.position - self.target.buffer.size]
+        for group, (start, _), end in zip(groups, self.placed, ends):
+            for chunk in get_field(group, GROUP_COLUMNS)[1]:
+                first, length = chunk_bytes_range(chunk)
+                if not start <= first <= first + length <= end:
+                    raise RuntimeError("a parquet column chunk lies outside its row group's bytes")
+
+
+class _BlockWriter:
+    """Writes one segment's row groups to their stage files on a thread of its own.
+
+    Two buffers: pyarrow encodes the next row group into one while the other is written,
+    so the encoder never waits for the disk (O_DIRECT writes wait for the device).
+    """
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self._free: queue.Queue[AlignedBuffer] = queue.Queue()
+        for _ in range(2):
+            self._free.put(AlignedBuffer())
+        self._todo: queue.Queue[tuple[AlignedBuffer, memoryview, list[tuple[BlockFile, int]]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="srdata-block-writer", daemon=True)
+        self._thread.start()
+
+    def free_buffer(self) -> AlignedBuffer:
+        """An empty buffer, once one is free (at most one row group waits to be written)."""
+        buffer = self._free.get()
+        if self.error is not None:
+            raise self.error
+        return buffer
+
+    def submit(self, buffer: AlignedBuffer, block: memoryview, writes: list[tuple[BlockFile, int]]) -> None:
+        if self.error is not None:
+            raise self.error
+        self._todo.put((buffer, block, writes))
+
+    def finish(self) -> None:
+        self._todo.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (job := self._todo.get()) is not None:
+            buffer, block, writes = job
+            try:
+                if self.error is None:
+                    for file, offset in writes:
+                        file.write_at(block, offset)
+            except BaseException as err:  # raised on the encoding thread at its next step
+                self.error = err
+            finally:
+                block.release()  # the buffer's memory may be remapped once it is reused
+                del job, block
+                buffer.clear()
+                self._free.put(buffer)
 
 class _JsonlSink:
     """A JSON-lines file, one object per row, ``stage`` its last key."""
@@ -698,68 +872,28 @@ def _leaf_columns(schema: pa.Schema) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class _Written:
-    """A segment's temporary file, and its parquet footer as written (None for JSON lines)."""
+    """A segment's temporary JSON-lines file."""
 
     segment: _Segment
     path: Path
-    footer: "Footer | None"
 
 
-def _stage_file(stage: int, parts: Sequence[_Written], schema: "_Schemas | None", fmt: str, compression: str, temps: _TempFiles) -> Path:
-    """The temporary file that becomes the stage file: a segment as written, or an assembly."""
+def _write_jsonl_stages(rows: pl.LazyFrame, segments: Sequence[_Segment], members: Sequence[Sequence[int]], temps: _TempFiles) -> list[Path]:
+    """Write each segment once as JSON lines, then every stage file from its segments; return their temporary paths."""
+    segment_files = [temps.new(f"segment-{g}.jsonl") for g in range(len(segments))]
+    _write_segments(rows, segments, [_JsonlSink(path, segment.first_stage) for segment, path in zip(segments, segment_files)])
+    written = [_Written(segment, path) for segment, path in zip(segments, segment_files)]
+    # Side by side: mostly reading and writing blocks, which release the GIL.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(members), os.cpu_count() or 1))) as pool:
+        return list(pool.map(_jsonl_stage_file, range(len(members)), [[written[g] for g in held] for held in members], [temps] * len(members)))
+
+
+def _jsonl_stage_file(stage: int, parts: Sequence[_Written], temps: _TempFiles) -> Path:
+    """The temporary file that becomes a JSON-lines stage file: a segment as written, or a concatenation."""
     if len(parts) == 1 and parts[0].segment.first_stage == stage:
-        if schema is not None and schema.restamp:
-            _restamp_footer(parts[0], schema.footer)
         return parts[0].path  # written with this stage's value already: moved, not copied
-    if schema is None:
-        path = temps.new(f"stage-{stage}.jsonl")
-        _concat_jsonl(path, stage, parts)
-        return path
-    if not parts:
-        path = temps.new(f"stage-{stage}.parquet")
-        _parquet_writer(path, schema.public, compression).close()
-        return path
-    return _assemble_parquet_stage(stage, parts, schema, compression, temps)
-
-
-def _restamp_footer(part: _Written, template: Footer) -> None:
-    """Replace a segment file's footer by one declaring the public schema (same row groups)."""
-    assert part.footer is not None
-    with ExitStack() as stack:
-        out = open_fd(stack, part.path, os.O_RDWR)
-        start_appending(out, part.footer)
-        write_footer(out, template, row_groups(part.footer))
-
-
-def _assemble_parquet_stage(stage: int, parts: Sequence[_Written], schema: _Schemas, compression: str, temps: _TempFiles) -> Path:
-    """Assemble a stage from its segments' row groups, copied without decoding.
-
-    The segment written with this stage's value (the newest rows of a cumulative stage)
-    is extended in place: the others' row groups are appended after it and the footer
-    lists all row groups in segment order, which is the order readers return. The
-    appended row groups get their ``stage`` column chunk from a small one-column file.
-    """
-    base = next((part for part in parts if part.segment.first_stage == stage), None)
-    relabelled = [part for part in parts if part.segment.first_stage != stage]
-    stage_column = _stage_column_file(stage, relabelled, schema.public, compression, temps)
-    path = base.path if base is not None else temps.new(f"stage-{stage}.parquet")
-    with ExitStack() as stack:
-        out = open_fd(stack, path, os.O_RDWR | os.O_CREAT)
-        position = start_appending(out, base.footer if base is not None else None)
-        column_fd = open_fd(stack, stage_column[0], os.O_RDONLY)
-        column_groups = iter(row_groups(stage_column[1]))
-        groups: list[Struct] = []
-        for part in parts:
-            if part is base:
-                groups += [renumbered(group, len(groups) + r) for r, group in enumerate(row_groups(part.footer))]
-                continue
-            source = open_fd(stack, part.path, os.O_RDONLY)
-            for group in row_groups(part.footer):
-                chunks = [(source, chunk) for chunk in get_field(group, GROUP_COLUMNS)[1]]
-                chunks[chunk_index(group, STAGE_COLUMN)] = (column_fd, get_field(next(column_groups), GROUP_COLUMNS)[1][0])
-                moved, position = copy_row_group(out, position, group, chunks, len(groups))
-                groups.append(moved)
-        write_footer(out, schema.footer, groups)
+    path = temps.new(f"stage-{stage}.jsonl")
+    _concat_jsonl(path, stage, parts)
     return path
 
 
@@ -786,20 +920,6 @@ def _copy_jsonl(source: Path, out: BinaryIO, written_stage: int, stage: int) -> 
             out.write(block[:cut].replace(old, new))
             rest = block[cut:]
     out.write(rest)
-
-
-def _stage_column_file(stage: int, parts: Sequence[_Written], schema: pa.Schema, compression: str, temps: _TempFiles) -> "tuple[Path, Footer]":
-    """A one-column parquet file, ``stage`` = ``stage``, with a row group per row group of ``parts``."""
-    path = temps.new(f"stage-column-{stage}.parquet")
-    column_schema = pa.schema([schema.field(STAGE_COLUMN)])
-    with _parquet_writer(path, column_schema, compression) as writer:
-        for part in parts:
-            for group in row_groups(part.footer):
-                rows = get_field(group, GROUP_NUM_ROWS)
-                # From a buffer: pa.scalar or pa.array would import pandas (0.3 s) on first use.
-                values = pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(np.full(rows, stage, dtype=np.int64))])
-                writer.write_table(pa.table([values], schema=column_schema), row_group_size=max(rows, 1))
-    return path, read_footer(path)
 
 
 def _sink(rows: pl.LazyFrame, path: Path, fmt: str, compression: str) -> None:

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from tests._runs import annotated_frame, make_run
 from srdata.cli_curriculum import COMMANDS
 from srdata.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
+from srdata.parquet_splice import ALIGNMENT
 from srdata.rank import RankingError, rank
 
 
@@ -212,14 +213,18 @@ def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
 
 
-@pytest.mark.parametrize("where", ["reading", "assembling"])
+@pytest.mark.parametrize("where", ["reading", "appending", "finishing"])
 def test_failure_while_reading_or_assembling_removes_temporary_files(run: Path, monkeypatch, where: str):
     import srdata.export as export
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"boom while {where}")
 
-    monkeypatch.setattr(export, "_segment_of_rows" if where == "reading" else "copy_row_group", fail)
+    if where == "appending":  # a row group to a stage file, on an I/O thread
+        real_write_at = export.BlockFile.write_at
+        monkeypatch.setattr(export.BlockFile, "write_at", lambda self, block, offset: fail() if offset else real_write_at(self, block, offset))
+    else:
+        monkeypatch.setattr(export, "_segment_of_rows" if where == "reading" else "_stage_file_end", fail)
     with pytest.raises(RuntimeError, match=f"boom while {where}"):
         export_curriculum(run, out=run / "failed")
     assert list((run / "failed").iterdir()) == []
@@ -270,6 +275,72 @@ def test_copies_without_copy_file_range(run: Path, monkeypatch):
         for s in range(3):
             rows = stage(out, s) if fmt == "parquet" else pl.read_ndjson(out / f"stage-{s}.jsonl")
             assert rows["srd_id"].to_list() == expected[s]["srd_id"].to_list() and set(rows["stage"]) == {s}
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_stage_files_without_o_direct(run: Path, monkeypatch, refused_at: str):
+    # Stage files bypass the page cache with O_DIRECT where the file system takes it; where
+    # it refuses (tmpfs refuses at open, some file systems only at the first write) the
+    # same bytes are written through the cache.
+    import errno
+
+    expected = {s: stage(export_curriculum(run), s) for s in range(3)}
+    direct_fds: set[int] = set()
+    refusals = []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def open_(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0) and refused_at == "open":
+            refusals.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fd = real_open(path, flags, *args)
+        (direct_fds.add if flags & getattr(os, "O_DIRECT", 0) else direct_fds.discard)(fd)  # fd numbers are reused
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            refusals.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = export_curriculum(run, out=run / f"buffered-{refused_at}")
+    for s in range(3):
+        assert stage(out, s).equals(expected[s])
+    assert len(refusals) >= 3 or not hasattr(os, "O_DIRECT")  # every stage file tried O_DIRECT first
+
+
+def test_direct_io_can_be_turned_off(run: Path, monkeypatch):
+    import srdata.export as export
+
+    opened = []
+    real_init = export.BlockFile.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self.direct)
+
+    monkeypatch.setattr(export.BlockFile, "__init__", init)
+    expected = stage(export_curriculum(run), 2)
+    monkeypatch.setenv("SRDATA_DIRECT_IO", "0")
+    assert stage(export_curriculum(run, out=run / "buffered"), 2).equals(expected)
+    assert opened[3:] == [False] * 3 and (opened[:3] == [True] * 3 or not hasattr(os, "O_DIRECT"))
+
+
+def test_stage_files_are_block_aligned_and_read_by_every_reader(run: Path):
+    # Row groups start on 4 KiB boundaries (O_DIRECT); the padding between them and the
+    # replaced `stage` chunks are bytes no footer points at, which readers never see.
+    out = export_curriculum(run)
+    for s in range(3):
+        path = out / f"stage-{s}.parquet"
+        metadata = pq.ParquetFile(path).metadata
+        for g in range(metadata.num_row_groups):
+            first = min(metadata.row_group(g).column(c).data_page_offset for c in range(metadata.num_columns - 1))
+            assert first % ALIGNMENT == 0 or metadata.row_group(g).column(0).dictionary_page_offset % ALIGNMENT == 0
+        by_pyarrow = pl.from_arrow(pq.read_table(path))
+        assert by_pyarrow.equals(pl.read_parquet(path)) and by_pyarrow.equals(pl.scan_parquet(path).collect())
+        assert set(by_pyarrow["stage"]) == {s}
 
 
 def test_nested_categorical_and_null_columns_survive_the_copy(tmp_path: Path, monkeypatch):
