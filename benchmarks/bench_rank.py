@@ -10,13 +10,16 @@ fresh process so that peak RSS belongs to that step alone:
   does at the end of a run);
 - ``export``: ``export_curriculum(run, rrf_k=60)``: re-rank and write the paper's three
   cumulative stages as parquet (the whole ``srdata export`` path, text included), with a
-  breakdown of its wall time: re-rank, read + split + encode the segments, assemble the
-  stage files from the segments, and curriculum.json;
+  breakdown of its wall time: re-rank, read + split + encode the segments (each row
+  group written to every stage file that holds it), finish the stage files (relabelled
+  ``stage`` chunks and footers; for JSONL, the concatenation of the segment files), and
+  curriculum.json;
 - ``floor``: the work any export of the same stages must do, without the ranking, the
-  routing and the assembly: read every row once (polars), zip on rank columns computed
-  before the timer starts, and encode 75% of the rows once with the stage files' columns
-  and encoder settings (codec, level, encodings, row-group size) on two writer threads.
-  The export's wall time over the floor's is what ranking, routing and assembly cost;
+  routing and the cumulative copies: read every row once (polars), zip on rank columns
+  computed before the timer starts, and encode 75% of the rows once with the stage files'
+  columns and encoder settings (codec, level, encodings, row-group size) on two writer
+  threads, written once through the page cache. The export's wall time over the floor's
+  is what ranking, routing and writing the cumulative stages cost;
 - ``export-jsonl``: the same, written as JSONL (at the reference sizes only);
 - ``reference``: what the authors' ``tools/rank.py`` does, in plain Python: rows as
   dicts, three ``sorted`` calls, ``json.dumps`` of the three cumulative stages to JSONL.
@@ -117,7 +120,7 @@ def step_export(run: Path, out: Path, fmt: str, compression: str) -> dict:
 
     phases = time_phases(export, {"rank": "ranks_in_file_order", "write_stages": "write_stages", "read_encode": "_write_segments", "summary": "curriculum_summary"})
     folder = export.export_curriculum(run, stages=STAGES, keep=KEEP, out=out, fmt=fmt, rrf_k=RRF_K, compression=compression)
-    phases["assemble"] = phases.pop("write_stages") - phases["read_encode"]  # stage files from the segments
+    phases["finish"] = phases.pop("write_stages") - phases["read_encode"]  # footers (parquet), concatenation (JSONL)
     return {"written_bytes": sum(p.stat().st_size for p in folder.glob("stage-*")), "breakdown_s": {k: round(v, 2) for k, v in phases.items()}}
 
 
@@ -131,7 +134,7 @@ def prepare_floor(run: Path) -> pl.DataFrame:
 
 def step_floor(run: Path, out: Path, compression: str, ranks: pl.DataFrame) -> dict:
     """Decode every row once and encode 75% of them once, with the stage files' columns and
-    encoder settings, on two writer threads: no ranking, no routing, no assembly."""
+    encoder settings, on two writer threads: no ranking, no routing, no cumulative copies."""
     import queue
     import threading
 
