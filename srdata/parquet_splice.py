@@ -22,7 +22,7 @@ import threading
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 COPY_BLOCK_BYTES = 8 << 20
 
