@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from srdata.io import write_json_atomic
 from srdata.parquet_splice import (
+    COPY_BLOCK_BYTES,
     AlignedBuffer,
     BlockFile,
     Footer,
@@ -91,7 +92,6 @@ ZSTD_LEVEL = 1
 STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
 QUEUED_BATCHES = 2  # per segment writer: enough to keep it busy, few enough to bound memory
 ROW_GROUP_BYTES = 32 << 20  # Arrow bytes per parquet row group: ~85k rows of 300 chars (DuckDB writes 122,880 rows)
-COPY_BLOCK_BYTES = 8 << 20
 DICTIONARY_PAGE_BYTES = 64 << 10
 
 
@@ -500,10 +500,6 @@ class _Schemas:
     public: pa.Schema
     encoded: pa.Schema
     footer: Footer
-
-    @property
-    def restamp(self) -> bool:
-        return self.encoded is not self.public
 
 
 def _output_schemas(rows: pl.LazyFrame, compression: str, temps: _TempFiles) -> _Schemas:

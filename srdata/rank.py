@@ -278,8 +278,7 @@ def stable_arg_sort(values: pl.Series, descending: bool = False, multithreaded: 
         >>> stable_arg_sort(pl.Series([0.5, 0.1, 0.5, 0.2]), descending=True).to_list()
         [0, 2, 3, 1]
     """
-    order = _packed_arg_sort(values, descending, multithreaded)
-    return pl.Series(order) if order is not None else _polars_stable_arg_sort(values, descending)
+    return pl.Series(_stable_order(values, descending, None, alone=multithreaded))
 
 
 def _packed_arg_sort(values: pl.Series, descending: bool, multithreaded: bool, work: np.ndarray | None = None) -> np.ndarray | None:
