@@ -31,6 +31,7 @@ _EXPORTS = {
     "RankingError": "srdata.rank",
     "CurriculumCallback": "srdata.curriculum",
     "curriculum_training_set": "srdata.curriculum",
+    "add_chat_messages": "srdata.curriculum",
     "build_report": "srdata.report",
     "inspect_run": "srdata.report",
 }

@@ -44,7 +44,7 @@ def main() -> None:
 @click.option("--response-column", help="Column with the reference response (auto-detected when omitted).")
 @click.option("--input-column", help="Optional context/input column (alpaca's ### Input block).")
 @click.option("--limit", type=int, help="Score only the first N rows.")
-@click.option("--template", help="alpaca | raw | chat | a format string with {column} fields. [default: alpaca; chat for messages]")
+@click.option("--template", help="auto | alpaca | raw | chat | a format string with {column} fields; auto = chat when the tokenizer has a chat template, else alpaca. [default: auto]")
 @click.option("--max-prompt-tokens", type=int, help="Longer prompts are truncated and flagged." + _default(PromptConfig, "max_prompt_tokens"))
 @click.option("--max-reference-tokens", type=int, help="Longer references are cut and flagged." + _default(PromptConfig, "max_reference_tokens"))
 @click.option("--truncation-side", type=click.Choice(["left", "right"]), help="left keeps the prompt's end (next to the answer); right keeps its start, as the SRD reference. [default: left]")

@@ -38,7 +38,8 @@ class DataConfig(_Section):
 
 class PromptConfig(_Section):
     template: Optional[str] = Field(
-        default=None, description="alpaca | raw | chat | a format string with {column} fields; default: alpaca (chat for messages)"
+        default="auto",
+        description="auto | alpaca | raw | chat | a format string with {column} fields; auto = chat when the tokenizer has a chat template (or the data holds chat messages), else alpaca",
     )
     max_prompt_tokens: int = Field(default=256, ge=1)
     max_reference_tokens: Optional[int] = Field(default=256, ge=1)

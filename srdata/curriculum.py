@@ -87,6 +87,34 @@ def curriculum_training_set(curriculum: "datasets.DatasetDict") -> tuple["datase
     return train, np.searchsorted(ends, _difficulty(train), side="left").tolist()
 
 
+def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike[str]) -> "datasets.Dataset":
+    """Add a ``messages`` column (user turn(s), then the reference as the assistant's turn).
+
+    For trainers that apply the chat template themselves (TRL's GKD and SFT trainers on
+    ``messages``): ``prompt_text`` is already rendered, so wrapping it in a chat turn would
+    template it twice. The turns are rebuilt from the original columns the run recorded
+    (``curriculum`` is the export folder, as for :func:`load_curriculum`), exactly as
+    ``--template chat`` rendered them.
+
+    Example:
+        >>> train, stage_of_row = curriculum_training_set(load_curriculum("runs/a/curriculum"))  # doctest: +SKIP
+        >>> train = add_chat_messages(train, "runs/a/curriculum")                                 # doctest: +SKIP
+        >>> train[0]["messages"][-1]["role"]                                                      # doctest: +SKIP
+        'assistant'
+    """
+    from srdata.data import ColumnMapping
+    from srdata.export import read_manifest
+    from srdata.prompts import chat_messages
+
+    folder = _curriculum_folder(Path(curriculum))
+    run_dir = Path(json.loads((folder / CURRICULUM_FILE).read_text())["source"]["run_dir"])
+    columns = read_manifest(run_dir).get("columns")
+    if not columns:
+        raise ValueError(f"the run {run_dir} records no column mapping in its manifest; score it with this srdata version")
+    mapping = ColumnMapping(**columns)
+    return dataset.map(lambda row: {"messages": chat_messages(row, mapping)}, desc="chat messages")
+
+
 def _difficulty(stage: "datasets.Dataset") -> np.ndarray:
     return np.asarray(stage.with_format("numpy")[DIFFICULTY_COLUMN])
 

@@ -18,9 +18,10 @@ import polars as pl
 from . import __version__
 from .backends import GenerationParams, select_backend
 from .config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
+from .context import check_pair_lengths, check_token_limits, model_max_positions
 from .data import ColumnMapping, load_split, resolve_columns
 from .engines import ShardJob, run_shards
-from .prompts import render_rows, resolve_template, row_problem
+from .prompts import describe_template, render_rows, resolve_template, row_problem
 from .rank import rank
 from .rouge import rouge_l
 from .store import RunStore, Shard, plan_shards
@@ -84,11 +85,18 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     say(f"columns: {mapping.describe()}")
     tokenizer = _load_tokenizer(config)
     template = resolve_template(config.prompt.template, mapping, dataset.column_names, tokenizer)
+    say(describe_template(config.prompt.template, template, mapping))
+    p = config.prompt
+    check_token_limits(
+        _max_positions(config), max_prompt_tokens=p.max_prompt_tokens,
+        max_new_tokens=config.generation.max_new_tokens, max_reference_tokens=p.max_reference_tokens,
+    )
     invalid = _check_rows(dataset, mapping, config.run.on_invalid)
 
     # prepare the run folder (refuses other settings; resumes the same ones)
     store = RunStore(config.run.output)
     settings = result_settings(config)
+    settings["prompt"]["template"] = template  # what was rendered decides the values, not "auto"
     identity = {"model": model_identity(config.model.model), "dataset": getattr(dataset, "_fingerprint", None), "rows": len(dataset)}
     resumed = store.prepare(settings, identity, config.run.overwrite)
     shards = plan_shards(len(dataset), config.batching.shard_size)
@@ -145,6 +153,8 @@ def score_shard(
         add_special_tokens=template != "chat",  # chat templates write their own special tokens
     )
     prompt_ids = [p.prompt_ids for p in pairs]
+    if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
+        check_pair_lengths(prompt_ids, [p.reference_ids for p in pairs], [shard.start + i for i in valid], _max_positions(config))
     params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, (resolve_eos_id(tokenizer),))
     ce_losses, generations = backend.score_and_generate(prompt_ids, [p.reference_ids for p in pairs], params, on_progress)
     rouge = rouge_l([g.text for g in generations], [rendered[i].reference for i in valid], tokenizer=config.metrics.rouge_tokenizer)
@@ -234,6 +244,12 @@ def model_identity(model: str) -> dict[str, Any]:
         elif file.suffix in (".safetensors", ".bin", ".pt"):
             digest.update(f"{file.name}:{file.stat().st_size}".encode())
     return {"name": str(path.resolve()), "fingerprint": digest.hexdigest()[:16]}
+
+
+def _max_positions(config: ScoreConfig) -> int | None:
+    """The model's positions; vLLM's ``--max-model-len`` lowers them (the transformers backend ignores it)."""
+    vllm = select_backend(config.model.backend) == "vllm"
+    return model_max_positions(config.model.model, config.model.max_model_len if vllm else None)
 
 
 def _backend_options(config: ScoreConfig) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Render each row into the exact prompt string the student sees, and pick its reference.
 
 Templates:
+* ``auto`` (the default): ``chat`` when the tokenizer has a chat template (instruct
+  models), else ``alpaca``; chat ``messages`` datasets always use ``chat``.
 * ``alpaca``: the SRD reference code's format ("Below is an instruction ...", with an
   ``### Input:`` block when the input/context column is non-empty).
 * ``raw``: the prompt column as it is.
@@ -28,6 +30,7 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 NAMED_TEMPLATES = ("alpaca", "raw", "chat")
+AUTO = "auto"
 
 
 class TemplateError(ValueError):
@@ -44,14 +47,19 @@ class RenderedRow:
 
 
 def resolve_template(template: str | None, mapping: ColumnMapping, column_names: list[str], tokenizer: Any = None) -> str:
-    """Pick the default template and check that the chosen one can be rendered.
+    """Resolve ``auto`` (or None) and check that the chosen template can be rendered.
+
+    ``auto`` is ``chat`` for chat ``messages`` datasets and for tokenizers that carry a
+    chat template (an instruct model expects its own turn format), else ``alpaca``.
 
     Example:
         >>> resolve_template("Q: {question}", ColumnMapping("question", "answer"), ["question", "answer"])
         'Q: {question}'
+        >>> resolve_template("auto", ColumnMapping("instruction", "output"), ["instruction", "output"])
+        'alpaca'
     """
-    if template is None:
-        template = "chat" if mapping.messages_column else "alpaca"
+    if template is None or template == AUTO:
+        template = "chat" if mapping.messages_column or has_chat_template(tokenizer) else "alpaca"
     if template == "chat":
         if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             raise TemplateError("--template chat needs a tokenizer with a chat template, and this tokenizer has none; use --template alpaca or raw")
@@ -77,6 +85,29 @@ def resolve_template(template: str | None, mapping: ColumnMapping, column_names:
             f"available columns: {', '.join(column_names)}"
         )
     return template
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` carries a chat template (what ``--template auto`` looks at)."""
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
+def describe_template(requested: str | None, resolved: str, mapping: ColumnMapping) -> str:
+    """One line for the run's output: which template renders the prompts, and why.
+
+    Example:
+        >>> describe_template("auto", "alpaca", ColumnMapping("instruction", "output"))
+        'template: alpaca (auto: the tokenizer has no chat template; --template chooses another)'
+    """
+    if requested not in (None, AUTO):
+        return f"template: {resolved}"
+    if mapping.messages_column:
+        why = "the dataset holds chat messages"
+    elif resolved == "chat":
+        why = "the tokenizer has a chat template"
+    else:
+        why = "the tokenizer has no chat template"
+    return f"template: {resolved} (auto: {why}; --template chooses another)"
 
 
 def render_rows(rows: dict[str, list], mapping: ColumnMapping, template: str, tokenizer: Any = None) -> list[RenderedRow]:
@@ -128,24 +159,40 @@ def row_problem(row: dict, mapping: ColumnMapping) -> Optional[str]:
     return None
 
 
+def chat_messages(row: dict, mapping: ColumnMapping) -> list[dict[str, str]]:
+    """The conversation that ``--template chat`` renders for a row, ending with the reference
+    as the assistant's turn: the history of a ``messages`` column, or one user turn (the
+    prompt, then the input/context after a blank line).
+
+    A trainer that applies the chat template itself (TRL's SFT/GKD trainers on
+    ``messages``) must get these turns, not ``prompt_text``, which is already rendered.
+
+    Example:
+        >>> chat_messages({"q": "Add 1 and 2", "ctx": "", "a": "3"}, ColumnMapping("q", "a", "ctx"))
+        [{'role': 'user', 'content': 'Add 1 and 2'}, {'role': 'assistant', 'content': '3'}]
+    """
+    if mapping.messages_column:
+        return [{"role": m["role"], "content": m["content"]} for m in row[mapping.messages_column]]
+    prompt = row[mapping.prompt_column]
+    extra = (row.get(mapping.input_column) or "") if mapping.input_column else ""
+    content = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": row[mapping.response_column]}]
+
+
 def _render_row(row: dict, mapping: ColumnMapping, template: str, tokenizer: Any) -> RenderedRow:
     problem = row_problem(row, mapping)
     if problem:
         return RenderedRow(None, None, problem)
-    if mapping.messages_column:
-        messages = row[mapping.messages_column]
-        history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if mapping.messages_column or template == "chat":
+        *history, answer = chat_messages(row, mapping)
         text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
-        return RenderedRow(text, messages[-1]["content"])
+        return RenderedRow(text, answer["content"])
     prompt, reference = row[mapping.prompt_column], row[mapping.response_column]
     extra = (row.get(mapping.input_column) or "") if mapping.input_column else ""
     if template == "alpaca":
         text = ALPACA_WITH_INPUT.format(instruction=prompt, input=extra) if extra.strip() else ALPACA.format(instruction=prompt)
     elif template == "raw":
         text = prompt
-    elif template == "chat":
-        content = f"{prompt}\n\n{extra}" if extra.strip() else prompt
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     else:
         values = {k: ("" if v is None else v) for k, v in row.items()}
         text = template.format_map(values)

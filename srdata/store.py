@@ -84,7 +84,10 @@ class RunStore:
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
             return False
-        differences = diff_settings(previous.get("settings", {}), settings) + diff_settings(
+        recorded = previous.get("settings", {})
+        if recorded.get("prompt", {}).get("template", "") is None:  # recorded before "auto": the template it rendered
+            recorded["prompt"]["template"] = previous.get("template")
+        differences = diff_settings(recorded, settings) + diff_settings(
             {"identity": previous.get("identity", {})}, {"identity": identity}
         )
         if not differences:

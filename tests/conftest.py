@@ -72,3 +72,11 @@ def instruct_file(tmp_path) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, a real pretrained student (tests/real_models.py); skips when it cannot be built."""
+    from tests.real_models import real_model_or_skip
+
+    return real_model_or_skip("smollm2")
