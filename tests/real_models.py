@@ -155,14 +155,23 @@ def build_real_model(key: str) -> Path:
     return folder
 
 
-def real_model_or_skip(key: str) -> Path:
-    """For tests: the real model's folder, or ``pytest.skip`` with the reason it cannot be built."""
+def unavailable(reason: str) -> None:
+    """Skip the test with ``reason``; fail it instead where ``SRDATA_REQUIRE_REAL=1`` (CI sets it),
+    so a broken real-engine or real-model fixture cannot hide behind a skip."""
     import pytest
 
+    if os.environ.get("SRDATA_REQUIRE_REAL") == "1":
+        pytest.fail(f"{reason} (SRDATA_REQUIRE_REAL=1: the real engine and real models are required here)")
+    pytest.skip(reason)
+
+
+def real_model_or_skip(key: str) -> Path:
+    """For tests: the real model's folder, or a skip (a failure under SRDATA_REQUIRE_REAL=1) with the reason."""
     try:
         return build_real_model(key)
     except FixtureUnavailable as err:
-        pytest.skip(f"real model {key} unavailable: {err}")
+        unavailable(f"real model {key} unavailable: {err}")
+        raise  # unreachable: unavailable() always raises
 
 
 if __name__ == "__main__":
