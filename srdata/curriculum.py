@@ -57,7 +57,35 @@ def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) 
     if missing:
         raise FileNotFoundError(f"curriculum in {folder} lists stage files that are missing: {', '.join(missing)}; export again")
     builder = "parquet" if summary["settings"]["format"] == "parquet" else "json"
+    for stage, file in zip(summary["stages"], files.values()):
+        _check_stage_file(file, stage, builder)
     return datasets.load_dataset(builder, data_files={name: str(f) for name, f in files.items()}, cache_dir=cache_dir)
+
+
+def _check_stage_file(file: Path, stage: dict[str, Any], builder: str) -> None:
+    """Refuse a stage file that is not the one ``curriculum.json`` describes (size and rows).
+
+    An export interrupted between writing its stage files and its summary could leave
+    files of two exports side by side; loading them would silently train on wrong stages.
+    """
+    problem = None
+    if "file_bytes" in stage and file.stat().st_size != stage["file_bytes"]:
+        problem = f"is {file.stat().st_size} bytes, but curriculum.json lists {stage['file_bytes']}"
+    else:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(file).metadata.num_rows
+        else:
+            with file.open("rb") as f:
+                rows = sum(1 for line in f if line.strip())
+        if rows != stage["rows"]:
+            problem = f"holds {rows} rows, but curriculum.json lists {stage['rows']}"
+    if problem:
+        raise ValueError(
+            f"stage file {file} {problem}: the folder mixes files of two exports (was an export interrupted?); "
+            f"run `srdata export` again"
+        )
 
 
 def _curriculum_folder(path: Path) -> Path:

@@ -43,7 +43,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from srdata.io import write_json_atomic
+from srdata.io import publish, remove_stale_temps, write_json_atomic
 from srdata.parquet_splice import (
     COPY_BLOCK_BYTES,
     AlignedBuffer,
@@ -324,12 +324,15 @@ def export_curriculum(
     n_valid = ranks[DIFFICULTY_COLUMN].count()
     bounds = stage_bounds(n_valid, plan)
     out_dir = prepare_output(Path(out) if out is not None else run.path / "curriculum")
+    remove_stale_temps(out_dir)  # left by an earlier export that was killed
     # Summarised before the rows are streamed, so that the score columns are freed first:
     # on a VM, memory that is reused is much cheaper than memory touched for the first time.
     summary = curriculum_summary(run, plan, ranking, ranks, bounds, stage_file_paths(out_dir, len(bounds), fmt), fmt, compression)
     new_ranks = ranks.select(_rank_output_columns(ranks)) if ranking.recompute else None
     del ranks
     files = write_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression)
+    for stage, file in zip(summary["stages"], files):
+        stage["file_bytes"] = file.stat().st_size  # load_curriculum checks each file against it
     write_json_atomic(out_dir / CURRICULUM_FILE, summary)
     _remove_stale_stage_files(out_dir, keep_names={f.name for f in files})
     return out_dir
@@ -428,8 +431,12 @@ def write_stages(
             stage_files = _write_parquet_stages(rows, segments, members, compression, temps)
         else:
             stage_files = _write_jsonl_stages(rows, segments, members, temps)
+        # Every stage is encoded: the old curriculum.json goes before the first file is
+        # replaced, so a kill among the renames leaves no curriculum, never an old summary
+        # beside new stage files (a failure before this point leaves the old export intact).
+        (out_dir / CURRICULUM_FILE).unlink(missing_ok=True)
         for stage_file, final in zip(stage_files, finals):
-            os.replace(stage_file, final)
+            publish(stage_file, final)
     finally:
         temps.remove_all()
     return finals
@@ -1072,6 +1079,6 @@ def _sink_one(rows: pl.LazyFrame, final: Path, compression: str) -> None:
     temp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
     try:
         _sink(rows, temp, "parquet", compression)
-        os.replace(temp, final)
+        publish(temp, final)
     finally:
         temp.unlink(missing_ok=True)

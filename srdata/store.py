@@ -21,7 +21,17 @@ from typing import Any
 import polars as pl
 
 from .config import diff_settings
-from .io import atomic_path, write_json_atomic
+from .io import atomic_path, remove_stale_temps, write_json_atomic
+
+
+def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings with a local dataset path made absolute: ``data.jsonl`` and ``/work/data.jsonl``
+    are the same input (the dataset fingerprint guards the content)."""
+    data = settings.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
+        return settings
+    parts = [str(Path(part).resolve()) if Path(part).exists() else part for part in data["dataset"].split(",")]
+    return {**settings, "data": {**data, "dataset": ",".join(parts)}}
 
 
 class RunDirError(ValueError):
@@ -71,13 +81,18 @@ class RunStore:
         """Check the folder can hold this run; returns True when it resumes an earlier one.
 
         A folder holding a run with other settings (or another model or dataset) is
-        refused, naming every difference, unless ``overwrite`` is set.
+        refused, naming every difference, unless ``overwrite`` is set. A run that never
+        finished a shard (a failed start: a model without weights, a bad device) holds no
+        work to protect, so the same folder is simply reused. Temp files of killed
+        processes are removed first.
         """
         if self.dir.exists() and not self.dir.is_dir():
             raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
+        for folder in (self.dir, self.dir / "shards"):
+            remove_stale_temps(folder)
         previous = self.read_manifest()
         if previous is None:
-            if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
+            if self.dir.exists() and not overwrite and any(p.name != "shards" or any(p.iterdir()) for p in self.dir.iterdir()):
                 raise RunDirError(
                     f"output folder {self.dir} is not empty and holds no srdata run; "
                     "choose an empty or new folder, or pass --overwrite to score into it anyway"
@@ -87,12 +102,13 @@ class RunStore:
         recorded = previous.get("settings", {})
         if recorded.get("prompt", {}).get("template", "") is None:  # recorded before "auto": the template it rendered
             recorded["prompt"]["template"] = previous.get("template")
-        differences = diff_settings(recorded, settings) + diff_settings(
+        differences = diff_settings(_canonical(recorded), _canonical(settings)) + diff_settings(
             {"identity": previous.get("identity", {})}, {"identity": identity}
         )
         if not differences:
             return True
-        if not overwrite:
+        scored_nothing = not any(s.get("done") for s in previous.get("shards", [])) and not any((self.dir / "shards").glob("*.parquet"))
+        if not overwrite and not scored_nothing:
             raise RunDirError(
                 f"{self.dir} holds a run with other settings:\n  "
                 + "\n  ".join(differences)

@@ -1,0 +1,160 @@
+"""Kills and failed starts lose no work and block nothing; files are readable by teammates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import srdata
+from srdata import export as export_module
+from srdata.curriculum import load_curriculum
+from srdata.export import export_curriculum
+from srdata.io import FILE_MODE, remove_stale_temps
+from tests._runs import make_run
+
+from .conftest import write_jsonl
+
+FAST = dict(device="cpu", dtype="float32", max_new_tokens=4, shard_size=2, progress=False)
+DEAD_PID = 2**22 + 12345  # above the default pid_max: no such process
+
+
+def rows(n: int = 4) -> list[dict]:
+    return [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(n)]
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_outputs_follow_the_umask_not_0600(tiny_gpt2, tmp_path):
+    assert FILE_MODE == 0o666 & ~_umask()
+    data = write_jsonl(tmp_path / "d.jsonl", rows())
+    run = tmp_path / "run"
+    srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(run), **FAST)
+    out = export_curriculum(run)
+    files = [run / "annotated.parquet", run / "manifest.json", *sorted((run / "shards").glob("*.parquet")), *out.iterdir()]
+    assert len(files) > 6
+    assert {f.name: mode(f) for f in files} == {f.name: FILE_MODE for f in files}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_stale_temps_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = tmp_path / f".tmp-{DEAD_PID}-x1-manifest.json"
+    legacy = tmp_path / ".manifest.json.a1b2c3.tmp"
+    live = tmp_path / f".tmp-{os.getppid()}-x2-shard-00000.parquet"  # the parent: a live process
+    user = tmp_path / ".notes.tmp"
+    for f in (dead, legacy, live, user):
+        f.write_text("x")
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == sorted([dead.name, legacy.name])
+    assert live.exists() and user.exists()
+
+
+def test_kill_during_the_first_manifest_write_does_not_block_the_same_command(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", rows())
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    (run / f".tmp-{DEAD_PID}-k3j2-manifest.json").write_text('{"half": ')  # what a kill mid-write leaves
+    (run / "shards" / f".tmp-{DEAD_PID}-aaaa-shard-00000.parquet").write_bytes(b"PAR1")
+    result = srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(run), **FAST)
+    assert result.manifest["status"] == "complete"
+    leftovers = [p.name for p in run.rglob(".tmp-*")]
+    assert leftovers == []
+
+
+def test_a_failed_start_is_resumed_by_the_same_command(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", rows())
+    model = tmp_path / "student"
+    shutil.copytree(tiny_gpt2, model)
+    weights = model / "model.safetensors"
+    moved = tmp_path / "model.safetensors"
+    weights.rename(moved)  # a model folder without its weights
+    run = tmp_path / "run"
+    with pytest.raises(Exception):
+        srdata.score(dataset=str(data), model=str(model), output=str(run), **FAST)
+    assert json.loads((run / "manifest.json").read_text())["status"] == "running"
+    moved.rename(weights)  # the user fixes the cause and runs the same command: no --overwrite needed
+    result = srdata.score(dataset=str(data), model=str(model), output=str(run), **FAST)
+    assert result.manifest["status"] == "complete" and not result.manifest["resumed"]
+
+
+def test_a_run_with_finished_shards_is_still_protected(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", rows())
+    run = tmp_path / "run"
+    srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(run), **FAST)
+    with pytest.raises(ValueError, match="max_new_tokens: 4 -> 5"):
+        srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(run), **{**FAST, "max_new_tokens": 5})
+
+
+def test_resume_accepts_the_same_file_by_another_path(tiny_gpt2, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", rows())
+    run = tmp_path / "run"
+    srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(run), **FAST)
+    monkeypatch.chdir(tmp_path)
+    again = srdata.score(dataset="d.jsonl", model=str(tiny_gpt2), output=str(run), **FAST)
+    assert again.manifest["resumed"]
+
+
+def test_export_cleans_temps_of_a_killed_export(tmp_path):
+    run = make_run(tmp_path / "run")
+    out = run / "curriculum"
+    out.mkdir()
+    stale = out / f".tmp-{DEAD_PID}-stage-0.parquet"
+    stale.write_bytes(b"x" * 1000)
+    export_curriculum(run)
+    assert not stale.exists() and not list(out.glob(".tmp-*"))
+
+
+def test_interrupted_reexport_never_pairs_old_summary_with_new_files(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", n=40)
+    out = export_curriculum(run, stages=4, keep=3)
+    old_summary = (out / "curriculum.json").read_text()
+
+    # killed among the renames of a 5/4 export: the old summary is already gone
+    real_publish = export_module.publish
+    calls = []
+
+    def killed_on_second(tmp, final):
+        calls.append(final)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_publish(tmp, final)
+
+    monkeypatch.setattr(export_module, "publish", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_curriculum(run, stages=5, keep=4)
+    with pytest.raises(FileNotFoundError, match="curriculum.json"):
+        load_curriculum(out)
+    monkeypatch.undo()
+
+    # files of a 5/4 export beside the summary of the 4/3 one (any other interleaving): refused
+    export_curriculum(run, stages=5, keep=4)
+    (out / "curriculum.json").write_text(old_summary)
+    with pytest.raises(ValueError, match=r"stage file .*stage-0.parquet .* mixes files of two exports"):
+        load_curriculum(out)
+    export_curriculum(run, stages=4, keep=3)
+    assert [len(s) for s in load_curriculum(out).values()] == [10, 20, 30]
+
+
+def test_the_cli_removes_a_dead_writers_temps(tiny_gpt2, tmp_path):
+    """Through the command line: temps a killed writer left in shards/ are gone after the next run."""
+    data = write_jsonl(tmp_path / "d.jsonl", rows(12))
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "srdata.cli", "score", str(data), "--model", str(tiny_gpt2), "--output", str(run),
+            "--device", "cpu", "--max-new-tokens", "4", "--shard-size", "2", "-q"]
+    # a dead writer's temp files, as a kill at the worst moment leaves them
+    (run / "shards").mkdir(parents=True)
+    (run / "shards" / f".tmp-{DEAD_PID}-zz-shard-00003.parquet").write_bytes(b"partial")
+    subprocess.run(args, check=True, timeout=300)
+    assert not list(run.rglob(".tmp-*"))
+    assert json.loads((run / "manifest.json").read_text())["counts"]["rows_scored"] == 12
