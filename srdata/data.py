@@ -93,13 +93,22 @@ def _load(dataset: str, split: str):
         if missing:
             raise DatasetLoadError(f"data file not found: {', '.join(missing)}")
         builder = DATA_FILE_BUILDERS[suffixes.pop()]
+        paths = sorted({m for f in files for m in glob.glob(f)})
+        empty = [f for f in paths if Path(f).stat().st_size < 4096 and not Path(f).read_bytes().strip()]
+        if empty:
+            raise DatasetLoadError(f"{', '.join(empty)} is empty: nothing to score")
+        # CSV has no null: an empty field is an empty string, as in every other format
+        # (pandas would read it as NaN, and the row would be refused as a null response).
+        options = {"keep_default_na": False} if builder == "csv" else {}
         try:
             # Local files always form a single split, whatever --split says.
-            return datasets.load_dataset(builder, data_files=files, split="train")
+            return datasets.load_dataset(builder, data_files=files, split="train", **options)
         except Exception as err:
             if "corresponds to no data" in str(err):  # datasets' words for an empty file
                 raise DatasetLoadError(f"{dataset} has 0 rows: nothing to score") from err
-            raise DatasetLoadError(f"could not read {dataset} as {builder}: {err}") from err
+            problem = _json_problem(paths) if builder == "json" else None
+            cause = problem or _error_text(err)
+            raise DatasetLoadError(f"could not read {dataset} as {builder}: {cause}") from err
     if path.exists():
         raise DatasetLoadError(
             f"{dataset} is neither a save_to_disk folder nor a .jsonl/.json/.parquet/.csv file"
@@ -107,6 +116,73 @@ def _load(dataset: str, split: str):
     if not HUB_ID.match(dataset):
         raise DatasetLoadError(f"dataset {dataset!r} not found: no such file or folder")
     return _from_hub(dataset, split)
+
+
+def _error_text(err: BaseException) -> str:
+    """The most specific message in an exception chain (datasets wraps the cause in a vague one)."""
+    texts = []
+    while err is not None:
+        texts.append(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+        err = err.__cause__ or err.__context__
+    return texts[-1] if len(texts) > 1 else texts[0]
+
+
+def _json_problem(paths: list[str]) -> str | None:
+    """Find where a JSON / JSON-lines file is broken: the file, the line, and what is wrong."""
+    import json
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"key {twice[0]!r} appears twice in one object")
+        return dict(pairs)
+
+    for path in paths:
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"{path} is not UTF-8 text (undecodable byte at offset {err.start}); is it really a JSON file?"
+        stripped = text.lstrip()
+        if stripped.startswith("["):  # one JSON document (a list of records)
+            try:
+                json.loads(text, object_pairs_hook=no_duplicates)
+            except ValueError as err:
+                return f"{path}: {err}"
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line, object_pairs_hook=no_duplicates)
+            except ValueError as err:
+                return f"{path} line {number} is not a valid JSON object: {err}"
+            if not isinstance(record, dict):
+                return f"{path} line {number} holds a JSON {type(record).__name__}, not an object with one field per column"
+    return None
+
+
+def header_warnings(dataset: str) -> list[str]:
+    """Problems of a CSV header that loading hides: a column name given twice is renamed ``name.1``.
+
+    Example:
+        >>> header_warnings("data.jsonl")
+        []
+    """
+    import csv
+
+    warnings = []
+    for path in sorted({m for f in dataset.split(",") for m in glob.glob(f.strip()) if m.lower().endswith(".csv")}):
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            warnings.append(
+                f"{path}: column(s) {', '.join(repr(n) for n in twice)} appear more than once in the header; "
+                f"the later copies are read as {', '.join(repr(n + '.1') for n in twice)}"
+            )
+    return warnings
 
 
 def _from_hub(dataset: str, split: str):
@@ -159,6 +235,13 @@ def resolve_columns(
             raise DatasetLoadError(f"{role} '{name}' is not a column of the dataset; available columns: {available}")
     if prompt_column and response_column:
         return ColumnMapping(prompt_column, response_column, input_column)
+    if (prompt_column is None) != (response_column is None):
+        # One column given: the other is the first common name for it that the data has.
+        for p, i, r in KNOWN_LAYOUTS:
+            p, r = prompt_column or p, response_column or r
+            if p in column_names and r in column_names and p != r:
+                chosen_input = input_column or (i if i in column_names and i not in (p, r) else None)
+                return ColumnMapping(p, r, chosen_input, detected=True)
     if prompt_column is None and response_column is None and input_column is None:
         for name in MESSAGE_COLUMNS:
             if name in column_names:

@@ -19,7 +19,7 @@ from . import __version__
 from .backends import GenerationParams, select_backend
 from .config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from .context import check_pair_lengths, check_token_limits, model_max_positions
-from .data import ColumnMapping, load_split, resolve_columns
+from .data import ColumnMapping, header_warnings, load_split, resolve_columns
 from .engines import ShardJob, run_shards
 from .prompts import describe_template, render_rows, resolve_template, row_problem
 from .rank import rank
@@ -83,6 +83,11 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     if len(dataset) == 0:
         raise ValueError(f"dataset {config.data.dataset} (split '{config.data.split}') has 0 rows: nothing to score")
     say(f"columns: {mapping.describe()}")
+    for warning in header_warnings(config.data.dataset):
+        say(f"warning: {warning}")
+    if mapping.prompt_column is not None and mapping.prompt_column == mapping.response_column:
+        say(f"warning: column '{mapping.prompt_column}' is both the prompt and the response: the student is asked "
+            "to repeat its prompt; pass --prompt-column and --response-column to choose two columns")
     tokenizer = _load_tokenizer(config)
     template = resolve_template(config.prompt.template, mapping, dataset.column_names, tokenizer)
     say(describe_template(config.prompt.template, template, mapping))
@@ -193,6 +198,11 @@ def _load_tokenizer(config: ScoreConfig) -> Any:
     from transformers import AutoTokenizer
 
     model = config.model.model
+    if Path(model).is_file():
+        raise FileNotFoundError(
+            f"--model {model} is a file; pass the folder that save_pretrained wrote (the one holding config.json "
+            "and the tokenizer files), or a hub id"
+        )
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
         raise FileNotFoundError(f"model folder {model} does not exist; pass a folder saved with save_pretrained or a hub id")
     try:

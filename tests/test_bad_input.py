@@ -1,0 +1,78 @@
+"""Bad input gets a message that says what is wrong and where; the same data gives the same result in any format."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+import srdata
+from srdata.cli import main
+from srdata.data import DatasetLoadError, load_split, resolve_columns
+
+FAST = dict(device="cpu", dtype="float32", max_new_tokens=4, progress=False)
+
+
+def score_cli(*args: str):
+    return CliRunner().invoke(main, ["score", *args])
+
+
+def test_empty_csv_response_is_an_empty_reference_as_in_parquet(tiny_gpt2, tmp_path):
+    rows = {"prompt": ["Name a colour.", "Say nothing."], "response": ["Blue.", ""]}
+    csv, parquet = tmp_path / "d.csv", tmp_path / "d.parquet"
+    pl.DataFrame(rows).write_csv(csv)
+    pl.DataFrame(rows).write_parquet(parquet)
+    assert csv.read_text().splitlines()[-1] == 'Say nothing.,""'
+    results = [srdata.score(dataset=str(f), model=str(tiny_gpt2), output=str(tmp_path / f.suffix[1:]), **FAST).to_polars()
+               for f in (csv, parquet)]
+    for frame in results:
+        assert frame["invalid_reason"].null_count() == 2 and frame["reference_tokens"].to_list()[1] == 1  # EOS alone
+    assert results[0]["ce_loss"].to_list() == results[1]["ce_loss"].to_list()
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", r"d\.jsonl is empty"),
+        (b"\n\n", r"d\.jsonl is empty"),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n', r"d\.jsonl line 2 is not a valid JSON object"),
+        (b'{"prompt": "a", "prompt": "x", "response": "b"}\n', r"key 'prompt' appears twice in one object"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", r"is not UTF-8 text \(undecodable byte at offset"),
+        (b'{"prompt": "a", "response": "b"}\n["not", "an", "object"]\n', r"line 2 holds a JSON list"),
+    ],
+)
+def test_broken_json_lines_name_the_file_line_and_problem(tmp_path, content, expected):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DatasetLoadError, match=expected):
+        load_split(str(path))
+
+
+def test_model_path_that_is_a_file(tmp_path, instruct_file):
+    model = tmp_path / "model.txt"
+    model.write_text("not a model")
+    result = score_cli(str(instruct_file), "--model", str(model), "--output", str(tmp_path / "run"), "-q")
+    assert result.exit_code != 0
+    assert "is a file; pass the folder that save_pretrained wrote" in result.output
+    assert "hub" not in result.output.split("is a file")[0] and "offline" not in result.output
+
+
+def test_one_column_given_completes_from_known_layouts():
+    assert resolve_columns(["prompt", "reference"], response_column="reference").prompt_column == "prompt"
+    assert resolve_columns(["instruction", "input", "answer"], response_column="answer").input_column == "input"
+    assert resolve_columns(["question", "gold"], prompt_column="question", response_column="gold").response_column == "gold"
+    with pytest.raises(DatasetLoadError, match="pass --prompt-column and --response-column"):
+        resolve_columns(["text", "label"], response_column="label")
+
+
+def test_duplicate_csv_header_and_prompt_equal_to_response_are_warned(tiny_gpt2, tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt,response,prompt\nSay hi.,hi,again\nSay no.,no,again\n")
+    result = score_cli(str(csv), "--model", str(tiny_gpt2), "--output", str(tmp_path / "a"), "--device", "cpu",
+                       "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert "column(s) 'prompt' appear more than once in the header; the later copies are read as 'prompt.1'" in result.output
+    same = score_cli(str(csv), "--model", str(tiny_gpt2), "--output", str(tmp_path / "b"), "--device", "cpu",
+                     "--max-new-tokens", "2", "--prompt-column", "prompt", "--response-column", "prompt")
+    assert same.exit_code == 0, same.output
+    assert "column 'prompt' is both the prompt and the response" in same.output
