@@ -91,8 +91,16 @@ def train(quiet: bool, **flags: Any) -> None:
     schedule. Rerunning the same command resumes after the last finished stage.
     """
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    if quiet:
+        from srdata.cli import silence_library_progress
+
+        silence_library_progress()
     try:
         result = run_training(flags, progress=not quiet, echo=echo)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished stages are saved in {flags.get('output')}; run the same command again to "
+                   "resume after the last finished stage", err=True)
+        sys.exit(130)
     except (TrainingSetupError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     if not quiet:

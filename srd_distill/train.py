@@ -852,6 +852,11 @@ def curriculum_stage_files(curriculum_dir: Path, n_stages: int, schedule_name: s
             f"curriculum folder {curriculum_dir} does not exist; create it with `srdata export RUN_DIR --out {curriculum_dir}`"
         )
     summary_path = curriculum_dir / CURRICULUM_FILE
+    if not summary_path.is_file() and (curriculum_dir / "manifest.json").is_file():
+        exported = curriculum_dir / "curriculum"
+        hint = (f"its export is {exported}: pass --curriculum {exported}" if (exported / CURRICULUM_FILE).is_file()
+                else f"export it first with `srdata export {curriculum_dir}`, then pass --curriculum {exported}")
+        raise CurriculumFilesError(f"{curriculum_dir} is a scoring run, not a curriculum; {hint}")
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         listed = [curriculum_dir / s["file"] for s in sorted(summary.get("stages", []), key=lambda s: s["stage"])]

@@ -19,6 +19,17 @@ Example:
 """
 
 
+def silence_library_progress() -> None:
+    """``--quiet`` means quiet: no progress bars or info logs from datasets and transformers either."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
 def _default(section: type, name: str) -> str:
     default = section.model_fields[name].default
     return f" [default: {default}]" if default is not None else ""
@@ -82,12 +93,18 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
 
     given = {key: value for key, value in flags.items() if value is not None}
     given["dataset"] = dataset
+    if quiet:
+        silence_library_progress()
     try:
         settings = merge(read_config_file(config_file), nest(given)) if config_file else nest(given)
         for section, key, flag in (("model", "model", "--model"), ("run", "output", "--output")):
             if key not in settings.get(section, {}):
                 raise click.UsageError(f"{flag} is required (on the command line or in --config)")
         result = run_score(settings, progress=not quiet, echo=None if quiet else click.echo)
+    except KeyboardInterrupt:
+        output = settings.get("run", {}).get("output", "the output folder")
+        click.echo(f"\ninterrupted: the finished shards are saved in {output}; run the same command again to resume", err=True)
+        sys.exit(130)
     except click.UsageError:
         raise
     except (ValueError, FileNotFoundError, OSError) as err:

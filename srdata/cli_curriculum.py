@@ -137,7 +137,8 @@ def report_cmd(run_dir, out, by, curriculum, examples) -> None:
     """
     with _run_errors():
         folder = build_report(run_dir, out=out, by=by, curriculum=curriculum, examples=examples)
-    click.echo(f"wrote {folder / 'report.md'} and {folder / 'report.html'}")
+    figures = sorted(p.name for p in folder.glob("*.png"))
+    click.echo(f"wrote {folder / 'report.md'} and {folder / 'report.html'}" + (f", figures in {folder}: {', '.join(figures)}" if figures else ""))
 
 
 @click.command("inspect", epilog="Example:\n\n\b\n  srdata inspect runs/dolly")

@@ -172,11 +172,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a run folder, whatever its status."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise CurriculumError(f"{path} holds no srdata run ({MANIFEST_FILE} missing); create one with `srdata score ... --output {path}`")
+        raise CurriculumError(_not_a_run_message(path))
     try:
         return json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CurriculumError(f"{manifest_path} is not valid JSON ({err})") from None
+
+
+def _not_a_run_message(path: Path) -> str:
+    """Why ``path`` is not a run folder, pointing to the run folder that exists nearby."""
+    if (path / CURRICULUM_FILE).is_file() and (path.parent / MANIFEST_FILE).is_file():
+        return f"{path} is an export (it holds {CURRICULUM_FILE}), not a run; its run is {path.parent}: `srdata export {path.parent}`"
+    runs = sorted(p.name for p in path.iterdir() if (p / MANIFEST_FILE).is_file()) if path.is_dir() else []
+    if runs:
+        listed = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        return f"{path} is a folder of runs ({listed}), not a run; pass one of them, e.g. `srdata export {path / runs[0]}`"
+    return f"{path} holds no srdata run ({MANIFEST_FILE} missing); create one with `srdata score ... --output {path}`"
 
 
 def _unfinished_message(path: Path, manifest: dict[str, Any]) -> str:

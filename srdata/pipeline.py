@@ -16,7 +16,7 @@ from typing import Any, Callable
 import polars as pl
 
 from . import __version__
-from .backends import GenerationParams, select_backend
+from .backends import GenerationParams, check_device, select_backend
 from .config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from .context import check_pair_lengths, check_token_limits, model_max_positions
 from .data import ColumnMapping, header_warnings, load_split, resolve_columns
@@ -72,6 +72,7 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     """
     config = _as_config(config, settings)
     say = echo or log.info
+    check_device(config.model.device)  # before any work: a GPU that is not there fails now, not after loading
     started = time.perf_counter()
 
     # load

@@ -76,3 +76,56 @@ def test_duplicate_csv_header_and_prompt_equal_to_response_are_warned(tiny_gpt2,
                      "--max-new-tokens", "2", "--prompt-column", "prompt", "--response-column", "prompt")
     assert same.exit_code == 0, same.output
     assert "column 'prompt' is both the prompt and the response" in same.output
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_gpt2, instruct_file, tmp_path):
+    result = score_cli(str(instruct_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run"), "--device", "cuda")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--device cuda: torch sees no CUDA GPU" in result.output and "pass --device cpu" in result.output
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_export_and_distill_point_to_the_folder_that_exists(tmp_path):
+    from srd_distill.train import CurriculumFilesError, curriculum_stage_files
+    from srdata.export import CurriculumError, export_curriculum
+    from tests._runs import make_run
+
+    runs = tmp_path / "runs"
+    run = make_run(runs / "a")
+    out = export_curriculum(run)
+    with pytest.raises(CurriculumError, match=r"is a folder of runs \(a\), not a run; pass one of them"):
+        export_curriculum(runs)
+    with pytest.raises(CurriculumError, match=r"is an export .* not a run; its run is .*runs/a"):
+        export_curriculum(out)
+    with pytest.raises(CurriculumFilesError, match=r"is a scoring run, not a curriculum; its export is .*a/curriculum"):
+        curriculum_stage_files(run, 3, "paper-gpt2")
+
+
+def test_quiet_score_prints_nothing_and_ctrl_c_says_how_to_resume(tiny_gpt2, instruct_file, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "srdata.cli", "score", str(instruct_file), "--model", str(tiny_gpt2), "--output",
+            str(tmp_path / "run"), "--device", "cpu", "--max-new-tokens", "2", "-q"]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout == "" and "%|" not in quiet.stderr, quiet.stderr
+
+    import srdata.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(srdata.pipeline, "score", interrupted)
+    result = score_cli(str(instruct_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run2"))
+    assert result.exit_code == 130
+    assert "run the same command again to resume" in result.output
+
+
+def test_report_lists_its_figures(tmp_path):
+    from srdata.cli_curriculum import report_cmd
+    from tests._runs import make_run
+
+    run = make_run(tmp_path / "run")
+    result = CliRunner().invoke(report_cmd, [str(run)])
+    assert result.exit_code == 0, result.output
+    assert ".png" in result.output and "figures in" in result.output

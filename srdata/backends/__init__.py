@@ -13,7 +13,7 @@ from .base import Backend, Generation, GenerationParams, ProgressCallback
 
 BACKENDS = ("auto", "hf", "vllm")
 
-__all__ = ["Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKENDS", "select_backend", "load_backend"]
+__all__ = ["Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKENDS", "select_backend", "load_backend", "check_device"]
 
 
 def _gpu_visible() -> bool:
@@ -22,6 +22,23 @@ def _gpu_visible() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device where torch sees none, naming what to pass instead.
+
+    Example:
+        >>> check_device("cpu")
+    """
+    if not device.startswith("cuda") or _gpu_visible():
+        return
+    try:
+        import torch
+
+        build = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU or driver is visible"
+    except ImportError:
+        build = "torch is not installed"
+    raise ValueError(f"--device {device}: torch sees no CUDA GPU ({build}); pass --device cpu, or --device auto to use a GPU where there is one")
 
 
 def select_backend(name: str) -> str:
@@ -42,6 +59,7 @@ def load_backend(name: str, model: str, *, tokenizer: Any = None, **options: Any
         >>> backend = load_backend("hf", "path/to/student", device="cpu", dtype="float32")  # doctest: +SKIP
     """
     resolved = select_backend(name)
+    check_device(str(options.get("device", "auto")))
     if resolved == "vllm":
         from .vllm import VLLMBackend  # imported lazily: vLLM is an optional extra
 
