@@ -109,6 +109,11 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     pending = [s for s in shards if not store.is_done(s)]
     manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
     manifest["resumed"] = resumed
+    if resumed:  # keep how the finished shards were scored
+        earlier = {s["index"]: s for s in (store.read_manifest() or {}).get("shards", [])}
+        for entry in manifest["shards"]:
+            if entry["done"]:
+                entry.update({k: v for k, v in earlier.get(entry["index"], {}).items() if k in ("batch_size", "token_budget")})
     store.write_manifest(manifest)
     if resumed:
         say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done")
@@ -121,7 +126,9 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         work["rows"] += frame["ce_loss"].is_not_null().sum()
         work["tokens"] += int(frame.select(pl.sum("prompt_tokens") + pl.sum("reference_tokens") + pl.sum("output_tokens")).item() or 0)
         store.write_shard(shard, frame)
-        manifest["shards"][shard.index]["done"] = True
+        # Batching changes float32 summation order, so values may differ in the last digits
+        # between shards scored with other batch settings (a resumed run): record them per shard.
+        manifest["shards"][shard.index].update(done=True, batch_size=config.batching.batch_size, token_budget=config.batching.token_budget)
         store.write_manifest(manifest)
 
     if pending:

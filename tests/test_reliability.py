@@ -158,3 +158,29 @@ def test_the_cli_removes_a_dead_writers_temps(tiny_gpt2, tmp_path):
     subprocess.run(args, check=True, timeout=300)
     assert not list(run.rglob(".tmp-*"))
     assert json.loads((run / "manifest.json").read_text())["counts"]["rows_scored"] == 12
+
+
+def test_batch_settings_move_ce_only_in_the_last_digits_and_are_recorded_per_shard(tiny_llama, shared_data_dir, tmp_path):
+    """What the README promises: batching is not bit-neutral, but within 1e-5 relative, and recorded."""
+    import polars as pl
+
+    data = tmp_path / "t0.parquet"
+    pl.read_parquet(shared_data_dir / "t0-train.parquet").filter(pl.col("response").str.len_chars() > 0).head(24).write_parquet(data)
+    kw = dict(dataset=str(data), model=str(tiny_llama), device="cpu", dtype="float32", max_new_tokens=3,
+              max_prompt_tokens=96, shard_size=12, progress=False)
+    a = srdata.score(output=str(tmp_path / "a"), **kw).to_polars().sort("srd_id")
+    b = srdata.score(output=str(tmp_path / "b"), batch_size=5, token_budget=700, **kw)
+    b_frame = b.to_polars().sort("srd_id")
+    rel = ((a["ce_loss"] - b_frame["ce_loss"]).abs() / a["ce_loss"].abs()).max()
+    assert rel < 1e-5
+    assert [(s["batch_size"], s["token_budget"]) for s in b.manifest["shards"]] == [(5, 700), (5, 700)]
+    # a resumed run with another batch size is accepted, and each shard says how it was scored
+    manifest_path = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][1]["done"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "a" / "shards" / "shard-00001.parquet").unlink()
+    resumed = srdata.score(output=str(tmp_path / "a"), batch_size=3, **kw)
+    assert [s["batch_size"] for s in resumed.manifest["shards"]] == [64, 3]
+    c = resumed.to_polars().sort("srd_id")
+    assert ((a["ce_loss"] - c["ce_loss"]).abs() / a["ce_loss"].abs()).max() < 1e-5
