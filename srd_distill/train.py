@@ -391,9 +391,11 @@ class EncodedData:
 
 def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings, max_length: int) -> EncodedData:
     """Token ids of every pair by srdata's rules (:func:`srdata.encode_pairs`), cut to ``max_length``."""
+    from srdata.prompts import chat_affixes
     from srdata.tokenize import encode_pairs
 
     prompts, references = pairs["prompt_text"].to_list(), pairs["reference_text"].to_list()
+    keep = ("", "") if encoding.add_special_tokens or not getattr(tokenizer, "chat_template", None) else chat_affixes(tokenizer)
     encoded = []
     for start in range(0, len(prompts), 4096):  # bounded tokenizer batches for large files
         encoded += encode_pairs(
@@ -404,6 +406,7 @@ def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings,
             max_reference_tokens=encoding.max_reference_tokens,
             truncation_side=encoding.truncation_side,  # type: ignore[arg-type]
             add_special_tokens=encoding.add_special_tokens,
+            keep=keep,
         )
     data = EncodedData([], [], [], 0, 0)
     for pair, reference in zip(encoded, references):

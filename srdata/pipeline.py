@@ -21,7 +21,7 @@ from .config import ScoreConfig, build_config, merge, nest, result_settings, set
 from .context import check_pair_lengths, check_token_limits, model_max_positions
 from .data import ColumnMapping, header_warnings, load_split, resolve_columns
 from .engines import ShardJob, run_shards
-from .prompts import describe_template, render_rows, resolve_template, row_problem
+from .prompts import chat_affixes, describe_template, render_rows, resolve_template, row_problem
 from .rank import rank
 from .rouge import rouge_l
 from .store import RunStore, Shard, plan_shards
@@ -164,6 +164,7 @@ def score_shard(
         max_reference_tokens=config.prompt.max_reference_tokens,
         truncation_side=config.prompt.truncation_side,
         add_special_tokens=template != "chat",  # chat templates write their own special tokens
+        keep=chat_affixes(tokenizer) if template == "chat" else ("", ""),  # truncation never cuts the turn markers
     )
     prompt_ids = [p.prompt_ids for p in pairs]
     if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length

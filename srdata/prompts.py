@@ -110,6 +110,28 @@ def describe_template(requested: str | None, resolved: str, mapping: ColumnMappi
     return f"template: {resolved} (auto: {why}; --template chooses another)"
 
 
+CHAT_SENTINEL = "SRDATA-CONTENT-7f3a9c"
+
+
+def chat_affixes(tokenizer: Any) -> tuple[str, str]:
+    """The chat template's own text before and after a single user turn's content.
+
+    For ChatML (SmolLM2, Qwen): the system turn and ``<|im_start|>user\n`` before, and
+    ``<|im_end|>\n<|im_start|>assistant\n`` after. Truncation keeps both (see
+    :func:`srdata.tokenize.encode_pairs`'s ``keep``). ``("", "")`` when the template does
+    not show the content verbatim.
+
+    Example:
+        >>> chat_affixes(tokenizer)  # doctest: +SKIP
+        ('<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n', '<|im_end|>\n<|im_start|>assistant\n')
+    """
+    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_SENTINEL}], add_generation_prompt=True, tokenize=False)
+    if text.count(CHAT_SENTINEL) != 1:
+        return "", ""
+    head, tail = text.split(CHAT_SENTINEL)
+    return head, tail
+
+
 def render_rows(rows: dict[str, list], mapping: ColumnMapping, template: str, tokenizer: Any = None) -> list[RenderedRow]:
     """Render a column-oriented batch of rows (as ``Dataset[a:b]`` returns) into prompts.
 

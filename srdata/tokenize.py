@@ -14,6 +14,13 @@ the ``### Response:`` marker next to the answer; special tokens the tokenizer ad
 are always kept. ``truncation_side="right"`` keeps the start instead, as the SRD
 reference code does. References longer than ``max_reference_tokens`` (end-of-sequence
 included) are cut at that length and flagged; the cut reference then has no EOS.
+
+Chat-template prompts have text of their own around the user's content (a system turn
+and the user header before it; the end of the user turn and the assistant header after
+it). Truncation must not cut it: without the assistant header the model would go on
+writing the user's text. ``keep=(head, tail)`` names that text (see
+:func:`srdata.prompts.chat_affixes`); a truncated prompt keeps it whole and cuts only the
+content between, on ``truncation_side``.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ def encode_pairs(
     max_reference_tokens: int | None = 256,
     truncation_side: TruncationSide = "left",
     add_special_tokens: bool = True,
+    keep: tuple[str, str] = ("", ""),
 ) -> list[EncodedPair]:
     """Encode prompt/reference pairs by the rules above (batched through the fast tokenizer).
 
@@ -98,24 +106,43 @@ def encode_pairs(
     plain_refs = tokenizer(references, add_special_tokens=False)["input_ids"]
 
     encoded = []
-    for full, plain, ref in zip(full_prompts, plain_prompts, plain_refs):
+    for text, full, plain, ref in zip(prompts, full_prompts, plain_prompts, plain_refs):
         prompt_ids, prompt_truncated = list(full), False
         if len(full) > max_prompt_tokens:
             prefix, suffix = _special_affixes(tokenizer, list(full), list(plain))
-            budget = max_prompt_tokens - len(prefix) - len(suffix)
+            head, body, tail = _split_kept(tokenizer, text, keep, plain)
+            budget = max_prompt_tokens - len(prefix) - len(suffix) - len(head) - len(tail)
             if budget < 1:
                 raise ValueError(
-                    f"max_prompt_tokens={max_prompt_tokens} leaves no room for text next to "
-                    f"the {len(prefix) + len(suffix)} special tokens the tokenizer adds"
+                    f"max_prompt_tokens={max_prompt_tokens} leaves no room for text next to the "
+                    f"{len(prefix) + len(suffix)} special tokens the tokenizer adds and the "
+                    f"{len(head) + len(tail)} tokens of the chat template's own text; raise --max-prompt-tokens"
                 )
-            body = plain[-budget:] if truncation_side == "left" else plain[:budget]
-            prompt_ids, prompt_truncated = prefix + list(body) + suffix, True
+            body = body[-budget:] if truncation_side == "left" else body[:budget]
+            prompt_ids, prompt_truncated = prefix + head + list(body) + tail + suffix, True
         reference_ids = list(ref) + [eos_id]
         reference_truncated = max_reference_tokens is not None and len(reference_ids) > max_reference_tokens
         if reference_truncated:
             reference_ids = reference_ids[:max_reference_tokens]
         encoded.append(EncodedPair(prompt_ids, reference_ids, prompt_truncated, reference_truncated))
     return encoded
+
+
+def _split_kept(tokenizer: Any, text: str, keep: tuple[str, str], plain: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the kept head, the cuttable body and the kept tail of one prompt.
+
+    Each part is tokenized on its own (a chat template's text ends and starts at special
+    tokens or newlines, so this matches the whole-string tokenization in practice). A
+    prompt that does not start (end) with the kept head (tail) keeps nothing there.
+    """
+    head_text, tail_text = keep
+    head_text = head_text if head_text and text.startswith(head_text) else ""
+    tail_text = tail_text if tail_text and text.endswith(tail_text) and len(text) >= len(head_text) + len(tail_text) else ""
+    if not head_text and not tail_text:
+        return [], list(plain), []
+    body_text = text[len(head_text) : len(text) - len(tail_text)]
+    head, body, tail = (tokenizer(part, add_special_tokens=False)["input_ids"] if part else [] for part in (head_text, body_text, tail_text))
+    return list(head), list(body), list(tail)
 
 
 def encode_pair(tokenizer: Any, prompt: str, reference: str, **options: Any) -> EncodedPair:

@@ -140,3 +140,28 @@ def test_chat_messages_rebuild_exactly_the_scored_prompt(chat_llama, tmp_path):
         # what the old snippet did: prompt_text wrapped in a second template
         wrapped = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt_text"]}], add_generation_prompt=True, tokenize=False)
         assert wrapped != row["prompt_text"]
+
+
+def test_chat_truncation_keeps_the_template_text_on_both_sides(chat_llama, tmp_path):
+    """A real-model finding: cutting rendered ids dropped the assistant header (right) or the user header (left)."""
+    from srdata.prompts import chat_affixes
+    from srdata.tokenize import encode_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_llama)
+    head, tail = chat_affixes(tokenizer)
+    assert (head, tail) == ("<|user|>\n", "</s>\n<|assistant|>\n")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "word " * 200 + "END"}], add_generation_prompt=True, tokenize=False)
+    head_ids, tail_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (head, tail))
+    for side in ("left", "right"):
+        pair = encode_pairs(tokenizer, [text], ["ok"], max_prompt_tokens=40, truncation_side=side, add_special_tokens=False,
+                            keep=(head, tail))[0]
+        assert pair.prompt_truncated and len(pair.prompt_ids) == 40
+        assert pair.prompt_ids[: len(head_ids)] == head_ids and pair.prompt_ids[-len(tail_ids):] == tail_ids
+        kept = tokenizer.decode(pair.prompt_ids[len(head_ids) : -len(tail_ids)])
+        assert kept.strip().endswith("END") == (side == "left") and "word" in kept
+    # a prompt that fits is encoded exactly as its whole string
+    short = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    pair = encode_pairs(tokenizer, [short], ["ok"], add_special_tokens=False, keep=(head, tail))[0]
+    assert pair.prompt_ids == tokenizer(short, add_special_tokens=False)["input_ids"] and not pair.prompt_truncated
+    with pytest.raises(ValueError, match="chat template's own text; raise --max-prompt-tokens"):
+        encode_pairs(tokenizer, [text], ["ok"], max_prompt_tokens=len(head_ids) + len(tail_ids), add_special_tokens=False, keep=(head, tail))

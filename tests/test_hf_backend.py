@@ -139,3 +139,22 @@ def test_one_token_prompts_score_and_generate_like_separate_passes(tiny_gpt2):
     losses, generations = backend.score_and_generate(prompts, references, params)
     assert losses == pytest.approx(backend.score(prompts, references), rel=1e-6)
     assert [g.token_ids for g in generations] == [g.token_ids for g in backend.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_scoring_and_generation_get_no_deprecation_notice_from_transformers(request, fixture):
+    """Every cache path (shared prefill into a StaticCache, reference continuation on a
+    DynamicCache, separate passes, n-gram blocking) uses transformers' current API."""
+    from ._warnings import deprecation_notices
+
+    path = request.getfixturevalue(fixture)
+    with deprecation_notices() as notices:
+        backend = HFBackend.from_pretrained(path, device="cpu", dtype="float32", batch_size=3, prefill_chunk_tokens=16)
+        pairs = encode_pairs(backend.tokenizer, PROMPTS, REFERENCES)
+        prompts, references = [p.prompt_ids for p in pairs], [p.reference_ids for p in pairs]
+        params = GenerationParams(max_new_tokens=6, no_repeat_ngram_size=2, stop_token_ids=(backend.tokenizer.eos_token_id,))
+        backend.score_and_generate(prompts, references, params)
+        assert backend.shared_prefill
+        backend.score(prompts, references)
+        backend.generate(prompts, params)
+    assert not notices, notices
