@@ -1,4 +1,5 @@
-"""The model's context length, checked against the token limits before any model work.
+"""The model's limits from its own files: the context length, checked against the token
+limits before any model work, and the ids that end its turn.
 
 A causal LM has a fixed number of positions (``max_position_embeddings`` in most configs,
 ``n_positions`` in GPT-2's). A sequence past it fails deep inside the forward pass
@@ -90,3 +91,25 @@ def check_pair_lengths(
             f"{len(over)} row(s) do not fit the model's {max_positions} positions (prompt + reference): {listed}; "
             f"set --max-reference-tokens (at most {max_positions} - --max-prompt-tokens) or lower --max-prompt-tokens"
         )
+
+
+@lru_cache(maxsize=8)
+def model_stop_ids(model: str | Path) -> tuple[int, ...]:
+    """End-of-sequence ids the model's ``generation_config.json`` lists (empty when it has none).
+
+    Instruct models often list several (Llama-3-Instruct: ``<|eot_id|>`` and
+    ``<|end_of_text|>``); generation must stop at any of them, not only at the tokenizer's.
+
+    Example:
+        >>> model_stop_ids("path/to/student")  # doctest: +SKIP
+        (2,)
+    """
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return ()
+    eos = config.eos_token_id
+    ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    return tuple(int(i) for i in ids)

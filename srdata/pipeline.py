@@ -18,7 +18,7 @@ import polars as pl
 from . import __version__
 from .backends import GenerationParams, check_device, select_backend
 from .config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
-from .context import check_pair_lengths, check_token_limits, model_max_positions
+from .context import check_pair_lengths, check_token_limits, model_max_positions, model_stop_ids
 from .data import ColumnMapping, header_warnings, load_split, resolve_columns
 from .engines import ShardJob, run_shards
 from .prompts import chat_affixes, describe_template, render_rows, resolve_template, row_problem
@@ -169,7 +169,9 @@ def score_shard(
     prompt_ids = [p.prompt_ids for p in pairs]
     if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
         check_pair_lengths(prompt_ids, [p.reference_ids for p in pairs], [shard.start + i for i in valid], _max_positions(config))
-    params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, (resolve_eos_id(tokenizer),))
+    eos_id = resolve_eos_id(tokenizer)  # the one appended to references; the model's own end ids also stop generation
+    stop_ids = (eos_id, *(i for i in model_stop_ids(config.model.model) if i != eos_id))
+    params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, stop_ids)
     ce_losses, generations = backend.score_and_generate(prompt_ids, [p.reference_ids for p in pairs], params, on_progress)
     rouge = rouge_l([g.text for g in generations], [rendered[i].reference for i in valid], tokenizer=config.metrics.rouge_tokenizer)
 

@@ -165,3 +165,36 @@ def test_chat_truncation_keeps_the_template_text_on_both_sides(chat_llama, tmp_p
     assert pair.prompt_ids == tokenizer(short, add_special_tokens=False)["input_ids"] and not pair.prompt_truncated
     with pytest.raises(ValueError, match="chat template's own text; raise --max-prompt-tokens"):
         encode_pairs(tokenizer, [text], ["ok"], max_prompt_tokens=len(head_ids) + len(tail_ids), add_special_tokens=False, keep=(head, tail))
+
+
+def test_generation_stops_at_every_end_id_the_model_lists(tiny_llama, tmp_path):
+    """Instruct models list several end ids (Llama-3: <|eot_id|>, <|end_of_text|>); the tokenizer knows one."""
+    import shutil
+
+    from srdata.backends import Generation
+    from srdata.config import build_config
+    from srdata.context import model_stop_ids
+    from srdata.data import ColumnMapping
+    from srdata.pipeline import score_shard
+    from srdata.store import Shard
+
+    model = tmp_path / "llama"
+    shutil.copytree(tiny_llama, model)
+    config_path = model / "generation_config.json"
+    generation = json.loads(config_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    generation["eos_token_id"] = [7, tokenizer.eos_token_id, 9]
+    config_path.write_text(json.dumps(generation))
+    assert model_stop_ids(str(model)) == (7, tokenizer.eos_token_id, 9)
+
+    seen = {}
+
+    class Spy:
+        def score_and_generate(self, prompts, references, params, progress=None):
+            seen["stop"] = params.stop_token_ids
+            return [1.0] * len(prompts), [Generation([5], "x", "stop")] * len(prompts)
+
+    config = build_config({"dataset": "unused", "model": str(model), "output": str(tmp_path / "run")})
+    rows = {"instruction": ["Say hi."], "output": ["hi"]}
+    score_shard(rows, Shard(0, 0, 1), ColumnMapping("instruction", "output"), "alpaca", tokenizer, Spy(), config)
+    assert seen["stop"] == (tokenizer.eos_token_id, 7, 9)  # the reference's EOS first, then the model's others
