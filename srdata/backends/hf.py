@@ -41,6 +41,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword under which this transformers version takes a KV cache object.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.2x; the old name warns with a
+    FutureWarning and goes away in 5.40), and older releases know only the old one.
+
+    Example:
+        >>> cache_keyword(model)  # doctest: +SKIP
+        'cache'
+    """
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFBackend:
     """Generate and score with a ``transformers`` causal LM.
 
@@ -70,6 +85,7 @@ class HFBackend:
         # Padding ids are masked out, so any id works when the tokenizer has no pad token.
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self.cache_kwarg = cache_keyword(model)
         self.hidden_state_ce = self._hidden_state_ce_matches_logits()
         self.shared_prefill: bool | None = None  # checked on first use (see _shared_prefill_matches)
 
@@ -232,7 +248,7 @@ class HFBackend:
             )
             for row, loss in zip(group, group_losses):
                 losses[row] = loss
-        return losses, self._generate_batch(prompts, params, past_key_values=cache)
+        return losses, self._generate_batch(prompts, params, cache=cache)
 
     def _prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_cache_len: int
@@ -257,7 +273,7 @@ class HFBackend:
             chunk_cache = DynamicCache(config=self.model.config)
             self.model.base_model(
                 input_ids=input_ids[chunk, :-1], attention_mask=attention_mask[chunk, :-1],
-                position_ids=positions[chunk, :-1], past_key_values=chunk_cache, use_cache=True,
+                position_ids=positions[chunk, :-1], **{self.cache_kwarg: chunk_cache}, use_cache=True,
             )
             chunks.append(chunk_cache)
         cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
@@ -302,12 +318,12 @@ class HFBackend:
         targets = torch.tensor([t for ref in refs for t in ref], device=self.device)
         if self.hidden_state_ce:
             hidden = self.model.base_model(
-                input_ids=tokens, attention_mask=mask, position_ids=steps, past_key_values=group_cache, use_cache=True
+                input_ids=tokens, attention_mask=mask, position_ids=steps, **{self.cache_kwarg: group_cache}, use_cache=True
             ).last_hidden_state
             nll = self._chunked_nll(hidden[group_rows, group_positions], targets, project=True)
         else:
             logits = self.model(
-                input_ids=tokens, attention_mask=mask, position_ids=steps, past_key_values=group_cache, use_cache=True
+                input_ids=tokens, attention_mask=mask, position_ids=steps, **{self.cache_kwarg: group_cache}, use_cache=True
             ).logits
             nll = self._chunked_nll(logits[group_rows, group_positions], targets, project=False)
         totals = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
@@ -368,9 +384,9 @@ class HFBackend:
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: list[list[int]], params: GenerationParams, past_key_values: Any = None
+        self, prompts: list[list[int]], params: GenerationParams, cache: Any = None
     ) -> list[Generation]:
-        """Greedy answers for one batch; ``past_key_values`` may hold every prompt token but the last."""
+        """Greedy answers for one batch; ``cache`` may hold every prompt token but the last."""
         from transformers import GenerationConfig
 
         input_ids, attention_mask = self._left_padded(prompts)
@@ -385,7 +401,7 @@ class HFBackend:
             pad_token_id=self.pad_id,
         )
         output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, generation_config=config
+            input_ids=input_ids, attention_mask=attention_mask, **{self.cache_kwarg: cache}, generation_config=config
         )
         generations = []
         for row in output[:, width:].tolist():
