@@ -158,3 +158,16 @@ def test_scoring_and_generation_get_no_deprecation_notice_from_transformers(requ
         backend.score(prompts, references)
         backend.generate(prompts, params)
     assert not notices, notices
+
+
+def test_cache_keyword_follows_the_transformers_signature():
+    """transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); older ones know only the old name."""
+    from srdata.backends.hf import cache_keyword
+
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert cache_keyword(New()) == "cache" and cache_keyword(Old()) == "past_key_values"
