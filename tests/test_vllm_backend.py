@@ -302,8 +302,10 @@ def test_ngram_logits_processor_bookkeeping_with_vllm_interface(monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "vllm.v1.sample.logits_processor", module)
 
-    cls = vb._build_ngram_processor_class()
-    assert cls.__module__ == vb.__name__ and cls.__qualname__ == "NoRepeatNGramLogitsProcessor"
+    from srdata.backends import vllm_processors as vp
+
+    cls = vp._build_processor_class()  # V1 base only: this fake vLLM has no Model Runner V2
+    assert cls.__module__ == vp.__name__ and cls.__qualname__ == "NoRepeatNGramLogitsProcessor"
     proc = cls(None, torch.device("cpu"), False)
     assert proc.is_argmax_invariant() is False
     on = SimpleNamespace(extra_args={vb.NGRAM_ARG: 2})
@@ -393,7 +395,12 @@ def test_auto_selects_vllm_when_importable_and_gpu_visible(monkeypatch):
 
 
 def test_load_backend_vllm_without_vllm_names_the_extra(monkeypatch, tiny):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # "not installed", even where it is
+    from srdata.backends import vllm_processors as vp
+
+    # "not installed", even where it is (the submodule too: an earlier test may have cached it)
+    for name in ("vllm", "vllm.v1.sample.logits_processor"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(vp.__dict__, "NoRepeatNGramLogitsProcessor", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'srdata\[vllm\]'"):
         load_backend("vllm", str(tiny.path), max_model_len=512)
-    assert not hasattr(vb, "NoRepeatNGramLogitsProcessor")
+    assert not hasattr(vp, "NoRepeatNGramLogitsProcessor")

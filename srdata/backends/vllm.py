@@ -21,11 +21,23 @@ Design choices (see the README section "vLLM backend"):
 * ``dtype="auto"`` means bfloat16, as in the transformers backend on a GPU (vLLM's own
   ``auto`` would pick float16 for a checkpoint saved in float32).
 * ``no_repeat_ngram_size`` has no vLLM sampling parameter. It is implemented as a vLLM
-  custom logits processor (:data:`NGRAM_PROCESSOR_FQCN`), registered when the engine is
-  built with ``no_repeat_ngram_size=N``; the bans are exactly those of transformers'
-  ``NoRepeatNGramLogitsProcessor`` (n-grams over prompt + output).
+  custom logits processor (:data:`NGRAM_PROCESSOR_FQCN`, in
+  :mod:`srdata.backends.vllm_processors`, one class for both of vLLM's model runners),
+  registered when the engine is built with ``no_repeat_ngram_size=N``; the bans are
+  exactly those of transformers' ``NoRepeatNGramLogitsProcessor`` (n-grams over prompt +
+  output).
+* Prompt log-probs on vLLM's V1 runner need memory its profiler does not count; on a GPU,
+  when the caller sets no ``max_num_batched_tokens``, it is derived from the vocabulary
+  and the memory outside vLLM's budget (:func:`scoring_step_tokens`).
 * vLLM is imported lazily: importing this module never needs it; building the backend
   without it raises an ImportError naming ``pip install 'srdata[vllm]'``.
+* An engine that cannot start (most often: the memory ``gpu_memory_utilization`` asks for
+  is not there) raises a RuntimeError that explains ``--gpu-memory-utilization`` on a GPU
+  and on a CPU, chained to vLLM's own error (see :func:`engine_start_error`).
+* Noise that is not ours is kept out of the log: vLLM's INFO lines (unless
+  ``VLLM_LOGGING_LEVEL`` is set), and the warnings that ``skip_tokenizer_init=True``
+  causes on purpose (see :class:`KnownVLLMNoise`). vLLM's other warnings and its errors,
+  root causes of a failed start included, are shown as before.
 
 The request-building and output-reduction logic is in plain functions that take objects
 shaped like vLLM's, so it is tested on a CPU without vLLM.
@@ -33,17 +45,31 @@ shaped like vLLM's, so it is tested on a CPU without vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .base import Generation, GenerationParams, ProgressCallback
+# The n-gram ban lives with the runner-specific processor glue; re-exported here.
+from .vllm_processors import (  # noqa: F401
+    INSTALL_HINT,
+    NGRAM_ARG,
+    NGRAM_PROCESSOR_FQCN,
+    NGramBlocker,
+    check_ngram_processor,
+    head_dtype_bytes,
+    likely_model_runner,
+    memory_headroom_bytes,
+    model_runner_of,
+    safe_max_num_batched_tokens,
+)
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'srdata[vllm]'"
 
 # Our dtype names; "auto" is resolved to bfloat16 (see resolve_vllm_dtype).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -52,10 +78,6 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # They are ignored here (logged at debug level); any other unknown option is an error.
 HF_ONLY_OPTIONS = frozenset({"batch_size", "token_budget", "ce_chunk_tokens"})
 
-# Key of the per-request argument read by the n-gram logits processor.
-NGRAM_ARG = "srdata_no_repeat_ngram_size"
-# vLLM loads custom logits processors by "<module>:<class>" in the engine process.
-NGRAM_PROCESSOR_FQCN = f"{__name__}:NoRepeatNGramLogitsProcessor"
 
 
 def require_vllm() -> Any:
@@ -154,6 +176,166 @@ def engine_kwargs(
         kwargs["enforce_eager"] = True
     kwargs.update(engine_args or {})
     return kwargs
+
+
+# --------------------------------------------------------------------- engine start
+# Logger of vLLM's renderer, which logs the warnings that skip_tokenizer_init=True causes.
+VLLM_RENDERER_LOGGER = "vllm.renderers.base"
+
+
+class KnownVLLMNoise(logging.Filter):
+    """Drop the vLLM warnings that this backend's ``skip_tokenizer_init=True`` causes on purpose.
+
+    ``vllm.LLM`` warms its chat-template renderer up, which needs the tokenizer the
+    engine was told not to load: it logs "Chat template warmup failed" with a traceback
+    ending in "Tokenizer not available when `skip_tokenizer_init=True`". The first
+    request then logs "Using None for EOS/BOS token id because tokenizer is not
+    initialized" (stop ids are always passed explicitly here). Exactly these records are
+    dropped; any other record of the renderer's logger, a chat-template failure for
+    another reason included, passes.
+
+    Example:
+        >>> record = logging.LogRecord("vllm.renderers.base", logging.WARNING, "", 0, "Other", None, None)
+        >>> KnownVLLMNoise().filter(record)
+        True
+    """
+
+    MESSAGES = frozenset(
+        {
+            "Using None for EOS token id because tokenizer is not initialized",
+            "Using None for BOS token id because tokenizer is not initialized",
+        }
+    )
+    CHAT_WARMUP = "Chat template warmup failed"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if message in self.MESSAGES:
+            return False
+        if message == self.CHAT_WARMUP:
+            error = record.exc_info[1] if record.exc_info else None
+            return not (error is not None and "skip_tokenizer_init" in str(error))
+        return True
+
+
+def install_noise_filter() -> None:
+    """Add :class:`KnownVLLMNoise` to vLLM's renderer logger (once per process)."""
+    logger = logging.getLogger(VLLM_RENDERER_LOGGER)
+    if not any(isinstance(f, KnownVLLMNoise) for f in logger.filters):
+        logger.addFilter(KnownVLLMNoise())
+
+
+@contextlib.contextmanager
+def quiet_vllm_info(level: str = "WARNING") -> Iterator[None]:
+    """While an engine starts, set ``VLLM_LOGGING_LEVEL`` unless the user has set it.
+
+    vLLM reads it when it configures its logging: in this process when the engine is
+    built, and in the engine-core and worker processes it spawns (they inherit the
+    environment). Its INFO lines (arguments, configuration, process start and stop) are
+    then not shown; its warnings and errors are. ``VLLM_LOGGING_LEVEL=INFO`` brings them
+    back. The variable is restored afterwards, so later engines of the caller's own are
+    not affected.
+    """
+    if os.environ.get("VLLM_LOGGING_LEVEL"):
+        yield
+        return
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    try:
+        yield
+    finally:
+        if os.environ.get("VLLM_LOGGING_LEVEL") == level:
+            del os.environ["VLLM_LOGGING_LEVEL"]
+
+
+def is_engine_start_failure(error: BaseException) -> bool:
+    """Whether ``vllm.LLM(...)`` failed while starting the engine (rather than on its arguments).
+
+    With vLLM's default multiprocessing the engine core starts in a child process and the
+    caller only gets "Engine core initialization failed. See root cause above." (vLLM
+    0.32); the root cause (e.g. "Available memory on node 0 ... is less than desired
+    CPU memory utilization", "Free memory on device ... is less than desired GPU memory
+    utilization", "No available memory for the cache blocks") is in vLLM's log. With
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` that error is raised here directly.
+
+    Example:
+        >>> is_engine_start_failure(RuntimeError("Engine core initialization failed. See root cause above."))
+        True
+        >>> is_engine_start_failure(ValueError("unknown dtype"))
+        False
+    """
+    text = str(error)
+    if isinstance(error, RuntimeError) and "Engine core initialization failed" in text:
+        return True
+    lowered = text.lower()
+    return isinstance(error, (ValueError, RuntimeError, MemoryError)) and (
+        "memory" in lowered or "kv cache" in lowered
+    )
+
+
+def engine_start_error(error: BaseException, gpu_memory_utilization: float) -> RuntimeError:
+    """The error raised when the engine cannot start: what ``--gpu-memory-utilization`` means and what to change.
+
+    Example:
+        >>> "--gpu-memory-utilization" in str(engine_start_error(RuntimeError("x"), 0.9))
+        True
+    """
+    return RuntimeError(
+        "vLLM could not start its engine (vLLM's log, on stdout by default, names the root cause; here: "
+        f"{str(error).strip() or type(error).__name__}). The usual cause is memory. "
+        f"--gpu-memory-utilization (gpu_memory_utilization, now {gpu_memory_utilization}) is the share of "
+        "memory the engine reserves for the model, its activations and the KV cache: on a GPU, a share of "
+        "the GPU's memory, which must be free (lower it when other processes hold part of the GPU, e.g. 0.5); "
+        "on a CPU (vLLM's CPU build), a share of the host RAM, which must be available (lower it, e.g. to "
+        "0.1-0.3: the default 0.9 rarely fits beside anything else). If the log says instead that the KV cache "
+        "is too small, or on a CPU that the 'requested memory for kv' is negative (the share must also hold "
+        "the engine process itself, about 1 GiB), raise it or lower --max-model-len."
+    )
+
+
+def scoring_step_tokens(
+    vllm: Any,
+    model: str | Path,
+    dtype: str,
+    gpu_memory_utilization: float,
+    tensor_parallel_size: int,
+    ngram_processor: bool,
+    engine_args: dict[str, Any] | None,
+) -> int | None:
+    """``max_num_batched_tokens`` that keeps V1 prompt log-probs inside the memory vLLM leaves free.
+
+    None (vLLM's own default) on a CPU, where they come out of host RAM, and where Model
+    Runner V2 will run (it computes them in bounded 1,024-row chunks). On a GPU with the
+    V1 runner: :func:`safe_max_num_batched_tokens` of the model's vocabulary, the logits
+    dtype and ``(1 - gpu_memory_utilization)`` of the GPU's memory.
+
+    Example:
+        >>> scoring_step_tokens(vllm, "path/to/qwen2.5-7b", "auto", 0.9, 1, False, None)  # doctest: +SKIP
+        4608
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from vllm.triton_utils import HAS_TRITON
+    except ImportError:
+        HAS_TRITON = True
+    runner = likely_model_runner(
+        vllm.__version__, os.environ, custom_logits_processors=ngram_processor, has_triton=HAS_TRITON, engine_args=engine_args
+    )
+    if runner != "v1":
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    total = torch.cuda.get_device_properties(0).total_memory
+    tokens = safe_max_num_batched_tokens(
+        vocab, memory_headroom_bytes(total, gpu_memory_utilization), head_dtype_bytes(resolve_vllm_dtype(dtype)),
+        tensor_parallel_size=tensor_parallel_size,
+    )
+    log.info("vLLM V1 runner: max_num_batched_tokens=%d keeps prompt log-probs (vocabulary %d) in memory", tokens, vocab)
+    return tokens
 
 
 # ------------------------------------------------------------------- request building
@@ -316,129 +498,6 @@ def to_generation(completion: Any, stop_token_ids: Sequence[int], decode: Callab
     return Generation(ids, decode(ids), reason)
 
 
-# ------------------------------------------------------------------ no_repeat_ngram_size
-class NGramBlocker:
-    """Tokens banned by ``no_repeat_ngram_size`` for one request, updated incrementally.
-
-    Bans exactly what transformers' ``NoRepeatNGramLogitsProcessor`` bans for the
-    sequence ``prompt_ids + output_ids``: every token that would complete an n-gram
-    already present. ``output_ids`` may be a live list that grows between calls (vLLM
-    hands logits processors a reference to the request's output list); only the n-grams
-    ending in new tokens are added, so each step costs O(n), not O(length).
-
-    Example:
-        >>> out = [1, 2]
-        >>> blocker = NGramBlocker(2, [1, 2, 3], out)
-        >>> sorted(blocker.banned())  # "2" was followed by "3" before
-        [3]
-    """
-
-    def __init__(self, n: int, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
-        if n < 1:
-            raise ValueError(f"no_repeat_ngram_size must be >= 1, got {n}")
-        self.n = n
-        self.prompt_ids = prompt_ids
-        self.output_ids = output_ids
-        self._table: dict[tuple[int, ...], set[int]] = {}
-        self._next_start = 0  # first n-gram start index not yet in the table
-        self._seen_output = 0
-
-    def _token(self, i: int) -> int:
-        p = len(self.prompt_ids)
-        return int(self.prompt_ids[i] if i < p else self.output_ids[i - p])
-
-    def _window(self, start: int, stop: int) -> tuple[int, ...]:
-        return tuple(self._token(i) for i in range(start, stop))
-
-    def banned(self) -> frozenset[int]:
-        """Tokens that may not come next."""
-        if len(self.output_ids) < self._seen_output:  # the request was reset: rebuild
-            self._table, self._next_start = {}, 0
-        self._seen_output = len(self.output_ids)
-        length = len(self.prompt_ids) + len(self.output_ids)
-        n = self.n
-        for start in range(self._next_start, length - n + 1):
-            self._table.setdefault(self._window(start, start + n - 1), set()).add(self._token(start + n - 1))
-        self._next_start = max(self._next_start, length - n + 1)
-        if length < n - 1:
-            return frozenset()
-        return frozenset(self._table.get(self._window(length - n + 1, length), ()))
-
-
-def _build_ngram_processor_class() -> type:
-    """Define the vLLM logits processor (needs vLLM, hence built on first use)."""
-    import torch
-    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
-    class NoRepeatNGramLogitsProcessor(LogitsProcessor):
-        """Batch-level vLLM logits processor applying :class:`NGramBlocker` to opted-in rows.
-
-        A request opts in with ``SamplingParams(extra_args={NGRAM_ARG: n})``.
-        """
-
-        @classmethod
-        def validate_params(cls, sampling_params: Any) -> None:
-            n = (sampling_params.extra_args or {}).get(NGRAM_ARG)
-            if n is not None and (not isinstance(n, int) or n < 1):
-                raise ValueError(f"{NGRAM_ARG} must be an int >= 1, got {n!r}")
-
-        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-            self.blockers: dict[int, NGramBlocker] = {}
-
-        def is_argmax_invariant(self) -> bool:
-            return False  # it changes greedy choices
-
-        def update_state(self, batch_update: BatchUpdate | None) -> None:
-            if batch_update is None:
-                return
-            # vLLM's documented order: removed, added, moved.
-            for index in batch_update.removed:
-                self.blockers.pop(index, None)
-            for index, params, prompt_ids, output_ids in batch_update.added:
-                n = (params.extra_args or {}).get(NGRAM_ARG) if params is not None else None
-                if n and prompt_ids is not None:
-                    self.blockers[index] = NGramBlocker(int(n), prompt_ids, output_ids)
-                else:
-                    self.blockers.pop(index, None)
-            for a, b, direction in batch_update.moved:
-                moved_a, moved_b = self.blockers.pop(a, None), self.blockers.pop(b, None)
-                if moved_a is not None:
-                    self.blockers[b] = moved_a
-                if direction == MoveDirectionality.SWAP and moved_b is not None:
-                    self.blockers[a] = moved_b
-
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            rows: list[int] = []
-            cols: list[int] = []
-            vocab = logits.shape[-1]
-            for row, blocker in self.blockers.items():
-                banned = [t for t in blocker.banned() if t < vocab]
-                rows += [row] * len(banned)
-                cols += banned
-            if rows:  # one scatter for the whole batch
-                index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-                logits[index] = float("-inf")
-            return logits
-
-    # Pickling by reference and vLLM's "<module>:<class>" loader both find it here.
-    NoRepeatNGramLogitsProcessor.__module__ = __name__
-    NoRepeatNGramLogitsProcessor.__qualname__ = "NoRepeatNGramLogitsProcessor"
-    return NoRepeatNGramLogitsProcessor
-
-
-def __getattr__(name: str) -> Any:
-    # Module-level lazy attribute: the processor class subclasses vLLM's and so is only
-    # defined when vLLM (or the engine process) asks for it.
-    if name == "NoRepeatNGramLogitsProcessor":
-        try:
-            cls = _build_ngram_processor_class()
-        except ImportError as err:  # keep hasattr() and getattr(..., default) working without vLLM
-            raise AttributeError(f"{name} needs vLLM ({INSTALL_HINT})") from err
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # ---------------------------------------------------------------------------- backend
 def _chunks(n: int, size: int) -> Iterator[range]:
     for start in range(0, n, size):
@@ -517,8 +576,15 @@ class VLLMBackend:
         Transformers-only options (batch_size, token_budget, ce_chunk_tokens) are ignored;
         other unknown options raise a TypeError.
         """
-        vllm = require_vllm()
+        with quiet_vllm_info():  # vLLM configures its logging when first imported
+            vllm = require_vllm()
         check_options(unused)
+        if no_repeat_ngram_size:  # before loading anything: a runner that cannot run it fails now
+            check_ngram_processor(vllm.__version__)
+        if max_num_batched_tokens is None and "max_num_batched_tokens" not in (engine_args or {}):
+            max_num_batched_tokens = scoring_step_tokens(
+                vllm, model, dtype, gpu_memory_utilization, tensor_parallel_size, bool(no_repeat_ngram_size), engine_args
+            )
         if device not in ("auto", "cuda"):
             raise ValueError(
                 f"the vLLM backend runs on the visible CUDA GPUs (choose them with CUDA_VISIBLE_DEVICES); "
@@ -540,7 +606,16 @@ class VLLMBackend:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
-        llm = vllm.LLM(**kwargs)
+        install_noise_filter()
+        with quiet_vllm_info():
+            try:
+                llm = vllm.LLM(**kwargs)
+            except Exception as err:
+                if is_engine_start_failure(err):
+                    raise engine_start_error(err, gpu_memory_utilization) from err
+                raise
+        runner = model_runner_of(getattr(getattr(llm, "llm_engine", None), "vllm_config", None))
+        log.debug("vLLM runs model runner %s (max_num_batched_tokens=%s)", runner, max_num_batched_tokens)
         return cls(llm, tokenizer, ngram_processor=bool(no_repeat_ngram_size), sampling_params_cls=vllm.SamplingParams)
 
     # ------------------------------------------------------------------ helpers

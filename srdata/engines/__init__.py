@@ -63,8 +63,14 @@ def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progres
     config = job.config
     backend = load_backend(config.model.backend, config.model.model, tokenizer=job.tokenizer, **_backend_options(config))
     bar = _ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
-    for shard in pending:
-        t0 = time.perf_counter()
-        frame = score_shard(job.rows(shard), shard, job.mapping, job.template, job.tokenizer, backend, config, bar.update_work)
-        on_shard(shard, frame, time.perf_counter() - t0)
-    bar.close()
+    try:
+        for shard in pending:
+            t0 = time.perf_counter()
+            frame = score_shard(job.rows(shard), shard, job.mapping, job.template, job.tokenizer, backend, config, bar.update_work)
+            on_shard(shard, frame, time.perf_counter() - t0)
+    finally:
+        bar.close()
+        # A vLLM engine holds GPU (or host) memory and child processes until it is shut down:
+        # not when the run ends, if anything still references it (a notebook, a traceback).
+        if hasattr(backend, "close"):
+            backend.close()
