@@ -25,6 +25,8 @@ from typing import Any, Callable
 DEMO_TRAIN_PAIRS = 600
 DEMO_WARMUP_STEPS = 300
 DEMO_MAX_NEW_TOKENS = 24
+DEMO_MAX_PROMPT_TOKENS = 64
+DEMO_MAX_REFERENCE_TOKENS = 32
 
 
 def sample_path() -> Path:
@@ -80,6 +82,8 @@ def run_demo(
     result = score(
         dataset=str(files.train), model=str(student), output=str(output / "run"), template="raw",
         max_new_tokens=DEMO_MAX_NEW_TOKENS, shard_size=200, device="cpu", seed=seed, overwrite=True, echo=echo,
+        # the character-level student has 128 positions; testbed prompts and answers are short
+        max_prompt_tokens=DEMO_MAX_PROMPT_TOKENS, max_reference_tokens=DEMO_MAX_REFERENCE_TOKENS,
     )
     curriculum = export_curriculum(result.output, stages=4, keep=3)
     summary = ranking_summary(result.to_polars())

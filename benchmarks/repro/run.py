@@ -246,6 +246,8 @@ def run_seed(settings: Settings, out: Path, seed: int, shared: dict[str, Any], e
         score_seconds = run_command(
             cli("srdata") + ["score", str(files.train), "--model", str(student_dir), "--output", str(score_dir),
                              "--template", "raw", "--max-new-tokens", str(settings.max_new_tokens), "--device", "cpu",
+                             # the character-level students have 128 positions; testbed rows are short
+                             "--max-prompt-tokens", "64", "--max-reference-tokens", "32",
                              "--seed", str(seed), "--overwrite", "--quiet"],
             seed_dir / "logs" / "score.log", echo)
         score_cpu_seconds = LAST_CPU_SECONDS[0]
