@@ -43,8 +43,14 @@ figure adds the LM head that is actually needed (2 x hidden x vocab per referenc
 generated token). The peak is the best of ``--peak-reps`` 2048x2048 float32
 ``torch.matmul`` calls, measured at the start and the end of the run (best of both).
 
-Models are random-weight GPT-2s with a byte-level BPE tokenizer trained on the T0 text
-(``srdata.backends.tiny.build_tiny_model``), cached under ``--cache-dir`` by their shape.
+Models: ``small`` and ``124m`` are random-weight GPT-2s with a byte-level BPE tokenizer
+trained on the T0 text (``srdata.backends.tiny.build_tiny_model``), cached under
+``--cache-dir`` by their shape, scored with the alpaca template. ``smollm2``
+(SmolLM2-135M-Instruct: Llama layout, 30 layers, 49k vocabulary) and ``qwen-0.5b``
+(Qwen2.5-Coder-0.5B-Instruct: Qwen2 layout, 24 layers, 152k vocabulary) are REAL pretrained
+students built from registry wheels by ``tests/real_models.py`` (cached in
+``~/.cache/srdata/models``), scored with their chat template (``--template chat``), as a
+user of an instruct model would. ``--model real`` runs both real models, ``all`` every model.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ MODELS = {
     "small": (256, 2, 4, 8000),
     "124m": (768, 12, 12, 50257),
 }
+REAL_MODELS = ("smollm2", "qwen-0.5b")  # keys of tests/real_models.py
+CHOICES = {"both": ["small", "124m"], "real": list(REAL_MODELS), "all": ["small", "124m", *REAL_MODELS]}
 
 
 def version(package: str) -> str:
@@ -107,6 +115,11 @@ def sample_rows(frame, n: int, select: str, seed: int, cache: Path) -> Path:
 
 
 def build_model(name: str, cache: Path, frame) -> Path:
+    if name in REAL_MODELS:
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.real_models import build_real_model
+
+        return build_real_model(name)
     hidden, layers, heads, vocab = MODELS[name]
     path = cache / f"gpt2-h{hidden}-l{layers}-a{heads}-v{vocab}"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -144,23 +157,28 @@ def param_counts(model) -> tuple[int, int, int]:
     return non_embedding, model.config.hidden_size, model.config.vocab_size
 
 
-def render_and_encode(rows: dict, tokenizer):
-    """Alpaca prompts and token ids exactly as ``srdata.score`` makes them (default limits)."""
+def template_of(name: str) -> str:
+    return "chat" if name in REAL_MODELS else "alpaca"
+
+
+def render_and_encode(rows: dict, tokenizer, template: str = "alpaca"):
+    """Prompts and token ids exactly as ``srdata.score`` makes them (default limits)."""
     from srdata.config import PromptConfig
     from srdata.data import resolve_columns
-    from srdata.prompts import render_rows
+    from srdata.prompts import chat_affixes, render_rows
     from srdata.tokenize import encode_pairs
 
     mapping = resolve_columns(list(rows))
     defaults = PromptConfig()
-    rendered = render_rows(rows, mapping, "alpaca", tokenizer)
+    rendered = render_rows(rows, mapping, template, tokenizer)
     bad = [r.invalid_reason for r in rendered if r.invalid_reason]
     if bad:
         sys.exit(f"bench_score: {len(bad)} benchmark rows are invalid ({bad[0]}); pick other rows")
     pairs = encode_pairs(
         tokenizer, [r.prompt_text for r in rendered], [r.reference for r in rendered],
         max_prompt_tokens=defaults.max_prompt_tokens, max_reference_tokens=defaults.max_reference_tokens,
-        truncation_side=defaults.truncation_side,
+        truncation_side=defaults.truncation_side, add_special_tokens=template != "chat",
+        keep=chat_affixes(tokenizer) if template == "chat" else ("", ""),
     )
     return pairs
 
@@ -168,10 +186,10 @@ def render_and_encode(rows: dict, tokenizer):
 class ReferenceLoop:
     """The SRD authors' way: input order, fixed batches, full-logit CE, one generate per batch."""
 
-    def __init__(self, model, tokenizer, batch_size: int, max_new_tokens: int):
+    def __init__(self, model, tokenizer, batch_size: int, max_new_tokens: int, template: str = "alpaca"):
         from transformers import GenerationConfig
 
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.template = model, tokenizer, batch_size, template
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.gen_config = GenerationConfig(
@@ -224,7 +242,7 @@ class ReferenceLoop:
         return generated
 
     def run(self, rows: dict) -> tuple[list[float], list[list[int]], list[str], list]:
-        pairs = render_and_encode(rows, self.tokenizer)
+        pairs = render_and_encode(rows, self.tokenizer, self.template)
         ces, gens = [], []
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start : start + self.batch_size]
@@ -268,7 +286,7 @@ def time_backend_calls(into: dict):
         into["ce"] = into.get("both", 0.0) - into.get("generate", 0.0)
 
 
-def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, **batching):
+def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, template: str, **batching):
     import shutil
 
     import srdata
@@ -280,7 +298,7 @@ def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, **
     with time_backend_calls(split):
         result = srdata.score(
             dataset=str(dataset), model=str(model), output=str(output), max_new_tokens=max_new_tokens,
-            device="cpu", dtype="float32", overwrite=True, progress=False, **batching,
+            device="cpu", dtype="float32", overwrite=True, progress=False, template=template, **batching,
         )
     wall = time.perf_counter() - t0
     split["cpu"] = time.process_time() - c0
@@ -291,11 +309,16 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    n_rows = args.rows if name == "small" else args.rows_124m
-    max_new = args.max_new_tokens if name == "small" else args.max_new_tokens_124m
-    hidden, layers, heads, vocab = MODELS[name]
-    print(f"\n== {name}: GPT-2 {layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}; "
-          f"{n_rows} rows, max_new_tokens {max_new}")
+    real = name in REAL_MODELS
+    n_rows = {"small": args.rows, "124m": args.rows_124m}.get(name, args.rows_real)
+    max_new = {"small": args.max_new_tokens, "124m": args.max_new_tokens_124m}.get(name, args.max_new_tokens_real)
+    template = template_of(name)
+    if real:
+        print(f"\n== {name}: real pretrained student, template {template}; {n_rows} rows, max_new_tokens {max_new}")
+    else:
+        hidden, layers, heads, vocab = MODELS[name]
+        print(f"\n== {name}: GPT-2 {layers} layers, hidden {hidden}, {heads} heads, vocab {vocab}; "
+              f"{n_rows} rows, max_new_tokens {max_new}")
     model_path = build_model(name, cache, frame)
     data_path = sample_rows(frame, n_rows, args.select, args.seed, cache)
     import polars as pl
@@ -308,9 +331,10 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
     n_nonemb, d_model, v = param_counts(model)
     print(f"  non-embedding parameters {n_nonemb / 1e6:.2f} M, all parameters {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
 
-    ref = ReferenceLoop(model, tokenizer, args.ref_batch_size, max_new)
+    print(f"  architecture {model.config.model_type}, {model.config.num_hidden_layers} layers, hidden {d_model}, vocab {v}")
+    ref = ReferenceLoop(model, tokenizer, args.ref_batch_size, max_new, template)
     # untimed warm-up: one CE forward and a 4-token generate on the first batch
-    warm = render_and_encode({k: v_[: args.ref_batch_size] for k, v_ in rows.items()}, tokenizer)
+    warm = render_and_encode({k: v_[: args.ref_batch_size] for k, v_ in rows.items()}, tokenizer, template)
     ref.ce([p.prompt_ids for p in warm], [p.reference_ids for p in warm])
     ref.generate([p.prompt_ids for p in warm], max_new_tokens=4)
     ref.seconds = {"ce": 0.0, "generate": 0.0}
@@ -345,7 +369,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
 
     defaults = BatchingConfig()
     arms = [(f"srdata defaults (batch_size {defaults.batch_size}, token_budget {defaults.token_budget})", {})]
-    tuned = args.tuned if name == "small" else args.tuned_124m
+    tuned = {"small": args.tuned, "124m": args.tuned_124m}.get(name, args.tuned_real)
     if tuned:
         arms.append((f"srdata tuned (batch_size {tuned[0]}, token_budget {tuned[1]})",
                      dict(batch_size=tuned[0], token_budget=tuned[1])))
@@ -355,7 +379,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
     lengths = [len(p.prompt_ids) + len(p.reference_ids) for p in pairs]
     plens = [len(p.prompt_ids) for p in pairs]
     for k, (label, batching) in enumerate(arms):
-        result, wall, split = run_srdata(data_path, model_path, cache / f"run-{name}-{k}", max_new, **batching)
+        result, wall, split = run_srdata(data_path, model_path, cache / f"run-{name}-{k}", max_new, template, **batching)
         timings = result.manifest["timings"]
         annotated = result.to_polars().sort("srd_id")
         generated = int(annotated["output_tokens"].sum())
@@ -426,8 +450,12 @@ def parse_tuned(text: str):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="T0 train parquet (template, prompt, response)")
-    parser.add_argument("--model", choices=["small", "124m", "both"], default="both",
-                        help="small: 2-layer GPT-2 (hidden 256, vocab 8000); 124m: GPT-2-small size (768/12/12, vocab 50257)")
+    parser.add_argument("--model", choices=["small", "124m", *REAL_MODELS, *CHOICES], default="both",
+                        help="small: 2-layer GPT-2 (hidden 256, vocab 8000); 124m: GPT-2-small size (768/12/12, vocab 50257); "
+                             "smollm2 / qwen-0.5b: real pretrained students; both = small + 124m; real = both real; all")
+    parser.add_argument("--rows-real", type=int, default=64, help="rows for a real model (default 64)")
+    parser.add_argument("--max-new-tokens-real", type=int, default=32, help="real models (default 32)")
+    parser.add_argument("--tuned-real", type=parse_tuned, default=None, help="real models: extra srdata run with BATCH:BUDGET")
     parser.add_argument("--rows", type=int, default=1000, help="rows for the small model (default 1000)")
     parser.add_argument("--rows-124m", type=int, default=64, help="rows for the 124M model (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="small model (default 32; srdata's own default is 256)")
@@ -471,7 +499,7 @@ def main() -> int:
 
     results: list = []
     notes: list = []
-    for name in (["small", "124m"] if args.model == "both" else [args.model]):
+    for name in CHOICES.get(args.model, [args.model]):
         bench_model(name, args, frame, args.cache_dir, results, notes)
 
     peak_end = matmul_peak(args.peak_reps)
