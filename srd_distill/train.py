@@ -741,6 +741,11 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path) -> Non
     with transformers_bars_off():
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    from srdata.io import FILE_MODE
+
+    for file in folder.iterdir():  # transformers writes the weights 0600 (a temp file renamed): follow the umask
+        if file.is_file():
+            file.chmod(FILE_MODE)
 
 
 def prepare_run_folder(

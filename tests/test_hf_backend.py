@@ -171,3 +171,25 @@ def test_cache_keyword_follows_the_transformers_signature():
         def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
 
     assert cache_keyword(New()) == "cache" and cache_keyword(Old()) == "past_key_values"
+
+
+def test_progress_moves_during_a_batch_and_adds_up(tiny_llama):
+    """The bar must move within seconds on a slow model: tokens are reported per decode step, rows per batch."""
+    from srdata.backends import GenerationParams
+    from srdata.backends.hf import HFBackend
+
+    backend = HFBackend.from_pretrained(tiny_llama, device="cpu", dtype="float32", batch_size=64)
+    tokenizer = backend.tokenizer
+    prompts = [tokenizer(f"Below is task {i}: say something", add_special_tokens=True)["input_ids"] for i in range(6)]
+    references = [tokenizer(" ok", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _ in prompts]
+    params = GenerationParams(max_new_tokens=12, stop_token_ids=(tokenizer.eos_token_id,))
+    for call in ("both", "generate"):
+        calls: list[tuple[int, int]] = []
+        if call == "both":
+            _, generations = backend.score_and_generate(prompts, references, params, lambda r, t: calls.append((r, t)))
+            expected = sum(len(p) + len(r) + len(g.token_ids) for p, r, g in zip(prompts, references, generations))
+        else:
+            generations = backend.generate(prompts, params, lambda r, t: calls.append((r, t)))
+            expected = sum(len(p) + len(g.token_ids) for p, g in zip(prompts, generations))
+        assert len(calls) >= 5 and all(r == 0 for r, _ in calls[:-1])  # tokens while the one batch decodes
+        assert sum(r for r, _ in calls) == len(prompts) and sum(t for _, t in calls) == expected

@@ -184,3 +184,15 @@ def test_batch_settings_move_ce_only_in_the_last_digits_and_are_recorded_per_sha
     assert [s["batch_size"] for s in resumed.manifest["shards"]] == [64, 3]
     c = resumed.to_polars().sort("srd_id")
     assert ((a["ce_loss"] - c["ce_loss"]).abs() / a["ce_loss"].abs()).max() < 1e-5
+
+
+def test_distill_checkpoints_follow_the_umask(tiny_gpt2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srd_distill.train import save_checkpoint
+
+    folder = tmp_path / "stage-0"
+    save_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2), folder)
+    files = [f for f in folder.iterdir() if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: mode(f) for f in files} == {f.name: FILE_MODE for f in files}

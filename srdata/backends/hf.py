@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from transformers import StoppingCriteria
 
 from .base import Generation, GenerationParams, ProgressCallback
 from .batching import bucket_batches
@@ -222,23 +223,23 @@ class HFBackend:
         results: list[Generation | None] = [None] * len(lengths)
         # Batched by prompt length, as generate(): the prompt's padding is paid at every step.
         for batch in bucket_batches(lengths, self.batch_size, self.token_budget, extra=params.max_new_tokens):
+            live = _LiveTokens(progress)
             batch_losses, generations = self._prefill_score_generate(
-                [prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], params
+                [prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], params, live
             )
             for k, i in enumerate(batch):
                 losses[i], results[i] = batch_losses[k], generations[k]
-            if progress:
-                progress(len(batch), sum(lengths[i] + len(reference_ids[i]) + len(results[i].token_ids) for i in batch))
+            live.finish(len(batch), sum(lengths[i] + len(reference_ids[i]) + len(results[i].token_ids) for i in batch))
         return losses, results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _prefill_score_generate(
-        self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams
+        self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams, live: "_LiveTokens | None" = None
     ) -> tuple[list[float], list[Generation]]:
         input_ids, attention_mask = self._left_padded(prompts)
         width = input_ids.shape[1]
         if width < 2:  # nothing to cache before the last prompt token
-            return self._score_batch(prompts, references), self._generate_batch(prompts, params)
+            return self._score_batch(prompts, references), self._generate_batch(prompts, params, live=live)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._prefill(input_ids, attention_mask, positions, width + params.max_new_tokens)
         losses = [float("nan")] * len(prompts)
@@ -248,7 +249,9 @@ class HFBackend:
             )
             for row, loss in zip(group, group_losses):
                 losses[row] = loss
-        return losses, self._generate_batch(prompts, params, cache=cache)
+        if live is not None:  # prompts and references are done: show it before decoding starts
+            live.add(sum(len(p) + len(r) for p, r in zip(prompts, references)))
+        return losses, self._generate_batch(prompts, params, cache=cache, live=live)
 
     def _prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_cache_len: int
@@ -365,11 +368,11 @@ class HFBackend:
         lengths = [len(p) for p in prompt_ids]
         results: list[Generation | None] = [None] * len(lengths)
         for batch in bucket_batches(lengths, self.batch_size, self.token_budget, extra=params.max_new_tokens):
-            generations = self._generate_batch([prompt_ids[i] for i in batch], params)
+            live = _LiveTokens(progress)
+            generations = self._generate_batch([prompt_ids[i] for i in batch], params, live=live)
             for i, generation in zip(batch, generations):
                 results[i] = generation
-            if progress:
-                progress(len(batch), sum(lengths[i] + len(results[i].token_ids) for i in batch))
+            live.finish(len(batch), sum(lengths[i] + len(results[i].token_ids) for i in batch))
         return results  # type: ignore[return-value]
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,10 +387,10 @@ class HFBackend:
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: list[list[int]], params: GenerationParams, cache: Any = None
+        self, prompts: list[list[int]], params: GenerationParams, cache: Any = None, live: "_LiveTokens | None" = None
     ) -> list[Generation]:
         """Greedy answers for one batch; ``cache`` may hold every prompt token but the last."""
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         input_ids, attention_mask = self._left_padded(prompts)
         width = input_ids.shape[1]
@@ -400,8 +403,10 @@ class HFBackend:
             eos_token_id=stop_ids or None,
             pad_token_id=self.pad_id,
         )
+        watchers = StoppingCriteriaList([_DecodeSteps(live, stop_ids, width)] if live is not None and live.progress else [])
         output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **{self.cache_kwarg: cache}, generation_config=config
+            input_ids=input_ids, attention_mask=attention_mask, **{self.cache_kwarg: cache}, generation_config=config,
+            stopping_criteria=watchers,
         )
         generations = []
         for row in output[:, width:].tolist():
@@ -410,6 +415,46 @@ class HFBackend:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             generations.append(Generation(ids, text, "length" if stop_at is None else "stop"))
         return generations
+
+
+class _LiveTokens:
+    """Progress of one batch while it runs: tokens as they are computed, rows when it ends.
+
+    A batch of 64 long answers can take minutes on a CPU; reporting its tokens per decode
+    step keeps the bar's tokens/s moving from the first seconds. :meth:`finish` reports
+    the rows and whatever part of the batch's exact token count was not reported yet.
+    """
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.progress = progress
+        self.reported = 0
+
+    def add(self, tokens: int) -> None:
+        if self.progress and tokens:
+            self.reported += tokens
+            self.progress(0, tokens)
+
+    def finish(self, rows: int, tokens: int) -> None:
+        if self.progress:
+            self.progress(rows, tokens - self.reported)
+
+
+class _DecodeSteps(StoppingCriteria):
+    """Never stops generation: counts each decode step's new tokens (rows not finished yet) into ``live``."""
+
+    def __init__(self, live: _LiveTokens, stop_ids: list[int], prompt_width: int) -> None:
+        self.live, self.prompt_width = live, prompt_width
+        self.stop_ids = torch.tensor(stop_ids or [-1])
+        self.finished: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        last = input_ids[:, -1].cpu()
+        if input_ids.shape[1] > self.prompt_width:
+            if self.finished is None:
+                self.finished = torch.zeros(len(last), dtype=torch.bool)
+            self.live.add(int((~self.finished).sum()))
+            self.finished |= torch.isin(last, self.stop_ids)
+        return torch.zeros(len(last), dtype=torch.bool, device=input_ids.device)
 
 
 def _similar_length_groups(lengths: Sequence[int], slack_tokens: int = 32) -> list[list[int]]:
