@@ -43,7 +43,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from srdata.io import publish, remove_stale_temps, write_json_atomic
+from srdata.io import publish, remove_stale_temps, temp_path, write_json_atomic
 from srdata.parquet_splice import (
     COPY_BLOCK_BYTES,
     AlignedBuffer,
@@ -494,7 +494,7 @@ class _TempFiles:
         self.paths: list[Path] = []
 
     def new(self, name: str) -> Path:
-        path = self.folder / f".tmp-{os.getpid()}-{name}"
+        path = temp_path(self.folder / name)
         self.paths.append(path)
         return path
 
@@ -1087,7 +1087,7 @@ def _previous_rank_columns(run: Run, new_ranks: pl.DataFrame) -> list[str]:
 
 
 def _sink_one(rows: pl.LazyFrame, final: Path, compression: str) -> None:
-    temp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
+    temp = temp_path(final)
     try:
         _sink(rows, temp, "parquet", compression)
         publish(temp, final)

@@ -61,7 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{path.name}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_path(path).name.removesuffix(path.name), suffix=f"-{path.name}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -87,11 +87,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
-
-
-def is_temp(name: str) -> bool:
-    """Whether a file name is one of srdata's temp files (current or legacy naming)."""
-    return bool(_OURS.match(name) or _LEGACY.match(name))
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

@@ -110,7 +110,7 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
     manifest["resumed"] = resumed
     if resumed:  # keep how the finished shards were scored
-        earlier = {s["index"]: s for s in (store.read_manifest() or {}).get("shards", [])}
+        earlier = {s["index"]: s for s in (store.previous_manifest or {}).get("shards", [])}
         for entry in manifest["shards"]:
             if entry["done"]:
                 entry.update({k: v for k, v in earlier.get(entry["index"], {}).items() if k in ("batch_size", "token_budget")})

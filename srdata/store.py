@@ -71,6 +71,7 @@ class RunStore:
         self.dir = Path(directory)
         self.manifest_path = self.dir / "manifest.json"
         self.annotated_path = self.dir / "annotated.parquet"
+        self.previous_manifest: dict[str, Any] | None = None  # what prepare() found, before this run rewrites it
 
     def read_manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.exists():
@@ -90,7 +91,7 @@ class RunStore:
             raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
         for folder in (self.dir, self.dir / "shards"):
             remove_stale_temps(folder)
-        previous = self.read_manifest()
+        previous = self.previous_manifest = self.read_manifest()
         if previous is None:
             if self.dir.exists() and not overwrite and any(p.name != "shards" or any(p.iterdir()) for p in self.dir.iterdir()):
                 raise RunDirError(
