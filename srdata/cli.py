@@ -70,6 +70,7 @@ def main() -> None:
 @click.option("--shard-size", type=int, help="Rows per resumable shard." + _default(BatchingConfig, "shard_size"))
 @click.option("--rouge-tokenizer", type=click.Choice(["default", "unicode"]), help="default = exactly rouge-score; unicode also scores non-Latin text (deviates from rouge-score). [default: default]")
 @click.option("--rrf-k", type=int, help="Reciprocal rank fusion constant." + _default(MetricsConfig, "rrf_k"))
+@click.option("--signals", metavar="NAME,...", help="Extra per-row signals: ifd adds ce_loss_uncond (the reference's cross-entropy after the template's empty prompt), ifd (ce_loss / ce_loss_uncond) and pmi (nats the prompt saves on the reference), for `--rank-by noisy`; one more forward pass over the reference tokens. [default: none]")
 @click.option("--on-invalid", type=click.Choice(["error", "skip", "flag"]), help="What to do with rows that cannot be scored (null or empty prompt, ...). [default: error]")
 @click.option("--seed", type=int, help="Random seed." + _default(RunConfig, "seed"))
 @click.option("--overwrite", is_flag=True, default=None, help="Start over in an output folder that holds a run with other settings.")

@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Section(BaseModel):
@@ -69,9 +69,39 @@ class BatchingConfig(_Section):
     shard_size: int = Field(default=1000, ge=1, description="rows per resumable shard")
 
 
+#: Optional per-row signals (``--signals``) and the columns each one fills.
+SIGNALS: dict[str, tuple[str, ...]] = {"ifd": ("ce_loss_uncond", "ifd", "pmi")}
+
+
 class MetricsConfig(_Section):
     rouge_tokenizer: Literal["default", "unicode"] = "default"
     rrf_k: int = Field(default=60, ge=0)
+    signals: list[str] = Field(
+        default_factory=list,
+        description="extra per-row signals, comma-separated: ifd = ce_loss_uncond (the reference's cross-entropy after "
+        "an empty prompt in the same template), ifd (ce_loss / ce_loss_uncond) and pmi (the nats the prompt saves on "
+        "the whole reference), one more forward pass over the reference tokens; off by default",
+    )
+
+    @field_validator("signals", mode="before")
+    @classmethod
+    def _known_signals(cls, value: Any) -> list[str]:
+        """Accept ``"ifd"``, ``"ifd,..."`` or a list; refuse unknown names, naming the known ones."""
+        if value is None:
+            return []
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)):
+            raise ValueError(f"expected a comma-separated list of signal names, got {type(value).__name__}")
+        cleaned = []
+        for name in names:
+            name = str(name).strip().lower()
+            if not name or name == "none":
+                continue
+            if name not in SIGNALS:
+                known = "; ".join(f"{key} (adds {', '.join(columns)})" for key, columns in SIGNALS.items())
+                raise ValueError(f"unknown signal {name!r} in --signals; known signals: {known}")
+            cleaned.append(name)
+        return sorted(set(cleaned))  # a set of signals: order and repeats do not change the output
 
 
 class RunConfig(_Section):
@@ -185,10 +215,15 @@ def build_config(values: dict[str, Any]) -> ScoreConfig:
 def result_settings(config: ScoreConfig) -> dict[str, Any]:
     """The settings that determine the output values (everything but PERFORMANCE_ONLY)."""
     dumped = config.model_dump()
-    return {
+    settings = {
         section: {k: v for k, v in values.items() if (section, k) not in PERFORMANCE_ONLY}
         for section, values in dumped.items()
     }
+    # No signal asked for records nothing, so a run scored before --signals existed has the
+    # same settings and resumes; a run with signals differs and is refused by the diff.
+    if not settings["metrics"]["signals"]:
+        del settings["metrics"]["signals"]
+    return settings
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

@@ -21,25 +21,25 @@ from .config import ScoreConfig, build_config, merge, nest, result_settings, set
 from .context import check_pair_lengths, check_token_limits, model_max_positions, model_stop_ids
 from .data import ColumnMapping, header_warnings, load_split, resolve_columns
 from .engines import ShardJob, run_shards
-from .prompts import chat_affixes, describe_template, render_rows, resolve_template, row_problem
+from .prompts import chat_affixes, describe_template, render_rows, resolve_template, row_problem, unconditional_prompt
 from .rank import rank
 from .rouge import rouge_l
 from .store import RunStore, Shard, plan_shards
-from .tokenize import encode_pairs, resolve_eos_id
+from .tokenize import encode_pairs, resolve_eos_id, unconditional_prompt_ids
 
 log = logging.getLogger(__name__)
 
 #: Columns srdata adds to every row (the public contract), in output order.
 SCORE_COLUMNS = [
     "srd_id", "prompt_text", "reference_text", "student_output", "finish_reason", "prompt_tokens", "reference_tokens",
-    "output_tokens", "prompt_truncated", "reference_truncated", "rouge_l", "ce_loss", "invalid_reason",
+    "output_tokens", "prompt_truncated", "reference_truncated", "rouge_l", "ce_loss", "ce_loss_uncond", "ifd", "pmi", "invalid_reason",
 ]
 RANK_COLUMNS = ["rank_rouge_l", "rank_ce_loss", "rrf_score", "difficulty_rank"]
 SHARD_SCHEMA = {
     "srd_id": pl.Int64, "prompt_text": pl.String, "reference_text": pl.String, "student_output": pl.String, "finish_reason": pl.String,
     "prompt_tokens": pl.Int64, "reference_tokens": pl.Int64, "output_tokens": pl.Int64,
     "prompt_truncated": pl.Boolean, "reference_truncated": pl.Boolean, "rouge_l": pl.Float64,
-    "ce_loss": pl.Float64, "invalid_reason": pl.String,
+    "ce_loss": pl.Float64, "ce_loss_uncond": pl.Float64, "ifd": pl.Float64, "pmi": pl.Float64, "invalid_reason": pl.String,
 }
 
 
@@ -98,6 +98,9 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         max_new_tokens=config.generation.max_new_tokens, max_reference_tokens=p.max_reference_tokens,
     )
     invalid = _check_rows(dataset, mapping, config.run.on_invalid)
+    uncond_text = unconditional_prompt(template, mapping, tokenizer) if "ifd" in config.metrics.signals else None
+    if uncond_text is not None:
+        say(f"signals: ce_loss_uncond, ifd and pmi, from the reference after the empty prompt {uncond_text!r}")
 
     # prepare the run folder (refuses other settings; resumes the same ones)
     store = RunStore(config.run.output)
@@ -109,6 +112,8 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     pending = [s for s in shards if not store.is_done(s)]
     manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
     manifest["resumed"] = resumed
+    if uncond_text is not None:
+        manifest["unconditional_prompt"] = uncond_text
     if resumed:  # keep how the finished shards were scored
         earlier = {s["index"]: s for s in (store.previous_manifest or {}).get("shards", [])}
         for entry in manifest["shards"]:
@@ -137,6 +142,9 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
 
     # rank + write
     scored = store.read_shards(shards)
+    missing = [pl.lit(None, dtype).alias(name) for name, dtype in SHARD_SCHEMA.items() if name not in scored.columns]
+    if missing:  # every shard was written before these columns existed
+        scored = scored.with_columns(missing).select(list(SHARD_SCHEMA))
     if config.run.on_invalid == "skip":
         scored = scored.filter(pl.col("invalid_reason").is_null())
     original = pl.from_arrow(dataset.with_format("arrow")[:]).with_row_index("srd_id").with_columns(pl.col("srd_id").cast(pl.Int64))
@@ -153,18 +161,16 @@ def score_shard(
     rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, backend: Any,
     config: ScoreConfig, on_progress: Callable[[int, int], None] | None = None,
 ) -> pl.DataFrame:
-    """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L."""
+    """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L (and the asked signals)."""
     rendered = render_rows(rows, mapping, template, tokenizer)
     valid = [i for i, r in enumerate(rendered) if r.invalid_reason is None]
+    encoding = _encoding_options(config, template, tokenizer)
     pairs = encode_pairs(
         tokenizer,
         [rendered[i].prompt_text for i in valid],
         [rendered[i].reference for i in valid],
-        max_prompt_tokens=config.prompt.max_prompt_tokens,
         max_reference_tokens=config.prompt.max_reference_tokens,
-        truncation_side=config.prompt.truncation_side,
-        add_special_tokens=template != "chat",  # chat templates write their own special tokens
-        keep=chat_affixes(tokenizer) if template == "chat" else ("", ""),  # truncation never cuts the turn markers
+        **encoding,
     )
     prompt_ids = [p.prompt_ids for p in pairs]
     if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
@@ -174,6 +180,12 @@ def score_shard(
     params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, stop_ids)
     ce_losses, generations = backend.score_and_generate(prompt_ids, [p.reference_ids for p in pairs], params, on_progress)
     rouge = rouge_l([g.text for g in generations], [rendered[i].reference for i in valid], tokenizer=config.metrics.rouge_tokenizer)
+    uncond_losses: list[float | None] = [None] * len(valid)
+    if "ifd" in config.metrics.signals and valid:
+        # The same reference ids after the template's empty prompt: one more forward over
+        # a short shared prompt and the reference tokens (no generation).
+        uncond_ids = unconditional_prompt_ids(tokenizer, unconditional_prompt(template, mapping, tokenizer), **encoding)
+        uncond_losses = backend.score([uncond_ids] * len(pairs), [p.reference_ids for p in pairs], on_progress)
 
     n = shard.stop - shard.start
     columns: dict[str, list] = {name: [None] * n for name in SHARD_SCHEMA}
@@ -193,7 +205,53 @@ def score_shard(
         columns["reference_truncated"][i] = pair.reference_truncated
         columns["rouge_l"][i] = rouge[k]
         columns["ce_loss"][i] = ce_losses[k]
+        if uncond_losses[k] is not None:
+            columns["ce_loss_uncond"][i] = uncond_losses[k]
+            columns["ifd"][i] = instruction_following_difficulty(ce_losses[k], uncond_losses[k])
+            columns["pmi"][i] = prompt_pmi(ce_losses[k], uncond_losses[k], len(pair.reference_ids))
     return pl.DataFrame(columns, schema=SHARD_SCHEMA)
+
+
+def instruction_following_difficulty(ce_loss: float, ce_loss_uncond: float) -> float:
+    """IFD = ce_loss / ce_loss_uncond: above 1 when the prompt makes the reference *less* likely.
+
+    A zero unconditional loss (the reference is certain without any prompt) gives 1 when
+    the conditional loss is zero too (the prompt changes nothing) and infinity otherwise
+    (the prompt only hurts), so that every scored row keeps a rankable value.
+
+    Example:
+        >>> instruction_following_difficulty(1.5, 3.0)
+        0.5
+    """
+    if ce_loss_uncond == 0:
+        return 1.0 if ce_loss == 0 else float("inf")
+    return ce_loss / ce_loss_uncond
+
+
+def prompt_pmi(ce_loss: float, ce_loss_uncond: float, reference_tokens: int) -> float:
+    """Nats the prompt saves on the whole reference: log p(reference | prompt) - log p(reference | empty prompt).
+
+    The pointwise mutual information of prompt and reference under the student, summed
+    over the reference tokens (end-of-sequence included): high when the reference answers
+    *this* prompt, near zero or negative when it could follow any prompt (a swapped or
+    misaligned answer). Unlike ``ifd``, a ratio of per-token means, it is not divided by
+    the length, so a short label that any question makes likelier keeps a small value.
+
+    Example:
+        >>> prompt_pmi(1.5, 3.0, reference_tokens=4)
+        6.0
+    """
+    return (ce_loss_uncond - ce_loss) * reference_tokens
+
+
+def _encoding_options(config: ScoreConfig, template: str, tokenizer: Any) -> dict[str, Any]:
+    """How every prompt of the run is encoded (the rows' and the unconditional one)."""
+    return dict(
+        max_prompt_tokens=config.prompt.max_prompt_tokens,
+        truncation_side=config.prompt.truncation_side,
+        add_special_tokens=template != "chat",  # chat templates write their own special tokens
+        keep=chat_affixes(tokenizer) if template == "chat" else ("", ""),  # truncation never cuts the turn markers
+    )
 
 
 # ---------------------------------------------------------------------------- helpers

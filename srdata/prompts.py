@@ -149,6 +149,38 @@ def render_rows(rows: dict[str, list], mapping: ColumnMapping, template: str, to
     return out
 
 
+def unconditional_prompt(template: str, mapping: ColumnMapping, tokenizer: Any = None) -> str:
+    """The prompt string of a row whose prompt (and input) is empty, in ``template``.
+
+    It conditions ``ce_loss_uncond``, the reference's cross-entropy without the prompt's
+    content but with everything the template adds around it, so that ``ifd = ce_loss /
+    ce_loss_uncond`` measures what the prompt's *content* tells the student:
+
+    * ``chat`` (and chat ``messages`` datasets): the chat template applied to one empty
+      user turn, with the generation prompt (for ChatML: the system turn, an empty user
+      turn, then the assistant header);
+    * ``alpaca``: the instruction form with an empty instruction and no input block;
+    * ``raw``: the empty string;
+    * a format string: every ``{column}`` field empty.
+
+    Example:
+        >>> unconditional_prompt("Q: {question}\\nA: ", ColumnMapping("question", "answer"))
+        'Q: \\nA: '
+        >>> unconditional_prompt("alpaca", ColumnMapping("instruction", "output")).endswith("### Instruction:\\n\\n\\n### Response:\\n")
+        True
+    """
+    if mapping.messages_column or template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("the unconditional prompt of --template chat needs a tokenizer with a chat template")
+        return tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
+    if template == "alpaca":
+        return ALPACA.format(instruction="")
+    if template == "raw":
+        return ""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    return template.format_map({name: "" for name in fields})
+
+
 def _text(row: dict, column: str) -> tuple[Optional[str], Optional[str]]:
     """Value of a text column, or why it is unusable."""
     value = row.get(column)

@@ -30,6 +30,15 @@ import polars as pl
 TieMode = Literal["input", "reference"]
 TIE_MODES: tuple[str, ...] = ("input", "reference")
 DEFAULT_RANK_BY = "rouge_l:desc,ce_loss:asc"
+#: Named rankings ``--rank-by`` accepts in place of a column list. ``paper`` is SRD's own
+#: (the default); ``noisy`` is the one measured to put the most corrupted references in the
+#: dropped quarter of real data (benchmarks/bench_noise.py); it needs ``srdata score --signals ifd``.
+RANK_PRESETS: dict[str, str] = {
+    "paper": DEFAULT_RANK_BY,
+    "noisy": "ifd:asc:2,ce_loss:asc,pmi:desc",
+}
+#: Columns filled only when the run was scored with a ``--signals`` value, and that value.
+SIGNAL_COLUMNS = {"ce_loss_uncond": "ifd", "ifd": "ifd", "pmi": "ifd"}
 DEFAULT_RRF_K = 60
 ID_COLUMN = "srd_id"
 INVALID_COLUMN = "invalid_reason"
@@ -69,14 +78,19 @@ class RankKey:
 
 
 def parse_rank_by(spec: str | Sequence[RankKey] | None) -> tuple[RankKey, ...]:
-    """Parse ``"col:desc|asc[:weight],..."`` into rank keys (``None`` = SRD's default).
+    """Parse ``"col:desc|asc[:weight],..."`` or a preset name (:data:`RANK_PRESETS`) into
+    rank keys (``None`` = SRD's default, the ``paper`` preset).
 
     Example:
         >>> [k.spec() for k in parse_rank_by("rouge_l:desc,ce_loss:asc:0.5")]
         ['rouge_l:desc', 'ce_loss:asc:0.5']
+        >>> format_rank_by(parse_rank_by("paper"))
+        'rouge_l:desc,ce_loss:asc'
     """
     if spec is None:
         spec = DEFAULT_RANK_BY
+    if isinstance(spec, str) and spec.strip().lower() in RANK_PRESETS:
+        spec = RANK_PRESETS[spec.strip().lower()]
     keys = tuple(spec) if not isinstance(spec, str) else tuple(_parse_key(part) for part in spec.split(","))
     if not keys:
         raise RankingError("--rank-by is empty; give at least one column, e.g. 'rouge_l:desc,ce_loss:asc'")
@@ -95,7 +109,10 @@ def format_rank_by(keys: Sequence[RankKey]) -> str:
 def _parse_key(text: str) -> RankKey:
     parts = [p.strip() for p in text.strip().split(":")]
     if len(parts) not in (2, 3) or not parts[0]:
-        raise RankingError(f"bad --rank-by entry {text.strip()!r}: expected COLUMN:desc|asc[:WEIGHT], e.g. 'ce_loss:asc:0.5'")
+        raise RankingError(
+            f"bad --rank-by entry {text.strip()!r}: expected COLUMN:desc|asc[:WEIGHT], e.g. 'ce_loss:asc:0.5', "
+            f"or one of the presets {', '.join(RANK_PRESETS)} alone"
+        )
     column, direction = parts[0], parts[1].lower()
     if direction not in ("asc", "desc"):
         raise RankingError(f"bad direction {parts[1]!r} for column {column!r} in --rank-by: use 'asc' or 'desc'")
@@ -135,6 +152,7 @@ def rank(
     _check_settings(df, keys, rrf_k, ties)
     info_keys = _informational_keys(df, keys)
     df = df if df[ID_COLUMN].is_sorted() else df.sort(ID_COLUMN)
+    _check_has_values(df, keys)
     valid = _valid_mask(df, keys + info_keys)
     scores = df if valid.all() else df.filter(valid)
     check_no_nan(scores, keys + info_keys)
@@ -159,6 +177,25 @@ def _check_settings(df: pl.DataFrame, keys: Sequence[RankKey], rrf_k: int, ties:
             )
         if key.column not in numeric:
             raise RankingError(f"--rank-by column {key.column!r} is {df.schema[key.column]}, not numeric")
+
+
+def _check_has_values(df: pl.DataFrame, keys: Sequence[RankKey]) -> None:
+    """Refuse a fused column that is null on every scored row (a signal the run was not scored with).
+
+    Such a key would leave no row rankable; the message says how to fill it.
+    """
+    scored = df.filter(pl.col(INVALID_COLUMN).is_null()) if INVALID_COLUMN in df.columns else df
+    if scored.height == 0:
+        return
+    for key in keys:
+        if scored[key.column].null_count() == scored.height:
+            signal = SIGNAL_COLUMNS.get(key.column)
+            fix = (
+                f"it is filled when the run is scored with `srdata score --signals {signal}` (a run scored without it "
+                "must be scored again into a new --output, or with --overwrite)"
+                if signal else "fill it, or rank by other columns"
+            )
+            raise RankingError(f"--rank-by column {key.column!r} is empty (null on all {scored.height} scored rows): {fix}")
 
 
 def _all_distinct(ids: pl.Series) -> bool:

@@ -144,7 +144,8 @@ class RunStore:
         missing = [s.file for s in shards if not (self.dir / s.file).exists()]
         if missing:
             raise RunDirError(f"{self.dir} is missing finished shards: {', '.join(missing)}; re-run `srdata score` to finish them")
-        return pl.concat([pl.read_parquet(self.dir / s.file) for s in shards], how="vertical_relaxed")
+        # Diagonal: shards written before a column existed (ce_loss_uncond, ifd, pmi) read it as null.
+        return pl.concat([pl.read_parquet(self.dir / s.file) for s in shards], how="diagonal_relaxed")
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         write_json_atomic(self.manifest_path, manifest)

@@ -145,6 +145,26 @@ def _split_kept(tokenizer: Any, text: str, keep: tuple[str, str], plain: list[in
     return list(head), list(body), list(tail)
 
 
+def unconditional_prompt_ids(tokenizer: Any, prompt: str, **options: Any) -> list[int]:
+    """Token ids of the unconditional prompt (:func:`srdata.prompts.unconditional_prompt`).
+
+    Encoded by the same rules, with the same options, as every row's prompt
+    (:func:`encode_pairs`). A prompt that encodes to no token at all (``--template raw``
+    with a tokenizer that adds no BOS) gets one token of context, the BOS token, or the
+    end-of-sequence token where there is no BOS (GPT-2 style models separate documents
+    with it): the first reference token cannot be scored without a context.
+
+    Example:
+        >>> unconditional_prompt_ids(gpt2_tokenizer, "")  # doctest: +SKIP
+        [50256]
+    """
+    ids = encode_pairs(tokenizer, [prompt], [""], max_reference_tokens=None, **options)[0].prompt_ids
+    if ids:
+        return ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos) if bos is not None else resolve_eos_id(tokenizer)]
+
+
 def encode_pair(tokenizer: Any, prompt: str, reference: str, **options: Any) -> EncodedPair:
     """Encode a single pair; see :func:`encode_pairs` for the rules and options."""
     return encode_pairs(tokenizer, [prompt], [reference], **options)[0]
