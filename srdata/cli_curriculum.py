@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import click
 
-from srdata.export import FORMATS, LAYOUTS, CurriculumError, export_curriculum, plan_stages, rerank_run
+from srdata.export import FORMATS, LAYOUTS, CurriculumError, export_curriculum, plan_stages, rerank_run, share_check
+from srdata.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS, SHOWN_WARNINGS, GroupShareWarning, advice, format_share_table
 from srdata.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, parse_rank_by
 from srdata.report import build_report, inspect_run
 
@@ -54,6 +56,33 @@ def _check_rrf_k(rrf_k: int | None) -> None:
         raise RankingError(f"--rrf-k must be >= 0, got {rrf_k}")
 
 
+def _share_options(function):
+    """``--max-share-ratio`` and ``--min-group-rows``: when a group's share of a part warns."""
+    function = click.option(
+        "--min-group-rows", type=int, default=DEFAULT_MIN_GROUP_ROWS, show_default=True,
+        help="Groups with fewer ranked rows are listed but never warned about (chance moves small counts a lot).",
+    )(function)
+    return click.option(
+        "--max-share-ratio", type=float, default=DEFAULT_MAX_SHARE_RATIO, show_default=True,
+        help="Warn when a group's share of a stage or of the dropped part is more than this many times, or less than 1/this of, its share of all ranked rows.",
+    )(function)
+
+
+def _echo_shares(shares: Sequence[dict[str, Any]], tables: bool = True) -> None:
+    """Per-group share tables on stdout; the warnings and what to do about them on stderr."""
+    for result in shares:
+        if tables:
+            click.echo(f"share of each {result['column']} (! = warned):")
+            for line in format_share_table(result):
+                click.echo(f"  {line}")
+        for message in result["warnings"][:SHOWN_WARNINGS]:
+            click.echo(f"warning: {message}", err=True)
+        if len(result["warnings"]) > SHOWN_WARNINGS:
+            click.echo(f"warning: ... and {len(result['warnings']) - SHOWN_WARNINGS} more for {result['column']} (all are listed in the JSON/report)", err=True)
+        if result["warnings"]:
+            click.echo(advice(result), err=True)
+
+
 def _rank_by_option(function):
     return click.option(
         "--rank-by",
@@ -75,31 +104,41 @@ def _rank_by_option(function):
 @click.option("--rrf-k", type=int, default=None, help="RRF constant k (re-ranks in memory). [default: the run's, 60]")
 @click.option("--ties", type=click.Choice(TIE_MODES), default=None, help="input: ties by srd_id; reference: the authors' tools/rank.py order. [default: the run's]")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default="zstd", show_default=True, help="Parquet compression (zstd at level 1).")
-def export_cmd(run_dir, stages, keep, layout, fractions, out, fmt, rank_by, rrf_k, ties, compression) -> None:
+@click.option("--by", multiple=True, metavar="COLUMN", help="Check each value of this column (template, task, source, ...) against its share of every stage and of the dropped part; warn when far from it (repeatable).")
+@click.option("--stratify", default=None, metavar="COLUMN", help="Cut the stages within each value of COLUMN, so every group keeps its share of every stage and of the dropped part (not the paper's cut).")
+@_share_options
+def export_cmd(run_dir, stages, keep, layout, fractions, out, fmt, rank_by, rrf_k, ties, compression, by, stratify, max_share_ratio, min_group_rows) -> None:
     """Cut a scored run into SRD curriculum stages (easiest first).
 
     Writes OUT/stage-K.parquet (annotated columns + `stage`) and OUT/curriculum.json
-    (sizes, rank and score thresholds, settings, source run hash). Ranking options
-    re-rank in memory; the run itself is not changed.
+    (sizes, rank and score thresholds, settings, group shares, source run hash). Ranking
+    options re-rank in memory; the run itself is not changed. With --by, groups whose share
+    of a stage or of the dropped part is far from their overall share are warned about
+    on stderr and listed in curriculum.json.
     """
     fraction_values = _parse_fractions(fractions)
     with _usage_errors():
         plan_stages(stages, keep, fraction_values, layout)
         parse_rank_by(rank_by)
         _check_rrf_k(rrf_k)
-    with _run_errors():
+        share_check(max_share_ratio, min_group_rows)
+    with _run_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GroupShareWarning)  # echoed below from curriculum.json, formatted for the terminal
         folder = export_curriculum(
             run_dir, stages=stages, keep=keep, layout=layout, fractions=fraction_values, out=out,
             fmt=fmt, rank_by=rank_by, rrf_k=rrf_k, ties=ties, compression=compression,
+            by=list(by), stratify=stratify, max_share_ratio=max_share_ratio, min_group_rows=min_group_rows,
         )
     summary = json.loads((folder / "curriculum.json").read_text())
     for stage in summary["stages"]:
         thresholds = stage["thresholds"]
-        click.echo(
-            f"{stage['file']}: {stage['rows']} rows (difficulty_rank <= {thresholds['max_difficulty_rank']}, "
-            f"rrf_score >= {thresholds['min_rrf_score']:.6g})"
-        )
+        if "max_difficulty_rank" in thresholds:
+            cut = f"difficulty_rank <= {thresholds['max_difficulty_rank']}, rrf_score >= {thresholds['min_rrf_score']:.6g}"
+        else:
+            cut = f"stratified_rank <= {thresholds['max_stratified_rank']}: the easiest {stage['rows'] / summary['source']['valid_rows']:.0%} of every {stratify}"
+        click.echo(f"{stage['file']}: {stage['rows']} rows ({cut})")
     click.echo(f"dropped: {summary['dropped']['rows']} hardest rows; invalid: {summary['source']['invalid_rows']} rows")
+    _echo_shares(summary["groups"])
     click.echo(f"wrote {folder / 'curriculum.json'}")
 
 
@@ -128,17 +167,25 @@ def rank_cmd(run_dir, rank_by, rrf_k, ties) -> None:
 @click.option("--by", multiple=True, metavar="COLUMN", help="Summarise per value of this column (repeatable).")
 @click.option("--curriculum", type=click.Path(path_type=Path), default=None, help="Export whose stages to show. [default: RUN_DIR/curriculum if present, else the paper's cut]")
 @click.option("--examples", type=click.IntRange(min=0), default=5, show_default=True, help="Easiest and hardest rows shown.")
-def report_cmd(run_dir, out, by, curriculum, examples) -> None:
+@_share_options
+def report_cmd(run_dir, out, by, curriculum, examples, max_share_ratio, min_group_rows) -> None:
     """Write report.md, report.html and PNG figures for a scored run.
 
     Histograms of rouge_l and ce_loss, a rouge_l vs ce_loss scatter by stage with the
     dropped part marked, stage sizes, agreement of the two rankings (Spearman rho,
-    hardest-quarter overlap), the easiest and hardest rows, and --by summaries.
+    hardest-quarter overlap), the easiest and hardest rows, and --by summaries with each
+    group's share of every stage and of the dropped part (far-off shares are warned about
+    on stderr).
     """
-    with _run_errors():
-        folder = build_report(run_dir, out=out, by=by, curriculum=curriculum, examples=examples)
+    with _usage_errors():
+        share_check(max_share_ratio, min_group_rows)
+    with _run_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GroupShareWarning)  # echoed below, formatted for the terminal
+        folder = build_report(run_dir, out=out, by=by, curriculum=curriculum, examples=examples,
+                              max_share_ratio=max_share_ratio, min_group_rows=min_group_rows)
     figures = sorted(p.name for p in folder.glob("*.png"))
     click.echo(f"wrote {folder / 'report.md'} and {folder / 'report.html'}" + (f", figures in {folder}: {', '.join(figures)}" if figures else ""))
+    _echo_shares(json.loads((folder / "groups.json").read_text())["groups"], tables=False)
 
 
 @click.command("inspect", epilog="Example:\n\n\b\n  srdata inspect runs/dolly")

@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from srdata.export import CURRICULUM_FILE, LAYOUTS
+from srdata.groups import STRATIFIED_COLUMN
 from srdata.rank import DIFFICULTY_COLUMN
 
 if TYPE_CHECKING:
@@ -99,7 +100,9 @@ def curriculum_training_set(curriculum: "datasets.DatasetDict") -> tuple["datase
     """One dataset holding every kept row, and the stage in which each row is first trained.
 
     Works for both export layouts (cumulative: the last stage already holds every row;
-    disjoint: the stages are concatenated). Feed the second value to ``CurriculumSampler``.
+    disjoint: the stages are concatenated) and for stratified exports (``--stratify``: the
+    stages were cut from ``stratified_rank``, not from ``difficulty_rank``). Feed the
+    second value to ``CurriculumSampler``.
 
     Example:
         >>> train, stage_of_row = curriculum_training_set(load_curriculum(out))   # doctest: +SKIP
@@ -109,10 +112,12 @@ def curriculum_training_set(curriculum: "datasets.DatasetDict") -> tuple["datase
 
     names = sorted(curriculum, key=lambda name: int(name.removeprefix(STAGE_PREFIX)))
     stages = [curriculum[name] for name in names]
-    ends = np.array([_difficulty(stage).max() for stage in stages])  # last difficulty rank of each stage
-    cumulative = all(_difficulty(stage).min() == 1 for stage in stages)
+    # The order the stages were cut from: a stage is a range of it.
+    column = STRATIFIED_COLUMN if STRATIFIED_COLUMN in stages[0].column_names else DIFFICULTY_COLUMN
+    ends = np.array([_positions(stage, column).max() for stage in stages])  # last position of each stage
+    cumulative = all(_positions(stage, column).min() == 1 for stage in stages)
     train = stages[-1] if cumulative else datasets.concatenate_datasets(stages)
-    return train, np.searchsorted(ends, _difficulty(train), side="left").tolist()
+    return train, np.searchsorted(ends, _positions(train, column), side="left").tolist()
 
 
 def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike[str]) -> "datasets.Dataset":
@@ -143,8 +148,8 @@ def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike
     return dataset.map(lambda row: {"messages": chat_messages(row, mapping)}, desc="chat messages")
 
 
-def _difficulty(stage: "datasets.Dataset") -> np.ndarray:
-    return np.asarray(stage.with_format("numpy")[DIFFICULTY_COLUMN])
+def _positions(stage: "datasets.Dataset", column: str = DIFFICULTY_COLUMN) -> np.ndarray:
+    return np.asarray(stage.with_format("numpy")[column])
 
 
 class CurriculumSampler(Sampler[int]):

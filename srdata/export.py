@@ -11,6 +11,11 @@ When every part is kept (``keep == stages``) the last stage also takes the remai
 rows, as the authors' ``tools/rank.py`` does. ``fractions`` replaces the equal cuts by
 cumulative boundaries (``0.25,0.5,0.75``); the rows past the last boundary are dropped.
 
+``by`` checks every group of a column (template, task, source) against its share of each
+stage and of the dropped part, and warns where a stage or the dropped part holds a group
+far from its share (:mod:`srdata.groups`); ``stratify`` cuts the stages inside every
+group instead, from the ``stratified_rank`` order, so that every group keeps its share.
+
 Inside a stage file the rows come part by part, easiest part first, each part in input
 (``srd_id``) order, so the rows of cumulative stage s-1 are the first rows of stage s
 (a disjoint stage is one part: input order). This lets export read the annotated rows
@@ -43,6 +48,18 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from srdata.groups import (
+    DEFAULT_MAX_SHARE_RATIO,
+    DEFAULT_MIN_GROUP_ROWS,
+    STRATIFIED_COLUMN,
+    GroupError,
+    ShareCheck,
+    check_group_columns,
+    curriculum_parts,
+    emit_warnings,
+    group_shares,
+    stratified_ranks,
+)
 from srdata.io import publish, remove_stale_temps, temp_path, write_json_atomic
 from srdata.parquet_splice import (
     COPY_BLOCK_BYTES,
@@ -315,38 +332,93 @@ def export_curriculum(
     rrf_k: int | None = None,
     ties: str | None = None,
     compression: str = "zstd",
+    by: str | Sequence[str] | None = None,
+    stratify: str | None = None,
+    max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO,
+    min_group_rows: int = DEFAULT_MIN_GROUP_ROWS,
 ) -> Path:
     """Write ``stage-K.parquet`` (or ``.jsonl``) and ``curriculum.json``; return the folder.
 
     Defaults follow the paper: 4 stages, keep the easiest 3, cumulative. Ranking options
     (``rank_by``, ``rrf_k``, ``ties``) re-rank in memory without touching the run.
 
+    ``by`` (one column or several) records each group's share of every stage and of the
+    dropped part in ``curriculum.json`` and raises a
+    :class:`~srdata.groups.GroupShareWarning` for every group whose share of a part is
+    more than ``max_share_ratio`` times, or less than ``1 / max_share_ratio`` of, its share
+    of all ranked rows (groups of at least ``min_group_rows`` rows). ``stratify`` cuts the
+    stages inside each group of that column, so every group keeps its share (the stage
+    files then carry ``stratified_rank``, the order they were cut from); it is also checked.
+
     Example:
         >>> out = export_curriculum("runs/dolly")               # doctest: +SKIP
         >>> sorted(p.name for p in out.iterdir())               # doctest: +SKIP
         ['curriculum.json', 'stage-0.parquet', 'stage-1.parquet', 'stage-2.parquet']
+        >>> out = export_curriculum("runs/t0", by="template", stratify="template")   # doctest: +SKIP
     """
     if fmt not in FORMATS:
         raise CurriculumError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     plan = plan_stages(stages, keep, fractions, layout)
+    check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
+    group_columns = _group_columns(run, by, stratify)
     ranking = resolve_ranking(run, rank_by, rrf_k, ties)
     ranks = ranks_in_file_order(run, ranking)
+    groups = pl.read_parquet(run.annotated, columns=group_columns) if group_columns else None  # file order, as ranks
+    position = DIFFICULTY_COLUMN
+    if stratify is not None:
+        assert groups is not None
+        ranks = ranks.with_columns(stratified_ranks(ranks[DIFFICULTY_COLUMN], groups[stratify]).alias(STRATIFIED_COLUMN))
+        position = STRATIFIED_COLUMN
     n_valid = ranks[DIFFICULTY_COLUMN].count()
     bounds = stage_bounds(n_valid, plan)
+    parts = curriculum_parts(bounds, n_valid)
+    shares = [group_shares(ranks[position], groups[c], parts, c, check) for c in group_columns] if groups is not None else []
+    del groups
     out_dir = prepare_output(Path(out) if out is not None else run.path / "curriculum")
     remove_stale_temps(out_dir)  # left by an earlier export that was killed
     # Summarised before the rows are streamed, so that the score columns are freed first:
     # on a VM, memory that is reused is much cheaper than memory touched for the first time.
-    summary = curriculum_summary(run, plan, ranking, ranks, bounds, stage_file_paths(out_dir, len(bounds), fmt), fmt, compression)
-    new_ranks = ranks.select(_rank_output_columns(ranks)) if ranking.recompute else None
+    summary = curriculum_summary(
+        run, plan, ranking, ranks, bounds, stage_file_paths(out_dir, len(bounds), fmt), fmt, compression,
+        stratify=stratify, shares=shares,
+    )
+    new_columns = [*(_rank_output_columns(ranks) if ranking.recompute else []), *([STRATIFIED_COLUMN] if stratify else [])]
+    new_ranks = ranks.select(new_columns) if new_columns else None
     del ranks
-    files = write_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression)
+    files = write_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position)
     for stage, file in zip(summary["stages"], files):
         stage["file_bytes"] = file.stat().st_size  # load_curriculum checks each file against it
     write_json_atomic(out_dir / CURRICULUM_FILE, summary)
     _remove_stale_stage_files(out_dir, keep_names={f.name for f in files})
+    emit_warnings(summary["warnings"])
     return out_dir
+
+
+def share_check(max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO, min_group_rows: int = DEFAULT_MIN_GROUP_ROWS) -> ShareCheck:
+    """The share-check settings, validated (a :class:`CurriculumError` names the bad one).
+
+    Example:
+        >>> share_check(3.0).describe()
+        {'max_share_ratio': 3.0, 'min_group_rows': 40}
+    """
+    try:
+        return ShareCheck(max_share_ratio, min_group_rows)
+    except GroupError as err:
+        raise CurriculumError(str(err)) from None
+
+
+def _group_columns(run: Run, by: str | Sequence[str] | None, stratify: str | None) -> list[str]:
+    """The columns whose groups are checked (``by``, then ``stratify``), each checked against the run."""
+    schema = pl.read_parquet_schema(run.annotated)
+    by_columns = [by] if isinstance(by, str) else list(by or [])
+    try:
+        check_group_columns(schema, by_columns, "--by")
+        if stratify is not None:
+            check_group_columns(schema, [stratify], "--stratify")
+    except GroupError as err:
+        raise CurriculumError(str(err)) from None
+    return list(dict.fromkeys([*by_columns, *([stratify] if stratify is not None else [])]))
 
 
 def ranks_in_file_order(run: Run, ranking: Ranking) -> pl.DataFrame:
@@ -389,15 +461,15 @@ def _rank_output_columns(frame: pl.DataFrame) -> list[str]:
     return [c for c in frame.columns if c.startswith("rank_") or c in (FUSED_COLUMN, DIFFICULTY_COLUMN)]
 
 
-def _ranked_rows(run: Run, new_ranks: pl.DataFrame | None) -> pl.LazyFrame:
-    """The annotated rows, lazily, with fresh rank columns zipped on when re-ranked."""
+def _ranked_rows(run: Run, new_columns: pl.DataFrame | None) -> pl.LazyFrame:
+    """The annotated rows, lazily, with every column of ``new_columns`` (fresh ranks, in file order) zipped on."""
     rows = pl.scan_parquet(run.annotated)
-    if new_ranks is None:
+    if new_columns is None:
         return rows
     original = rows.collect_schema().names()
-    outputs = _rank_output_columns(new_ranks)
-    # A row-wise zip, not a join: new_ranks is in file order, and a zip streams.
-    zipped = pl.concat([rows.drop(outputs, strict=False), new_ranks.lazy().select(outputs)], how="horizontal")
+    outputs = new_columns.columns
+    # A row-wise zip, not a join: new_columns is in file order, and a zip streams.
+    zipped = pl.concat([rows.drop(outputs, strict=False), new_columns.lazy()], how="horizontal")
     return zipped.select([*original, *(c for c in outputs if c not in original)])
 
 
@@ -414,9 +486,14 @@ def prepare_output(out_dir: Path, what: str = "output folder") -> Path:
 
 
 def write_stages(
-    rows: pl.LazyFrame, bounds: Sequence[tuple[int, int]], out_dir: Path, fmt: str, compression: str = "zstd"
+    rows: pl.LazyFrame,
+    bounds: Sequence[tuple[int, int]],
+    out_dir: Path,
+    fmt: str,
+    compression: str = "zstd",
+    position_column: str = DIFFICULTY_COLUMN,
 ) -> list[Path]:
-    """Write one file per stage (rows whose ``difficulty_rank`` is in ``(start, stop]``); return the final paths.
+    """Write one file per stage (rows whose ``position_column`` is in ``(start, stop]``); return the final paths.
 
     The rows are read once. Every boundary cuts them into disjoint segments (the paper's
     three cumulative stages are three segments); each row goes to its segment's writer,
@@ -439,9 +516,9 @@ def write_stages(
     temps = _TempFiles(out_dir)
     try:
         if fmt == "parquet":
-            stage_files = _write_parquet_stages(rows, segments, members, compression, temps)
+            stage_files = _write_parquet_stages(rows, segments, members, compression, temps, position_column)
         else:
-            stage_files = _write_jsonl_stages(rows, segments, members, temps)
+            stage_files = _write_jsonl_stages(rows, segments, members, temps, position_column)
         # Every stage is encoded: the old curriculum.json goes before the first file is
         # replaced, so a kill among the renames leaves no curriculum, never an old summary
         # beside new stage files (a failure before this point leaves the old export intact).
@@ -545,7 +622,9 @@ def _empty_file_footer(schema: pa.Schema, compression: str, path: Path) -> Foote
     return read_footer(path)
 
 
-def _write_segments(rows: pl.LazyFrame, segments: Sequence[_Segment], sinks: Sequence["_TeeParquetSink | _JsonlSink"]) -> None:
+def _write_segments(
+    rows: pl.LazyFrame, segments: Sequence[_Segment], sinks: Sequence["_TeeParquetSink | _JsonlSink"], position_column: str = DIFFICULTY_COLUMN
+) -> None:
     """Stream the rows once and send each to its segment's writer thread."""
     if not segments:
         return
@@ -553,7 +632,7 @@ def _write_segments(rows: pl.LazyFrame, segments: Sequence[_Segment], sinks: Seq
     failed = False
     try:
         for batch in rows.collect_batches(maintain_order=True):
-            segment_of_row = _segment_of_rows(batch, segments)
+            segment_of_row = _segment_of_rows(batch, segments, position_column)
             for g, writer in enumerate(writers):
                 in_segment = segment_of_row == g
                 if in_segment.any():
@@ -568,13 +647,13 @@ def _write_segments(rows: pl.LazyFrame, segments: Sequence[_Segment], sinks: Seq
     _raise_first_error(writers)
 
 
-def _segment_of_rows(rows: pl.DataFrame, segments: Sequence[_Segment]) -> pl.Series:
+def _segment_of_rows(rows: pl.DataFrame, segments: Sequence[_Segment], position_column: str = DIFFICULTY_COLUMN) -> pl.Series:
     """Each row's segment index; -1 for rows in no segment (invalid or dropped).
 
     A polars expression, not numpy: ~10x faster per batch, and this runs on the thread
     that feeds every encoder.
     """
-    rank = pl.col(DIFFICULTY_COLUMN)  # 1-based: the row at easy-to-hard position p has rank p + 1
+    rank = pl.col(position_column)  # 1-based: the row at easy-to-hard position p has rank p + 1
     segment = pl.lit(-1, dtype=pl.Int32)  # a null rank (invalid row) matches no segment
     for g, piece in reversed(list(enumerate(segments))):
         segment = pl.when((rank > piece.start) & (rank <= piece.stop)).then(pl.lit(g, dtype=pl.Int32)).otherwise(segment)
@@ -628,7 +707,12 @@ class _SegmentWriter:
 
 
 def _write_parquet_stages(
-    rows: pl.LazyFrame, segments: Sequence[_Segment], members: Sequence[Sequence[int]], compression: str, temps: _TempFiles
+    rows: pl.LazyFrame,
+    segments: Sequence[_Segment],
+    members: Sequence[Sequence[int]],
+    compression: str,
+    temps: _TempFiles,
+    position_column: str = DIFFICULTY_COLUMN,
 ) -> list[Path]:
     """Write every stage file; return their temporary paths.
 
@@ -649,7 +733,7 @@ def _write_parquet_stages(
             _TeeParquetSink(segment.first_stage, schema.encoded, compression, [files[s] for s, held in enumerate(members) if g in held])
             for g, segment in enumerate(segments)
         ]
-        _write_segments(rows, segments, sinks)
+        _write_segments(rows, segments, sinks, position_column)
         for s, (file, held) in enumerate(zip(files, members)):
             file.finish(_stage_file_end(s, file, [(segments[g], sinks[g]) for g in held], schema, compression))
     finally:
@@ -892,10 +976,17 @@ class _Written:
     path: Path
 
 
-def _write_jsonl_stages(rows: pl.LazyFrame, segments: Sequence[_Segment], members: Sequence[Sequence[int]], temps: _TempFiles) -> list[Path]:
+def _write_jsonl_stages(
+    rows: pl.LazyFrame,
+    segments: Sequence[_Segment],
+    members: Sequence[Sequence[int]],
+    temps: _TempFiles,
+    position_column: str = DIFFICULTY_COLUMN,
+) -> list[Path]:
     """Write each segment once as JSON lines, then every stage file from its segments; return their temporary paths."""
     segment_files = [temps.new(f"segment-{g}.jsonl") for g in range(len(segments))]
-    _write_segments(rows, segments, [_JsonlSink(path, segment.first_stage) for segment, path in zip(segments, segment_files)])
+    sinks = [_JsonlSink(path, segment.first_stage) for segment, path in zip(segments, segment_files)]
+    _write_segments(rows, segments, sinks, position_column)
     written = [_Written(segment, path) for segment, path in zip(segments, segment_files)]
     # Side by side: mostly reading and writing blocks, which release the GIL.
     with ThreadPoolExecutor(max_workers=max(1, min(len(members), os.cpu_count() or 1))) as pool:
@@ -958,13 +1049,20 @@ def curriculum_summary(
     files: Sequence[Path],
     fmt: str,
     compression: str,
+    stratify: str | None = None,
+    shares: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The content of ``curriculum.json``: sizes, thresholds, settings and provenance."""
+    """The content of ``curriculum.json``: sizes, thresholds, settings, group shares and provenance.
+
+    With ``stratify`` the stages were cut from ``ranks[stratified_rank]``, else from the
+    difficulty ranks; ``shares`` holds the :func:`srdata.groups.group_shares` of each checked column.
+    """
     from srdata import __version__
 
+    position = DIFFICULTY_COLUMN if stratify is None else STRATIFIED_COLUMN
     score_columns = _score_columns(dict.fromkeys(ranks.columns), ranking.keys)
     n_valid = ranks[DIFFICULTY_COLUMN].count()
-    *stage_ranges, dropped = _range_summaries(ranks, [*bounds, (bounds[-1][1], n_valid)], score_columns)
+    *stage_ranges, dropped = _range_summaries(ranks, [*bounds, (bounds[-1][1], n_valid)], score_columns, position)
     return {
         "format_version": 1,
         "srdata_version": __version__,
@@ -982,6 +1080,7 @@ def curriculum_summary(
             "format": fmt,
             "compression": compression if fmt == "parquet" else None,
             "compression_level": _compression_level(compression) if fmt == "parquet" else None,
+            "stratify": stratify,
         },
         "ranking": ranking.describe(),
         "stages": [
@@ -989,26 +1088,34 @@ def curriculum_summary(
             for s, ((_, stop), f, summary) in enumerate(zip(bounds, files, stage_ranges))
         ],
         "dropped": dropped,
+        "groups": list(shares),
+        "warnings": [warning for share in shares for warning in share["warnings"]],
     }
 
 
-def _range_summaries(ranks: pl.DataFrame, ranges: Sequence[tuple[int, int]], score_columns: Sequence[str]) -> list[dict[str, Any]]:
+def _range_summaries(
+    ranks: pl.DataFrame, ranges: Sequence[tuple[int, int]], score_columns: Sequence[str], position: str = DIFFICULTY_COLUMN
+) -> list[dict[str, Any]]:
     """Size, rank and score thresholds of the rows at each range of easy-to-hard positions [start, stop).
 
     One grouped pass over the rows: aggregates per piece between any two range
-    boundaries, combined per range (the cumulative stages overlap).
+    boundaries, combined per range (the cumulative stages overlap). Positions are the
+    ``position`` column (the difficulty rank, or the stratified rank).
     """
     points = sorted({p for r in ranges for p in r})
-    pieces = _piece_aggregates(ranks, points, score_columns)
-    return [_combine_pieces([pieces[i] for i in range(len(points) - 1) if start <= points[i] and points[i + 1] <= stop and i in pieces], score_columns) for start, stop in ranges]
+    pieces = _piece_aggregates(ranks, points, score_columns, position)
+    return [
+        _combine_pieces([pieces[i] for i in range(len(points) - 1) if start <= points[i] and points[i + 1] <= stop and i in pieces], score_columns, position)
+        for start, stop in ranges
+    ]
 
 
-def _piece_aggregates(ranks: pl.DataFrame, points: Sequence[int], score_columns: Sequence[str]) -> dict[int, dict[str, Any]]:
+def _piece_aggregates(ranks: pl.DataFrame, points: Sequence[int], score_columns: Sequence[str], position_column: str = DIFFICULTY_COLUMN) -> dict[int, dict[str, Any]]:
     """Per piece ``i`` = easy-to-hard positions ``[points[i], points[i+1])``: count, min, max, sum."""
-    position = pl.col(DIFFICULTY_COLUMN).fill_null(0) - 1  # null (not ranked) -> -1, in no piece
+    position = pl.col(position_column).fill_null(0) - 1  # null (not ranked) -> -1, in no piece
     piece = pl.sum_horizontal([(position >= p).cast(pl.Int8) for p in points]) - 1
     aggregates = [pl.len().alias("rows")]
-    for column in (DIFFICULTY_COLUMN, FUSED_COLUMN, *score_columns):
+    for column in dict.fromkeys((DIFFICULTY_COLUMN, position_column, FUSED_COLUMN, *score_columns)):
         aggregates += [pl.col(column).min().alias(f"{column}:min"), pl.col(column).max().alias(f"{column}:max")]
     for column in score_columns:
         aggregates += [pl.col(column).sum().alias(f"{column}:sum"), pl.col(column).count().alias(f"{column}:count")]
@@ -1016,7 +1123,7 @@ def _piece_aggregates(ranks: pl.DataFrame, points: Sequence[int], score_columns:
     return {row.pop("piece"): row for row in grouped.iter_rows(named=True)}
 
 
-def _combine_pieces(pieces: Sequence[dict[str, Any]], score_columns: Sequence[str]) -> dict[str, Any]:
+def _combine_pieces(pieces: Sequence[dict[str, Any]], score_columns: Sequence[str], position: str = DIFFICULTY_COLUMN) -> dict[str, Any]:
     rows = sum(piece["rows"] for piece in pieces)
     if rows == 0:
         return {"rows": 0}
@@ -1031,11 +1138,16 @@ def _combine_pieces(pieces: Sequence[dict[str, Any]], score_columns: Sequence[st
         count = sum(piece[f"{column}:count"] for piece in pieces)
         return sum(piece[f"{column}:sum"] for piece in pieces) / count if count else None
 
+    if position == DIFFICULTY_COLUMN:
+        thresholds = {"max_difficulty_rank": high(DIFFICULTY_COLUMN), "min_rrf_score": low(FUSED_COLUMN)}
+    else:
+        # Cut within groups: no difficulty or score threshold separates the stages, only the order cut from.
+        thresholds = {f"max_{position}": high(position)}
     return {
         "rows": rows,
         "difficulty_rank": {"min": low(DIFFICULTY_COLUMN), "max": high(DIFFICULTY_COLUMN)},
         "rrf_score": {"min": low(FUSED_COLUMN), "max": high(FUSED_COLUMN)},
-        "thresholds": {"max_difficulty_rank": high(DIFFICULTY_COLUMN), "min_rrf_score": low(FUSED_COLUMN)},
+        "thresholds": thresholds,
         "scores": {c: {"min": low(c), "max": high(c), "mean": mean(c)} for c in score_columns},
     }
 
@@ -1068,7 +1180,7 @@ def rerank_run(
     ranking = Ranking(parse_rank_by(rank_by), rrf_k, ties, recompute=True)
     ranks = ranks_in_file_order(run, ranking)
     stale = _previous_rank_columns(run, ranks)
-    rows = _ranked_rows(run, ranks).drop(stale)
+    rows = _ranked_rows(run, ranks.select(_rank_output_columns(ranks))).drop(stale)
     _sink_one(rows, run.annotated, compression)
     manifest = {**run.manifest, "ranking": {**ranking.describe(), "ranked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
     manifest["ranking"].pop("recomputed")

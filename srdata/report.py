@@ -10,7 +10,10 @@ and three PNG figures (matplotlib, no display needed):
 - ``stage_sizes.png``: rows per stage, dropped and invalid rows.
 
 Stages come from the run's ``curriculum/curriculum.json`` when it exists (or the one
-given), otherwise from the paper's default cut (4 stages, keep 3).
+given), otherwise from the paper's default cut (4 stages, keep 3). With ``by`` columns the
+report also gives each group's share of every stage and of the dropped part, warns
+(:class:`~srdata.groups.GroupShareWarning`) where a share is far from the group's share
+of all ranked rows, and writes the same tables to ``groups.json`` (empty without ``by``).
 """
 
 from __future__ import annotations
@@ -34,8 +37,23 @@ from srdata.export import (
     plan_stages,
     prepare_output,
     read_run,
+    share_check,
     stage_bounds,
 )
+from srdata.groups import (
+    DEFAULT_MAX_SHARE_RATIO,
+    DEFAULT_MIN_GROUP_ROWS,
+    STRATIFIED_COLUMN,
+    GroupError,
+    advice,
+    check_group_columns,
+    curriculum_parts,
+    emit_warnings,
+    group_shares,
+    share_table_rows,
+    stratified_ranks,
+)
+from srdata.io import write_json_atomic
 from srdata.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
 
 SCORE_COLUMNS = ("rouge_l", "ce_loss")
@@ -43,15 +61,27 @@ RANK_COLUMNS = ("rank_rouge_l", "rank_ce_loss")
 SCATTER_POINTS = 20_000  # enough to see the shape; more only slows the plot down
 DPI = 100
 EXAMPLE_CHARS = 160
+GROUPS_FILE = "groups.json"
+SHARE_TABLE_GROUPS = 50  # largest groups in the report's share table; flagged groups are always shown
 
 
 @dataclass(frozen=True)
 class Stages:
-    """Where the curriculum cuts the ranked rows: last difficulty rank of every kept stage."""
+    """Where the curriculum cuts the ranked rows: last position of every kept stage.
+
+    Positions are difficulty ranks, or the stratified ranks within ``stratify`` groups
+    of a stratified export.
+    """
 
     ends: list[int]
     layout: str
     source: str  # "curriculum.json at ..." or "paper default"
+    stratify: str | None = None
+
+    @property
+    def position(self) -> str:
+        """The column the stages were cut from."""
+        return DIFFICULTY_COLUMN if self.stratify is None else STRATIFIED_COLUMN
 
     def part_of(self, difficulty: pl.Expr) -> pl.Expr:
         """Stage (part) in which a row is first trained; ``len(ends)`` means dropped."""
@@ -59,6 +89,11 @@ class Stages:
         for stage, end in reversed(list(enumerate(self.ends))):
             expr = pl.when(difficulty <= end).then(pl.lit(stage, dtype=pl.Int64)).otherwise(expr)
         return expr
+
+    def parts(self, n_ranked: int) -> list:
+        """Every stage file and the dropped part as :class:`srdata.groups.Part` ranges of positions."""
+        starts = [0] * len(self.ends) if self.layout == "cumulative" else [0, *self.ends[:-1]]
+        return curriculum_parts(list(zip(starts, self.ends)), n_ranked)
 
 
 def ranking_agreement(scores: pl.DataFrame) -> dict[str, Any]:
@@ -92,10 +127,13 @@ def load_stages(run: Run, n_valid: int, curriculum: str | os.PathLike[str] | Non
     summary_path = path if path.name == CURRICULUM_FILE else path / CURRICULUM_FILE
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        ends = [stage["thresholds"]["max_difficulty_rank"] for stage in summary["stages"] if stage["rows"]]
+        stratify = summary["settings"].get("stratify")
+        threshold = "max_difficulty_rank" if stratify is None else f"max_{STRATIFIED_COLUMN}"
+        ends = [stage["thresholds"][threshold] for stage in summary["stages"] if stage["rows"]]
         # An export that re-ranked in memory cut other rows than the run's own ranking shows.
         caveat = " (stage sizes only: that export re-ranked the rows)" if summary["ranking"].get("recomputed") else ""
-        return Stages(ends, summary["settings"]["layout"], f"{summary_path}{caveat}")
+        cut = f", stratified by {stratify}" if stratify is not None else ""
+        return Stages(ends, summary["settings"]["layout"], f"{summary_path}{cut}{caveat}", stratify)
     if curriculum is not None:
         raise CurriculumError(f"no {CURRICULUM_FILE} at {path}")
     bounds = stage_bounds(n_valid, plan_stages())
@@ -105,9 +143,10 @@ def load_stages(run: Run, n_valid: int, curriculum: str | os.PathLike[str] | Non
 def read_scores(run: Run, by: Sequence[str] = ()) -> pl.DataFrame:
     """The score, rank and grouping columns of every row (no text)."""
     schema = pl.read_parquet_schema(run.annotated)
-    missing = [c for c in by if c not in schema]
-    if missing:
-        raise CurriculumError(f"--by column {', '.join(map(repr, missing))} does not exist; columns: {', '.join(schema)}")
+    try:
+        check_group_columns(schema, by, "--by")
+    except GroupError as err:
+        raise CurriculumError(str(err)) from None
     needed = [ID_COLUMN, *SCORE_COLUMNS, *RANK_COLUMNS, FUSED_COLUMN, DIFFICULTY_COLUMN]
     absent = [c for c in needed if c not in schema]
     if absent:
@@ -122,28 +161,49 @@ def build_report(
     by: Sequence[str] = (),
     curriculum: str | os.PathLike[str] | None = None,
     examples: int = 5,
+    max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO,
+    min_group_rows: int = DEFAULT_MIN_GROUP_ROWS,
 ) -> Path:
-    """Write ``report.md``, ``report.html`` and the PNG figures; return the report folder.
+    """Write ``report.md``, ``report.html``, the PNG figures and ``groups.json``; return the report folder.
+
+    For every ``by`` column the report holds each group's share of all ranked rows, of
+    every stage and of the dropped part, and a :class:`~srdata.groups.GroupShareWarning`
+    is raised for each share more than ``max_share_ratio`` times, or less than
+    ``1 / max_share_ratio`` of, the group's own (groups of ``min_group_rows`` rows or more).
 
     Example:
         >>> build_report("runs/dolly", by=["category"])       # doctest: +SKIP
         PosixPath('runs/dolly/report')
     """
+    check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
     scores = read_scores(run, by)
+    stages = load_stages(run, scores[DIFFICULTY_COLUMN].count(), curriculum)
+    scores = with_positions(run, scores, stages)
     valid = scores.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
-    stages = load_stages(run, valid.height, curriculum)
-    staged = valid.with_columns(stages.part_of(pl.col(DIFFICULTY_COLUMN)).alias("part"))
+    staged = valid.with_columns(stages.part_of(pl.col(stages.position)).alias("part"))
+    shares = [group_shares(staged[stages.position], staged[column], stages.parts(staged.height), column, check) for column in by]
     out_dir = _writable_folder(Path(out) if out is not None else run.path / "report")
     figures = [
         _plot_histograms(valid, out_dir / "score_histograms.png"),
         _plot_scatter(staged, stages, out_dir / "scores_by_stage.png"),
         _plot_stage_sizes(staged, stages, scores.height - valid.height, out_dir / "stage_sizes.png"),
     ]
-    blocks = _report_blocks(run, scores, staged, stages, by, examples, figures)
+    blocks = _report_blocks(run, scores, staged, stages, by, examples, figures, shares)
     (out_dir / "report.md").write_text(_to_markdown(blocks))
     (out_dir / "report.html").write_text(_to_html(blocks, title=f"SRD report: {run.path.name}"))
+    write_json_atomic(out_dir / GROUPS_FILE, {"stages": stages.source, **check.describe(), "groups": shares})
+    emit_warnings([message for result in shares for message in result["warnings"]])
     return out_dir
+
+
+def with_positions(run: Run, scores: pl.DataFrame, stages: Stages) -> pl.DataFrame:
+    """``scores`` with the ``stratified_rank`` a stratified export cut from (recomputed from the run), else as is."""
+    if stages.stratify is None:
+        return scores
+    column = stages.stratify
+    groups = scores[column] if column in scores.columns else pl.read_parquet(run.annotated, columns=[column])[column]
+    return scores.with_columns(stratified_ranks(scores[DIFFICULTY_COLUMN], groups).alias(STRATIFIED_COLUMN))
 
 
 def _writable_folder(path: Path) -> Path:
@@ -238,6 +298,7 @@ def _report_blocks(
     by: Sequence[str],
     examples: int,
     figures: Sequence[Path],
+    shares: Sequence[dict[str, Any]] = (),
 ) -> list[tuple]:
     agreement = ranking_agreement(staged)
     blocks: list[tuple] = [
@@ -250,14 +311,35 @@ def _report_blocks(
         ("p", _agreement_text(agreement)),
         ("h2", "Curriculum"),
         ("p", f"Stages from {stages.source}; {stages.layout} layout."),
-        ("table", ["stage", "rows", "new rows", "difficulty ranks", "mean rouge_l", "mean ce_loss"], _stage_rows(staged, stages)),
+        ("table", ["stage", "rows", "new rows", "difficulty ranks" if stages.stratify is None else "stratified ranks",
+                   "mean rouge_l", "mean ce_loss"], _stage_rows(staged, stages)),
         ("img", figures[1].name, "ROUGE-L against cross-entropy, coloured by stage"),
         ("img", figures[2].name, "Rows per stage"),
     ]
     blocks += _example_blocks(run, staged, examples)
     blocks += _invalid_blocks(scores)
-    for column in by:
+    for column, result in zip(by, shares):
         blocks += [("h2", f"By {column}"), ("table", *_group_table(scores, staged, stages, column))]
+        blocks += _share_blocks(result)
+    return blocks
+
+
+def _share_blocks(result: dict[str, Any]) -> list[tuple]:
+    """The share of each group in every stage and in the dropped part, and the warnings."""
+    column = result["column"]
+    headers, rows = share_table_rows(result, limit=SHARE_TABLE_GROUPS)
+    shown = f"the {SHARE_TABLE_GROUPS} largest groups and every flagged one; " if len(rows) < result["groups"] else ""
+    blocks: list[tuple] = [
+        ("p", (f"Share of each {column} among all ranked rows, in every stage file and in the dropped part ({shown}"
+               f"! = more than {result['max_share_ratio']:g}x or less than 1/{result['max_share_ratio']:g} of the group's "
+               f"share of all ranked rows; groups under {result['min_group_rows']} ranked rows are not flagged).")),
+        ("table", headers, rows),
+    ]
+    if result["warnings"]:
+        blocks += [("p", f"Warning: {message}.") for message in result["warnings"]]
+        blocks.append(("p", advice(result)))
+    else:
+        blocks.append(("p", f"No {column} is far from its share in any stage or in the dropped part."))
     return blocks
 
 
@@ -301,7 +383,7 @@ def _stage_rows(staged: pl.DataFrame, stages: Stages) -> list[list[str]]:
         in_file = own if stages.layout == "disjoint" or part == len(stages.ends) else staged.filter(pl.col("part") <= part)
         label = f"stage {part}" if part < len(stages.ends) else "dropped"
         size = sizes[part] if part < len(sizes) else own.height
-        ranks = f"{in_file[DIFFICULTY_COLUMN].min()}-{in_file[DIFFICULTY_COLUMN].max()}" if in_file.height else "-"
+        ranks = f"{in_file[stages.position].min()}-{in_file[stages.position].max()}" if in_file.height else "-"
         rows.append([label, str(size), str(own.height), ranks, _fmt(in_file["rouge_l"].mean()), _fmt(in_file["ce_loss"].mean())])
     return rows
 
@@ -443,16 +525,17 @@ def inspect_run(run_dir: str | os.PathLike[str], examples: int = 5) -> str:
         return _progress_text(path, manifest)
     run = read_run(path)
     scores = read_scores(run)
-    valid = scores.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
-    stages = load_stages(run, valid.height)
-    staged = valid.with_columns(stages.part_of(pl.col(DIFFICULTY_COLUMN)).alias("part"))
+    stages = load_stages(run, scores[DIFFICULTY_COLUMN].count())
+    valid = with_positions(run, scores, stages).filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
+    staged = valid.with_columns(stages.part_of(pl.col(stages.position)).alias("part"))
+    position = "difficulty" if stages.stratify is None else "stratified"
     lines = [
         f"run {path}: complete, {scores.height} rows ({valid.height} ranked, {scores.height - valid.height} invalid), "
         f"config hash {run.config_hash}",
         *(f"  {row[0]:<8} mean {row[1]}  median {row[2]}  min {row[3]}  max {row[4]}" for row in _score_rows(valid)),
         "agreement: " + _agreement_text(ranking_agreement(valid)),
         f"stages ({stages.source}, {stages.layout}):",
-        *(f"  {r[0]:<8} {r[1]:>8} rows  difficulty {r[3]:<14} mean rouge_l {r[4]}  mean ce_loss {r[5]}" for r in _stage_rows(staged, stages)),
+        *(f"  {r[0]:<8} {r[1]:>8} rows  {position} {r[3]:<14} mean rouge_l {r[4]}  mean ce_loss {r[5]}" for r in _stage_rows(staged, stages)),
     ]
     lines += _inspect_examples(run, valid.height, examples)
     return "\n".join(lines)

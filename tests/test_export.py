@@ -130,7 +130,7 @@ def test_curriculum_json_records_sizes_thresholds_settings_and_source(run: Path)
         "run_dir": None, "config_hash": "cafe1234", "run_srdata_version": "0.1.0",
         "annotated_rows": 43, "valid_rows": 41, "invalid_rows": 2,
     }
-    assert info["settings"] == {"layout": "cumulative", "stages": 4, "keep": 3, "fractions": [0.25, 0.5, 0.75], "format": "parquet", "compression": "zstd", "compression_level": 1}
+    assert info["settings"] == {"layout": "cumulative", "stages": 4, "keep": 3, "fractions": [0.25, 0.5, 0.75], "format": "parquet", "compression": "zstd", "compression_level": 1, "stratify": None}
     assert info["ranking"] == {"rank_by": "rouge_l:desc,ce_loss:asc", "rrf_k": 60, "ties": "input", "recomputed": False}
     for entry in info["stages"]:
         rows = stage(out, entry["stage"])
@@ -140,6 +140,7 @@ def test_curriculum_json_records_sizes_thresholds_settings_and_source(run: Path)
         assert entry["scores"]["ce_loss"]["max"] == rows["ce_loss"].max()
     dropped = info["dropped"]
     assert dropped["rows"] == 11 and dropped["difficulty_rank"] == {"min": 31, "max": 41}
+    assert info["groups"] == [] and info["warnings"] == []  # no --by: no group check
 
 
 # --- ranking options ---------------------------------------------------------------------

@@ -26,6 +26,11 @@ identical for both arms):
    wall-clock and sample passes per arm, the share of noisy pairs in the dropped quarter
    (fused ranking, ROUGE-L alone, cross-entropy alone) and the Spearman agreement of the
    two rankings; mean and spread over seeds.
+6. **Stratified SRD arm** (added after the first comparison, which showed SRD's stages
+   starving three of the four task families): ``srdata export --stratify task`` (the same
+   4 stages keep 3, cut within every task so each keeps its 25% of every stage and of the
+   dropped part), then the same ``srd-distill train --curriculum`` as the SRD arm. The
+   task shares of both curricula are recorded.
 
 Outputs: ``OUT/results.json``, ``OUT/table.md``, ``OUT/quality_vs_time.png``; the full
 mode also writes ``benchmarks/repro/results.json`` and ``benchmarks/repro/quality_vs_time.png``.
@@ -59,7 +64,12 @@ from srdata.io import write_json_atomic  # noqa: E402
 from srdata.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402
 
 ARMS = ("srd", "baseline")
-ARM_LABELS = {"srd": "SRD (score -> 4 stages keep 3 -> curriculum KD)", "baseline": "full-data KD"}
+# Arms added after the first comparison: run after the main arms, reported apart and labelled so.
+ADDED_ARMS = ("srd_stratified",)
+STRATIFY_COLUMN = "task"
+ARM_LABELS = {"srd": "SRD (score -> 4 stages keep 3 -> curriculum KD)", "baseline": "full-data KD",
+              "srd_stratified": f"SRD, stages stratified by {STRATIFY_COLUMN} (added after the first comparison)"}
+ARM_NAMES = {"srd": "SRD", "baseline": "full-data KD", "srd_stratified": "SRD stratified by task (added)"}
 
 
 @dataclass(frozen=True)
@@ -265,6 +275,22 @@ def run_seed(settings: Settings, out: Path, seed: int, shared: dict[str, Any], e
          f"{ranking['by_ranking']['rank_rouge_l']['noisy_recall']:.0%}, CE alone {ranking['by_ranking']['rank_ce_loss']['noisy_recall']:.0%}; "
          f"rank agreement {ranking['rank_agreement']:.2f}; Spearman(rank, level) {ranking['difficulty_rank_vs_level']:.2f}")
 
+    echo(f"[seed {seed}] stratified curriculum: srdata export --stratify {STRATIFY_COLUMN} (arm added after the first comparison)")
+    stratified_dir = seed_dir / "curriculum-stratified"
+
+    def make_stratified() -> dict[str, Any]:
+        seconds = run_command(
+            cli("srdata") + ["export", str(score_dir), "--stages", str(settings.stages), "--keep", str(settings.keep),
+                             "--stratify", STRATIFY_COLUMN, "--out", str(stratified_dir)],
+            seed_dir / "logs" / "export-stratified.log", echo)
+        return {"export_seconds": seconds,
+                "task_shares": {"srd": curriculum_task_shares(curriculum_dir, score_dir), "srd_stratified": curriculum_task_shares(stratified_dir, score_dir)}}
+
+    stratified = cached(records / f"seed-{seed}-stratified-export.json", {**score_key, "stratify": STRATIFY_COLUMN}, make_stratified, echo)
+    srd_stage0 = stratified["task_shares"]["srd"]["stage 0"]
+    echo("    share of each task in stage 0: SRD " + ", ".join(f"{t} {v:.0%}" for t, v in srd_stage0.items())
+         + "; stratified " + ", ".join(f"{t} {v:.0%}" for t, v in stratified["task_shares"]["srd_stratified"]["stage 0"].items()))
+
     arms: dict[str, dict[str, Any]] = {}
     for loss_index, loss in enumerate(settings.losses):
         arms[loss] = {}
@@ -279,10 +305,33 @@ def run_seed(settings: Settings, out: Path, seed: int, shared: dict[str, Any], e
                              "--kd-ratio", str(settings.baseline_kd_ratio), "--temperature", str(settings.baseline_temperature)]
             arms[loss][arm] = train_arm(settings, out, seed, shared, student_dir, f"{loss}-{arm}", loss, data_args, score_key, echo,
                                         arm_key=arm)
-    result = {"student": student, "scoring": {k: v for k, v in scoring.items() if k != "ranking"}, "ranking": ranking, "arms": arms}
+        # The added arm runs after both main arms, with the SRD arm's training settings.
+        echo(f"[seed {seed}] {loss} / {ARM_LABELS['srd_stratified']}")
+        arms[loss]["srd_stratified"] = train_arm(
+            settings, out, seed, shared, student_dir, f"{loss}-srd-stratified", loss,
+            ["--curriculum", str(stratified_dir), "--epochs", str(settings.srd_epochs_per_stage)], score_key, echo, arm_key="srd_stratified")
+    result = {"student": student, "scoring": {k: v for k, v in scoring.items() if k != "ranking"}, "ranking": ranking, "arms": arms,
+              "stratified_export": stratified}
     if diagnostics:
         result["diagnostics"] = run_diagnostics(settings, out, seed, shared, student_dir, score_dir, score_key, echo)
     return result
+
+
+def curriculum_task_shares(curriculum_dir: Path, score_dir: Path) -> dict[str, dict[str, float]]:
+    """Share of each task in every stage file and in the dropped part, counted from the files themselves."""
+    import polars as pl
+
+    summary = json.loads((curriculum_dir / "curriculum.json").read_text(encoding="utf-8"))
+    annotated = pl.read_parquet(score_dir / "annotated.parquet", columns=["srd_id", STRATIFY_COLUMN, "difficulty_rank"])
+    annotated = annotated.filter(pl.col("difficulty_rank").is_not_null())
+    parts: dict[str, pl.DataFrame] = {}
+    for stage in summary["stages"]:
+        parts[f"stage {stage['stage']}"] = pl.read_parquet(curriculum_dir / stage["file"], columns=["srd_id", STRATIFY_COLUMN])
+    kept = set(pl.concat(list(parts.values()))["srd_id"].to_list())
+    parts["dropped"] = annotated.filter(~pl.col("srd_id").is_in(list(kept)))
+    tasks = sorted(set(annotated[STRATIFY_COLUMN].to_list()))
+    return {name: {t: rows.filter(pl.col(STRATIFY_COLUMN) == t).height / rows.height if rows.height else 0.0 for t in tasks}
+            for name, rows in parts.items()}
 
 
 def train_arm(settings: Settings, out: Path, seed: int, shared: dict[str, Any], student_dir: Path, name: str, loss: str,
@@ -369,7 +418,7 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
     out: dict[str, Any] = {"arms": {}, "paired_difference_srd_minus_baseline": {}, "ranking": {}, "student_initial": {}}
     for loss in settings.losses:
         out["arms"][loss] = {}
-        for arm in ARMS:
+        for arm in (*ARMS, *(a for a in ADDED_ARMS if all(a in per_seed[s]["arms"][loss] for s in seeds))):
             runs = [per_seed[s]["arms"][loss][arm] for s in seeds]
             entry = {
                 "exact_match": stats([r["test"]["overall"]["exact_match"] for r in runs]),
@@ -383,10 +432,12 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
                 "sample_passes": stats([r["sample_passes"] for r in runs]),
                 "steps": stats([r["steps"] for r in runs]),
             }
-            if arm == "srd":
+            if arm in ("srd", "srd_stratified"):
                 scoring = [per_seed[s]["scoring"] for s in seeds]
-                entry["scoring_seconds"] = stats([c["score_seconds"] + c["export_seconds"] for c in scoring])
-                entry["train_plus_scoring_seconds"] = stats([r["train_seconds"] + c["score_seconds"] + c["export_seconds"] for r, c in zip(runs, scoring)])
+                exports = ([c["export_seconds"] for c in scoring] if arm == "srd"
+                           else [per_seed[s]["stratified_export"]["export_seconds"] for s in seeds])
+                entry["scoring_seconds"] = stats([c["score_seconds"] + x for c, x in zip(scoring, exports)])
+                entry["train_plus_scoring_seconds"] = stats([r["train_seconds"] + c["score_seconds"] + x for r, c, x in zip(runs, scoring, exports)])
             out["arms"][loss][arm] = entry
         diffs = {}
         for metric in ("exact_match", "rouge_l"):
@@ -394,6 +445,13 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
         diffs["train_seconds_ratio"] = stats([per_seed[s]["arms"][loss]["srd"]["train_seconds"] / per_seed[s]["arms"][loss]["baseline"]["train_seconds"] for s in seeds])
         diffs["sample_passes_ratio"] = stats([per_seed[s]["arms"][loss]["srd"]["sample_passes"] / per_seed[s]["arms"][loss]["baseline"]["sample_passes"] for s in seeds])
         out["paired_difference_srd_minus_baseline"][loss] = diffs
+        if "srd_stratified" in out["arms"][loss]:
+            out.setdefault("paired_difference_added_arms", {})[loss] = {
+                f"srd_stratified_minus_{other}": {
+                    metric: stats([per_seed[s]["arms"][loss]["srd_stratified"]["test"]["overall"][metric]
+                                   - per_seed[s]["arms"][loss][other]["test"]["overall"][metric] for s in seeds])
+                    for metric in ("exact_match", "rouge_l")}
+                for other in ARMS}
     rankings = [per_seed[s]["ranking"] for s in seeds]
     out["ranking"] = {
         "noisy_recall": {col: stats([r["by_ranking"][col]["noisy_recall"] for r in rankings]) for col in rankings[0]["by_ranking"]},
@@ -404,6 +462,10 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
         "dropped_share_by_level": {lv: stats([r["by_difficulty"][lv]["dropped_share"] for r in rankings]) for lv in levels},
         "dropped_share_by_task": {t: stats([r["by_task"][t]["dropped_share"] for r in rankings]) for t in settings.testbed.tasks},
     }
+    if all("stratified_export" in per_seed[s] for s in seeds):
+        shares = [per_seed[s]["stratified_export"]["task_shares"] for s in seeds]
+        out["task_shares"] = {arm: {part: {t: stats([sh[arm][part][t] for sh in shares]) for t in shares[0][arm][part]}
+                                    for part in shares[0][arm]} for arm in shares[0]}
     if all("diagnostics" in per_seed[s] for s in seeds):
         out["diagnostics"] = {}
         for loss, variants in per_seed[seeds[0]]["diagnostics"].items():
@@ -453,12 +515,12 @@ def markdown_table(settings: Settings, results: dict[str, Any]) -> str:
     lines.append(f"| - | student before KD | {_pm(student['exact_match'], 100)} | {_pm(student['rouge_l'], 100)} | "
                  + " | ".join(_pm(student["exact_match_by_difficulty"][lv], 100) for lv in levels) + " | - | - |")
     for loss in settings.losses:
-        for arm in ARMS:
+        for arm in summary["arms"][loss]:
             e = summary["arms"][loss][arm]
             time_text = _pm(e["train_seconds"], 1, 0)
-            if arm == "srd":
+            if "scoring_seconds" in e:
                 time_text += f" (+{e['scoring_seconds']['mean']:.0f})"
-            lines.append(f"| {loss} | {'SRD' if arm == 'srd' else 'full-data KD'} | {_pm(e['exact_match'], 100)} | {_pm(e['rouge_l'], 100)} | "
+            lines.append(f"| {loss} | {ARM_NAMES[arm]} | {_pm(e['exact_match'], 100)} | {_pm(e['rouge_l'], 100)} | "
                          + " | ".join(_pm(e["exact_match_by_difficulty"][lv], 100) for lv in levels)
                          + f" | {time_text} | {e['sample_passes']['mean']:,.0f} |")
     for loss, variants in summary.get("diagnostics", {}).items():
@@ -469,9 +531,9 @@ def markdown_table(settings: Settings, results: dict[str, Any]) -> str:
     lines += ["", "Exact match (%) by task:", "", "| loss | arm | " + " | ".join(settings.testbed.tasks) + " |",
               "|---|---|" + "---|" * len(settings.testbed.tasks)]
     for loss in settings.losses:
-        for arm in ARMS:
+        for arm in summary["arms"][loss]:
             e = summary["arms"][loss][arm]
-            lines.append(f"| {loss} | {'SRD' if arm == 'srd' else 'full-data KD'} | "
+            lines.append(f"| {loss} | {ARM_NAMES[arm]} | "
                          + " | ".join(_pm(e["exact_match_by_task"][t], 100) for t in settings.testbed.tasks) + " |")
     for loss, variants in summary.get("diagnostics", {}).items():
         for name, e in variants.items():
@@ -481,6 +543,18 @@ def markdown_table(settings: Settings, results: dict[str, Any]) -> str:
         d = summary["paired_difference_srd_minus_baseline"][loss]
         lines.append(f"- {loss}: EM {_pm(d['exact_match'], 100)} points, ROUGE-L {_pm(d['rouge_l'], 100)} points, "
                      f"training time ratio {_pm(d['train_seconds_ratio'], 1, 2)}, sample-pass ratio {d['sample_passes_ratio']['mean']:.2f}")
+    for loss, pairs in summary.get("paired_difference_added_arms", {}).items():
+        for name, d in pairs.items():
+            other = ARM_NAMES[name.removeprefix("srd_stratified_minus_")]
+            lines.append(f"- {loss}, added arm: SRD stratified - {other}: EM {_pm(d['exact_match'], 100)} points, "
+                         f"ROUGE-L {_pm(d['rouge_l'], 100)} points")
+    if "task_shares" in summary:
+        tasks = list(summary["task_shares"]["srd"]["stage 0"])
+        lines += ["", "Share of each task (%) in stage 0 and in the dropped part (every task is 25% of the data):", "",
+                  "| curriculum | part | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for arm, parts in summary["task_shares"].items():
+            for part in ("stage 0", "dropped"):
+                lines.append(f"| {ARM_NAMES[arm]} | {part} | " + " | ".join(_pm(parts[part][t], 100, 0) for t in tasks) + " |")
     r = summary["ranking"]
     names = {"difficulty_rank": "fused (SRD)", "rank_rouge_l": "ROUGE-L alone", "rank_ce_loss": "cross-entropy alone"}
     lines += ["", "Noisy training pairs in the dropped quarter (chance 25%):", "",
@@ -501,19 +575,19 @@ def plot(settings: Settings, results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"srd": "tab:blue", "baseline": "tab:orange"}
+    colours = {"srd": "tab:blue", "baseline": "tab:orange", "srd_stratified": "tab:green"}
     markers = ["o", "s", "^", "D", "v", "P"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in ((axes[0], "rouge_l", "test ROUGE-L (x100)"), (axes[1], "exact_match", "test exact match (%)")):
         for i, loss in enumerate(settings.losses):
-            for arm in ARMS:
+            for arm in results["summary"]["arms"][loss]:
                 e = results["summary"]["arms"][loss][arm]
                 xs, ys = e["train_seconds"]["values"], [v * 100 for v in e[metric]["values"]]
                 ax.scatter(xs, ys, color=colours[arm], marker=markers[i % len(markers)], alpha=0.35, s=22)
                 ax.errorbar(e["train_seconds"]["mean"], e[metric]["mean"] * 100, xerr=e["train_seconds"]["std"],
                             yerr=e[metric]["std"] * 100, color=colours[arm], marker=markers[i % len(markers)], markersize=8,
-                            capsize=3, label=f"{loss} {'SRD' if arm == 'srd' else 'full-data KD'}")
-                if arm == "srd":
+                            capsize=3, label=f"{loss} {ARM_NAMES[arm]}")
+                if "train_plus_scoring_seconds" in e:
                     total = e["train_plus_scoring_seconds"]["mean"]
                     ax.annotate("", xy=(total, e[metric]["mean"] * 100), xytext=(e["train_seconds"]["mean"], e[metric]["mean"] * 100),
                                 arrowprops=dict(arrowstyle="-|>", color=colours[arm], alpha=0.5, linestyle=":"))
@@ -526,7 +600,7 @@ def plot(settings: Settings, results: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"SRD vs full-data KD on the testbed ({len(settings.seeds)} seed(s), {settings.testbed.train_pairs} training pairs, "
-                 f"{settings.testbed.noise_fraction:.0%} noisy)", fontsize=10)
+                 f"{settings.testbed.noise_fraction:.0%} noisy; run of {results['started_at'][:10]})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -596,15 +670,63 @@ def reproduce(settings: Settings, out: Path, *, mode: str, echo: Callable[[str],
                                                    "see each variant's train_seconds",
                                            "seeds": {k: v.get("diagnostics") for k, v in results["seeds"].items()}}
             write_json_atomic(published, previous)
+            plot(settings, results, publish_dir / "quality_vs_time.png")
+        elif same_settings and not _has_added_arms(previous):
+            # The arms added after the first comparison join the published record; the main
+            # arms keep their first record (and its timings), checked against this rerun.
+            merged = merge_added_arms(previous, results)
+            write_json_atomic(published, merged)
+            # The figure shows this rerun: every arm timed in the same invocation, on the same machine load.
+            plot(settings, results, publish_dir / "quality_vs_time.png")
         else:
             write_json_atomic(published, results)
-        plot(settings, results, publish_dir / "quality_vs_time.png")
+            plot(settings, results, publish_dir / "quality_vs_time.png")
     echo("")
     echo(table)
     echo(format_ranking_summary(per_seed[settings.seeds[0]]["ranking"]).replace("\n", "\n  ").join(["  (seed %d) " % settings.seeds[0], ""]))
     echo(f"total wall-clock: {results['wall_seconds']:.0f}s; results: {out / 'results.json'}"
          + (f" and {publish_dir / 'results.json'}" if publish_dir else ""))
     return results
+
+
+def _has_added_arms(record: dict[str, Any]) -> bool:
+    return all(arm in arms for arms in record["summary"]["arms"].values() for arm in ADDED_ARMS)
+
+
+def merge_added_arms(previous: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` (the published record of the first comparison) with the added arms of ``results`` merged in.
+
+    Records whether this rerun reproduced the main arms' test figures seed by seed: the
+    added arms' paired differences are taken against the main arms of the same rerun.
+    """
+    merged = json.loads(json.dumps(previous))
+    reproduced: dict[str, dict[str, bool]] = {}
+    for loss, arms in merged["summary"]["arms"].items():
+        for arm in ADDED_ARMS:
+            arms[arm] = results["summary"]["arms"][loss][arm]
+        reproduced[loss] = {
+            arm: all(previous["seeds"][s]["arms"][loss][arm]["test"]["overall"] == results["seeds"][s]["arms"][loss][arm]["test"]["overall"]
+                     for s in previous["seeds"])
+            for arm in ARMS}
+    for key in ("paired_difference_added_arms", "task_shares"):
+        merged["summary"][key] = results["summary"][key]
+    for seed, record in merged["seeds"].items():
+        for loss, arms in record["arms"].items():
+            for arm in ADDED_ARMS:
+                arms[arm] = results["seeds"][seed]["arms"][loss][arm]
+        record["stratified_export"] = results["seeds"][seed]["stratified_export"]
+    merged["added_arms_run"] = {
+        "arms": {arm: ARM_LABELS[arm] for arm in ADDED_ARMS},
+        "started_at": results["started_at"],
+        "invocation_wall_seconds": results["wall_seconds"],
+        "machine": results["machine"],
+        "main_arms_reproduced": reproduced,
+        "main_arms_of_this_rerun": {loss: {arm: results["summary"]["arms"][loss][arm] for arm in ARMS} for loss in results["summary"]["arms"]},
+        "note": "added after the first comparison; the main arms were rerun in the same invocation (same settings) and are "
+                "compared with their first record in main_arms_reproduced; paired differences and quality_vs_time.png use "
+                "this rerun's main arms",
+    }
+    return merged
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
