@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from srd_distill.errors import TrainingInterrupted
 from srd_distill.losses import LOSS_FORMULAS, LOSS_NAMES, T2_SCALING_MODES
 from srd_distill.schedules import PRESETS
 from srd_distill.train import BASELINE_EPOCHS, TrainingSetupError, TrainSettings
@@ -25,9 +26,16 @@ Examples:
   srd-distill train --teacher ./gpt2-xl-sft --student ./gpt2 \\
       --data runs/dolly/annotated.parquet --output runs/kd-rkl-full --loss rkl
 \b
-  # a quick smoke run
+  # a smoke run: 2 steps per stage, small batches, messages and the bar show what happens
   srd-distill train --teacher T --student S --curriculum OUT --output /tmp/smoke \\
-      --epochs 1 --max-steps 5 --batch-size 4
+      --epochs 1 --max-steps 2 --batch-size 4 --log-every 1
+\b
+Memory: the loss is computed from hidden states a chunk of tokens at a time (no
+full-vocabulary logits; --no-fused-head turns it off). What remains is mostly the
+student's activations, proportional to the tokens of one forward pass, which
+--micro-batch-tokens caps (default 2048; same step, split in parts);
+--gradient-checkpointing cuts them again several-fold for more compute. GPUs: bfloat16
+autocast by default. Figures: benchmarks/README.md (bench_distill.py).
 """
 
 _LOSS_HELP = "; ".join(f"{name}: {LOSS_FORMULAS[name]}" for name in LOSS_NAMES)
@@ -71,11 +79,24 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True, help="Rows per optimizer step. Example: --batch-size 32")
 @click.option("--grad-accum", type=int, default=_default("grad_accum"), show_default=True,
               help="Split each step's batch into this many micro-batches (less memory, same step). Example: --grad-accum 4")
+@click.option("--micro-batch-tokens", type=int, default=_default("micro_batch_tokens"), show_default=True,
+              help="Most padded tokens per forward pass: a step with more runs as several micro-batches whose gradients add up "
+              "to the same step (bounded activation memory); 0 = no cap. Example: --micro-batch-tokens 8192")
 @click.option("--max-length", type=int, default=_default("max_length"), show_default=True, help="Most tokens of prompt + reference. Example: --max-length 1024")
 @click.option("--seed", type=int, default=_default("seed"), show_default=True, help="Random seed (stage s uses seed + s). Example: --seed 1")
 @click.option("--device", default=_default("device"), show_default=True, help="auto | cpu | cuda | cuda:N. Example: --device cuda:1")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=_default("dtype"), show_default=True,
               help="Compute precision (autocast; float32 master weights); auto = bfloat16 on GPU, float32 on CPU. Example: --dtype float32")
+@click.option("--teacher-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=_default("teacher_dtype"), show_default=True,
+              help="Teacher weights; auto = its saved dtype (float16 on a CPU, or bfloat16 on a CPU without native bfloat16, "
+              "upcast to float32). Example: --teacher-dtype float32")
+@click.option("--save-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=_default("save_dtype"), show_default=True,
+              help="Checkpoint weights; auto = the student's saved dtype (bfloat16 in, bfloat16 out). Example: --save-dtype float32")
+@click.option("--fused-head/--no-fused-head", default=_default("fused_head"), show_default=True,
+              help="Compute the loss from the last hidden states, projecting a chunk of scored tokens at a time through "
+              "both LM heads: no full-vocabulary logits (models whose logits cannot be reproduced so fall back, with the reason printed).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute the student's activations in the backward pass: "
+              "much less memory for one more forward pass of the student per step.")
 @click.option("--eval-file", help="Held-out .parquet/.jsonl (same columns as --data): ROUGE-L of greedy answers every epoch; "
               "the best epoch of each stage is kept. Example: --eval-file dev.jsonl")
 @click.option("--eval-max-new-tokens", type=int, default=_default("eval_max_new_tokens"), show_default=True, help="Most tokens generated per eval answer. Example: --eval-max-new-tokens 128")
@@ -97,9 +118,11 @@ def train(quiet: bool, **flags: Any) -> None:
         silence_library_progress()
     try:
         result = run_training(flags, progress=not quiet, echo=echo)
-    except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: finished stages are saved in {flags.get('output')}; run the same command again to "
-                   "resume after the last finished stage", err=True)
+    except KeyboardInterrupt as interrupt:
+        message = str(interrupt) if isinstance(interrupt, TrainingInterrupted) else (
+            f"interrupted: finished stages are saved in {flags.get('output')}; run the same command again to "
+            "resume after the last finished stage")
+        click.echo(f"\n{message}", err=True)
         sys.exit(130)
     except (TrainingSetupError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err

@@ -88,6 +88,8 @@ __all__ = [
     "per_token_divergence",
     "t2_factor",
     "resolve_chunk_size",
+    "ChunkTerms",
+    "chunk_terms",
     "shift_for_next_token",
 ]
 
@@ -445,6 +447,73 @@ class _PassResult(NamedTuple):
     grad: Tensor | None  # d(ce_weight * ce + kd_weight * kd) / d student_logits
 
 
+class ChunkTerms(NamedTuple):
+    """What one chunk of scored tokens contributes (see :func:`chunk_terms`)."""
+
+    ce_sum: Tensor  # sum over the chunk's tokens of -log softmax(z)[y] (0 without targets)
+    kd_sum: Tensor  # sum over the chunk's tokens of the divergence (no T^2 factor)
+    grad: Tensor | None  # d(ce_weight * CE mean + kd_weight * KD mean) / d z_student, (chunk, vocab)
+
+
+def chunk_terms(
+    z_student: Tensor,
+    z_teacher: Tensor,
+    y: Tensor | None,
+    *,
+    cdtype: torch.dtype,
+    n_scored: int,
+    need_grad: bool,
+    loss_name: str,
+    temperature: float,
+    factor: float,
+    ce_weight: float,
+    kd_weight: float,
+    coef: float,
+) -> ChunkTerms:
+    """Values and logit gradient of one chunk of scored tokens: the math of every loss path.
+
+    ``z_student`` and ``z_teacher`` are ``(chunk, vocab)`` logits (any float dtype, upcast
+    here to ``cdtype``), ``y`` the ``(chunk,)`` targets or None (no CE term). The gradient
+    is that of the *whole batch's* token means (``n_scored`` tokens), so chunks simply
+    add up. :func:`kd_objective` (logits given) and :mod:`srd_distill.fused_head` (logits
+    projected chunk by chunk from hidden states) both call this, so they cannot drift.
+
+    Example:
+        >>> z = torch.randn(3, 7)
+        >>> t = chunk_terms(z, z, torch.tensor([1, 2, 3]), cdtype=torch.float32, n_scored=3, need_grad=False,
+        ...                 loss_name="rkl", temperature=1.0, factor=1.0, ce_weight=0.5, kd_weight=0.5, coef=0.1)
+        >>> float(t.kd_sum), t.grad is None
+        (0.0, True)
+    """
+    inv_n = 1.0 / max(n_scored, 1)
+    # d(kd_weight * factor * mean_i D_i)/dz = kd_weight * factor / n * dD/ds / T.
+    kd_grad_scale = kd_weight * factor * inv_n / temperature
+    want_kd_grad = need_grad and kd_weight != 0.0
+    want_ce_grad = need_grad and y is not None and ce_weight != 0.0
+    q = _distribution(z_student, cdtype, temperature)
+    value, grad_s = _DIVERGENCES[loss_name](q, _distribution(z_teacher, cdtype, temperature), want_kd_grad, coef)
+    kd_sum = value.sum()
+    chunk_grad = grad_s.mul_(kd_grad_scale) if grad_s is not None else None
+    del grad_s
+    ce_sum = torch.zeros((), dtype=cdtype, device=z_student.device)
+    if y is not None:
+        y = y.unsqueeze(-1)
+        # CE is always at T = 1; reuse the KD distribution when T is 1 already.
+        q1 = q if temperature == 1.0 else _distribution(z_student, cdtype, 1.0)
+        ce_sum = -q1.log.gather(-1, y).sum()
+        if want_ce_grad:
+            # d CE / dz = softmax(z) - onehot(y), averaged over the n scored tokens;
+            # built in q1.prob's storage, whose last use this is.
+            ce_grad = q1.prob.scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=cdtype))
+            if chunk_grad is None:
+                chunk_grad = ce_grad.mul_(ce_weight * inv_n)
+            else:
+                chunk_grad.add_(ce_grad, alpha=ce_weight * inv_n)
+            del ce_grad
+        del q1
+    return ChunkTerms(ce_sum, kd_sum, chunk_grad if need_grad else None)
+
+
 def _chunked_pass(
     student: Tensor,
     teacher: Tensor,
@@ -452,14 +521,10 @@ def _chunked_pass(
     rows: Tensor,
     cols: Tensor,
     *,
-    loss_name: str,
-    temperature: float,
-    factor: float,
-    ce_weight: float,
-    kd_weight: float,
-    coef: float,
     chunk_size: int,
     need_grad: bool,
+    factor: float,
+    **options: object,
 ) -> _PassResult:
     """Value (and gradient) over the scored positions ``(rows[i], cols[i])``, chunk by chunk."""
     cdtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
@@ -468,43 +533,20 @@ def _chunked_pass(
     ce_sum = torch.zeros((), dtype=cdtype, device=student.device)
     kd_sum = torch.zeros((), dtype=cdtype, device=student.device)
     grad_full = torch.zeros_like(student) if need_grad else None
-    divergence = _DIVERGENCES[loss_name]
-    # d(kd_weight * factor * mean_i D_i)/dz = kd_weight * factor / n * dD/ds / T.
-    kd_grad_scale = kd_weight * factor * inv_n / temperature
-    want_kd_grad = need_grad and kd_weight != 0.0
-    want_ce_grad = need_grad and targets is not None and ce_weight != 0.0
 
     for start in range(0, n, chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
         # Advanced indexing copies just this chunk, in the input dtype (also for views
         # such as logits[:, :-1], which could not be flattened without a full copy).
-        z_student = student[r, c]
-        q = _distribution(z_student, cdtype, temperature)
-        value, grad_s = divergence(q, _distribution(teacher[r, c], cdtype, temperature), want_kd_grad, coef)
-        kd_sum = kd_sum + value.sum()
-        chunk_grad = grad_s.mul_(kd_grad_scale) if grad_s is not None else None
-        del grad_s
-
-        if targets is not None:
-            y = targets[r, c].unsqueeze(-1)
-            # CE is always at T = 1; reuse the KD distribution when T is 1 already.
-            q1 = q if temperature == 1.0 else _distribution(z_student, cdtype, 1.0)
-            ce_sum = ce_sum - q1.log.gather(-1, y).sum()
-            if want_ce_grad:
-                # d CE / dz = softmax(z) - onehot(y), averaged over the n scored tokens;
-                # built in q1.prob's storage, whose last use this is.
-                ce_grad = q1.prob.scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=cdtype))
-                if chunk_grad is None:
-                    chunk_grad = ce_grad.mul_(ce_weight * inv_n)
-                else:
-                    chunk_grad.add_(ce_grad, alpha=ce_weight * inv_n)
-                del ce_grad
-            del q1
-        del q, z_student
-
-        if need_grad and chunk_grad is not None:
-            grad_full[r, c] = chunk_grad.to(grad_full.dtype)
-        del chunk_grad
+        terms = chunk_terms(
+            student[r, c], teacher[r, c], None if targets is None else targets[r, c],
+            cdtype=cdtype, n_scored=n, need_grad=need_grad, factor=factor, **options,  # type: ignore[arg-type]
+        )
+        kd_sum = kd_sum + terms.kd_sum
+        ce_sum = ce_sum + terms.ce_sum
+        if grad_full is not None and terms.grad is not None:
+            grad_full[r, c] = terms.grad.to(grad_full.dtype)
+        del terms
 
     return _PassResult(ce_sum * inv_n, kd_sum * (factor * inv_n), grad_full)
 

@@ -39,9 +39,11 @@ Outputs in the run folder ``RUN``:
 * ``RUN/metrics.jsonl``: one JSON object per logged training step (``"event": "train"``)
   and per evaluation (``"event": "eval"``, with ``eval_rouge_l`` and the held-out losses).
   Keys: ``event, stage, epoch, step`` (optimizer steps done in the stage), ``global_step,
-  loss, kd_loss, ce_loss, lr, temperature, kd_ratio, elapsed`` (seconds since the run
-  began, across resumes); train rows add ``grad_norm`` and ``tokens``. Train-row losses are
-  means over the steps since the previous train row (token-weighted).
+  loss, kd_loss`` (T^2 factor included), ``kd_unscaled`` (without it), ``t2_factor, ce_loss,
+  lr, temperature, kd_ratio, elapsed`` (seconds since the run began, across resumes); train
+  rows add ``grad_norm`` and ``tokens``. Train-row losses are token-weighted means over the
+  steps since the previous train row. Memory levers and the fused LM head: ``memory.py``,
+  ``fused_head.py``; what the terminal shows: ``progress.py``.
 * ``RUN/run.json``: the settings, the resolved schedule and encoding, data sizes, and a
   summary of every finished stage.
 
@@ -72,13 +74,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import polars as pl
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from srd_distill.losses import DEFAULT_T2_SCALING, KDLossName, T2Scaling, kd_objective, shift_for_next_token
+from srd_distill.errors import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingInterrupted, TrainingSetupError
+from srd_distill.fused_head import HeadPlan, base_hidden_states, fused_kd_objective, head_weights, plan_lm_head
+from srd_distill.losses import DEFAULT_T2_SCALING, KDLossName, T2Scaling, kd_objective, shift_for_next_token, t2_factor
+from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, micro_batch_count,
+                                peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype)
+from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done
 from srd_distill.schedules import PRESETS, Schedule, ScheduleError, Stage, load_schedule, parse_epochs, with_epochs
 
 __all__ = [
@@ -108,32 +115,17 @@ MANIFEST_FILE = "manifest.json"
 # Settings that change speed, memory or logging but not the trained weights: a run may be
 # resumed with other values of these. (grad_accum only splits a step into micro-batches;
 # the loss of a step is the same token mean either way.)
-RESUMABLE_WITH_OTHER_VALUES = frozenset({"device", "grad_accum", "log_every", "stop_after_stage", "overwrite", "output"})
+# fused_head and gradient_checkpointing likewise change the arithmetic's order, not the step.
+RESUMABLE_WITH_OTHER_VALUES = frozenset({"device", "grad_accum", "log_every", "stop_after_stage", "overwrite", "output",
+                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens"})
 STAGE_FOLDER_PATTERN = re.compile(r"stage-\d+")
 PARTIAL_FOLDER_PATTERN = re.compile(r"\.stage-\d+\.partial")
 TEXT_COLUMN_PAIRS = (("prompt_text", "reference_text"), ("prompt", "response"), ("prompt", "completion"))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ======================================================================================
 # Settings
 # ======================================================================================
-
-
-class TrainingSetupError(ValueError):
-    """Settings, files or models that cannot be trained with; the message says why and what to do."""
-
-
-class TokenizerMismatchError(TrainingSetupError):
-    """Teacher and student do not share one tokenizer (KD compares them token by token)."""
-
-
-class CurriculumFilesError(TrainingSetupError):
-    """The curriculum folder lacks files the schedule needs."""
-
-
-class RunFolderError(TrainingSetupError):
-    """The output folder holds a run that cannot be resumed with these settings."""
 
 
 class TrainSettings(BaseModel):
@@ -162,11 +154,16 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float = Field(default=1.0, ge=0.0, description="max gradient norm; 0 turns clipping off")
     batch_size: int = Field(default=16, ge=1, description="rows per optimizer step")
-    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step (at least)")
+    micro_batch_tokens: int = Field(default=2048, ge=0, description="most padded tokens per forward pass; 0: no cap")
     max_length: int = Field(default=512, ge=2, description="most tokens of prompt + reference")
     seed: int = 10
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto: the student's saved dtype")
+    fused_head: bool = Field(default=True, description="loss from hidden states, a chunk of tokens at a time (no full logits)")
+    gradient_checkpointing: bool = False
     eval_file: Optional[str] = None
     eval_max_new_tokens: int = Field(default=256, ge=1)
     max_steps: Optional[int] = Field(default=None, ge=1, description="at most this many optimizer steps per stage")
@@ -468,18 +465,6 @@ def split_rows(rows: Sequence[int], parts: int) -> list[list[int]]:
 # ======================================================================================
 
 
-def resolve_precision(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
-    """``auto`` = CUDA when visible; bfloat16 on a GPU that has it, float32 on the CPU."""
-    from srdata.backends.hf import resolve_device
-
-    device = resolve_device(device_name)
-    if dtype_name != "auto":
-        return device, DTYPES[dtype_name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return device, torch.bfloat16
-    return device, torch.float32
-
-
 def load_tokenizer(name: str, role: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -569,38 +554,6 @@ def check_same_tokenizer(
     return shared
 
 
-@contextlib.contextmanager
-def transformers_bars_off() -> Iterator[None]:
-    """Silence transformers' own load/save progress bars, which would break into the training bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
-def load_model(name: str | Path, device: torch.device, dtype: torch.dtype, role: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with transformers_bars_off():
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise TrainingSetupError(f"could not load the {role} model from {str(name)!r} ({err})") from err
-    return model.to(device)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward passes; float32 master weights stay in the optimizer."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ======================================================================================
 # Loss on one batch
 # ======================================================================================
@@ -608,28 +561,47 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Which divergence, at which temperature and mix: everything the objective needs."""
+    """Which divergence, at which temperature and mix, and how: everything the objective needs."""
 
     loss: str
     temperature: float
     kd_ratio: float
     t2_scaling: str
     vocab_size: int  # the shared tokenizer size; padded output rows are sliced off
+    student_head: Optional[HeadPlan] = None  # both fused: the loss is computed from hidden states
+    teacher_head: Optional[HeadPlan] = None
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.student_head and self.student_head.fused and self.teacher_head and self.teacher_head.fused)
 
 
 def batch_objective(
     student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch, spec: LossSpec, precision: contextlib.AbstractContextManager
 ) -> Any:
-    """``(1 - kd_ratio) * CE + kd_ratio * D_T`` on one batch; returns ``kd_objective``'s output."""
-    with torch.no_grad(), precision:  # the teacher is a fixed target: no graph, no gradient
-        teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    """``(1 - kd_ratio) * CE + kd_ratio * D_T`` on one batch; returns ``kd_objective``'s output.
+
+    Fused (the default where both models allow it, see :mod:`srd_distill.fused_head`): the
+    models stop at their last hidden states and the LM heads are applied a chunk of scored
+    positions at a time inside the loss. Otherwise: full logits, then the chunked loss.
+    """
+    ids, attention = batch.input_ids, batch.attention_mask
+    args = (spec.loss, spec.temperature, spec.kd_ratio, spec.t2_scaling)
+    if spec.fused:
+        rows, cols = batch.response_mask[:, 1:].nonzero(as_tuple=True)  # hidden state t predicts token t + 1
+        with torch.inference_mode(), precision:  # the teacher is a fixed target: no graph, no gradient
+            teacher_hidden = base_hidden_states(teacher, ids, attention)[rows, cols]
+        with precision:
+            student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
+        return fused_kd_objective(student_hidden, head_weights(student, spec.student_head), teacher_hidden,
+                                  head_weights(teacher, spec.teacher_head), ids[:, 1:][rows, cols], *args, vocab_size=spec.vocab_size)  # type: ignore[arg-type]
+    with torch.inference_mode(), precision:
+        teacher_logits = teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits
     with precision:
-        student_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        student_logits = student(input_ids=ids, attention_mask=attention, use_cache=False).logits
     vocab = spec.vocab_size
-    s, t, targets, mask = shift_for_next_token(
-        student_logits[..., :vocab], teacher_logits[..., :vocab], batch.input_ids, batch.response_mask
-    )
-    return kd_objective(s, t, targets, mask, spec.loss, spec.temperature, spec.kd_ratio, spec.t2_scaling)  # type: ignore[arg-type]
+    s, t, targets, mask = shift_for_next_token(student_logits[..., :vocab], teacher_logits[..., :vocab], ids, batch.response_mask)
+    return kd_objective(s, t, targets, mask, *args)  # type: ignore[arg-type]
 
 
 def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0) -> float:
@@ -733,21 +705,6 @@ def is_finished(run_dir: Path, stage: int) -> bool:
     return (stage_folder(run_dir, stage) / STAGE_INFO_FILE).is_file()
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    """Save model + tokenizer into ``folder`` (replacing it): a ``from_pretrained`` folder."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    with transformers_bars_off():
-        model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    from srdata.io import FILE_MODE
-
-    for file in folder.iterdir():  # transformers writes the weights 0600 (a temp file renamed): follow the umask
-        if file.is_file():
-            file.chmod(FILE_MODE)
-
-
 def prepare_run_folder(
     run_dir: Path, settings: TrainSettings, run_record: dict[str, Any], n_stages: int, echo: Callable[[str], None]
 ) -> tuple[set[int], float]:
@@ -822,6 +779,8 @@ def _keep_metrics_of(metrics_path: Path, finished: set[int]) -> float:
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every result-changing setting that differs."""
     keys = sorted((set(old) | set(new)) - RESUMABLE_WITH_OTHER_VALUES)
+    # A setting added after a run was recorded counts as its default there (which it was, in effect).
+    old = {k: old[k] if k in old else getattr(TrainSettings.model_fields.get(k), "default", None) for k in keys}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
@@ -954,14 +913,15 @@ class RunContext:
     metrics: MetricsLog
     progress: bool
     echo: Callable[[str], None]
+    n_stages: int = 1
+    teacher_head: Optional[HeadPlan] = None  # None: the fused head is off (--no-fused-head)
+    save_dtype: Optional[torch.dtype] = None  # checkpoints are written in it (the student's saved dtype)
     global_step: int = 0
     stage_records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> StageResult:
     """Train one stage from ``start_from`` and save ``RUN/stage-N`` atomically."""
-    from tqdm.auto import tqdm
-
     s = ctx.settings
     teacher = ctx.teacher
     assert teacher is not None, "train() loads the teacher whenever a stage is left to train"
@@ -974,30 +934,36 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
     if not data.examples:
         raise TrainingSetupError(f"{plan.data_file}: no row has a reference token within max_length={s.max_length}")
     student = load_model(start_from, ctx.device, torch.float32, "student")  # float32 master weights
+    check_context(student, teacher, max(len(e.input_ids) for e in data.examples))
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     student.train()
+    student_head = plan_lm_head(student, ctx.vocab_size, "student") if ctx.teacher_head is not None else None
     optimizer = make_optimizer(student, s.lr, s.weight_decay, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
     precision = autocast_context(ctx.device, ctx.dtype)
-    spec = LossSpec(s.loss, plan.temperature, plan.kd_ratio, s.t2_scaling, ctx.vocab_size)
+    spec = LossSpec(s.loss, plan.temperature, plan.kd_ratio, s.t2_scaling, ctx.vocab_size, student_head, ctx.teacher_head)
+    factor = t2_factor(s.loss, plan.temperature, s.t2_scaling)
     params = [p for p in student.parameters() if p.requires_grad]
 
     n_rows = len(data.examples)
     steps_per_epoch = math.ceil(n_rows / s.batch_size)
     total_steps = plan.epochs * steps_per_epoch if s.max_steps is None else min(plan.epochs * steps_per_epoch, s.max_steps)
-    ctx.echo(
-        f"stage {plan.index}: {n_rows} rows from {plan.data_file.name}"
-        + (f" ({flagged} flagged rows left out)" if flagged else "")
-        + (f" ({data.dropped_rows} rows without room for a reference token left out)" if data.dropped_rows else "")
-        + f", {plan.epochs} epoch(s), {total_steps} steps, kd_ratio {plan.kd_ratio}, T {plan.temperature}"
-    )
+    notes = [f"{flagged} flagged rows left out"] * bool(flagged) + [
+        f"{data.dropped_rows} rows without room for a reference token left out"] * bool(data.dropped_rows)
+    notes += ["loss from hidden states (fused LM head)" if spec.fused else "loss from full logits" + (
+        f": {next(h.reason for h in (ctx.teacher_head, student_head) if h is not None and not h.fused)}" if ctx.teacher_head else " (--no-fused-head)")]
+    notes += ["gradient checkpointing"] * s.gradient_checkpointing
+    ctx.echo(stage_banner(plan.index, ctx.n_stages, rows=n_rows, file_name=plan.data_file.name, epochs=plan.epochs, steps=total_steps,
+                          kd_ratio=plan.kd_ratio, temperature=plan.temperature, t2_factor=factor, notes=notes))
     partial = partial_folder(ctx.run_dir, plan.index)
     best_rouge: Optional[float] = None
     best_epoch: Optional[int] = None
     last_epoch = 0  # the last epoch that trained at least one step
     step = 0
     window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0}
-    stage_keys = {"stage": plan.index, "temperature": plan.temperature, "kd_ratio": plan.kd_ratio}
-    bar = tqdm(total=total_steps, desc=f"stage {plan.index}", unit="step", disable=not ctx.progress, dynamic_ncols=True)
+    stage_keys = {"stage": plan.index, "temperature": plan.temperature, "kd_ratio": plan.kd_ratio, "t2_factor": factor}
+    bar = StageProgress(plan.index, ctx.n_stages, total_steps=total_steps, t2_factor=factor, enabled=ctx.progress)
 
     for epoch in range(plan.epochs):
         if step >= total_steps:
@@ -1010,19 +976,21 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # One optimizer step over batch_size rows, in grad_accum micro-batches. Each
-            # micro-batch's token-mean loss is weighted by its share of the step's scored
-            # tokens, so the gradient is that of the token mean over the whole step.
+            # One optimizer step over batch_size rows, in grad_accum micro-batches or more
+            # (each at most micro_batch_tokens padded tokens). Each micro-batch's token-mean
+            # loss is weighted by its share of the step's scored tokens, so the gradient is
+            # that of the token mean over the whole step.
             rows = order[batch_start : batch_start + s.batch_size]
             step_tokens = sum(data.examples[i].scored_tokens for i in rows)
-            for micro_rows in split_rows(rows, s.grad_accum):
+            means = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}  # this step's token means
+            width = max(len(data.examples[i].input_ids) for i in rows)
+            for micro_rows in split_rows(rows, max(s.grad_accum, micro_batch_count(len(rows), width, s.micro_batch_tokens))):
                 batch = collate([data.examples[i] for i in micro_rows], ctx.pad_id, ctx.device)
                 out = batch_objective(student, teacher, batch, spec, precision)
                 share = batch.scored_tokens / step_tokens
                 scaler.scale(out.loss * share).backward()
-                window["loss"] += float(out.loss.detach()) * batch.scored_tokens
-                window["kd_loss"] += float(out.kd_loss) * batch.scored_tokens
-                window["ce_loss"] += float(out.ce_loss) * batch.scored_tokens
+                for key, value in zip(("loss", "ce_loss", "kd_loss"), out):
+                    means[key] += float(value.detach()) * share
             scaler.unscale_(optimizer)
             if s.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip))
@@ -1033,18 +1001,19 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             optimizer.zero_grad(set_to_none=True)
             step += 1
             ctx.global_step += 1
+            for key, value in means.items():
+                window[key] += value * step_tokens
             window["tokens"] += step_tokens
-            bar.update(1)
+            bar.step(**means, kd_unscaled=means["kd_loss"] / factor, tokens=sum(len(data.examples[i].input_ids) for i in rows))
 
             if step % s.log_every == 0 or step == total_steps:
                 n = max(window["tokens"], 1)
                 record = {
                     "event": "train", **stage_keys, "epoch": epoch, "step": step, "global_step": ctx.global_step,
                     "loss": window["loss"] / n, "kd_loss": window["kd_loss"] / n, "ce_loss": window["ce_loss"] / n,
-                    "lr": lr, "grad_norm": grad_norm, "tokens": window["tokens"],
+                    "kd_unscaled": window["kd_loss"] / n / factor, "lr": lr, "grad_norm": grad_norm, "tokens": window["tokens"],
                 }
                 ctx.metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                 window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0}
 
         last_epoch = epoch
@@ -1058,19 +1027,18 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             improved = best_rouge is None or scores["eval_rouge_l"] > best_rouge
             ctx.metrics.write({
                 "event": "eval", **stage_keys, "epoch": epoch, "step": step, "global_step": ctx.global_step,
-                **scores, "lr": lr, "best": improved,
+                **scores, "kd_unscaled": scores["kd_loss"] / factor, "lr": lr, "best": improved,
             })
-            with tqdm.external_write_mode():  # print above the progress bar, not through it
-                ctx.echo(f"stage {plan.index} epoch {epoch}: eval ROUGE-L {scores['eval_rouge_l']:.4f}, "
-                         f"eval loss {scores['loss']:.4f}" + (" (best so far)" if improved else ""))
+            bar.write(f"stage {plan.index} epoch {epoch}: eval ROUGE-L {scores['eval_rouge_l']:.4f}, "
+                      f"eval loss {scores['loss']:.4f}" + (" (best so far)" if improved else ""), ctx.echo)
             if improved:
                 best_rouge, best_epoch = scores["eval_rouge_l"], epoch
-                save_checkpoint(student, ctx.tokenizer, partial)
+                save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
     bar.close()
 
     if ctx.eval_data is None:  # no eval file: keep the last weights
         best_epoch = last_epoch
-        save_checkpoint(student, ctx.tokenizer, partial)
+        save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
     result = StageResult(plan.index, stage_folder(ctx.run_dir, plan.index), n_rows, step, best_epoch, best_rouge,
                          round(time.perf_counter() - started, 3))
     info = {
@@ -1078,13 +1046,24 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
         "rows_without_reference_room": data.dropped_rows, "rows_cut_to_max_length": data.cut_rows,
         "epochs": plan.epochs, "steps": step, "kd_ratio": plan.kd_ratio, "temperature": plan.temperature,
         "loss": s.loss, "t2_scaling": s.t2_scaling, "started_from": str(start_from), "kept_epoch": best_epoch,
-        "best_eval_rouge_l": best_rouge, "seconds": result.seconds,
+        "best_eval_rouge_l": best_rouge, "seconds": result.seconds, "fused_head": spec.fused,
     }
     write_json_atomic(partial / STAGE_INFO_FILE, info)
     os.replace(partial, result.checkpoint)  # the stage is finished the moment this rename lands
+    ctx.echo(stage_done(plan.index, step, result.seconds, result.checkpoint, peak_memory_text(ctx.device)))
     ctx.stage_records.append(info)
     del student, optimizer
     return result
+
+
+def check_context(student: torch.nn.Module, teacher: torch.nn.Module, longest: int) -> None:
+    """Refuse sequences longer than a model's position table (they would fail deep inside the forward pass)."""
+    for role, model in (("student", student), ("teacher", teacher)):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(context, int) and longest > context:
+            raise TrainingSetupError(f"the longest training sequence has {longest} tokens but the {role} takes at most "
+                                     f"{context} positions; pass --max-length {context} (or less)")
 
 
 # ======================================================================================
@@ -1139,6 +1118,8 @@ def train(
         output_vocab_size(s.teacher, "teacher"), output_vocab_size(s.student, "student"),
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # masked anyway
+    teacher_dtype, teacher_dtype_reason = resolve_teacher_dtype(s.teacher_dtype, saved_dtype(s.teacher), device, dtype)
+    save_dtype = DTYPES[s.save_dtype] if s.save_dtype != "auto" else saved_dtype(s.student)
     eval_data = None
     if s.eval_file is not None:
         eval_data = encode_data(read_pairs(s.eval_file)[0], tokenizer, encoding, s.max_length)
@@ -1158,6 +1139,8 @@ def train(
         "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token": tokenizer.eos_token},
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "teacher_dtype": str(teacher_dtype).removeprefix("torch."),
+        "save_dtype": str(save_dtype).removeprefix("torch."),
         "versions": _versions(),
     }
     finished, elapsed_before = prepare_run_folder(run_dir, s, run_record, len(plans), say)
@@ -1169,18 +1152,23 @@ def train(
 
     # 4. Models: the teacher once, frozen (not at all when every stage is done); the
     # student is loaded per stage, from the previous stage's checkpoint.
-    teacher = None
+    teacher, teacher_head = None, None
     if len(finished) < len(plans):
-        teacher = load_model(s.teacher, device, dtype, "teacher")
+        teacher = load_model(s.teacher, device, teacher_dtype, "teacher")
         teacher.eval()
         teacher.requires_grad_(False)
+        say(f"teacher in {str(teacher_dtype).removeprefix('torch.')} ({teacher_dtype_reason}); student weights in float32, "
+            f"compute in {str(dtype).removeprefix('torch.')}, checkpoints in {str(save_dtype).removeprefix('torch.')}")
+        teacher_head = plan_lm_head(teacher, vocab_size, "teacher") if s.fused_head else None
     metrics = MetricsLog(run_dir / METRICS_FILE, elapsed_before)
-    ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say)
+    ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say,
+                     len(plans), teacher_head, save_dtype)
     ctx.global_step = _steps_done(run_record["stages_finished"])
 
     # 5. The stages, in order.
     results: list[StageResult] = []
     complete = True
+    current: Optional[int] = None  # the stage being trained
     try:
         for plan in plans:
             if plan.index in finished:
@@ -1193,12 +1181,17 @@ def train(
                 say(f"stopping before stage {plan.index} as asked (stop_after_stage={s.stop_after_stage}); rerun without it to continue")
                 break
             start_from = s.student if plan.index == 0 else stage_folder(run_dir, plan.index - 1)
+            current = plan.index
             results.append(train_stage(ctx, plan, start_from))
+            current = None
             run_record["stages_finished"] += ctx.stage_records
             ctx.stage_records = []
             run_record["updated_at"] = _now()
             write_json_atomic(run_dir / RUN_FILE, run_record)
-            say(f"stage {plan.index} finished: {results[-1].checkpoint}")
+    except KeyboardInterrupt as interrupt:
+        run_record.update(status="interrupted", updated_at=_now())
+        write_json_atomic(run_dir / RUN_FILE, run_record)
+        raise TrainingInterrupted(interrupted_message(run_dir, [r.stage for r in results], current)) from interrupt
     finally:
         metrics.close()
     run_record["status"] = "complete" if complete else "stopped"

@@ -190,6 +190,9 @@ def test_three_stage_run_checkpoints_metrics_and_eval(models, curriculum, eval_f
         assert keys <= set(record), record
         assert (record["kd_ratio"], record["temperature"]) == expected[record["stage"]]
         assert record["loss"] == pytest.approx((1 - record["kd_ratio"]) * record["ce_loss"] + record["kd_ratio"] * record["kd_loss"], rel=1e-5)
+        # The KD term with and without the T^2 factor (t2_scaling "all": T^2 for every loss).
+        assert record["t2_factor"] == pytest.approx(record["temperature"] ** 2)
+        assert record["kd_loss"] == pytest.approx(record["kd_unscaled"] * record["temperature"] ** 2, rel=1e-9)
     train_rows = [m for m in metrics if m["event"] == "train"]
     assert [sum(m["stage"] == s for m in train_rows) for s in range(3)] == [4, 6, 8]  # ceil(rows/4) steps x 2 epochs
     evals = [m for m in metrics if m["event"] == "eval"]
@@ -270,8 +273,8 @@ def test_resume_continues_after_the_last_finished_stage(models, curriculum, tmp_
     # stage-1 metrics lines are left behind, as after a kill.
     real_save = train_module.save_checkpoint
 
-    def crash_on_stage_1(model, tokenizer, folder):
-        real_save(model, tokenizer, folder)
+    def crash_on_stage_1(model, tokenizer, folder, **kwargs):
+        real_save(model, tokenizer, folder, **kwargs)
         if folder.name == ".stage-1.partial":
             raise KeyboardInterrupt
 
@@ -317,6 +320,110 @@ def test_grad_accum_gives_the_same_step(models, curriculum, tmp_path):
         assert diff.max() < FAST["lr"] / 3, name
 
 
+def test_fused_head_and_gradient_checkpointing_give_the_same_weights(models, curriculum, tmp_path):
+    runs, messages = {}, {}
+    variants = {"fused": {}, "unfused": {"fused_head": False}, "fused+checkpointing": {"gradient_checkpointing": True}}
+    for name, extra in variants.items():
+        out = tmp_path / name
+        messages[name] = []
+        train(base(models, curriculum=str(curriculum), output=str(out), epochs="1,1,1", max_steps=2, **extra),
+              progress=False, echo=messages[name].append)
+        runs[name] = AutoModelForCausalLM.from_pretrained(out / "stage-2").state_dict()
+        stage_info = json.loads((out / "stage-0" / "srd_stage.json").read_text())
+        assert stage_info["fused_head"] == (name != "unfused")
+    assert any("loss from hidden states (fused LM head)" in m for m in messages["fused"])
+    assert any("loss from full logits (--no-fused-head)" in m for m in messages["unfused"])
+    assert any("gradient checkpointing" in m for m in messages["fused+checkpointing"])
+    # Same criterion as test_grad_accum_gives_the_same_step: float rounding differs, the steps do not.
+    for other in ("unfused", "fused+checkpointing"):
+        for name in runs["fused"]:
+            diff = (runs["fused"][name] - runs[other][name]).abs()
+            assert (diff > 5e-5).float().mean() < 1e-3, (other, name)
+            assert diff.max() < FAST["lr"] / 3, (other, name)
+    # A changed memory lever resumes the same run instead of being refused.
+    again = train(base(models, curriculum=str(curriculum), output=str(tmp_path / "fused"), epochs="1,1,1", max_steps=2,
+                       fused_head=False, gradient_checkpointing=True), progress=False)
+    assert all(stage.skipped for stage in again.stages)
+
+
+def test_micro_batch_tokens_bound_each_pass_and_give_the_same_step(models, curriculum, tmp_path, monkeypatch):
+    passes = []
+    real_objective = train_module.batch_objective
+
+    def recording_objective(student, teacher, batch, *args):
+        passes.append(tuple(batch.input_ids.shape))
+        return real_objective(student, teacher, batch, *args)
+
+    monkeypatch.setattr(train_module, "batch_objective", recording_objective)
+    runs = {}
+    for cap in (0, 150):
+        passes.clear()
+        out = tmp_path / f"cap-{cap}"
+        train(base(models, curriculum=str(curriculum), output=str(out), epochs="1,1,1", max_steps=2, micro_batch_tokens=cap), progress=False)
+        runs[cap] = AutoModelForCausalLM.from_pretrained(out / "stage-2").state_dict()
+        if cap == 0:
+            assert max(rows for rows, _ in passes) == 4  # one pass per step of batch_size rows (5 rows: 4 + 1)
+        else:
+            assert all(rows * width <= cap or rows == 1 for rows, width in passes) and max(r for r, _ in passes) < 4, passes
+    for name in runs[0]:  # the criterion of test_grad_accum_gives_the_same_step
+        diff = (runs[0][name] - runs[150][name]).abs()
+        assert (diff > 5e-5).float().mean() < 1e-3, name
+        assert diff.max() < FAST["lr"] / 3, name
+
+
+def test_checkpoints_keep_the_students_dtype(models, scored_run, tmp_path):
+    from safetensors import safe_open
+
+    from srd_distill.memory import cpu_has_native_bfloat16
+
+    bf16_student = tmp_path / "student-bf16"
+    AutoModelForCausalLM.from_pretrained(models["student"], dtype=torch.bfloat16).save_pretrained(bf16_student)
+    AutoTokenizer.from_pretrained(models["student"]).save_pretrained(bf16_student)
+    assert json.loads((bf16_student / "config.json").read_text())["dtype"] == "bfloat16"
+
+    saved = {}
+    for save_dtype in ("auto", "float32"):
+        out = tmp_path / save_dtype
+        train(base(models, student=str(bf16_student), teacher=str(bf16_student), data=str(scored_run / "annotated.parquet"),
+                   output=str(out), epochs=1, max_steps=2, save_dtype=save_dtype), progress=False)
+        with safe_open(out / "stage-0" / "model.safetensors", "pt") as weights:
+            saved[save_dtype] = {key: weights.get_tensor(key) for key in weights.keys()}
+        config = json.loads((out / "stage-0" / "config.json").read_text())
+        run = json.loads((out / "run.json").read_text())
+        expected = "bfloat16" if save_dtype == "auto" else "float32"
+        assert config["dtype"] == expected and run["save_dtype"] == expected
+        assert {t.dtype for t in saved[save_dtype].values()} == {getattr(torch, expected)}
+        # The teacher is loaded in its saved dtype where the CPU computes bfloat16 natively.
+        assert run["teacher_dtype"] == ("bfloat16" if cpu_has_native_bfloat16() else "float32")
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "stage-0")
+        assert reloaded.dtype == getattr(torch, expected) and reloaded.lm_head.weight is reloaded.transformer.wte.weight
+    # Same training, so the bfloat16 file is the float32 master weights rounded: nothing else changed on the way.
+    assert saved["auto"].keys() == saved["float32"].keys()
+    for key, tensor in saved["float32"].items():
+        assert torch.equal(tensor.to(torch.bfloat16), saved["auto"][key]), key
+
+
+def test_max_length_is_respected(models, scored_run, tmp_path, monkeypatch):
+    widths = []
+    real_objective = train_module.batch_objective
+
+    def recording_objective(student, teacher, batch, *args):
+        widths.append(batch.input_ids.shape[1])
+        return real_objective(student, teacher, batch, *args)
+
+    monkeypatch.setattr(train_module, "batch_objective", recording_objective)
+    out = tmp_path / "short"
+    train(base(models, data=str(scored_run / "annotated.parquet"), output=str(out), epochs=1, max_length=56), progress=False)
+    info = json.loads((out / "stage-0" / "srd_stage.json").read_text())
+    assert widths and max(widths) == 56 and info["rows_cut_to_max_length"] > 0
+
+    student = AutoModelForCausalLM.from_pretrained(models["student"])  # 256 positions
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
+    train_module.check_context(student, teacher, 256)
+    with pytest.raises(TrainingSetupError, match=r"257 tokens but the student takes at most 256 positions; pass --max-length 256"):
+        train_module.check_context(student, teacher, 257)
+
+
 # ----------------------------------------------------------------------------- errors
 def test_mismatched_tokenizers_are_refused(models, curriculum, tmp_path):
     with pytest.raises(TokenizerMismatchError, match="teacher and student vocabularies differ"):
@@ -358,7 +465,40 @@ def test_cli_train_and_errors(models, curriculum, scored_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert {(m["kd_ratio"], m["temperature"]) for m in read_metrics(tmp_path / "cli-base")} == {(0.5, 2.0)}
 
+    # Without -q: stage banners, a bar that moves every step, stage ends with memory.
+    result = runner.invoke(main, ["train", *common, "--curriculum", str(curriculum), "--output", str(tmp_path / "bar"),
+                                  "--epochs", "1", "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "=== stage 0 (1 of 3): 5 rows from stage-0.parquet" in result.output
+    assert "kd_ratio 0.9, T 1.5; KD term = D_T x T^2 = D_T x 2.25" in result.output
+    assert "=== stage 2 done: 2 steps in" in result.output and "peak RSS" in result.output
+    assert "stage 1 (2/3)" in result.output and "tok/s" in result.output and "kd " in result.output and "= D_T " in result.output
+
     result = runner.invoke(main, ["train", *common, "--curriculum", str(curriculum), "--output", str(tmp_path / "e"), "--schedule", "pocl"])
     assert result.exit_code == 1 and "stage-3.parquet" in result.output
     result = runner.invoke(main, ["train", *common, "--curriculum", str(curriculum), "--output", str(tmp_path / "f"), "--kd-ratio", "0.5"])
     assert result.exit_code == 1 and "kd_ratio and temperature are set per stage" in result.output
+
+
+def test_ctrl_c_says_that_rerunning_resumes(models, curriculum, tmp_path, monkeypatch):
+    real_stage = train_module.train_stage
+
+    def interrupted_in_stage_1(ctx, plan, start_from):
+        if plan.index == 1:
+            raise KeyboardInterrupt
+        return real_stage(ctx, plan, start_from)
+
+    monkeypatch.setattr(train_module, "train_stage", interrupted_in_stage_1)
+    out = tmp_path / "ctrl-c"
+    args = ["train", "--teacher", str(models["teacher"]), "--student", str(models["student"]), "--device", "cpu",
+            "--batch-size", "4", "--curriculum", str(curriculum), "--output", str(out), "--epochs", "1", "--max-steps", "1", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted during stage 1; finished stage(s) 0 are saved in {out}" in result.output
+    assert "Run the same command again to resume" in result.output and "stage 1 starts again from its beginning" in result.output
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+    monkeypatch.setattr(train_module, "train_stage", real_stage)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"

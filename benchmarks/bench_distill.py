@@ -1,0 +1,359 @@
+"""Peak memory and seconds per step of srd-distill training: fused LM head against full logits.
+
+    python benchmarks/bench_distill.py                       # every case below, ~30-40 min on 2 cores
+    python benchmarks/bench_distill.py --cases smollm2 --steps 2
+    python benchmarks/bench_distill.py --cases chunks        # chunk-size sweep of the fused loss alone
+
+Cases (each arm runs in a fresh process; its peak RSS is the kernel's ``ru_maxrss`` of
+that process from ``wait4``: everything it held, models and optimizer state included):
+
+* ``smollm2``: SmolLM2-135M-Instruct (real weights, ``tests/real_models.py``) as teacher
+  and student, batch 16 of the longest real SelfInst pairs (prompt and reference up to 256
+  tokens each, so batches are up to 512 wide), fkl at T = 2, kd_ratio 0.9, AdamW, grad clip:
+  one training step exactly as ``srd-distill train`` takes it (``train.batch_objective``,
+  ``make_optimizer``). Arms: ``unfused`` (the models' full logits, then the chunked loss,
+  the whole batch in one pass: srd-distill before this benchmark's issue, today
+  ``--no-fused-head --micro-batch-tokens 0``), ``fused`` (hidden states, heads per chunk;
+  one pass), ``fused+ckpt`` (the same with ``--gradient-checkpointing``) and
+  ``fused+micro`` (fused, micro-batches of at most 2048 padded tokens: srd-distill's
+  defaults). Every arm sees the same batches; the first step's loss must agree across arms
+  (it is computed before any update).
+* ``qwen152k``: random Qwen2-layout models with the 151,936-token vocabulary (teacher 4
+  layers x 896, student 2 layers x 512, tied embeddings), batch 4 x 512 random tokens with
+  an SRD-like mask (prompt of 64-255 tokens, then the response, then right padding), as in
+  ``bench_kd_loss.py``. Same arms.
+* ``cli``: ``srd-distill train`` itself on the two real SmolLM2 models at the default batch
+  16 (``--data`` of the same pairs, ``--max-steps 2``): peak RSS and wall time of the process.
+* ``chunks``: ``fused_kd_objective`` alone (forward + backward) on random hidden states,
+  2048 scored tokens, for several chunk sizes, at (vocab 49,152, hidden 576) and
+  (151,936, 896): the figures behind the automatic chunk size.
+
+Time per step: the mean of ``--steps`` timed steps after ``--warmup`` untimed ones (the
+first step allocates the optimizer state and warms up the allocator). Threads: torch's
+default (all cores), as a user's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+ARMS = ("unfused", "fused", "fused+ckpt", "fused+micro")
+MICRO_BATCH_TOKENS = 2048  # srd-distill's default --micro-batch-tokens
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+
+
+def write_smollm2_pairs(folder: Path, rows: int) -> Path:
+    """The ``rows`` longest real SelfInst pairs (human and model answers) as prompt_text/reference_text."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.real_models import build_real_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_real_model("smollm2"))
+    frame = pl.read_parquet(SHARED_DATA / "selfinst-predictions.parquet")
+    pairs = list(dict.fromkeys(
+        [(p, r) for p, r in zip(frame["prompt"], frame["reference"])] + [(p, r) for p, r in zip(frame["prompt"], frame["prediction"])]
+    ))
+    prompt_lengths = [len(ids) for ids in tokenizer([p for p, _ in pairs])["input_ids"]]
+    reference_lengths = [len(ids) for ids in tokenizer([r for _, r in pairs])["input_ids"]]
+    # srdata's defaults cut prompts and references to 256 tokens each (the reference keeps room for EOS).
+    length = [min(a, 256) + min(b + 1, 256) for a, b in zip(prompt_lengths, reference_lengths)]
+    order = sorted(range(len(pairs)), key=lambda i: -length[i])[:rows]
+    path = folder / "pairs.parquet"
+    pl.DataFrame({"prompt_text": [pairs[i][0] for i in order], "reference_text": [pairs[i][1] for i in order]}).write_parquet(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Child process: one arm
+# ----------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _models_and_batches(args: argparse.Namespace):
+    import torch
+
+    from srd_distill import train as T
+
+    if args.case == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tests.real_models import build_real_model
+
+        folder = build_real_model("smollm2")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        pairs, _ = T.read_pairs(args.pairs)
+        encoding = T.find_encoding_settings(args.pairs, echo=lambda _: None)
+        examples = T.encode_data(pairs, tokenizer, encoding, 512).examples
+        batches = [examples[i : i + args.batch] for i in range(0, len(examples) - args.batch + 1, args.batch)]
+        return teacher, student, batches, len(tokenizer), tokenizer.pad_token_id
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vocab = 151936
+
+    def qwen(layers: int, hidden: int, heads: int, intermediate: int, seed: int):
+        torch.manual_seed(seed)
+        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=1024)
+        return Qwen2ForCausalLM(config)
+
+    teacher, student = qwen(4, 896, 14, 4864, 1), qwen(2, 512, 8, 2048, 2)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        examples = []
+        for _ in range(args.batch):
+            prompt = int(torch.randint(64, 256, (1,), generator=gen))
+            length = 512 - int(torch.randint(0, 512 // 8, (1,), generator=gen))  # right padding
+            examples.append(T.Example(torch.randint(3, vocab, (length,), generator=gen).tolist(), prompt))
+        batches.append(examples)
+    return teacher, student, batches, vocab, 0
+
+
+def child_arm(args: argparse.Namespace) -> None:
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from srd_distill import train as T
+    from srd_distill.fused_head import plan_lm_head
+    from srd_distill.memory import enable_gradient_checkpointing, micro_batch_count
+
+    teacher, student, batches, vocab, pad_id = _models_and_batches(args)
+    teacher.eval().requires_grad_(False)
+    if args.arm == "fused+ckpt":
+        enable_gradient_checkpointing(student)
+    student.train()
+    plans = (plan_lm_head(student, vocab, "student"), plan_lm_head(teacher, vocab, "teacher")) if args.arm != "unfused" else (None, None)
+    spec = T.LossSpec("fkl", 2.0, 0.9, "all", vocab, *plans)
+    assert spec.fused == (args.arm != "unfused"), plans
+    optimizer = T.make_optimizer(student, 1e-4, 0.01, torch.device("cpu"))
+    params = [p for p in student.parameters() if p.requires_grad]
+    setup_rss = _status_kib("VmRSS")
+    times, losses, widths, scored = [], [], [], []
+    tokens = []
+    for step in range(args.warmup + args.steps):
+        examples = batches[step % len(batches)]
+        width = max(len(e.input_ids) for e in examples)
+        parts = micro_batch_count(len(examples), width, MICRO_BATCH_TOKENS) if args.arm == "fused+micro" else 1
+        step_scored = sum(e.scored_tokens for e in examples)
+        started = time.perf_counter()
+        loss = 0.0
+        for part in T.split_rows(list(range(len(examples))), parts):  # as train_stage: token-weighted shares
+            batch = T.collate([examples[i] for i in part], pad_id, torch.device("cpu"))
+            out = T.batch_objective(student, teacher, batch, spec, contextlib.nullcontext())
+            share = batch.scored_tokens / step_scored
+            (out.loss * share).backward()
+            loss += float(out.loss.detach()) * share
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+        losses.append(loss)
+        widths.append(width)
+        scored.append(step_scored)
+        tokens.append(sum(len(e.input_ids) for e in examples))
+    timed = times[args.warmup :]
+    print(json.dumps({
+        "case": args.case, "arm": args.arm, "batch": args.batch, "widths": widths, "scored": scored, "tokens": tokens,
+        "micro_batches": parts,
+        "seconds_per_step": sum(timed) / len(timed), "step_seconds": times, "losses": losses,
+        "setup_rss_mib": setup_rss / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024, "threads": torch.get_num_threads(),
+    }))
+
+
+def child_chunks(args: argparse.Namespace) -> None:
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from srd_distill.fused_head import HeadWeights, LogitPostprocess, fused_kd_objective
+
+    gen = torch.Generator().manual_seed(0)
+    n, v, h = 2048, args.vocab, args.hidden
+    h_s = (torch.randn(n, h, generator=gen) * 0.5).requires_grad_(True)
+    w_s = (torch.randn(v, h, generator=gen) * 0.05).requires_grad_(True)
+    h_t, w_t = torch.randn(n, h, generator=gen) * 0.5, torch.randn(v, h, generator=gen) * 0.05
+    y = torch.randint(0, v, (n,), generator=gen)
+    before = _status_kib("VmRSS")
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        out = fused_kd_objective(h_s, HeadWeights(w_s, None, LogitPostprocess()), h_t, HeadWeights(w_t, None, LogitPostprocess()),
+                                 y, "fkl", 2.0, 0.9, chunk_size=args.chunk)
+        out.loss.backward()
+        times.append(time.perf_counter() - started)
+        h_s.grad = w_s.grad = None
+    print(json.dumps({"vocab": v, "hidden": h, "chunk": args.chunk, "seconds": min(times),
+                      "extra_mib": (_status_kib("VmHWM") - before) / 1024}))
+
+
+# ----------------------------------------------------------------------------------------
+# Parent
+# ----------------------------------------------------------------------------------------
+
+
+def run_child(cmd: list[str], log_path: Path) -> tuple[dict | None, float, float, str]:
+    """Run ``cmd``; return (its last JSON line or None, peak RSS MiB from wait4, wall seconds, stderr tail)."""
+    with open(log_path, "w") as out, open(str(log_path) + ".err", "w") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO_ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = Path(log_path).read_text().strip().splitlines()
+    tail = Path(str(log_path) + ".err").read_text()[-600:]
+    result = None
+    if proc.returncode == 0 and text:
+        try:
+            result = json.loads(text[-1])
+        except json.JSONDecodeError:
+            result = None
+    return result, usage.ru_maxrss / 1024, wall, tail
+
+
+def bench_arms(case: str, args: argparse.Namespace, work: Path, pairs: Path | None) -> list[dict]:
+    batch = args.batch if case == "smollm2" else args.batch_152k
+    print(f"\n== {case}: batch {batch}, fkl T=2, kd_ratio 0.9, {args.warmup} warm-up + {args.steps} timed step(s) per arm ==")
+    header = f"{'arm':>11} {'passes':>6} {'width':>6} {'tokens':>7} {'scored':>7} {'s/step':>8} {'peak RSS (MiB)':>15} {'setup RSS':>10} {'step loss':>10} {'peak vs unfused':>16} {'time vs unfused':>16}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for arm in ARMS:
+        cmd = [sys.executable, __file__, "--child", "arm", "--case", case, "--arm", arm, "--batch", str(batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--pairs", str(pairs)] if pairs else [])
+        result, peak, _, tail = run_child(cmd, work / f"{case}-{arm.replace('+', '-')}.log")
+        if result is None:
+            print(f"{arm:>11}: failed: {tail}")
+            continue
+        result["peak_rss_mib"] = peak
+        rows.append(result)
+        base = rows[0] if rows[0]["arm"] == "unfused" else None
+        ratios = ("", "")
+        if base is not None and arm != "unfused":
+            ratios = (f"{peak / base['peak_rss_mib']:.2f}x", f"{result['seconds_per_step'] / base['seconds_per_step']:.2f}x")
+            rel = abs(result["losses"][0] - base["losses"][0]) / abs(base["losses"][0])
+            assert rel < 1e-4, f"{arm} first-step loss {result['losses'][0]} differs from unfused {base['losses'][0]}"
+        print(f"{arm:>11} {result['micro_batches']:>6} {max(result['widths']):>6} {result['tokens'][0]:>7} {result['scored'][0]:>7} {result['seconds_per_step']:>8.1f} "
+              f"{peak:>15.0f} {result['setup_rss_mib']:>10.0f} {result['losses'][0]:>10.5f} {ratios[0]:>16} {ratios[1]:>16}")
+        sys.stdout.flush()
+    return rows
+
+
+def bench_cli(args: argparse.Namespace, work: Path, pairs: Path) -> list[dict]:
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.real_models import build_real_model
+
+    folder = build_real_model("smollm2")
+    print(f"\n== srd-distill train on SmolLM2-135M x 2, default batch 16, --max-steps {args.steps} ==")
+    rows = []
+    for k, variant in enumerate(args.cli_variants):
+        run = work / f"cli-run-{k}"
+        cmd = [sys.executable, "-m", "srd_distill.cli", "train", "--teacher", str(folder), "--student", str(folder), "--data", str(pairs),
+               "--output", str(run), "--epochs", "1", "--max-steps", str(args.steps), "--log-every", "1", *variant.split()]
+        _, peak, wall, tail = run_child(cmd, work / f"cli-{k}.log")
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").is_file() else []
+        ok = len(metrics) == args.steps
+        print(f"   srd-distill train --teacher SmolLM2 --student SmolLM2 --data pairs.parquet --epochs 1 --max-steps {args.steps} {variant}")
+        print(f"   {'finished' if ok else 'FAILED'}: peak RSS {peak:.0f} MiB ({peak / 1024:.2f} GiB), wall {wall:.0f} s "
+              f"(loading and saving included), step losses {[round(m['loss'], 4) for m in metrics]}")
+        if not ok:
+            print(tail)
+        rows.append({"flags": variant, "peak_rss_mib": peak, "wall_s": wall, "steps": len(metrics), "metrics": metrics})
+        sys.stdout.flush()
+    return rows
+
+
+def bench_chunks(args: argparse.Namespace, work: Path) -> list[dict]:
+    print("\n== fused_kd_objective alone: 2048 scored tokens, forward + backward (fastest of 2), fkl ==")
+    print(f"{'vocab':>7} {'hidden':>6} {'chunk':>6} {'seconds':>8} {'extra (MiB)':>12}")
+    rows = []
+    for vocab, hidden in ((49152, 576), (151936, 896)):
+        for chunk in args.chunk_sizes:
+            cmd = [sys.executable, __file__, "--child", "chunks", "--vocab", str(vocab), "--hidden", str(hidden), "--chunk", str(chunk)]
+            result, _, _, tail = run_child(cmd, work / f"chunks-{vocab}-{chunk}.log")
+            if result is None:
+                print(f"{vocab:>7} {hidden:>6} {chunk:>6}: failed: {tail}")
+                continue
+            rows.append(result)
+            print(f"{vocab:>7} {hidden:>6} {chunk:>6} {result['seconds']:>8.2f} {result['extra_mib']:>12.0f}")
+            sys.stdout.flush()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["smollm2", "cli", "qwen152k", "chunks"],
+                        choices=["smollm2", "cli", "qwen152k", "chunks"])
+    parser.add_argument("--batch", type=int, default=16, help="rows per step, SmolLM2 arms")
+    parser.add_argument("--batch-152k", type=int, default=4, help="rows per step, 152k-vocabulary arms")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per arm (and --max-steps of the CLI run)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--cli-variants", nargs="+", default=["", "--gradient-checkpointing"],
+                        help="extra flags of each srd-distill run (one string per run)")
+    parser.add_argument("--json-out", type=Path, help="write every figure here as JSON")
+    parser.add_argument("--child", choices=["arm", "chunks"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--arm", help=argparse.SUPPRESS)
+    parser.add_argument("--pairs", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "arm":
+        child_arm(args)
+        return
+    if args.child == "chunks":
+        child_chunks(args)
+        return
+
+    import torch
+
+    print(f"srd-distill training-step benchmark: torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    figures: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        work = Path(tmp)
+        pairs = None
+        if {"smollm2", "cli"} & set(args.cases):
+            pairs = write_smollm2_pairs(work, args.batch * (args.warmup + args.steps))
+        if "smollm2" in args.cases:
+            figures["smollm2"] = bench_arms("smollm2", args, work, pairs)
+        if "cli" in args.cases:
+            figures["cli"] = bench_cli(args, work, pairs)
+        if "qwen152k" in args.cases:
+            figures["qwen152k"] = bench_arms("qwen152k", args, work, None)
+        if "chunks" in args.cases:
+            figures["chunks"] = bench_chunks(args, work)
+    print("\npeak RSS: the whole process (both models, optimizer state, activations), kernel ru_maxrss; setup RSS: "
+          "before the first step; s/step: mean of the timed steps; width/tokens/scored: first batch.")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Memory and precision levers of ``srd-distill``: dtypes, loading, gradient checkpointing, checkpoints.
+
+* **Student**: float32 master weights (the optimizer's copy) whatever its saved dtype;
+  forward passes run under autocast when ``--dtype`` is bfloat16/float16 (the default on
+  GPUs with bfloat16). Checkpoints are written back in the student's *saved* dtype
+  (``--save-dtype auto``): a bfloat16 student stays a bfloat16 checkpoint, half the size
+  of a float32 one.
+* **Teacher**: frozen, run under ``torch.inference_mode`` and loaded in its saved dtype
+  (``--teacher-dtype auto``), with two exceptions where that would be slow or wasteful:
+  float16 on a CPU (CPUs have no fast float16 matmuls) and bfloat16 on a CPU without
+  native bfloat16 instructions are upcast to float32; a float32 teacher on a GPU is loaded
+  in the run's compute dtype, which autocast would use for its matmuls anyway.
+* **Micro-batches** (``--micro-batch-tokens``, default 2048): a step whose rows hold more
+  padded tokens is run as several forward/backward passes whose gradients add up to the
+  same step (as ``--grad-accum``), so activation memory stays bounded whatever the batch.
+* **Gradient checkpointing** (``--gradient-checkpointing``): the student keeps only each
+  layer's input during the forward pass and recomputes the rest in the backward pass:
+  activation memory shrinks several-fold for one more forward pass of the student.
+
+Example:
+    >>> import torch
+    >>> resolve_teacher_dtype("auto", torch.bfloat16, torch.device("cuda"), torch.bfloat16)[0]
+    torch.bfloat16
+    >>> resolve_teacher_dtype("auto", torch.float16, torch.device("cpu"), torch.float32)[0]
+    torch.float32
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from srd_distill.errors import TrainingSetupError
+
+__all__ = [
+    "DTYPES",
+    "resolve_precision",
+    "saved_dtype",
+    "cpu_has_native_bfloat16",
+    "resolve_teacher_dtype",
+    "load_model",
+    "transformers_bars_off",
+    "autocast_context",
+    "enable_gradient_checkpointing",
+    "save_checkpoint",
+    "peak_memory_text",
+    "micro_batch_count",
+]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF = (torch.bfloat16, torch.float16)
+
+
+def resolve_precision(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """``auto`` = CUDA when visible; bfloat16 on a GPU that has it, float32 on the CPU.
+
+    Example:
+        >>> resolve_precision("cpu", "auto")
+        (device(type='cpu'), torch.float32)
+    """
+    from srdata.backends.hf import resolve_device
+
+    device = resolve_device(device_name)
+    if dtype_name != "auto":
+        return device, DTYPES[dtype_name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, torch.float32
+
+
+def saved_dtype(name: str | Path) -> torch.dtype:
+    """The dtype a model's weights were saved in (``config.json``), float32 when it does not say.
+
+    Example:
+        >>> saved_dtype("HuggingFaceTB/SmolLM2-135M-Instruct")   # doctest: +SKIP
+        torch.bfloat16
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """True when oneDNN runs bfloat16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_teacher_dtype(
+    setting: str, saved: torch.dtype, device: torch.device, compute_dtype: torch.dtype
+) -> tuple[torch.dtype, str]:
+    """The dtype to load the teacher in, and a few words on why (see the module docstring).
+
+    Example:
+        >>> resolve_teacher_dtype("float32", torch.bfloat16, torch.device("cpu"), torch.float32)
+        (torch.float32, 'as asked (--teacher-dtype float32)')
+    """
+    if setting != "auto":
+        return DTYPES[setting], f"as asked (--teacher-dtype {setting})"
+    name = str(saved).removeprefix("torch.")
+    if device.type == "cpu":
+        if saved == torch.float16:
+            return torch.float32, "saved as float16, upcast: CPUs have no fast float16 matmuls"
+        if saved == torch.bfloat16 and not cpu_has_native_bfloat16():
+            return torch.float32, "saved as bfloat16, upcast: this CPU has no native bfloat16 matmuls"
+        return saved, f"its saved dtype ({name})"
+    if saved not in HALF and compute_dtype in HALF:
+        return compute_dtype, f"saved as {name}; loaded in the compute dtype, which autocast uses anyway"
+    return saved, f"its saved dtype ({name})"
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """Silence transformers' own load/save progress bars, which would break into the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(name: str | Path, device: torch.device, dtype: torch.dtype, role: str) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` on ``device``; a readable error when it fails.
+
+    Example:
+        >>> load_model("./student", torch.device("cpu"), torch.float32, "student")   # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with transformers_bars_off():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise TrainingSetupError(f"could not load the {role} model from {str(name)!r} ({err})") from err
+    return model.to(device)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward passes; float32 master weights stay in the optimizer.
+
+    Example:
+        >>> autocast_context(torch.device("cpu"), torch.float32)   # doctest: +ELLIPSIS
+        <contextlib.nullcontext object at ...>
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them.
+
+    Non-reentrant checkpointing (the variant PyTorch recommends): gradients equal those
+    without checkpointing, and inputs need not require gradients.
+
+    Example:
+        >>> enable_gradient_checkpointing(student)   # doctest: +SKIP
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TrainingSetupError(
+            f"{type(model).__name__} does not support gradient checkpointing; run without --gradient-checkpointing "
+            "(lower --batch-size or raise --grad-accum to save memory instead)"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype: Optional[torch.dtype] = None) -> None:
+    """Save model + tokenizer into ``folder`` (replacing it) as a ``from_pretrained`` folder.
+
+    ``dtype`` (e.g. the student's saved dtype): the weights are written in it, from a
+    converted copy of the state dict, so the float32 master weights in memory stay as they
+    are; ``config.json`` records it. Tied weights stay tied (one tensor per storage).
+
+    Example:
+        >>> save_checkpoint(student, tokenizer, Path("runs/kd/.stage-0.partial"), torch.bfloat16)   # doctest: +SKIP
+    """
+    from srdata.io import FILE_MODE
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    with transformers_bars_off():
+        if dtype is None or dtype == current:
+            model.save_pretrained(folder)
+        else:
+            converted: dict[int, torch.Tensor] = {}  # by storage: tied tensors map to one converted tensor
+            state = {}
+            for key, tensor in model.state_dict().items():
+                if not tensor.is_floating_point():
+                    state[key] = tensor
+                    continue
+                ident = tensor.untyped_storage().data_ptr() + tensor.storage_offset()
+                if ident not in converted:
+                    converted[ident] = tensor.detach().to(dtype)
+                state[key] = converted[ident]
+            model.save_pretrained(folder, state_dict=state)
+            previous = model.config.dtype
+            model.config.dtype = dtype  # save_pretrained recorded the in-memory dtype; record the saved one
+            try:
+                model.config.save_pretrained(folder)
+            finally:
+                model.config.dtype = previous
+    tokenizer.save_pretrained(folder)
+    for file in folder.iterdir():  # transformers writes the weights 0600 (a temp file renamed): follow the umask
+        if file.is_file():
+            file.chmod(FILE_MODE)
+
+
+def peak_memory_text(device: torch.device) -> str:
+    """The process's peak memory so far, e.g. ``"peak RSS 5.1 GiB"`` (and the GPU's peak on CUDA).
+
+    Example:
+        >>> peak_memory_text(torch.device("cpu")).startswith("peak RSS")
+        True
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    text = f"peak RSS {peak / 2**30:.1f} GiB"
+    if device.type == "cuda":
+        text += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    return text
+
+
+def micro_batch_count(rows: int, width: int, max_tokens: int) -> int:
+    """How many micro-batches keep each at ``max_tokens`` padded tokens or fewer (0 = no cap).
+
+    ``rows`` rows padded to ``width`` tokens; near-equal parts (``train.split_rows``) of at
+    most ``max_tokens // width`` rows each (one row at least, however long).
+
+    Example:
+        >>> micro_batch_count(16, 512, 2048), micro_batch_count(10, 700, 2048), micro_batch_count(16, 512, 0)
+        (4, 5, 1)
+    """
+    if max_tokens <= 0:
+        return 1
+    rows_per_part = max(1, max_tokens // max(1, width))
+    return -(-rows // rows_per_part)

@@ -1,0 +1,125 @@
+"""What a person watching ``srd-distill train`` sees: stage banners, a step bar, the Ctrl-C message.
+
+The bar moves every optimizer step, from the first one, and shows the step's loss, its CE
+and KD parts, the KD divergence with and without the T^2 factor, tokens per second and
+tqdm's ETA for the stage. Why both KD values: with ``--t2-scaling all`` (the default) the
+KD term is ``D_T x T^2``, so when the curriculum raises T from 1 to 1.5 to 2 the logged
+``kd_loss`` jumps about 2.25x and 4x at the stage boundaries even when the student's match
+to the teacher is unchanged; ``D_T`` alone (``kd_unscaled`` in ``metrics.jsonl``) is the
+figure to compare across stages.
+
+Example:
+    >>> print(stage_banner(1, 3, rows=10, file_name="stage-1.parquet", epochs=2, steps=6,
+    ...                    kd_ratio=0.9, temperature=1.5, t2_factor=2.25))
+    === stage 1 (2 of 3): 10 rows from stage-1.parquet, 2 epoch(s) = 6 steps; kd_ratio 0.9, T 1.5; KD term = D_T x T^2 = D_T x 2.25 ===
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["StageProgress", "stage_banner", "stage_done", "interrupted_message"]
+
+
+def stage_banner(
+    index: int,
+    n_stages: int,
+    *,
+    rows: int,
+    file_name: str,
+    epochs: int,
+    steps: int,
+    kd_ratio: float,
+    temperature: float,
+    t2_factor: float,
+    notes: Sequence[str] = (),
+) -> str:
+    """The line printed when a stage starts.
+
+    Example:
+        >>> stage_banner(0, 1, rows=5, file_name="a.jsonl", epochs=1, steps=2, kd_ratio=0.8, temperature=1.0, t2_factor=1.0)
+        '=== stage 0 (1 of 1): 5 rows from a.jsonl, 1 epoch(s) = 2 steps; kd_ratio 0.8, T 1 ==='
+    """
+    scaling = f"; KD term = D_T x T^2 = D_T x {t2_factor:g}" if t2_factor != 1.0 else ""
+    extra = "".join(f" ({note})" for note in notes)
+    return (
+        f"=== stage {index} ({index + 1} of {n_stages}): {rows} rows from {file_name}{extra}, {epochs} epoch(s) = "
+        f"{steps} steps; kd_ratio {kd_ratio:g}, T {temperature:g}{scaling} ==="
+    )
+
+
+def stage_done(index: int, steps: int, seconds: float, checkpoint: Path, memory: str) -> str:
+    """The line printed when a stage's checkpoint is in place.
+
+    Example:
+        >>> stage_done(0, 6, 12.34, Path("runs/kd/stage-0"), "peak RSS 1.0 GiB")
+        '=== stage 0 done: 6 steps in 12.3 s (peak RSS 1.0 GiB); checkpoint runs/kd/stage-0 ==='
+    """
+    return f"=== stage {index} done: {steps} steps in {seconds:.1f} s ({memory}); checkpoint {checkpoint} ==="
+
+
+def interrupted_message(run_dir: Path, finished: Sequence[int], current: Optional[int]) -> str:
+    """What Ctrl-C prints: what is kept, and that re-running the same command resumes.
+
+    Example:
+        >>> interrupted_message(Path("runs/kd"), [0], 1)
+        'interrupted during stage 1; finished stage(s) 0 are saved in runs/kd. Run the same command again to resume: finished stages are kept and stage 1 starts again from its beginning.'
+    """
+    saved = f"finished stage(s) {', '.join(map(str, finished))} are saved in {run_dir}" if finished else f"no stage of {run_dir} was finished yet"
+    where = f"during stage {current}" if current is not None else "before training started"
+    redo = f"stage {current} starts again from its beginning" if current is not None else "training starts where it would have"
+    return f"interrupted {where}; {saved}. Run the same command again to resume: finished stages are kept and {redo}."
+
+
+class StageProgress:
+    """A tqdm bar over one stage's optimizer steps, updated every step.
+
+    Example:
+        >>> bar = StageProgress(0, 3, total_steps=4, t2_factor=1.0, enabled=False)
+        >>> bar.step(loss=2.0, ce_loss=2.5, kd_loss=1.9, kd_unscaled=1.9, tokens=512)
+        >>> bar.postfix  # the rate is the stage's tokens over its wall-clock time so far
+        'loss 2.000 | ce 2.500 | kd 1.900 | ... tok/s'
+        >>> bar.close()
+    """
+
+    def __init__(self, index: int, n_stages: int, *, total_steps: int, t2_factor: float, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.t2_factor = t2_factor
+        self.started = time.perf_counter()
+        self.tokens = 0
+        self.postfix = ""
+        self.bar = tqdm(
+            total=total_steps, desc=f"stage {index} ({index + 1}/{n_stages})", unit="step",
+            disable=not enabled, dynamic_ncols=True,
+        )
+
+    def step(self, *, loss: float, ce_loss: float, kd_loss: float, kd_unscaled: float, tokens: int) -> None:
+        """One optimizer step done: ``tokens`` = prompt + reference tokens it trained on (padding not counted)."""
+        self.tokens += tokens
+        # The stage's mean rate: steady, and right from the first step.
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        kd = f"kd {kd_loss:.3f}" if self.t2_factor == 1.0 else f"kd {kd_loss:.3f} = D_T {kd_unscaled:.3f} x {self.t2_factor:g}"
+        self.postfix = f"loss {loss:.3f} | ce {ce_loss:.3f} | {kd} | {_count(rate)} tok/s"
+        self.bar.set_postfix_str(self.postfix, refresh=False)
+        self.bar.update(1)
+
+    def write(self, message: str, echo: Callable[[str], Any]) -> None:
+        """Print above the bar, not through it."""
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode():
+            echo(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _count(value: float) -> str:
+    """``512``, ``1.2k``, ``3.4M``."""
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
