@@ -26,12 +26,12 @@ Noise: for every seed and variant, ``--share`` (10%) of the rows get a corrupted
 Which rows, and how, depends on the seed only. The prompt, and so the student's answer,
 does not change: the answers are generated once (``srdata.score`` with ``--signals ifd``,
 resumable in ``--work``), and only the corrupted rows are scored again with the library's
-own pieces (``srdata.tokenize.encode_pairs`` with the run's options, the backend's
+own pieces (``srdata.steps.tokenize.encode_pairs`` with the run's options, the backend's
 ``score`` for ``ce_loss`` and for ``ce_loss_uncond`` after
-``srdata.prompts.unconditional_prompt``, ``srdata.rouge_l``); a check re-scores a few clean
+``srdata.steps.prompts.unconditional_prompt``, ``srdata.rouge_l``); a check re-scores a few clean
 rows this way and requires the run's own values; ``ifd`` and ``pmi`` come from
 ``srdata.pipeline.instruction_following_difficulty`` and ``prompt_pmi``, as in a run.
-Each ranking then ranks all rows with ``srdata.rank.rank`` (RRF k = 60) and the export's
+Each ranking then ranks all rows with ``srdata.steps.rank.rank`` (RRF k = 60) and the export's
 cut (4 stages, keep 3) gives the dropped quarter: **recall** = share of the corrupted rows in it, **precision** = share of
 it that is corrupted (at most share x 4 = 40%). Spearman correlations are between the
 rankings' difficulty ranks.
@@ -176,9 +176,9 @@ class Rescorer:
         import torch
 
         from srdata.backends import load_backend
-        from srdata.data import ColumnMapping
-        from srdata.prompts import chat_affixes, unconditional_prompt
-        from srdata.tokenize import unconditional_prompt_ids
+        from srdata.steps.load import ColumnMapping
+        from srdata.steps.prompts import chat_affixes, unconditional_prompt
+        from srdata.steps.tokenize import unconditional_prompt_ids
 
         torch.set_num_threads(threads)
         manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -197,7 +197,7 @@ class Rescorer:
 
     def score(self, prompts: list[str], references: list[str], outputs: list[str]) -> dict[str, list]:
         from srdata import rouge_l
-        from srdata.tokenize import encode_pairs
+        from srdata.steps.tokenize import encode_pairs
 
         pairs = encode_pairs(self.tokenizer, prompts, references, max_reference_tokens=self.max_reference_tokens, **self.options)
         refs = [p.reference_ids for p in pairs]
@@ -248,7 +248,7 @@ def corrupted_scores(clean: pl.DataFrame, rescorer: Rescorer, plan: dict, cache:
         print(f"scored {len(ids)} corrupted references in {time.perf_counter() - started:.0f} s", flush=True)
         new = pl.DataFrame({"srd_id": ids, "reference": refs, **scored})
         done = new if done is None else pl.concat([done, new], how="vertical_relaxed")
-        from srdata.io import atomic_path
+        from srdata.run.io import atomic_path
 
         with atomic_path(cache) as tmp:
             done.write_parquet(tmp)
@@ -285,8 +285,8 @@ def with_corruption(clean: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
 
 def dropped_mask(frame: pl.DataFrame, spec: str) -> tuple[np.ndarray, np.ndarray]:
     """(difficulty ranks, in the dropped quarter) of every row under ranking ``spec``."""
-    from srdata.export import plan_stages, stage_bounds
-    from srdata.rank import rank
+    from srdata.curriculum.export import plan_stages, stage_bounds
+    from srdata.steps.rank import rank
 
     ranked = rank(frame, rank_by=spec).sort("srd_id")
     ranks = ranked["difficulty_rank"].to_numpy()
@@ -466,7 +466,7 @@ def main() -> None:
 
     results = evaluate(clean, scores, args.seeds, args.variants, RANKINGS)
     results["settings"] = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": clean.height, "corrupted_per_seed": n_corrupt}
-    from srdata.rank import RANK_PRESETS
+    from srdata.steps.rank import RANK_PRESETS
 
     results["settings"]["noisy_preset"] = RANK_PRESETS["noisy"]
     print_tables(results, args.variants, RANKINGS)

@@ -6,7 +6,7 @@ column of realistic length (Zipf-distributed words, log-normal lengths, mean 300
 characters by default, about an instruction-tuning response), then times, each in a
 fresh process so that peak RSS belongs to that step alone:
 
-- ``rank``: read the score columns and run ``srdata.rank.rank`` (what ``srdata score``
+- ``rank``: read the score columns and run ``srdata.steps.rank.rank`` (what ``srdata score``
   does at the end of a run);
 - ``export``: ``export_curriculum(run, rrf_k=60)``: re-rank and write the paper's three
   cumulative stages as parquet (the whole ``srdata export`` path, text included), with a
@@ -108,7 +108,7 @@ def write_run(folder: Path, rows: int, mean_chars: int, seed: int = 0) -> Path:
 
 
 def step_rank(run: Path, out: Path) -> dict:
-    from srdata.rank import rank
+    from srdata.steps.rank import rank
 
     scores = pl.read_parquet(run / "annotated.parquet", columns=["srd_id", "rouge_l", "ce_loss"])
     ranked = rank(scores, RRF_K)
@@ -116,7 +116,7 @@ def step_rank(run: Path, out: Path) -> dict:
 
 
 def step_export(run: Path, out: Path, fmt: str, compression: str) -> dict:
-    import srdata.export as export
+    import srdata.curriculum.export as export
 
     phases = time_phases(export, {"rank": "ranks_in_file_order", "write_stages": "write_stages", "read_encode": "_write_segments", "summary": "curriculum_summary"})
     folder = export.export_curriculum(run, stages=STAGES, keep=KEEP, out=out, fmt=fmt, rrf_k=RRF_K, compression=compression)
@@ -126,7 +126,7 @@ def step_export(run: Path, out: Path, fmt: str, compression: str) -> dict:
 
 def prepare_floor(run: Path) -> pl.DataFrame:
     """The rank columns the floor writes, computed before its timer starts (file order)."""
-    from srdata.rank import rank
+    from srdata.steps.rank import rank
 
     ranked = rank(pl.read_parquet(run / "annotated.parquet", columns=["srd_id", "rouge_l", "ce_loss"]), RRF_K)
     return ranked.select("rank_rouge_l", "rank_ce_loss", "rrf_score", "difficulty_rank")
@@ -138,7 +138,7 @@ def step_floor(run: Path, out: Path, compression: str, ranks: pl.DataFrame) -> d
     import queue
     import threading
 
-    from srdata.export import ROW_GROUP_BYTES, _parquet_writer
+    from srdata.curriculum.export import ROW_GROUP_BYTES, _parquet_writer
 
     out.mkdir(parents=True, exist_ok=True)
     columns = {**pl.scan_parquet(run / "annotated.parquet").collect_schema(), **ranks.schema, "stage": pl.Int64}
@@ -210,7 +210,7 @@ def step_reference(run: Path, out: Path) -> dict:
 
 
 def check_reference_order(run: Path, order: list[int]) -> bool:
-    from srdata.rank import rank
+    from srdata.steps.rank import rank
 
     scores = pl.read_parquet(run / "annotated.parquet", columns=["srd_id", "rouge_l", "ce_loss"])
     ours = rank(scores, RRF_K, ties="reference").sort("difficulty_rank")["srd_id"].to_list()
@@ -235,8 +235,8 @@ def cpu_seconds() -> float:
 
 def run_child(step: str, run: Path, out: Path, compression: str) -> None:
     """Entry point of a child process: time one step, report seconds and peak RSS."""
-    import srdata.export  # noqa: F401  imports are not part of the timed work
-    import srdata.rank  # noqa: F401
+    import srdata.curriculum.export  # noqa: F401  imports are not part of the timed work
+    import srdata.steps.rank  # noqa: F401
 
     floor_ranks = prepare_floor(run) if step == "floor" else None  # not part of the timed work
     started, cpu_started = time.perf_counter(), cpu_seconds()

@@ -66,7 +66,7 @@ def main() -> int:
     import torch
 
     import srdata
-    from srdata.backends.tiny import build_tiny_model
+    from srdata.demo.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray."))
     rows = pl.read_parquet(args.data, columns=["template", "prompt", "response"]).head(args.rows)

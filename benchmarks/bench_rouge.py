@@ -64,8 +64,8 @@ def main() -> int:
         from rouge_score import rouge_scorer
     except ImportError:
         sys.exit("bench_rouge: rouge-score is not installed (pip install 'rouge-score==0.1.2')")
-    from srdata import rouge
-    from srdata.rouge import rouge_l
+    from srdata.steps import rouge
+    from srdata.steps.rouge import rouge_l
 
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

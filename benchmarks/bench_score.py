@@ -10,7 +10,7 @@ Usage:
 Both arms run in the same process on the same rows of ``../shared/data/t0-train.parquet``
 (columns template, prompt, response; by default a seeded random sample of ``--rows`` rows
 kept in file order, ``--select head`` takes the first rows instead), with the same model
-weights, the same alpaca prompts and the same token ids (``srdata.tokenize.encode_pairs``
+weights, the same alpaca prompts and the same token ids (``srdata.steps.tokenize.encode_pairs``
 with srdata's default limits: 256 prompt tokens cut on the left, 256 reference tokens):
 
 * **reference-style** (what the SRD authors' code does): rows in input order, batches of
@@ -44,7 +44,7 @@ generated token). The peak is the best of ``--peak-reps`` 2048x2048 float32
 ``torch.matmul`` calls, measured at the start and the end of the run (best of both).
 
 Models: ``small`` and ``124m`` are random-weight GPT-2s with a byte-level BPE tokenizer
-trained on the T0 text (``srdata.backends.tiny.build_tiny_model``), cached under
+trained on the T0 text (``srdata.demo.tiny.build_tiny_model``), cached under
 ``--cache-dir`` by their shape, scored with the alpaca template. ``smollm2``
 (SmolLM2-135M-Instruct: Llama layout, 30 layers, 49k vocabulary) and ``qwen-0.5b``
 (Qwen2.5-Coder-0.5B-Instruct: Qwen2 layout, 24 layers, 152k vocabulary) are REAL pretrained
@@ -124,7 +124,7 @@ def build_model(name: str, cache: Path, frame) -> Path:
     path = cache / f"gpt2-h{hidden}-l{layers}-a{heads}-v{vocab}"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return path
-    from srdata.backends.tiny import build_tiny_model
+    from srdata.demo.tiny import build_tiny_model
 
     texts = (frame["prompt"] + "\n" + frame["response"]).to_list()
     t0 = time.perf_counter()
@@ -164,9 +164,9 @@ def template_of(name: str) -> str:
 def render_and_encode(rows: dict, tokenizer, template: str = "alpaca"):
     """Prompts and token ids exactly as ``srdata.score`` makes them (default limits)."""
     from srdata.config import PromptConfig
-    from srdata.data import resolve_columns
-    from srdata.prompts import chat_affixes, render_rows
-    from srdata.tokenize import encode_pairs
+    from srdata.steps.load import resolve_columns
+    from srdata.steps.prompts import chat_affixes, render_rows
+    from srdata.steps.tokenize import encode_pairs
 
     mapping = resolve_columns(list(rows))
     defaults = PromptConfig()

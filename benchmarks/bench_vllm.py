@@ -70,7 +70,7 @@ def require_gpu_and_vllm() -> None:
 
 def build_qwen2_05b_layout(path: Path, texts: list[str], *, vocab_size: int = 32_000, seed: int = 0) -> Path:
     """A random-weight Qwen2 with the 0.5B layout, saved in bfloat16 (the GPU dtype)."""
-    from srdata.backends.tiny import build_qwen2_05b_layout as build
+    from srdata.demo.tiny import build_qwen2_05b_layout as build
 
     return build(path, texts, vocab_size=vocab_size, seed=seed, dtype="bfloat16")
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from srdata.backends import GenerationParams
     from srdata.backends.vllm import VLLMBackend
-    from srdata.tokenize import encode_pairs
+    from srdata.steps.tokenize import encode_pairs
 
     prompts_text, responses = load_rows(args.rows, args.seed)
     if args.model:

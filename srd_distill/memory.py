@@ -195,7 +195,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype:
     Example:
         >>> save_checkpoint(student, tokenizer, Path("runs/kd/.stage-0.partial"), torch.bfloat16)   # doctest: +SKIP
     """
-    from srdata.io import FILE_MODE
+    from srdata.run.io import FILE_MODE
 
     if folder.exists():
         shutil.rmtree(folder)

@@ -1,4 +1,4 @@
-"""Models for the controlled SRD testbed (:mod:`srdata.testbed`): teacher, student, evaluation.
+"""Models for the controlled SRD testbed (:mod:`srdata.demo.testbed`): teacher, student, evaluation.
 
 * :func:`train_teacher`: a character-level Llama fine-tuned (cross-entropy on responses)
   on *clean* pairs of the testbed's task distribution, the stand-in for the paper's SFT
@@ -11,7 +11,7 @@
   (:func:`srdata.rouge_l`) per row, and means per task, per difficulty level and overall.
 
 Example:
-    >>> from srdata.testbed import build_testbed, TestbedSpec
+    >>> from srdata.demo.testbed import build_testbed, TestbedSpec
     >>> files = build_testbed("/tmp/tb", TestbedSpec(train_pairs=400))                  # doctest: +SKIP
     >>> teacher = train_teacher("/tmp/tb/teacher", files.teacher_sft, TeacherConfig())   # doctest: +SKIP
     >>> evaluate_model(teacher, files.test)["overall"]["exact_match"]                   # doctest: +SKIP
@@ -66,14 +66,14 @@ def StudentConfig(**overrides: Any) -> ModelConfig:
 
 
 def _read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
-    from srdata.testbed import read_jsonl
+    from srdata.demo.testbed import read_jsonl
 
     rows = read_jsonl(path)
     return [r["prompt"] for r in rows], [r["response"] for r in rows]
 
 
 def _fit(path: Path, data_file: str | Path, config: ModelConfig, seed: int, echo: Callable[[str], None]) -> float:
-    from srdata.backends.tiny import build_char_model, train_on_pairs
+    from srdata.demo.tiny import build_char_model, train_on_pairs
 
     started = time.perf_counter()
     build_char_model(path, config.arch, hidden_size=config.hidden_size, num_layers=config.num_layers,  # type: ignore[arg-type]
@@ -133,9 +133,9 @@ def evaluate_model(
     """
     from srdata.backends.base import GenerationParams
     from srdata.backends.hf import HFBackend
-    from srdata.rouge import rouge_l
-    from srdata.testbed import read_jsonl
-    from srdata.tokenize import encode_pairs, resolve_eos_id
+    from srdata.steps.rouge import rouge_l
+    from srdata.demo.testbed import read_jsonl
+    from srdata.steps.tokenize import encode_pairs, resolve_eos_id
 
     started = time.perf_counter()
     rows = read_jsonl(data_file)

@@ -388,8 +388,8 @@ class EncodedData:
 
 def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings, max_length: int) -> EncodedData:
     """Token ids of every pair by srdata's rules (:func:`srdata.encode_pairs`), cut to ``max_length``."""
-    from srdata.prompts import chat_affixes
-    from srdata.tokenize import encode_pairs
+    from srdata.steps.prompts import chat_affixes
+    from srdata.steps.tokenize import encode_pairs
 
     prompts, references = pairs["prompt_text"].to_list(), pairs["reference_text"].to_list()
     keep = ("", "") if encoding.add_special_tokens or not getattr(tokenizer, "chat_template", None) else chat_affixes(tokenizer)
@@ -657,8 +657,8 @@ def evaluate(
     """
     from srdata.backends.base import GenerationParams
     from srdata.backends.hf import HFBackend
-    from srdata.rouge import rouge_l
-    from srdata.tokenize import resolve_eos_id
+    from srdata.steps.rouge import rouge_l
+    from srdata.steps.tokenize import resolve_eos_id
 
     student.eval()
     sums = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}
@@ -687,7 +687,7 @@ def evaluate(
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    from srdata.io import write_json_atomic as write
+    from srdata.run.io import write_json_atomic as write
 
     write(path, payload)
 
@@ -769,7 +769,7 @@ def _keep_metrics_of(metrics_path: Path, finished: set[int]) -> float:
             continue  # a line cut short by a crash
         if record.get("stage") in finished:
             kept.append(record)
-    from srdata.io import atomic_path
+    from srdata.run.io import atomic_path
 
     with atomic_path(metrics_path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

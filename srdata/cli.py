@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import BatchingConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig, RunConfig, merge, nest, read_config_file
+from srdata.config import BatchingConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig, RunConfig, merge, nest, read_config_file
 
 EXAMPLE = """
 \b
@@ -90,7 +90,7 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
     save_to_disk folder, or a Hugging Face hub id. Re-running the same command resumes:
     finished shards are kept.
     """
-    from .pipeline import score as run_score
+    from srdata.pipeline import score as run_score
 
     given = {key: value for key, value in flags.items() if value is not None}
     given["dataset"] = dataset
@@ -133,7 +133,7 @@ def demo(output: str, rows: int, warmup_steps: int, seed: int) -> None:
     difficulty ranks tracking the known level and the noisy pairs landing in the dropped
     quarter. Example: srdata demo --output runs/demo
     """
-    from .demo import run_demo
+    from srdata.demo.walkthrough import run_demo
 
     try:
         run_demo(output, train_pairs=rows, warmup_steps=warmup_steps, seed=seed, echo=click.echo)
@@ -144,7 +144,7 @@ def demo(output: str, rows: int, warmup_steps: int, seed: int) -> None:
 def _register_optional_commands() -> None:
     """Curriculum commands live in their own module; they register here when present."""
     try:
-        from . import cli_curriculum
+        from srdata import cli_curriculum
     except ImportError:
         return
     for name in ("export", "rank", "report", "inspect"):

@@ -15,10 +15,10 @@ from typing import Any, Iterator, Sequence
 
 import click
 
-from srdata.export import FORMATS, LAYOUTS, CurriculumError, export_curriculum, plan_stages, rerank_run, share_check
-from srdata.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS, SHOWN_WARNINGS, GroupShareWarning, advice, format_share_table
-from srdata.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, parse_rank_by
-from srdata.report import build_report, inspect_run
+from srdata.curriculum.export import FORMATS, LAYOUTS, CurriculumError, export_curriculum, plan_stages, rerank_run, share_check
+from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS, SHOWN_WARNINGS, GroupShareWarning, advice, format_share_table
+from srdata.steps.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, parse_rank_by
+from srdata.curriculum.report import build_report, inspect_run
 
 COMPRESSIONS = ("zstd", "lz4", "snappy", "gzip", "uncompressed")
 RUN_DIR = click.Path(path_type=Path, file_okay=False)
@@ -88,7 +88,7 @@ def _rank_by_option(function):
         "--rank-by",
         default=None,
         metavar="COL:asc|desc[:W],...",
-        help="Columns fused by reciprocal rank fusion, each with a direction and optional weight. [default: rouge_l:desc,ce_loss:asc]",
+        help="Columns fused by reciprocal rank fusion, each with a direction and optional weight, or a preset: paper (rouge_l:desc,ce_loss:asc) or noisy (ifd:asc:2,ce_loss:asc,pmi:desc; needs `srdata score --signals ifd`). [default: paper]",
     )(function)
 
 

@@ -15,17 +15,17 @@ from typing import Any, Callable
 
 import polars as pl
 
-from . import __version__
-from .backends import GenerationParams, check_device, select_backend
-from .config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
-from .context import check_pair_lengths, check_token_limits, model_max_positions, model_stop_ids
-from .data import ColumnMapping, header_warnings, load_split, resolve_columns
-from .engines import ShardJob, run_shards
-from .prompts import chat_affixes, describe_template, render_rows, resolve_template, row_problem, unconditional_prompt
-from .rank import rank
-from .rouge import rouge_l
-from .store import RunStore, Shard, plan_shards
-from .tokenize import encode_pairs, resolve_eos_id, unconditional_prompt_ids
+from srdata import __version__
+from srdata.backends import GenerationParams, check_device, select_backend
+from srdata.config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
+from srdata.steps.context import check_pair_lengths, check_token_limits, model_max_positions, model_stop_ids
+from srdata.steps.load import ColumnMapping, header_warnings, load_split, resolve_columns
+from srdata.engines import ShardJob, run_shards
+from srdata.steps.prompts import chat_affixes, describe_template, render_rows, resolve_template, row_problem, unconditional_prompt
+from srdata.steps.rank import rank
+from srdata.steps.rouge import rouge_l
+from srdata.run.folder import RunStore, Shard, plan_shards
+from srdata.steps.tokenize import encode_pairs, resolve_eos_id, unconditional_prompt_ids
 
 log = logging.getLogger(__name__)
 

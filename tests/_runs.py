@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from srdata.rank import rank
+from srdata.steps.rank import rank
 
 TEMPLATES = ("alpaca", "raw", "chat")
 

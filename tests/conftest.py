@@ -40,7 +40,7 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
-    from srdata.backends.tiny import build_tiny_model
+    from srdata.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "gpt2", corpus(), arch="gpt2")
 
@@ -48,14 +48,14 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """Llama architecture; its tokenizer prepends BOS."""
-    from srdata.backends.tiny import build_tiny_model
+    from srdata.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "llama", corpus(), arch="llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_no_pad(tmp_path_factory) -> Path:
-    from srdata.backends.tiny import build_tiny_model
+    from srdata.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "llama-nopad", corpus(), arch="llama", pad_token=False)
 

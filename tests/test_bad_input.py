@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import srdata
 from srdata.cli import main
-from srdata.data import DatasetLoadError, load_split, resolve_columns
+from srdata.steps.load import DatasetLoadError, load_split, resolve_columns
 
 FAST = dict(device="cpu", dtype="float32", max_new_tokens=4, progress=False)
 
@@ -87,7 +87,7 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_gpt2, instruct_file, tm
 
 def test_export_and_distill_point_to_the_folder_that_exists(tmp_path):
     from srd_distill.train import CurriculumFilesError, curriculum_stage_files
-    from srdata.export import CurriculumError, export_curriculum
+    from srdata.curriculum.export import CurriculumError, export_curriculum
     from tests._runs import make_run
 
     runs = tmp_path / "runs"

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 import srdata
-from srdata.backends.tiny import build_tiny_model
+from srdata.demo.tiny import build_tiny_model
 from srdata.cli import main
-from srdata.context import check_pair_lengths, check_token_limits, model_max_positions
-from srdata.curriculum import add_chat_messages, curriculum_training_set
+from srdata.steps.context import check_pair_lengths, check_token_limits, model_max_positions
+from srdata.curriculum.load import add_chat_messages, curriculum_training_set
 
 from .conftest import corpus, write_jsonl
 
@@ -144,8 +144,8 @@ def test_chat_messages_rebuild_exactly_the_scored_prompt(chat_llama, tmp_path):
 
 def test_chat_truncation_keeps_the_template_text_on_both_sides(chat_llama, tmp_path):
     """A real-model finding: cutting rendered ids dropped the assistant header (right) or the user header (left)."""
-    from srdata.prompts import chat_affixes
-    from srdata.tokenize import encode_pairs
+    from srdata.steps.prompts import chat_affixes
+    from srdata.steps.tokenize import encode_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(chat_llama)
     head, tail = chat_affixes(tokenizer)
@@ -173,10 +173,10 @@ def test_generation_stops_at_every_end_id_the_model_lists(tiny_llama, tmp_path):
 
     from srdata.backends import Generation
     from srdata.config import build_config
-    from srdata.context import model_stop_ids
-    from srdata.data import ColumnMapping
+    from srdata.steps.context import model_stop_ids
+    from srdata.steps.load import ColumnMapping
     from srdata.pipeline import score_shard
-    from srdata.store import Shard
+    from srdata.run.folder import Shard
 
     model = tmp_path / "llama"
     shutil.copytree(tiny_llama, model)

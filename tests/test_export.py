@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from tests._runs import annotated_frame, make_run
 from srdata.cli_curriculum import COMMANDS
-from srdata.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
+from srdata.curriculum.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
 from srdata.parquet_splice import ALIGNMENT
-from srdata.rank import RankingError, rank
+from srdata.steps.rank import RankingError, rank
 
 
 @pytest.fixture
@@ -216,7 +216,7 @@ def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
 
 @pytest.mark.parametrize("where", ["reading", "appending", "finishing"])
 def test_failure_while_reading_or_assembling_removes_temporary_files(run: Path, monkeypatch, where: str):
-    import srdata.export as export
+    import srdata.curriculum.export as export
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"boom while {where}")
@@ -238,7 +238,7 @@ def test_export_does_not_import_pandas(run: Path):
     import sys
 
     code = (
-        "import sys; from srdata.export import export_curriculum; "
+        "import sys; from srdata.curriculum.export import export_curriculum; "
         f"export_curriculum({str(run)!r}, rrf_k=5); export_curriculum({str(run)!r}, fmt='jsonl', out={str(run / 'jsonl')!r}); "
         "print('pandas' in sys.modules)"
     )
@@ -247,7 +247,7 @@ def test_export_does_not_import_pandas(run: Path):
 
 
 def test_many_row_groups_are_copied_into_the_stage_files(tmp_path: Path, monkeypatch):
-    import srdata.export as export
+    import srdata.curriculum.export as export
 
     frame = annotated_frame(3000, seed=2, invalid_ids=[5, 700, 2999])
     run = make_run(tmp_path / "run", frame=frame)
@@ -336,7 +336,7 @@ def test_stage_files_without_o_direct(run: Path, monkeypatch, refused_at: str):
 
 
 def test_direct_io_can_be_turned_off(run: Path, monkeypatch):
-    import srdata.export as export
+    import srdata.curriculum.export as export
 
     opened = []
     real_init = export.BlockFile.__init__
@@ -369,7 +369,7 @@ def test_stage_files_are_block_aligned_and_read_by_every_reader(run: Path):
 
 def test_nested_categorical_and_null_columns_survive_the_copy(tmp_path: Path, monkeypatch):
     # Parquet has one column chunk per leaf: a struct column shifts the `stage` chunk's position.
-    import srdata.export as export
+    import srdata.curriculum.export as export
 
     n = 600
     frame = rank(
@@ -426,7 +426,7 @@ def test_stage_files_declare_the_rows_arrow_types_not_the_views_they_are_encoded
 def test_a_pyarrow_that_cannot_write_string_views_falls_back_to_the_plain_types(tmp_path: Path, monkeypatch):
     import pyarrow as pa
 
-    import srdata.export as export
+    import srdata.curriculum.export as export
 
     real = export._empty_file_footer
 
@@ -476,9 +476,9 @@ def test_parquet_footers_decode_and_encode_to_the_same_bytes(tmp_path: Path):
 
 
 def test_fast_stable_sort_matches_a_stable_polars_sort():
-    # srdata.rank.stable_arg_sort packs the value's top bits with the position; values that
+    # srdata.steps.rank.stable_arg_sort packs the value's top bits with the position; values that
     # differ only in the dropped bits, -0.0 and 0.0, extremes and integers must still sort exactly.
-    from srdata.rank import stable_arg_sort
+    from srdata.steps.rank import stable_arg_sort
 
     rng = np.random.default_rng(3)
     cases = [

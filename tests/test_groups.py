@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from srdata.cli_curriculum import COMMANDS
-from srdata.curriculum import curriculum_training_set, load_curriculum
-from srdata.export import CurriculumError, export_curriculum
-from srdata.groups import (
+from srdata.curriculum.load import curriculum_training_set, load_curriculum
+from srdata.curriculum.export import CurriculumError, export_curriculum
+from srdata.curriculum.groups import (
     STRATIFIED_COLUMN,
     GroupShareWarning,
     ShareCheck,
@@ -28,10 +28,10 @@ from srdata.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.rank import rank
-from srdata.report import build_report, inspect_run
-from srdata.rouge import rouge_l
-from srdata.testbed import generate_pairs, inject_noise
+from srdata.steps.rank import rank
+from srdata.curriculum.report import build_report, inspect_run
+from srdata.steps.rouge import rouge_l
+from srdata.demo.testbed import generate_pairs, inject_noise
 from tests._runs import make_run
 
 
@@ -43,7 +43,7 @@ def cli() -> click.Group:
 
 
 def scored_frame(prompts: list[str], references: list[str], outputs: list[str], extra: dict[str, list], ce_offset: list[float]) -> pl.DataFrame:
-    """A frame like annotated.parquet: real ROUGE-L of ``outputs``, a loss that follows it, ranks by srdata.rank."""
+    """A frame like annotated.parquet: real ROUGE-L of ``outputs``, a loss that follows it, ranks by srdata.steps.rank."""
     rouge = rouge_l(outputs, references)
     n = len(prompts)
     frame = pl.DataFrame({

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from srdata.backends import GenerationParams
 from srdata.backends.hf import HFBackend
-from srdata.tokenize import encode_pairs
+from srdata.steps.tokenize import encode_pairs
 
 PROMPTS = [
     "Below is an instruction that describes a task.\n\n### Instruction:\nName a fruit.\n\n### Response:\n",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srdata.rank import RankingError, parse_rank_by, rank
+from srdata.steps.rank import RankingError, parse_rank_by, rank
 
 
 def scores_frame(rouge, loss, ids=None, **extra) -> pl.DataFrame:

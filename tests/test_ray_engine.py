@@ -88,7 +88,7 @@ def test_engine_ray_without_ray_names_the_extra(tiny_gpt2, data_file, tmp_path, 
 
 
 def test_replicas_fit_the_cluster():
-    from srdata.engines.ray_engine import _replicas
+    from srdata.engines.ray import _replicas
 
     class FakeRay:
         @staticmethod
@@ -121,7 +121,7 @@ def test_ray_output_identical_to_local(ray_runtime, tiny_gpt2, data_file, local_
 
 
 def test_killed_actor_is_retried_without_losing_or_duplicating_rows(ray_runtime, tiny_gpt2, data_file, local_run, tmp_path, monkeypatch):
-    from srdata.engines import ray_engine
+    from srdata.engines import ray as ray_engine
 
     marker = str(tmp_path / "actor-died")
 

@@ -12,10 +12,10 @@ import sys
 import pytest
 
 import srdata
-from srdata import export as export_module
-from srdata.curriculum import load_curriculum
-from srdata.export import export_curriculum
-from srdata.io import FILE_MODE, remove_stale_temps
+from srdata.curriculum import export as export_module
+from srdata.curriculum.load import load_curriculum
+from srdata.curriculum.export import export_curriculum
+from srdata.run.io import FILE_MODE, remove_stale_temps
 from tests._runs import make_run
 
 from .conftest import write_jsonl

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from srdata.cli_curriculum import COMMANDS
-from srdata.export import CurriculumError, export_curriculum
-from srdata.report import build_report, inspect_run, ranking_agreement
+from srdata.curriculum.export import CurriculumError, export_curriculum
+from srdata.curriculum.report import build_report, inspect_run, ranking_agreement
 from tests._runs import make_run
 
 

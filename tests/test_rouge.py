@@ -1,4 +1,4 @@
-"""srdata.rouge: exact parity with Google's rouge-score, the Unicode mode, and errors."""
+"""srdata.steps.rouge: exact parity with Google's rouge-score, the Unicode mode, and errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from srdata import rouge
-from srdata.rouge import rouge_l
+from srdata.steps import rouge
+from srdata.steps.rouge import rouge_l
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 rouge_tokenize = pytest.importorskip("rouge_score.tokenize")

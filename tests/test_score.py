@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import srdata
 from srdata.cli import main
 from srdata.pipeline import InvalidRowError, score
-from srdata.tokenize import encode_pair
+from srdata.steps.tokenize import encode_pair
 
 from .conftest import write_jsonl
 

@@ -7,7 +7,7 @@ import random
 import polars as pl
 import pytest
 
-from srdata.testbed import (
+from srdata.demo.testbed import (
     LEVELS,
     TASKS,
     TestbedSpec,
@@ -96,7 +96,7 @@ def test_build_testbed_writes_clean_eval_splits(tmp_path):
 
 
 def test_srdata_detects_the_prompt_response_layout(tmp_path):
-    from srdata.data import load_split, resolve_columns
+    from srdata.steps.load import load_split, resolve_columns
 
     files = build_testbed(tmp_path / "tb", TestbedSpec(train_pairs=20, dev_pairs=0, test_pairs=0, teacher_pairs=0, warmup_pairs=0))
     dataset = load_split(str(files.train))
@@ -123,7 +123,7 @@ def test_char_tokenizer_roundtrip_through_save_pretrained(tmp_path):
 
 def _annotated(n: int = 400, noisy_last: bool = True) -> pl.DataFrame:
     """A fake scored testbed run: ranks follow the level, noisy rows ranked hardest."""
-    from srdata.rank import rank
+    from srdata.steps.rank import rank
 
     rows = inject_noise(generate_pairs(n, seed=0), 0.1, seed=1)
     frame = pl.DataFrame(rows).with_columns(pl.int_range(pl.len()).alias("srd_id"))

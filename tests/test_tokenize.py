@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from srdata.tokenize import encode_pair, encode_pairs
+from srdata.steps.tokenize import encode_pair, encode_pairs
 
 
 def test_gpt2_style_prompt_has_no_bos_and_reference_ends_with_eos(tiny_gpt2):

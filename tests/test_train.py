@@ -21,8 +21,8 @@ import srd_distill.train as train_module
 from srd_distill.cli import main
 from srd_distill.schedules import PRESETS, ScheduleError, load_schedule, with_epochs
 from srd_distill.train import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingSetupError, train
-from srdata.prompts import ALPACA
-from srdata.tokenize import encode_pairs
+from srdata.steps.prompts import ALPACA
+from srdata.steps.tokenize import encode_pairs
 
 from .conftest import DEMO_SAMPLE, corpus, write_jsonl
 
@@ -43,7 +43,7 @@ def render(row: dict) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A warmed-up teacher, a smaller random student with the teacher's tokenizer, and a misfit."""
-    from srdata.backends.tiny import build_tiny_model, warm_up
+    from srdata.demo.tiny import build_tiny_model, warm_up
 
     root = tmp_path_factory.mktemp("distill-models")
     teacher = build_tiny_model(root / "teacher", corpus(), arch="gpt2", hidden_size=64, num_layers=2, seed=1)
@@ -69,7 +69,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory) -> Path:
     """A finished `srdata score` run folder: annotated.parquet (24 rows, one flagged) + manifest.json."""
-    from srdata.rank import rank
+    from srdata.steps.rank import rank
 
     rows = demo_rows()[:24]
     n = len(rows)

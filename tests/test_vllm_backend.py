@@ -26,8 +26,8 @@ from srdata.backends import vllm as vb
 from srdata.backends import vllm_engine as ve
 from srdata.backends import vllm_ngram as vn
 from srdata.backends.hf import HFBackend
-from srdata.backends.tiny import build_tiny_model
-from srdata.tokenize import encode_pairs
+from srdata.demo.tiny import build_tiny_model
+from srdata.steps.tokenize import encode_pairs
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",

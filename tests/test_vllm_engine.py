@@ -53,8 +53,8 @@ import pytest
 from srdata.backends import GenerationParams
 from srdata.backends import vllm as vb
 from srdata.backends import vllm_engine as ve
-from srdata.backends.tiny import build_tiny_model
-from srdata.tokenize import encode_pairs
+from srdata.demo.tiny import build_tiny_model
+from srdata.steps.tokenize import encode_pairs
 from tests.conftest import corpus, write_jsonl
 from tests.real_models import unavailable
 

@@ -7,7 +7,7 @@
 What it does (every setting is in ``SETTINGS`` below, chosen before any comparison and
 identical for both arms):
 
-1. **Testbed** (:mod:`srdata.testbed`): synthetic instruction pairs from four task
+1. **Testbed** (:mod:`srdata.demo.testbed`): synthetic instruction pairs from four task
    families (copy, reverse, shift, sort) at four difficulty levels; 10% of the
    training pairs get a wrong response (flag ``is_noisy``, used only here for
    evaluation); clean dev (checkpoint choice) and test (final evaluation) sets.
@@ -60,8 +60,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from srd_distill.testbed import ModelConfig, StudentConfig, TeacherConfig, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
-from srdata.io import write_json_atomic  # noqa: E402
-from srdata.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402
+from srdata.run.io import write_json_atomic  # noqa: E402
+from srdata.demo.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402
 
 ARMS = ("srd", "baseline")
 # Arms added after the first comparison: run after the main arms, reported apart and labelled so.
@@ -756,7 +756,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     publish = None if (args.quick or args.no_publish) else HERE
-    from srdata.backends.tiny import quiet_transformers
+    from srdata.demo.tiny import quiet_transformers
 
     try:
         with quiet_transformers():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .base import Backend, Generation, GenerationParams, ProgressCallback
+from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -61,9 +61,9 @@ def load_backend(name: str, model: str, *, tokenizer: Any = None, **options: Any
     resolved = select_backend(name)
     check_device(str(options.get("device", "auto")))
     if resolved == "vllm":
-        from .vllm import VLLMBackend  # imported lazily: vLLM is an optional extra
+        from srdata.backends.vllm import VLLMBackend  # imported lazily: vLLM is an optional extra
 
         return VLLMBackend.from_pretrained(model, tokenizer=tokenizer, **options)
-    from .hf import HFBackend
+    from srdata.backends.hf import HFBackend
 
     return HFBackend.from_pretrained(model, tokenizer=tokenizer, **options)

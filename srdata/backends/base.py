@@ -1,7 +1,7 @@
 """The backend protocol: the two operations SRD needs from a student model.
 
 A backend receives token ids (never text), so every backend sees exactly the same
-inputs, built once by :func:`srdata.tokenize.encode_pair`. Batching, padding and
+inputs, built once by :func:`srdata.steps.tokenize.encode_pair`. Batching, padding and
 device placement are the backend's own business.
 """
 

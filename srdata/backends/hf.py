@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 from transformers import StoppingCriteria
 
-from .base import Generation, GenerationParams, ProgressCallback
-from .batching import bucket_batches
+from srdata.backends.base import Generation, GenerationParams, ProgressCallback
+from srdata.backends.batching import bucket_batches
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .base import Generation, GenerationParams, ProgressCallback
-from .vllm_engine import (
+from srdata.backends.base import Generation, GenerationParams, ProgressCallback
+from srdata.backends.vllm_engine import (
     check_options,
     check_vllm_device,
     engine_kwargs,
@@ -51,8 +51,8 @@ from .vllm_engine import (
     scoring_step_tokens,
     vllm_runs_on_cpu,
 )
-from .vllm_ngram import NGRAM_ARG
-from .vllm_runner import check_ngram_processor, model_runner_of
+from srdata.backends.vllm_ngram import NGRAM_ARG
+from srdata.backends.vllm_runner import check_ngram_processor, model_runner_of
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .vllm_ngram import NGRAM_PROCESSOR_FQCN
-from .vllm_runner import INSTALL_HINT, head_dtype_bytes, likely_model_runner, memory_headroom_bytes, safe_max_num_batched_tokens
+from srdata.backends.vllm_ngram import NGRAM_PROCESSOR_FQCN
+from srdata.backends.vllm_runner import INSTALL_HINT, head_dtype_bytes, likely_model_runner, memory_headroom_bytes, safe_max_num_batched_tokens
 
 log = logging.getLogger(__name__)
 

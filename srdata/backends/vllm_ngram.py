@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .vllm_runner import INSTALL_HINT
+from srdata.backends.vllm_runner import INSTALL_HINT
 
 # Key of the per-request argument read by the n-gram logits processor.
 NGRAM_ARG = "srdata_no_repeat_ngram_size"

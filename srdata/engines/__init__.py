@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import polars as pl
 
-from ..config import ScoreConfig
-from ..data import ColumnMapping
-from ..store import Shard
+from srdata.config import ScoreConfig
+from srdata.steps.load import ColumnMapping
+from srdata.run.folder import Shard
 
 ENGINES = ("local", "ray")
 
@@ -48,7 +48,7 @@ def run_shards(engine: str, job: ShardJob, pending: list[Shard], on_shard: OnSha
     if engine == "local":
         run_local(job, pending, on_shard, progress=progress)
     elif engine == "ray":
-        from .ray_engine import run_ray  # Ray is an optional extra: imported only when asked for
+        from srdata.engines.ray import run_ray  # Ray is an optional extra: imported only when asked for
 
         run_ray(job, pending, on_shard, progress=progress)
     else:
@@ -57,8 +57,8 @@ def run_shards(engine: str, job: ShardJob, pending: list[Shard], on_shard: OnSha
 
 def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
     """One backend in this process, the shards one after the other."""
-    from ..backends import load_backend
-    from ..pipeline import _backend_options, _ProgressBar, score_shard
+    from srdata.backends import load_backend
+    from srdata.pipeline import _backend_options, _ProgressBar, score_shard
 
     config = job.config
     backend = load_backend(config.model.backend, config.model.model, tokenizer=job.tokenizer, **_backend_options(config))

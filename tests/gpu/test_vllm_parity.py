@@ -34,7 +34,7 @@ if not torch.cuda.is_available():
 from srdata.backends import GenerationParams  # noqa: E402
 from srdata.backends.hf import HFBackend  # noqa: E402
 from srdata.backends.vllm import VLLMBackend  # noqa: E402
-from srdata.tokenize import encode_pairs  # noqa: E402
+from srdata.steps.tokenize import encode_pairs  # noqa: E402
 
 ROWS = 128
 MAX_PROMPT_TOKENS = 256
@@ -47,7 +47,7 @@ TRAINED_MODEL = os.environ.get("SRDATA_PARITY_MODEL")
 
 def build_qwen2_05b_layout(path: Path, texts: list[str], *, seed: int = 0) -> Path:
     """Save a random-weight Qwen2 with the 0.5B layout and a freshly trained tokenizer."""
-    from srdata.backends.tiny import build_qwen2_05b_layout as build
+    from srdata.demo.tiny import build_qwen2_05b_layout as build
 
     return build(path, texts, vocab_size=VOCAB_SIZE, seed=seed)
 

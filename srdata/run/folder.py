@@ -20,8 +20,8 @@ from typing import Any
 
 import polars as pl
 
-from .config import diff_settings
-from .io import atomic_path, remove_stale_temps, write_json_atomic
+from srdata.config import diff_settings
+from srdata.run.io import atomic_path, remove_stale_temps, write_json_atomic
 
 
 def _canonical(settings: dict[str, Any]) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from srdata.export import CURRICULUM_FILE, LAYOUTS
-from srdata.groups import STRATIFIED_COLUMN
-from srdata.rank import DIFFICULTY_COLUMN
+from srdata.curriculum.export import CURRICULUM_FILE, LAYOUTS
+from srdata.curriculum.groups import STRATIFIED_COLUMN
+from srdata.steps.rank import DIFFICULTY_COLUMN
 
 if TYPE_CHECKING:
     import datasets
@@ -135,9 +135,9 @@ def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike
         >>> train[0]["messages"][-1]["role"]                                                      # doctest: +SKIP
         'assistant'
     """
-    from srdata.data import ColumnMapping
-    from srdata.export import read_manifest
-    from srdata.prompts import chat_messages
+    from srdata.steps.load import ColumnMapping
+    from srdata.curriculum.export import read_manifest
+    from srdata.steps.prompts import chat_messages
 
     folder = _curriculum_folder(Path(curriculum))
     run_dir = Path(json.loads((folder / CURRICULUM_FILE).read_text())["source"]["run_dir"])

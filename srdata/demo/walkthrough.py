@@ -1,6 +1,6 @@
 """``srdata demo``: SRD's data step on the controlled testbed, offline, in about a minute.
 
-The quick testbed (:mod:`srdata.testbed`) holds synthetic instruction pairs whose
+The quick testbed (:mod:`srdata.demo.testbed`) holds synthetic instruction pairs whose
 difficulty is known (four task families, four levels) and 10% noisy pairs whose responses
 were replaced by wrong ones (the location of the noise is known). A tiny character-level
 Llama student gets a short warm-up on other clean pairs, then the real pipeline runs:
@@ -13,7 +13,7 @@ tasks far from their share, a stratified export for comparison (``stratify="task
 what these numbers mean for how much to drop.
 
 Example:
-    >>> from srdata.demo import run_demo
+    >>> from srdata.demo.walkthrough import run_demo
     >>> summary = run_demo("runs/demo")                                   # doctest: +SKIP
     >>> summary["by_ranking"]["difficulty_rank"]["noisy_recall"] > 0.25   # doctest: +SKIP
     True
@@ -48,7 +48,7 @@ def demo_spec(train_pairs: int = DEMO_TRAIN_PAIRS, seed: int = 0):
         >>> demo_spec().noise_fraction
         0.1
     """
-    from .testbed import TestbedSpec
+    from srdata.demo.testbed import TestbedSpec
 
     return TestbedSpec(train_pairs=train_pairs, dev_pairs=0, test_pairs=0, teacher_pairs=0, warmup_pairs=2000, seed=seed)
 
@@ -65,11 +65,11 @@ def run_demo(
     The student is rebuilt only when ``output/student`` does not hold one; scoring resumes
     (or starts over) in ``output/run``.
     """
-    from .backends.tiny import build_char_model, quiet_transformers, train_on_pairs
-    from .export import export_curriculum
-    from .groups import GroupShareWarning, advice, format_share_table
-    from .pipeline import score
-    from .testbed import TASKS, build_testbed, format_ranking_summary, ranking_summary, read_jsonl
+    from srdata.demo.tiny import build_char_model, quiet_transformers, train_on_pairs
+    from srdata.curriculum.export import export_curriculum
+    from srdata.curriculum.groups import GroupShareWarning, advice, format_share_table
+    from srdata.pipeline import score
+    from srdata.demo.testbed import TASKS, build_testbed, format_ranking_summary, ranking_summary, read_jsonl
 
     started = time.perf_counter()
     output = Path(output)
@@ -111,7 +111,7 @@ def run_demo(
     echo("")
     echo(how_much_to_drop(summary, shares))
     echo(f"\ncurriculum (4 stages, easiest 3 kept): {curriculum}")
-    echo(f"the same cut within every task (--stratify task, each task 25% of every stage): {stratified}")
+    echo(f"the same cut within every task (--stratify task: each task keeps its share of every stage): {stratified}")
     echo(f"annotated rows: {result.annotated_path}")
     echo("next: distil on it with `srd-distill train`, or run the whole comparison with "
          "`python benchmarks/repro/run.py --quick` (SRD vs full-data KD)")
@@ -122,8 +122,8 @@ def run_demo(
 def how_much_to_drop(summary: Mapping[str, Any], shares: Mapping[str, Any]) -> str:
     """What the demo's numbers mean for a user choosing how much to drop (one paragraph, with the numbers).
 
-    ``summary`` is :func:`srdata.testbed.ranking_summary` of the scored pairs, ``shares``
-    the :func:`srdata.groups.group_shares` entry of the task column.
+    ``summary`` is :func:`srdata.demo.testbed.ranking_summary` of the scored pairs, ``shares``
+    the :func:`srdata.curriculum.groups.group_shares` entry of the task column.
 
     Example:
         >>> print(how_much_to_drop(summary, shares))          # doctest: +SKIP

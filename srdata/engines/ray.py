@@ -36,8 +36,8 @@ from typing import Any
 
 import polars as pl
 
-from ..store import Shard
-from . import OnShard, ShardJob
+from srdata.run.folder import Shard
+from srdata.engines import OnShard, ShardJob
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class ShardScorer:
     """
 
     def __init__(self, config: dict[str, Any], mapping: Any, template: str) -> None:
-        from ..backends import load_backend
-        from ..config import ScoreConfig
-        from ..pipeline import _backend_options, _load_tokenizer
+        from srdata.backends import load_backend
+        from srdata.config import ScoreConfig
+        from srdata.pipeline import _backend_options, _load_tokenizer
 
         self.config = ScoreConfig.model_validate(config)
         self.mapping = mapping
@@ -82,7 +82,7 @@ class ShardScorer:
         self.backend = load_backend(m.backend, m.model, tokenizer=self.tokenizer, **_backend_options(self.config))
 
     def score(self, shard: Shard, rows: dict[str, list]) -> pl.DataFrame:
-        from ..pipeline import score_shard
+        from srdata.pipeline import score_shard
 
         return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config)
 
@@ -117,7 +117,7 @@ def run_ray(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress:
 
 
 def _score_on_ray(ray: Any, job: ShardJob, pending: list[Shard], on_shard: OnShard, replicas: int, progress: bool) -> None:
-    from ..pipeline import _ProgressBar
+    from srdata.pipeline import _ProgressBar
 
     settings = job.config.engine
     log.info("scoring %d shards on Ray with %d replica(s)", len(pending), replicas)

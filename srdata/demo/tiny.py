@@ -169,7 +169,7 @@ def build_qwen2_05b_layout(path: str | Path, texts: Iterable[str], *, vocab_size
 
 
 # --------------------------------------------------------------------------------------
-# Character-level models for the controlled testbed (srdata.testbed)
+# Character-level models for the controlled testbed (srdata.demo.testbed)
 # --------------------------------------------------------------------------------------
 
 
@@ -191,7 +191,7 @@ def build_char_model(
     """
     from transformers import GPT2Config, LlamaConfig
 
-    from ..testbed import char_tokenizer
+    from srdata.demo.testbed import char_tokenizer
 
     path = Path(path)
     tokenizer = char_tokenizer()
@@ -242,7 +242,7 @@ def train_on_pairs(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..tokenize import encode_pairs
+    from srdata.steps.tokenize import encode_pairs
 
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many prompts as responses (and at least one), got {len(prompts)} and {len(responses)}")

@@ -56,7 +56,7 @@ class GroupShareWarning(UserWarning):
     """A group's share of a stage or of the dropped part is far from its share of all rows.
 
     Turn it into an error in a pipeline with ``warnings.simplefilter("error", GroupShareWarning)``
-    (or ``python -W error::srdata.groups.GroupShareWarning``).
+    (or ``python -W error::srdata.curriculum.groups.GroupShareWarning``).
     """
 
 

@@ -270,7 +270,7 @@ def build_testbed(folder: str | Path, spec: TestbedSpec = TestbedSpec()) -> Test
     counts = {name: len(rows) for name, rows in splits.items()}
     counts["train_noisy"] = sum(r["is_noisy"] for r in train)
     spec_file = folder / "testbed.json"
-    from .io import write_json_atomic
+    from srdata.run.io import write_json_atomic
 
     write_json_atomic(spec_file, {"spec": asdict(spec), "seeds": seeds, "counts": counts, "tasks": _task_table()})
     return TestbedFiles(folder, paths["train"], paths["dev"], paths["test"], paths["teacher_sft"], paths["warmup"], spec_file, counts)
@@ -293,7 +293,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
         >>> write_jsonl("/tmp/rows.jsonl", [{"prompt": "copy a\\n", "response": "a"}])   # doctest: +SKIP
         PosixPath('/tmp/rows.jsonl')
     """
-    from .io import atomic_path
+    from srdata.run.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -12,7 +12,7 @@ and three PNG figures (matplotlib, no display needed):
 Stages come from the run's ``curriculum/curriculum.json`` when it exists (or the one
 given), otherwise from the paper's default cut (4 stages, keep 3). With ``by`` columns the
 report also gives each group's share of every stage and of the dropped part, warns
-(:class:`~srdata.groups.GroupShareWarning`) where a share is far from the group's share
+(:class:`~srdata.curriculum.groups.GroupShareWarning`) where a share is far from the group's share
 of all ranked rows, and writes the same tables to ``groups.json`` (empty without ``by``).
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from srdata.export import (
+from srdata.curriculum.export import (
     ANNOTATED_FILE,
     CURRICULUM_FILE,
     CurriculumError,
@@ -40,7 +40,7 @@ from srdata.export import (
     share_check,
     stage_bounds,
 )
-from srdata.groups import (
+from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
     STRATIFIED_COLUMN,
@@ -53,8 +53,8 @@ from srdata.groups import (
     share_table_rows,
     stratified_ranks,
 )
-from srdata.io import write_json_atomic
-from srdata.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
+from srdata.run.io import write_json_atomic
+from srdata.steps.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
 
 SCORE_COLUMNS = ("rouge_l", "ce_loss")
 RANK_COLUMNS = ("rank_rouge_l", "rank_ce_loss")
@@ -91,7 +91,7 @@ class Stages:
         return expr
 
     def parts(self, n_ranked: int) -> list:
-        """Every stage file and the dropped part as :class:`srdata.groups.Part` ranges of positions."""
+        """Every stage file and the dropped part as :class:`srdata.curriculum.groups.Part` ranges of positions."""
         starts = [0] * len(self.ends) if self.layout == "cumulative" else [0, *self.ends[:-1]]
         return curriculum_parts(list(zip(starts, self.ends)), n_ranked)
 
@@ -167,7 +167,7 @@ def build_report(
     """Write ``report.md``, ``report.html``, the PNG figures and ``groups.json``; return the report folder.
 
     For every ``by`` column the report holds each group's share of all ranked rows, of
-    every stage and of the dropped part, and a :class:`~srdata.groups.GroupShareWarning`
+    every stage and of the dropped part, and a :class:`~srdata.curriculum.groups.GroupShareWarning`
     is raised for each share more than ``max_share_ratio`` times, or less than
     ``1 / max_share_ratio`` of, the group's own (groups of ``min_group_rows`` rows or more).
 

@@ -13,7 +13,7 @@ cumulative boundaries (``0.25,0.5,0.75``); the rows past the last boundary are d
 
 ``by`` checks every group of a column (template, task, source) against its share of each
 stage and of the dropped part, and warns where a stage or the dropped part holds a group
-far from its share (:mod:`srdata.groups`); ``stratify`` cuts the stages inside every
+far from its share (:mod:`srdata.curriculum.groups`); ``stratify`` cuts the stages inside every
 group instead, from the ``stratified_rank`` order, so that every group keeps its share.
 
 Inside a stage file the rows come part by part, easiest part first, each part in input
@@ -48,7 +48,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from srdata.groups import (
+from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
     STRATIFIED_COLUMN,
@@ -60,7 +60,7 @@ from srdata.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.io import publish, remove_stale_temps, temp_path, write_json_atomic
+from srdata.run.io import publish, remove_stale_temps, temp_path, write_json_atomic
 from srdata.parquet_splice import (
     COPY_BLOCK_BYTES,
     AlignedBuffer,
@@ -81,7 +81,7 @@ from srdata.parquet_splice import (
     with_chunks,
     without_key_value_metadata,
 )
-from srdata.rank import (
+from srdata.steps.rank import (
     CONTRACT_KEYS,
     DEFAULT_RRF_K,
     DIFFICULTY_COLUMN,
@@ -344,7 +344,7 @@ def export_curriculum(
 
     ``by`` (one column or several) records each group's share of every stage and of the
     dropped part in ``curriculum.json`` and raises a
-    :class:`~srdata.groups.GroupShareWarning` for every group whose share of a part is
+    :class:`~srdata.curriculum.groups.GroupShareWarning` for every group whose share of a part is
     more than ``max_share_ratio`` times, or less than ``1 / max_share_ratio`` of, its share
     of all ranked rows (groups of at least ``min_group_rows`` rows). ``stratify`` cuts the
     stages inside each group of that column, so every group keeps its share (the stage
@@ -1055,7 +1055,7 @@ def curriculum_summary(
     """The content of ``curriculum.json``: sizes, thresholds, settings, group shares and provenance.
 
     With ``stratify`` the stages were cut from ``ranks[stratified_rank]``, else from the
-    difficulty ranks; ``shares`` holds the :func:`srdata.groups.group_shares` of each checked column.
+    difficulty ranks; ``shares`` holds the :func:`srdata.curriculum.groups.group_shares` of each checked column.
     """
     from srdata import __version__
 

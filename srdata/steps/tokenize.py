@@ -19,7 +19,7 @@ Chat-template prompts have text of their own around the user's content (a system
 and the user header before it; the end of the user turn and the assistant header after
 it). Truncation must not cut it: without the assistant header the model would go on
 writing the user's text. ``keep=(head, tail)`` names that text (see
-:func:`srdata.prompts.chat_affixes`); a truncated prompt keeps it whole and cuts only the
+:func:`srdata.steps.prompts.chat_affixes`); a truncated prompt keeps it whole and cuts only the
 content between, on ``truncation_side``.
 """
 
@@ -146,7 +146,7 @@ def _split_kept(tokenizer: Any, text: str, keep: tuple[str, str], plain: list[in
 
 
 def unconditional_prompt_ids(tokenizer: Any, prompt: str, **options: Any) -> list[int]:
-    """Token ids of the unconditional prompt (:func:`srdata.prompts.unconditional_prompt`).
+    """Token ids of the unconditional prompt (:func:`srdata.steps.prompts.unconditional_prompt`).
 
     Encoded by the same rules, with the same options, as every row's prompt
     (:func:`encode_pairs`). A prompt that encodes to no token at all (``--template raw``

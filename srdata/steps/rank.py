@@ -180,22 +180,29 @@ def _check_settings(df: pl.DataFrame, keys: Sequence[RankKey], rrf_k: int, ties:
 
 
 def _check_has_values(df: pl.DataFrame, keys: Sequence[RankKey]) -> None:
-    """Refuse a fused column that is null on every scored row (a signal the run was not scored with).
+    """Refuse a signal column (``--signals``) that is null on every scored row: the run was
+    scored without that signal, so ranking by it would leave no row rankable.
 
-    Such a key would leave no row rankable; the message says how to fill it.
+    Scored rows: no ``invalid_reason`` and a ``ce_loss``. Other columns keep the general
+    rule (rows with a null score are not ranked).
     """
-    scored = df.filter(pl.col(INVALID_COLUMN).is_null()) if INVALID_COLUMN in df.columns else df
+    signal_keys = [key for key in keys if key.column in SIGNAL_COLUMNS]
+    if not signal_keys:
+        return
+    scored = df
+    if INVALID_COLUMN in df.columns:
+        scored = scored.filter(pl.col(INVALID_COLUMN).is_null())
+    if "ce_loss" in df.columns:
+        scored = scored.filter(pl.col("ce_loss").is_not_null())
     if scored.height == 0:
         return
-    for key in keys:
+    for key in signal_keys:
         if scored[key.column].null_count() == scored.height:
-            signal = SIGNAL_COLUMNS.get(key.column)
-            fix = (
-                f"it is filled when the run is scored with `srdata score --signals {signal}` (a run scored without it "
+            raise RankingError(
+                f"--rank-by column {key.column!r} is empty (null on all {scored.height} scored rows): it is filled when "
+                f"the run is scored with `srdata score --signals {SIGNAL_COLUMNS[key.column]}` (a run scored without it "
                 "must be scored again into a new --output, or with --overwrite)"
-                if signal else "fill it, or rank by other columns"
             )
-            raise RankingError(f"--rank-by column {key.column!r} is empty (null on all {scored.height} scored rows): {fix}")
 
 
 def _all_distinct(ids: pl.Series) -> bool:

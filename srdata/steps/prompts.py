@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .data import ColumnMapping
+from srdata.steps.load import ColumnMapping
 
 ALPACA = (
     "Below is an instruction that describes a task. "
@@ -118,7 +118,7 @@ def chat_affixes(tokenizer: Any) -> tuple[str, str]:
 
     For ChatML (SmolLM2, Qwen): the system turn and ``<|im_start|>user\n`` before, and
     ``<|im_end|>\n<|im_start|>assistant\n`` after. Truncation keeps both (see
-    :func:`srdata.tokenize.encode_pairs`'s ``keep``). ``("", "")`` when the template does
+    :func:`srdata.steps.tokenize.encode_pairs`'s ``keep``). ``("", "")`` when the template does
     not show the content verbatim.
 
     Example:

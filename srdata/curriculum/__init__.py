@@ -1,0 +1,1 @@
+"""From a scored run to curriculum stages: export, groups, report, load (torch)."""

@@ -1,0 +1,1 @@
+"""The controlled testbed, its tiny models, and `srdata demo`."""

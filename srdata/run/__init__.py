@@ -1,0 +1,1 @@
+"""The run folder: file names, manifest, shards, resume, atomic writes."""

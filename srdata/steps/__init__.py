@@ -1,0 +1,1 @@
+"""The steps of a scoring run, each one thing: load, prompts, tokenize, context, rouge, rank."""
