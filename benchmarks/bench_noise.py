@@ -30,7 +30,7 @@ own pieces (``srdata.steps.tokenize.encode_pairs`` with the run's options, the b
 ``score`` for ``ce_loss`` and for ``ce_loss_uncond`` after
 ``srdata.steps.prompts.unconditional_prompt``, ``srdata.rouge_l``); a check re-scores a few clean
 rows this way and requires the run's own values; ``ifd`` and ``pmi`` come from
-``srdata.pipeline.instruction_following_difficulty`` and ``prompt_pmi``, as in a run.
+``srdata.shard.instruction_following_difficulty`` and ``prompt_pmi``, as in a run.
 Each ranking then ranks all rows with ``srdata.steps.rank.rank`` (RRF k = 60) and the export's
 cut (4 stages, keep 3) gives the dropped quarter: **recall** = share of the corrupted rows in it, **precision** = share of
 it that is corrupted (at most share x 4 = 40%). Spearman correlations are between the
@@ -271,7 +271,7 @@ def check_rescoring(clean: pl.DataFrame, rescorer: Rescorer, n: int = 6) -> floa
 # -------------------------------------------------------------------------- metrics
 def with_corruption(clean: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     """The clean run's score columns with the corrupted rows' scores put in, and ``corrupted``."""
-    from srdata.pipeline import instruction_following_difficulty, prompt_pmi
+    from srdata.shard import instruction_following_difficulty, prompt_pmi
 
     columns = ["srd_id", "rouge_l", "ce_loss", "ce_loss_uncond", "reference_tokens"]
     frame = clean.select(columns).join(scores.select(columns), on="srd_id", how="left", suffix="_bad")

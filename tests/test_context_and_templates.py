@@ -175,7 +175,7 @@ def test_generation_stops_at_every_end_id_the_model_lists(tiny_llama, tmp_path):
     from srdata.config import build_config
     from srdata.steps.context import model_stop_ids
     from srdata.steps.load import ColumnMapping
-    from srdata.pipeline import score_shard
+    from srdata.shard import score_shard
     from srdata.run.folder import Shard
 
     model = tmp_path / "llama"

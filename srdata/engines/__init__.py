@@ -1,6 +1,6 @@
 """Engines run the pending shards of a scoring run: here (``local``) or on Ray (``ray``).
 
-Every engine scores a shard with the same :func:`srdata.pipeline.score_shard` call, on
+Every engine scores a shard with the same :func:`srdata.shard.score_shard` call, on
 exactly the shard's rows, and hands each finished shard to ``on_shard`` (which writes
 the shard file and the manifest on the driver). The output therefore does not depend on
 the engine: only where and how fast the shards are scored does.
@@ -58,11 +58,12 @@ def run_shards(engine: str, job: ShardJob, pending: list[Shard], on_shard: OnSha
 def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
     """One backend in this process, the shards one after the other."""
     from srdata.backends import load_backend
-    from srdata.pipeline import _backend_options, _ProgressBar, score_shard
+    from srdata.engines.progress import ProgressBar
+    from srdata.shard import backend_options, score_shard
 
     config = job.config
-    backend = load_backend(config.model.backend, config.model.model, tokenizer=job.tokenizer, **_backend_options(config))
-    bar = _ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
+    backend = load_backend(config.model.backend, config.model.model, tokenizer=job.tokenizer, **backend_options(config))
+    bar = ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
     try:
         for shard in pending:
             t0 = time.perf_counter()

@@ -9,7 +9,7 @@ How a run flows:
   work that Ray can schedule, retry and never split.
 * ``map_batches`` runs :class:`ShardScorer` on a fixed pool of actors
   (``ActorPoolStrategy(size=num_replicas)``, ``num_gpus=gpus_per_replica``); each actor
-  loads the tokenizer and one backend once, then calls :func:`srdata.pipeline.score_shard`
+  loads the tokenizer and one backend once, then calls :func:`srdata.shard.score_shard`
   on whole shards: the same function, on the same rows, as the local engine, so the
   values are identical.
 * The scored frame goes back to the driver, which writes the shard file atomically, marks
@@ -72,17 +72,17 @@ class ShardScorer:
     def __init__(self, config: dict[str, Any], mapping: Any, template: str) -> None:
         from srdata.backends import load_backend
         from srdata.config import ScoreConfig
-        from srdata.pipeline import _backend_options, _load_tokenizer
+        from srdata.shard import backend_options, load_tokenizer
 
         self.config = ScoreConfig.model_validate(config)
         self.mapping = mapping
         self.template = template
-        self.tokenizer = _load_tokenizer(self.config)
+        self.tokenizer = load_tokenizer(self.config)
         m = self.config.model
-        self.backend = load_backend(m.backend, m.model, tokenizer=self.tokenizer, **_backend_options(self.config))
+        self.backend = load_backend(m.backend, m.model, tokenizer=self.tokenizer, **backend_options(self.config))
 
     def score(self, shard: Shard, rows: dict[str, list]) -> pl.DataFrame:
-        from srdata.pipeline import score_shard
+        from srdata.shard import score_shard
 
         return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config)
 
@@ -117,7 +117,7 @@ def run_ray(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress:
 
 
 def _score_on_ray(ray: Any, job: ShardJob, pending: list[Shard], on_shard: OnShard, replicas: int, progress: bool) -> None:
-    from srdata.pipeline import _ProgressBar
+    from srdata.engines.progress import ProgressBar
 
     settings = job.config.engine
     log.info("scoring %d shards on Ray with %d replica(s)", len(pending), replicas)
@@ -134,7 +134,7 @@ def _score_on_ray(ray: Any, job: ShardJob, pending: list[Shard], on_shard: OnSha
     done: set[int] = set()
     context = ray.data.DataContext.get_current()
     ray_bars, context.enable_progress_bars = context.enable_progress_bars, False  # the driver shows its own bar
-    bar = _ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
+    bar = ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
     last = time.perf_counter()
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):

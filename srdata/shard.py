@@ -1,0 +1,185 @@
+"""Score one shard: render prompts -> tokenize -> generate + score -> metrics.
+
+What every engine runs on its rows (in this process or on a Ray actor), with the
+tokenizer and the student backend this module also knows how to load. It does not
+know who calls it: :func:`srdata.pipeline.score` plans the shards and writes them.
+
+Example:
+    >>> frame = score_shard(rows, shard, mapping, "chat", tokenizer, backend, config)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from srdata.backends import GenerationParams, select_backend
+from srdata.config import ScoreConfig
+from srdata.steps.context import check_pair_lengths, model_stop_ids, model_max_positions
+from srdata.steps.load import ColumnMapping
+from srdata.steps.prompts import chat_affixes, render_rows, unconditional_prompt
+from srdata.steps.rouge import rouge_l
+from srdata.run.folder import Shard
+from srdata.steps.tokenize import encode_pairs, resolve_eos_id, unconditional_prompt_ids
+
+log = logging.getLogger(__name__)
+
+#: Columns srdata adds to every row (the public contract), in output order.
+SCORE_COLUMNS = [
+    "srd_id", "prompt_text", "reference_text", "student_output", "finish_reason", "prompt_tokens", "reference_tokens",
+    "output_tokens", "prompt_truncated", "reference_truncated", "rouge_l", "ce_loss", "ce_loss_uncond", "ifd", "pmi", "invalid_reason",
+]
+RANK_COLUMNS = ["rank_rouge_l", "rank_ce_loss", "rrf_score", "difficulty_rank"]
+SHARD_SCHEMA = {
+    "srd_id": pl.Int64, "prompt_text": pl.String, "reference_text": pl.String, "student_output": pl.String, "finish_reason": pl.String,
+    "prompt_tokens": pl.Int64, "reference_tokens": pl.Int64, "output_tokens": pl.Int64,
+    "prompt_truncated": pl.Boolean, "reference_truncated": pl.Boolean, "rouge_l": pl.Float64,
+    "ce_loss": pl.Float64, "ce_loss_uncond": pl.Float64, "ifd": pl.Float64, "pmi": pl.Float64, "invalid_reason": pl.String,
+}
+
+
+def score_shard(
+    rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, backend: Any,
+    config: ScoreConfig, on_progress: Callable[[int, int], None] | None = None,
+) -> pl.DataFrame:
+    """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L (and the asked signals)."""
+    rendered = render_rows(rows, mapping, template, tokenizer)
+    valid = [i for i, r in enumerate(rendered) if r.invalid_reason is None]
+    encoding = encoding_options(config, template, tokenizer)
+    pairs = encode_pairs(
+        tokenizer,
+        [rendered[i].prompt_text for i in valid],
+        [rendered[i].reference for i in valid],
+        max_reference_tokens=config.prompt.max_reference_tokens,
+        **encoding,
+    )
+    prompt_ids = [p.prompt_ids for p in pairs]
+    if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
+        check_pair_lengths(prompt_ids, [p.reference_ids for p in pairs], [shard.start + i for i in valid], max_positions(config))
+    eos_id = resolve_eos_id(tokenizer)  # the one appended to references; the model's own end ids also stop generation
+    stop_ids = (eos_id, *(i for i in model_stop_ids(config.model.model) if i != eos_id))
+    params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, stop_ids)
+    ce_losses, generations = backend.score_and_generate(prompt_ids, [p.reference_ids for p in pairs], params, on_progress)
+    rouge = rouge_l([g.text for g in generations], [rendered[i].reference for i in valid], tokenizer=config.metrics.rouge_tokenizer)
+    uncond_losses: list[float | None] = [None] * len(valid)
+    if "ifd" in config.metrics.signals and valid:
+        # The same reference ids after the template's empty prompt: one more forward over
+        # a short shared prompt and the reference tokens (no generation).
+        uncond_ids = unconditional_prompt_ids(tokenizer, unconditional_prompt(template, mapping, tokenizer), **encoding)
+        uncond_losses = backend.score([uncond_ids] * len(pairs), [p.reference_ids for p in pairs], on_progress)
+
+    n = shard.stop - shard.start
+    columns: dict[str, list] = {name: [None] * n for name in SHARD_SCHEMA}
+    columns["srd_id"] = list(range(shard.start, shard.stop))
+    for i, r in enumerate(rendered):
+        columns["invalid_reason"][i] = r.invalid_reason
+        columns["prompt_text"][i] = r.prompt_text
+        columns["reference_text"][i] = r.reference
+    for k, i in enumerate(valid):
+        pair, generation = pairs[k], generations[k]
+        columns["student_output"][i] = generation.text
+        columns["finish_reason"][i] = generation.finish_reason
+        columns["prompt_tokens"][i] = len(pair.prompt_ids)
+        columns["reference_tokens"][i] = len(pair.reference_ids)
+        columns["output_tokens"][i] = len(generation.token_ids)
+        columns["prompt_truncated"][i] = pair.prompt_truncated
+        columns["reference_truncated"][i] = pair.reference_truncated
+        columns["rouge_l"][i] = rouge[k]
+        columns["ce_loss"][i] = ce_losses[k]
+        if uncond_losses[k] is not None:
+            columns["ce_loss_uncond"][i] = uncond_losses[k]
+            columns["ifd"][i] = instruction_following_difficulty(ce_losses[k], uncond_losses[k])
+            columns["pmi"][i] = prompt_pmi(ce_losses[k], uncond_losses[k], len(pair.reference_ids))
+    return pl.DataFrame(columns, schema=SHARD_SCHEMA)
+
+
+def instruction_following_difficulty(ce_loss: float, ce_loss_uncond: float) -> float:
+    """IFD = ce_loss / ce_loss_uncond: above 1 when the prompt makes the reference *less* likely.
+
+    A zero unconditional loss (the reference is certain without any prompt) gives 1 when
+    the conditional loss is zero too (the prompt changes nothing) and infinity otherwise
+    (the prompt only hurts), so that every scored row keeps a rankable value.
+
+    Example:
+        >>> instruction_following_difficulty(1.5, 3.0)
+        0.5
+    """
+    if ce_loss_uncond == 0:
+        return 1.0 if ce_loss == 0 else float("inf")
+    return ce_loss / ce_loss_uncond
+
+
+def prompt_pmi(ce_loss: float, ce_loss_uncond: float, reference_tokens: int) -> float:
+    """Nats the prompt saves on the whole reference: log p(reference | prompt) - log p(reference | empty prompt).
+
+    The pointwise mutual information of prompt and reference under the student, summed
+    over the reference tokens (end-of-sequence included): high when the reference answers
+    *this* prompt, near zero or negative when it could follow any prompt (a swapped or
+    misaligned answer). Unlike ``ifd``, a ratio of per-token means, it is not divided by
+    the length, so a short label that any question makes likelier keeps a small value.
+
+    Example:
+        >>> prompt_pmi(1.5, 3.0, reference_tokens=4)
+        6.0
+    """
+    return (ce_loss_uncond - ce_loss) * reference_tokens
+
+
+def encoding_options(config: ScoreConfig, template: str, tokenizer: Any) -> dict[str, Any]:
+    """How every prompt of the run is encoded (the rows' and the unconditional one)."""
+    return dict(
+        max_prompt_tokens=config.prompt.max_prompt_tokens,
+        truncation_side=config.prompt.truncation_side,
+        add_special_tokens=template != "chat",  # chat templates write their own special tokens
+        keep=chat_affixes(tokenizer) if template == "chat" else ("", ""),  # truncation never cuts the turn markers
+    )
+
+
+def load_tokenizer(config: ScoreConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    model = config.model.model
+    if Path(model).is_file():
+        raise FileNotFoundError(
+            f"--model {model} is a file; pass the folder that save_pretrained wrote (the one holding config.json "
+            "and the tokenizer files), or a hub id"
+        )
+    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise FileNotFoundError(f"model folder {model} does not exist; pass a folder saved with save_pretrained or a hub id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load the tokenizer of model {model!r}: it is not a local folder and the Hugging Face hub "
+            f"could not provide it (offline?). Pass a folder saved with save_pretrained. ({err})"
+        ) from err
+    if config.prompt.eos_token is not None:
+        if config.prompt.eos_token not in tokenizer.get_vocab():
+            raise ValueError(f"--eos-token {config.prompt.eos_token!r} is not a token of the tokenizer's vocabulary")
+        tokenizer.eos_token = config.prompt.eos_token
+    resolve_eos_id(tokenizer)  # fail early, before any model work, when there is none
+    return tokenizer
+
+
+def max_positions(config: ScoreConfig) -> int | None:
+    """The model's positions; vLLM's ``--max-model-len`` lowers them (the transformers backend ignores it)."""
+    vllm = select_backend(config.model.backend) == "vllm"
+    return model_max_positions(config.model.model, config.model.max_model_len if vllm else None)
+
+
+def backend_options(config: ScoreConfig) -> dict[str, Any]:
+    m = config.model
+    if select_backend(m.backend) == "vllm":
+        return dict(
+            dtype=m.dtype, seed=config.run.seed, gpu_memory_utilization=m.gpu_memory_utilization,
+            max_model_len=m.max_model_len, max_num_batched_tokens=m.max_num_batched_tokens,
+            tensor_parallel_size=m.tensor_parallel_size,
+            # vLLM has no such sampling parameter: the engine registers a logits processor for it.
+            no_repeat_ngram_size=config.generation.no_repeat_ngram_size,
+        )
+    return dict(device=m.device, dtype=m.dtype, batch_size=config.batching.batch_size, token_budget=config.batching.token_budget)
+
+
