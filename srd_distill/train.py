@@ -87,6 +87,7 @@ from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkp
                                 peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype)
 from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done
 from srd_distill.schedules import PRESETS, Schedule, ScheduleError, Stage, load_schedule, parse_epochs, with_epochs
+from srdata.run import folder as run_folder
 
 __all__ = [
     "TrainSettings",
@@ -777,11 +778,9 @@ def _keep_metrics_of(metrics_path: Path, finished: set[int]) -> float:
 
 
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every result-changing setting that differs."""
-    keys = sorted((set(old) | set(new)) - RESUMABLE_WITH_OTHER_VALUES)
-    # A setting added after a run was recorded counts as its default there (which it was, in effect).
-    old = {k: old[k] if k in old else getattr(TrainSettings.model_fields.get(k), "default", None) for k in keys}
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    """``key: old -> new`` for every result-changing setting that differs (the rule shared with ``srdata score``)."""
+    defaults = {k: f.default for k, f in TrainSettings.model_fields.items()}
+    return run_folder.diff_settings(old, new, ignore=RESUMABLE_WITH_OTHER_VALUES, defaults=defaults)
 
 
 class MetricsLog:

@@ -230,18 +230,3 @@ def settings_hash(settings: dict[str, Any]) -> str:
     """A short stable hash of result-determining settings."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable ``section.key: old -> new`` lines for every differing setting."""
-    lines = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section, {}), new.get(section, {})
-        if not isinstance(a, dict) or not isinstance(b, dict):
-            if a != b:
-                lines.append(f"{section}: {a!r} -> {b!r}")
-            continue
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                lines.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return lines

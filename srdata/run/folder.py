@@ -20,7 +20,6 @@ from typing import Any
 
 import polars as pl
 
-from srdata.config import diff_settings
 from srdata.run.io import atomic_path, remove_stale_temps, write_json_atomic
 
 
@@ -32,6 +31,41 @@ def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
         return settings
     parts = [str(Path(part).resolve()) if Path(part).exists() else part for part in data["dataset"].split(",")]
     return {**settings, "data": {**data, "dataset": ",".join(parts)}}
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def diff_settings(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    ignore: frozenset[str] | set[str] = frozenset(),
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
+    """``key: old -> new`` for every setting that differs between a recorded run and this one.
+
+    Nested sections are compared key by key (``generation.max_new_tokens``). ``ignore`` names
+    settings that may change on resume (speed or memory only); ``defaults`` fills settings the
+    old record lacks, because a setting added after a run was recorded had its default there.
+    Used by ``srdata score`` and ``srd-distill train`` alike.
+
+    Example:
+        >>> diff_settings({"generation": {"max_new_tokens": 8}}, {"generation": {"max_new_tokens": 16}})
+        ['generation.max_new_tokens: 8 -> 16']
+        >>> diff_settings({"lr": 1e-4}, {"lr": 1e-4, "epochs": 3}, defaults={"epochs": 3})
+        []
+    """
+    a, b = _flatten(old), _flatten(new)
+    filled = {**_flatten(defaults or {}), **a}
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    return [f"{k}: {filled.get(k)!r} -> {b.get(k)!r}" for k in keys if filled.get(k) != b.get(k)]
 
 
 class RunDirError(ValueError):
