@@ -175,7 +175,7 @@ class Rescorer:
     def __init__(self, run_dir: Path, model: Path, threads: int) -> None:
         import torch
 
-        from srdata.backends import load_backend
+        from srdata.backends.hf import HFBackend
         from srdata.steps.load import ColumnMapping
         from srdata.steps.prompts import chat_affixes, unconditional_prompt
         from srdata.steps.tokenize import unconditional_prompt_ids
@@ -183,7 +183,7 @@ class Rescorer:
         torch.set_num_threads(threads)
         manifest = json.loads((run_dir / "manifest.json").read_text())
         config = manifest["config"]
-        self.backend = load_backend("hf", str(model), device="cpu", dtype="float32")
+        self.backend = HFBackend.from_pretrained(str(model), device="cpu", dtype="float32")
         self.tokenizer = self.backend.tokenizer
         self.options = dict(
             max_prompt_tokens=config["prompt"]["max_prompt_tokens"], truncation_side=config["prompt"]["truncation_side"],

@@ -104,8 +104,8 @@ def main() -> int:
           f"1 CPU per Ray replica; ray {version('ray')}, torch {version('torch')}, python {platform.python_version()}")
     print(f"local Ray runtime start (once, not in the figures below): {ray_start:.1f} s")
     print()
-    print(f"| engine | replicas | end-to-end s | end-to-end rows/s | scoring s | scoring rows/s | vs local (scoring) |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| engine | replicas | end-to-end s | end-to-end rows/s | scoring s | scoring rows/s | vs local (scoring) |")
+    print("|---|---|---|---|---|---|---|")
     base = results[0][3]["rows_per_second"]
     for engine, replicas, wall, timings, _ in results:
         rps = timings["rows_per_second"]

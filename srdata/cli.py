@@ -1,14 +1,33 @@
-"""The ``srdata`` command line: it parses arguments and calls the library, nothing more."""
+"""The ``srdata`` command line: it parses arguments and calls the library, nothing more.
+
+Every option of ``score``, ``export``, ``rank`` and ``report`` is generated from a field of
+the pydantic settings in :mod:`srdata.config` (name, type, choices, help, default), so a
+setting is declared once and the CLI, the config file and the manifest agree on it.
+User errors become ``click.UsageError`` (bad options, exit 2) or ``click.ClickException``
+(a run or folder that cannot be used, exit 1): a message, no traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sys
-from typing import Any
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import click
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
 
-from srdata.config import BatchingConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig, RunConfig, merge, nest, read_config_file
+from srdata.config import SECTIONS, ExportConfig, RankConfig, ReportConfig, merge, nest, read_config_file
+
+F = TypeVar("F", bound=Callable[..., Any])
+SHORT_FLAGS = {"output": "-o"}
+RUN_DIR = click.Path(path_type=Path, file_okay=False)
 
 EXAMPLE = """
 \b
@@ -17,6 +36,85 @@ Example:
       --max-new-tokens 128 --shard-size 500
   srdata export runs/student-a            # 4 stages, keep the easiest 3
 """
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
+def _click_type(annotation: Any) -> tuple[Any, bool]:
+    """The click type of a field's annotation, and whether it is a list (comma-separated or repeated)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(choice) for choice in typing.get_args(annotation)]), False
+    if typing.get_origin(annotation) is list:
+        return str, True
+    if annotation is Path:
+        return click.Path(path_type=Path), False
+    return annotation, False
+
+
+def config_options(*models: type[BaseModel], skip: Sequence[str] = ()) -> Callable[[F], F]:
+    """One click option per field of ``models``: the flag, type, choices and help come from the field.
+
+    Every option defaults to ``None`` (= not given), so a flag overrides a config file only
+    when it is on the command line; the field's default is shown in the help.
+
+    Example:
+        >>> @click.command()
+        ... @config_options(ReportConfig)
+        ... def report(**given): ...
+        >>> "--max-share-ratio" in [o.opts[0] for o in report.params]
+        True
+    """
+
+    def decorate(command: F) -> F:
+        fields = [(name, field) for model in models for name, field in model.model_fields.items() if name not in skip]
+        for name, field in reversed(fields):
+            click_type, is_list = _click_type(field.annotation)
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            help_text = field.description or ""
+            default = field.default
+            if default not in (None, PydanticUndefined) and not isinstance(default, bool):
+                help_text += f" [default: {default}]"
+            names = [flag(name), *([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])]
+            if click_type is bool:
+                option = click.option(*names, name, is_flag=True, default=None, help=help_text)
+            elif is_list and extra.get("multiple"):
+                option = click.option(*names, name, multiple=True, metavar=extra.get("metavar"), help=help_text)
+            else:
+                metavar = extra.get("metavar") or ("A,B,..." if is_list else None)
+                option = click.option(*names, name, type=click_type, default=None, metavar=metavar, help=help_text)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def given_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The options that were on the command line (``None`` and empty repeated options were not)."""
+    return {key: value for key, value in flags.items() if value is not None and value != ()}
+
+
+def build(model: type[BaseModel], given: dict[str, Any]) -> Any:
+    """Validate the given flags into ``model``; a bad value is a usage error that names its flag."""
+    try:
+        return model.model_validate({key: list(value) if isinstance(value, tuple) else value for key, value in given.items()})
+    except ValidationError as err:
+        raise click.UsageError("; ".join(_problem(e) for e in err.errors())) from None
+
+
+BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _problem(error: Any) -> str:
+    """``--rrf-k must be >= 0, got -3`` rather than pydantic's wording."""
+    name = flag(str(error["loc"][0]))
+    if error["type"] in BOUNDS:
+        return f"{name} must be {BOUNDS[error['type']]} {next(iter(error['ctx'].values()))}, got {error['input']}"
+    return f"{name}: {error['msg']}" + (f" (got {error['input']!r})" if "input" in error else "")
 
 
 def silence_library_progress() -> None:
@@ -30,9 +128,45 @@ def silence_library_progress() -> None:
     transformers.logging.set_verbosity_error()
 
 
-def _default(section: type, name: str) -> str:
-    default = section.model_fields[name].default
-    return f" [default: {default}]" if default is not None else ""
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Option values the library refuses: shown as usage errors (exit code 2)."""
+    from srdata.curriculum.export import CurriculumError
+    from srdata.steps.rank import RankingError
+
+    try:
+        yield
+    except (CurriculumError, RankingError) as err:
+        raise click.UsageError(str(err)) from None
+
+
+@contextlib.contextmanager
+def run_errors() -> Iterator[None]:
+    """A run, column or folder that cannot be used: shown as an error (exit code 1)."""
+    from srdata.curriculum.export import CurriculumError
+    from srdata.steps.rank import RankingError
+
+    try:
+        yield
+    except (CurriculumError, RankingError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def echo_shares(shares: Sequence[dict[str, Any]], tables: bool = True) -> None:
+    """Per-group share tables on stdout; the warnings and what to do about them on stderr."""
+    from srdata.curriculum.groups import SHOWN_WARNINGS, advice, format_share_table
+
+    for result in shares:
+        if tables:
+            click.echo(f"share of each {result['column']} (! = warned):")
+            for line in format_share_table(result):
+                click.echo(f"  {line}")
+        for message in result["warnings"][:SHOWN_WARNINGS]:
+            click.echo(f"warning: {message}", err=True)
+        if len(result["warnings"]) > SHOWN_WARNINGS:
+            click.echo(f"warning: ... and {len(result['warnings']) - SHOWN_WARNINGS} more for {result['column']} (all are listed in the JSON/report)", err=True)
+        if result["warnings"]:
+            click.echo(advice(result), err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -47,41 +181,8 @@ def main() -> None:
 
 @main.command(epilog=EXAMPLE)
 @click.argument("dataset")
-@click.option("--model", help="The student: a folder saved with save_pretrained, or a hub id.")
-@click.option("--output", "-o", help="Run folder for annotated.parquet, manifest.json and shards/.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML/TOML/JSON file with the same settings; flags override it.")
-@click.option("--split", help="Dataset split (hub datasets and save_to_disk folders). [default: train]")
-@click.option("--prompt-column", help="Column with the instruction/prompt (auto-detected when omitted).")
-@click.option("--response-column", help="Column with the reference response (auto-detected when omitted).")
-@click.option("--input-column", help="Optional context/input column (alpaca's ### Input block).")
-@click.option("--limit", type=int, help="Score only the first N rows.")
-@click.option("--template", help="auto | alpaca | raw | chat | a format string with {column} fields; auto = chat when the tokenizer has a chat template, else alpaca. [default: auto]")
-@click.option("--max-prompt-tokens", type=int, help="Longer prompts are truncated and flagged." + _default(PromptConfig, "max_prompt_tokens"))
-@click.option("--max-reference-tokens", type=int, help="Longer references are cut and flagged." + _default(PromptConfig, "max_reference_tokens"))
-@click.option("--truncation-side", type=click.Choice(["left", "right"]), help="left keeps the prompt's end (next to the answer); right keeps its start, as the SRD reference. [default: left]")
-@click.option("--eos-token", help="End-of-sequence token to use when the tokenizer has none.")
-@click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), help="auto = vllm when importable and a GPU is visible, else hf. [default: auto]")
-@click.option("--device", help="auto | cpu | cuda | cuda:N. [default: auto]")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto = bfloat16 on GPU, float32 on CPU. [default: auto]")
-@click.option("--max-new-tokens", type=int, help="Most tokens the student generates." + _default(GenerationConfig, "max_new_tokens"))
-@click.option("--no-repeat-ngram-size", type=int, help="Ban repeated n-grams while generating (the SRD reference used 6).")
-@click.option("--batch-size", type=int, help="Most rows per forward pass." + _default(BatchingConfig, "batch_size"))
-@click.option("--token-budget", type=int, help="Most padded tokens per forward pass." + _default(BatchingConfig, "token_budget"))
-@click.option("--shard-size", type=int, help="Rows per resumable shard." + _default(BatchingConfig, "shard_size"))
-@click.option("--rouge-tokenizer", type=click.Choice(["default", "unicode"]), help="default = exactly rouge-score; unicode also scores non-Latin text (deviates from rouge-score). [default: default]")
-@click.option("--rrf-k", type=int, help="Reciprocal rank fusion constant." + _default(MetricsConfig, "rrf_k"))
-@click.option("--signals", metavar="NAME,...", help="Extra per-row signals: ifd adds ce_loss_uncond (the reference's cross-entropy after the template's empty prompt), ifd (ce_loss / ce_loss_uncond) and pmi (nats the prompt saves on the reference), for `--rank-by noisy`; one more forward pass over the reference tokens. [default: none]")
-@click.option("--on-invalid", type=click.Choice(["error", "skip", "flag"]), help="What to do with rows that cannot be scored (null or empty prompt, ...). [default: error]")
-@click.option("--seed", type=int, help="Random seed." + _default(RunConfig, "seed"))
-@click.option("--overwrite", is_flag=True, default=None, help="Start over in an output folder that holds a run with other settings.")
-@click.option("--gpu-memory-utilization", type=float, help="vLLM: share of GPU memory for the engine." + _default(ModelConfig, "gpu_memory_utilization"))
-@click.option("--max-model-len", type=int, help="vLLM: context length of the engine.")
-@click.option("--max-num-batched-tokens", type=int, help="vLLM: tokens per engine step (lower it if prompt log-probs run out of memory).")
-@click.option("--tensor-parallel-size", type=int, help="vLLM: GPUs per model replica. [default: 1]")
-@click.option("--engine", type=click.Choice(["local", "ray"]), help="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way. [default: local]")
-@click.option("--ray-address", help="Ray: cluster to join (auto, HOST:6379, ray://HOST:10001). [default: RAY_ADDRESS, else a Ray already running on this machine, else a new local one]")
-@click.option("--num-replicas", type=int, help="Ray: scoring actors, each holding one model. [default: as many as the cluster fits]")
-@click.option("--gpus-per-replica", type=float, help="Ray: GPUs per actor (vLLM: the tensor-parallel size). [default: 0]")
+@config_options(*SECTIONS.values(), skip=("dataset",))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
 def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> None:
     """Annotate DATASET with the student's output, ROUGE-L, cross-entropy and SRD ranks.
@@ -92,15 +193,15 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
     """
     from srdata.pipeline import score as run_score
 
-    given = {key: value for key, value in flags.items() if value is not None}
-    given["dataset"] = dataset
+    given = {**given_flags(flags), "dataset": dataset}
     if quiet:
         silence_library_progress()
+    settings: dict[str, Any] = {}
     try:
         settings = merge(read_config_file(config_file), nest(given)) if config_file else nest(given)
-        for section, key, flag in (("model", "model", "--model"), ("run", "output", "--output")):
+        for section, key in (("model", "model"), ("run", "output")):
             if key not in settings.get(section, {}):
-                raise click.UsageError(f"{flag} is required (on the command line or in --config)")
+                raise click.UsageError(f"{flag(key)} is required (on the command line or in --config)")
         result = run_score(settings, progress=not quiet, echo=None if quiet else click.echo)
     except KeyboardInterrupt:
         output = settings.get("run", {}).get("output", "the output folder")
@@ -118,6 +219,102 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
             + (f", {counts['rows_flagged']} flagged" if counts["rows_flagged"] else "")
             + f"; next: srdata export {result.output}"
         )
+
+
+@main.command("export", epilog="Example:\n\n\b\n  srdata export runs/dolly\n  srdata export runs/dolly --stages 4 --keep 4 --layout disjoint --format jsonl --out runs/dolly/pocl")
+@click.argument("run_dir", type=RUN_DIR)
+@config_options(ExportConfig)
+def export_cmd(run_dir: Path, **flags: Any) -> None:
+    """Cut a scored run into SRD curriculum stages (easiest first).
+
+    Writes OUT/stage-K.parquet (annotated columns + `stage`) and OUT/curriculum.json
+    (sizes, rank and score thresholds, settings, group shares, source run hash). Ranking
+    options re-rank in memory; the run itself is not changed. With --by, groups whose share
+    of a stage or of the dropped part is far from their overall share are warned about
+    on stderr and listed in curriculum.json.
+    """
+    from srdata.curriculum.export import export_curriculum, plan_stages, share_check
+    from srdata.curriculum.groups import GroupShareWarning
+    from srdata.steps.rank import parse_rank_by
+
+    config: ExportConfig = build(ExportConfig, given_flags(flags))
+    with usage_errors():
+        plan_stages(config.stages, config.keep, config.fractions, config.layout)
+        parse_rank_by(config.rank_by)
+        share_check(config.max_share_ratio, config.min_group_rows)
+    with run_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GroupShareWarning)  # echoed below from curriculum.json, formatted for the terminal
+        settings = config.model_dump()
+        folder = export_curriculum(run_dir, fmt=settings.pop("format"), **settings)
+    summary = json.loads((folder / "curriculum.json").read_text())
+    for stage in summary["stages"]:
+        thresholds = stage["thresholds"]
+        if "max_difficulty_rank" in thresholds:
+            cut = f"difficulty_rank <= {thresholds['max_difficulty_rank']}, rrf_score >= {thresholds['min_rrf_score']:.6g}"
+        else:
+            cut = f"stratified_rank <= {thresholds['max_stratified_rank']}: the easiest {stage['rows'] / summary['source']['valid_rows']:.0%} of every {config.stratify}"
+        click.echo(f"{stage['file']}: {stage['rows']} rows ({cut})")
+    click.echo(f"dropped: {summary['dropped']['rows']} hardest rows; invalid: {summary['source']['invalid_rows']} rows")
+    echo_shares(summary["groups"])
+    click.echo(f"wrote {folder / 'curriculum.json'}")
+
+
+@main.command("rank", epilog="Example:\n\n\b\n  srdata rank runs/dolly --ties reference\n  srdata rank runs/dolly --rank-by rouge_l:desc,ce_loss:asc:2,output_tokens:asc")
+@click.argument("run_dir", type=RUN_DIR)
+@config_options(RankConfig)
+def rank_cmd(run_dir: Path, **flags: Any) -> None:
+    """Recompute the ranks of a finished run without re-scoring.
+
+    Rewrites RUN_DIR/annotated.parquet in place (atomically) and records the ranking
+    settings in manifest.json, so a later `srdata export` cuts from them.
+    """
+    from srdata.curriculum.export import rerank_run
+    from srdata.steps.rank import parse_rank_by
+
+    config: RankConfig = build(RankConfig, given_flags(flags))
+    with usage_errors():
+        parse_rank_by(config.rank_by)
+    with run_errors():
+        path = rerank_run(run_dir, **config.model_dump())
+    click.echo(f"re-ranked {path} (rank_by {config.rank_by or 'rouge_l:desc,ce_loss:asc'}, rrf_k {config.rrf_k}, ties {config.ties})")
+
+
+@main.command("report", epilog="Example:\n\n\b\n  srdata report runs/dolly --by category\n  srdata report runs/dolly --curriculum runs/dolly/pocl --out reports/dolly")
+@click.argument("run_dir", type=RUN_DIR)
+@config_options(ReportConfig)
+def report_cmd(run_dir: Path, **flags: Any) -> None:
+    """Write report.md, report.html and PNG figures for a scored run.
+
+    Histograms of rouge_l and ce_loss, a rouge_l vs ce_loss scatter by stage with the
+    dropped part marked, stage sizes, agreement of the two rankings (Spearman rho,
+    hardest-quarter overlap), the easiest and hardest rows, and --by summaries with each
+    group's share of every stage and of the dropped part (far-off shares are warned about
+    on stderr).
+    """
+    from srdata.curriculum.export import share_check
+    from srdata.curriculum.groups import GroupShareWarning
+    from srdata.curriculum.report import build_report
+
+    config: ReportConfig = build(ReportConfig, given_flags(flags))
+    with usage_errors():
+        share_check(config.max_share_ratio, config.min_group_rows)
+    with run_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GroupShareWarning)  # echoed below, formatted for the terminal
+        folder = build_report(run_dir, **config.model_dump())
+    figures = sorted(p.name for p in folder.glob("*.png"))
+    click.echo(f"wrote {folder / 'report.md'} and {folder / 'report.html'}" + (f", figures in {folder}: {', '.join(figures)}" if figures else ""))
+    echo_shares(json.loads((folder / "groups.json").read_text())["groups"], tables=False)
+
+
+@main.command("inspect", epilog="Example:\n\n\b\n  srdata inspect runs/dolly")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--examples", type=click.IntRange(min=0), default=5, show_default=True, help="Easiest and hardest rows shown.")
+def inspect_cmd(run_dir: Path, examples: int) -> None:
+    """Print a summary of a run: progress, scores, ranking agreement, stages, examples."""
+    from srdata.curriculum.report import inspect_run
+
+    with run_errors():
+        click.echo(inspect_run(run_dir, examples=examples))
 
 
 @main.command()
@@ -141,19 +338,7 @@ def demo(output: str, rows: int, warmup_steps: int, seed: int) -> None:
         raise click.ClickException(str(err)) from err
 
 
-def _register_optional_commands() -> None:
-    """Curriculum commands live in their own module; they register here when present."""
-    try:
-        from srdata import cli_curriculum
-    except ImportError:
-        return
-    for name in ("export", "rank", "report", "inspect"):
-        command = getattr(cli_curriculum, f"{name}_cmd", None) or getattr(cli_curriculum, name, None)
-        if isinstance(command, click.Command):
-            main.add_command(command, name=name)
-
-
-_register_optional_commands()
+COMMANDS = (export_cmd, rank_cmd, report_cmd, inspect_cmd)
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)

@@ -22,6 +22,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS
+from srdata.steps.rank import DEFAULT_RRF_K
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -29,44 +32,51 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     dataset: str = Field(description="hub id, save_to_disk folder, or .jsonl/.json/.parquet/.csv file(s)")
-    split: str = "train"
-    prompt_column: Optional[str] = None
-    response_column: Optional[str] = None
-    input_column: Optional[str] = None
-    limit: Optional[int] = Field(default=None, ge=1, description="score only the first N rows")
+    split: str = Field(default="train", description="Dataset split (hub datasets and save_to_disk folders).")
+    prompt_column: Optional[str] = Field(default=None, description="Column with the instruction/prompt (auto-detected when omitted).")
+    response_column: Optional[str] = Field(default=None, description="Column with the reference response (auto-detected when omitted).")
+    input_column: Optional[str] = Field(default=None, description="Optional context/input column (alpaca's ### Input block).")
+    limit: Optional[int] = Field(default=None, ge=1, description="Score only the first N rows.")
 
 
 class PromptConfig(_Section):
     template: Optional[str] = Field(
         default="auto",
-        description="auto | alpaca | raw | chat | a format string with {column} fields; auto = chat when the tokenizer has a chat template (or the data holds chat messages), else alpaca",
+        description="auto | alpaca | raw | chat | a format string with {column} fields; auto = chat when the tokenizer "
+        "has a chat template (or the data holds chat messages), else alpaca.",
     )
-    max_prompt_tokens: int = Field(default=256, ge=1)
-    max_reference_tokens: Optional[int] = Field(default=256, ge=1)
-    truncation_side: Literal["left", "right"] = "left"
-    eos_token: Optional[str] = Field(default=None, description="set when the tokenizer has no eos token")
+    max_prompt_tokens: int = Field(default=256, ge=1, description="Longer prompts are truncated and flagged.")
+    max_reference_tokens: Optional[int] = Field(default=256, ge=1, description="Longer references are cut and flagged.")
+    truncation_side: Literal["left", "right"] = Field(
+        default="left", description="left keeps the prompt's end (next to the answer); right keeps its start, as the SRD reference."
+    )
+    eos_token: Optional[str] = Field(default=None, description="End-of-sequence token to use when the tokenizer has none.")
 
 
 class ModelConfig(_Section):
-    model: str = Field(description="the student: a local folder or hub id loadable with from_pretrained")
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    max_model_len: Optional[int] = Field(default=None, ge=1)
-    max_num_batched_tokens: Optional[int] = Field(default=None, ge=1)
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    model: str = Field(description="The student: a folder saved with save_pretrained, or a hub id.")
+    backend: Literal["auto", "hf", "vllm"] = Field(default="auto", description="auto = vllm when importable and a GPU is visible, else hf.")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto = bfloat16 on GPU, float32 on CPU.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for the engine (on a CPU build: of host RAM)."
+    )
+    max_model_len: Optional[int] = Field(default=None, ge=1, description="vLLM: context length of the engine.")
+    max_num_batched_tokens: Optional[int] = Field(
+        default=None, ge=1, description="vLLM: tokens per engine step (lower it if prompt log-probs run out of memory)."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM: GPUs per model replica.")
 
 
 class GenerationConfig(_Section):
-    max_new_tokens: int = Field(default=256, ge=1)
-    no_repeat_ngram_size: Optional[int] = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1, description="Most tokens the student generates.")
+    no_repeat_ngram_size: Optional[int] = Field(default=None, ge=1, description="Ban repeated n-grams while generating (the SRD reference used 6).")
 
 
 class BatchingConfig(_Section):
-    batch_size: int = Field(default=64, ge=1, description="most rows decoded together (prompts are prefilled in chunks)")
-    token_budget: int = Field(default=16384, ge=1, description="most padded tokens in one forward pass")
-    shard_size: int = Field(default=1000, ge=1, description="rows per resumable shard")
+    batch_size: int = Field(default=64, ge=1, description="Most rows decoded together (prompts are prefilled in chunks).")
+    token_budget: int = Field(default=16384, ge=1, description="Most padded tokens per forward pass.")
+    shard_size: int = Field(default=1000, ge=1, description="Rows per resumable shard.")
 
 
 #: Optional per-row signals (``--signals``) and the columns each one fills.
@@ -74,13 +84,16 @@ SIGNALS: dict[str, tuple[str, ...]] = {"ifd": ("ce_loss_uncond", "ifd", "pmi")}
 
 
 class MetricsConfig(_Section):
-    rouge_tokenizer: Literal["default", "unicode"] = "default"
-    rrf_k: int = Field(default=60, ge=0)
+    rouge_tokenizer: Literal["default", "unicode"] = Field(
+        default="default", description="default = exactly rouge-score; unicode also scores non-Latin text (deviates from rouge-score)."
+    )
+    rrf_k: int = Field(default=60, ge=0, description="Reciprocal rank fusion constant.")
     signals: list[str] = Field(
         default_factory=list,
-        description="extra per-row signals, comma-separated: ifd = ce_loss_uncond (the reference's cross-entropy after "
-        "an empty prompt in the same template), ifd (ce_loss / ce_loss_uncond) and pmi (the nats the prompt saves on "
-        "the whole reference), one more forward pass over the reference tokens; off by default",
+        description="Extra per-row signals, comma-separated: ifd adds ce_loss_uncond (the reference's cross-entropy after "
+        "the template's empty prompt), ifd (ce_loss / ce_loss_uncond) and pmi (nats the prompt saves on the reference), "
+        "for `--rank-by noisy`; one more forward pass over the reference tokens. Off by default.",
+        json_schema_extra={"metavar": "NAME,..."},
     )
 
     @field_validator("signals", mode="before")
@@ -105,22 +118,28 @@ class MetricsConfig(_Section):
 
 
 class RunConfig(_Section):
-    output: str
-    on_invalid: Literal["error", "skip", "flag"] = "error"
-    overwrite: bool = False
-    seed: int = 0
+    output: str = Field(description="Run folder for annotated.parquet, manifest.json and shards/.")
+    on_invalid: Literal["error", "skip", "flag"] = Field(
+        default="error", description="What to do with rows that cannot be scored (null or empty prompt, ...)."
+    )
+    overwrite: bool = Field(default=False, description="Start over in an output folder that holds a run with other settings.")
+    seed: int = Field(default=0, description="Random seed.")
 
 
 class EngineConfig(_Section):
     """Where the shards are scored: in this process, or by a pool of Ray actors (``srdata[ray]``)."""
 
-    engine: Literal["local", "ray"] = "local"
-    ray_address: Optional[str] = Field(
-        default=None, description="Ray cluster to join (auto, host:port, ray://host:10001); default: RAY_ADDRESS, a Ray running here, or a new local one"
+    engine: Literal["local", "ray"] = Field(
+        default="local", description="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way."
     )
-    num_replicas: Optional[int] = Field(default=None, ge=1, description="Ray actors, each holding one model; default: as many as the cluster fits")
-    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs reserved per actor (vLLM: tensor_parallel_size)")
-    cpus_per_replica: float = Field(default=1, gt=0, description="CPUs reserved per actor")
+    ray_address: Optional[str] = Field(
+        default=None,
+        description="Ray: cluster to join (auto, HOST:6379, ray://HOST:10001). Default: RAY_ADDRESS, else a Ray already "
+        "running on this machine, else a new local one.",
+    )
+    num_replicas: Optional[int] = Field(default=None, ge=1, description="Ray: scoring actors, each holding one model. Default: as many as the cluster fits.")
+    gpus_per_replica: float = Field(default=0, ge=0, description="Ray: GPUs per actor (vLLM: the tensor-parallel size).")
+    cpus_per_replica: float = Field(default=1, gt=0, description="Ray: CPUs reserved per actor.")
 
 
 class ScoreConfig(_Section):
@@ -132,6 +151,90 @@ class ScoreConfig(_Section):
     batching: BatchingConfig = BatchingConfig()
     metrics: MetricsConfig = MetricsConfig()
     engine: EngineConfig = EngineConfig()
+
+
+RANK_BY_HELP = (
+    "Columns fused by reciprocal rank fusion, each with a direction and optional weight, or a preset: paper "
+    "(rouge_l:desc,ce_loss:asc) or noisy (ifd:asc:2,ce_loss:asc,pmi:desc; needs `srdata score --signals ifd`)."
+)
+TIES_HELP = "input: ties by srd_id; reference: the authors' tools/rank.py order."
+
+
+class ShareCheckConfig(_Section):
+    """When a group's share of a stage or of the dropped part is warned about (``--by``, ``--stratify``)."""
+
+    max_share_ratio: float = Field(
+        default=DEFAULT_MAX_SHARE_RATIO,
+        description="Warn when a group's share of a stage or of the dropped part is more than this many times, or "
+        "less than 1/this of, its share of all ranked rows.",
+    )
+    min_group_rows: int = Field(
+        default=DEFAULT_MIN_GROUP_ROWS,
+        description="Groups with fewer ranked rows are listed but never warned about (chance moves small counts a lot).",
+    )
+
+
+class ExportConfig(ShareCheckConfig):
+    """``srdata export``: how a scored run is cut into curriculum stages (recorded in curriculum.json)."""
+
+    stages: Optional[int] = Field(default=None, description="Number of equal parts, easy to hard. Default: 4.")
+    keep: Optional[int] = Field(default=None, description="Easiest parts kept as stages. Default: stages - 1.")
+    layout: Literal["cumulative", "disjoint"] = Field(default="cumulative", description="cumulative: stage s holds parts 0..s; disjoint: part s only.")
+    fractions: Optional[list[float]] = Field(
+        default=None,
+        description="Uneven cuts: cumulative boundaries in (0, 1], e.g. 0.2,0.5,0.8 (instead of --stages).",
+        json_schema_extra={"metavar": "F1,F2,..."},
+    )
+    out: Optional[Path] = Field(default=None, description="Output folder. Default: RUN_DIR/curriculum.")
+    format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Stage file format.")
+    rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: the run's ranking (paper).", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
+    rrf_k: Optional[int] = Field(default=None, ge=0, description="RRF constant k (re-ranks in memory). Default: the run's, 60.")
+    ties: Optional[Literal["input", "reference"]] = Field(default=None, description=TIES_HELP + " Default: the run's.")
+    compression: Literal["zstd", "lz4", "snappy", "gzip", "uncompressed"] = Field(default="zstd", description="Parquet compression (zstd at level 1).")
+    by: list[str] = Field(
+        default_factory=list,
+        description="Check each value of this column (template, task, source, ...) against its share of every stage and "
+        "of the dropped part; warn when far from it (repeatable).",
+        json_schema_extra={"metavar": "COLUMN", "multiple": True},
+    )
+    stratify: Optional[str] = Field(
+        default=None,
+        description="Cut the stages within each value of COLUMN, so every group keeps its share of every stage and of "
+        "the dropped part (not the paper's cut).",
+        json_schema_extra={"metavar": "COLUMN"},
+    )
+
+    @field_validator("fractions", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``--fractions 0.2,0.5,0.8`` arrives as one string."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers such as 0.25,0.5,0.75, got {value!r}") from None
+
+
+class RankConfig(_Section):
+    """``srdata rank``: the ranking written into a finished run."""
+
+    rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: paper.", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
+    rrf_k: int = Field(default=DEFAULT_RRF_K, ge=0, description="RRF constant k.")
+    ties: Literal["input", "reference"] = Field(default="input", description=TIES_HELP)
+
+
+class ReportConfig(ShareCheckConfig):
+    """``srdata report``: the report of a scored run."""
+
+    out: Optional[Path] = Field(default=None, description="Report folder. Default: RUN_DIR/report.")
+    by: list[str] = Field(
+        default_factory=list, description="Summarise per value of this column (repeatable).", json_schema_extra={"metavar": "COLUMN", "multiple": True}
+    )
+    curriculum: Optional[Path] = Field(
+        default=None, description="Export whose stages to show. Default: RUN_DIR/curriculum if present, else the paper's cut."
+    )
+    examples: int = Field(default=5, ge=0, description="Easiest and hardest rows shown.")
 
 
 SECTIONS: dict[str, type[_Section]] = {

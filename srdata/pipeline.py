@@ -24,7 +24,7 @@ from srdata.engines import ShardJob, run_shards
 from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, load_tokenizer, max_positions
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
 from srdata.steps.rank import rank
-from srdata.run.folder import RunStore, Shard, plan_shards
+from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,14 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     shards = plan_shards(len(dataset), config.batching.shard_size)
     pending = [s for s in shards if not store.is_done(s)]
     manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
-    manifest["resumed"] = resumed
+    manifest.resumed = resumed
     if uncond_text is not None:
-        manifest["unconditional_prompt"] = uncond_text
-    if resumed:  # keep how the finished shards were scored
-        earlier = {s["index"]: s for s in (store.previous_manifest or {}).get("shards", [])}
-        for entry in manifest["shards"]:
-            if entry["done"]:
-                entry.update({k: v for k, v in earlier.get(entry["index"], {}).items() if k in ("batch_size", "token_budget")})
+        manifest.unconditional_prompt = uncond_text
+    if resumed and store.previous_manifest is not None:  # keep how the finished shards were scored
+        earlier = {s.index: s for s in store.previous_manifest.shards}
+        for entry in manifest.shards:
+            if entry.done and entry.index in earlier:
+                entry.batch_size, entry.token_budget = earlier[entry.index].batch_size, earlier[entry.index].token_budget
     store.write_manifest(manifest)
     if resumed:
         say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done")
@@ -119,7 +119,8 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         store.write_shard(shard, frame)
         # Batching changes float32 summation order, so values may differ in the last digits
         # between shards scored with other batch settings (a resumed run): record them per shard.
-        manifest["shards"][shard.index].update(done=True, batch_size=config.batching.batch_size, token_budget=config.batching.token_budget)
+        entry = manifest.shards[shard.index]
+        entry.done, entry.batch_size, entry.token_budget = True, config.batching.batch_size, config.batching.token_budget
         store.write_manifest(manifest)
 
     if pending:
@@ -137,10 +138,10 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     annotated = rank(original.join(scored, on="srd_id", how="inner"), rrf_k=config.metrics.rrf_k)
     store.write_annotated(annotated)
 
-    manifest.update(status="complete", counts=_counts(scored, len(dataset), invalid), timings=_timings(work, started))
+    manifest.status, manifest.counts, manifest.timings = "complete", _counts(scored, len(dataset), invalid), _timings(work, started)
     store.write_manifest(manifest)
     say(f"wrote {store.annotated_path} ({annotated.height} rows)")
-    return ScoreResult(store.dir, store.annotated_path, manifest)
+    return ScoreResult(store.dir, store.annotated_path, manifest.to_json())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -198,21 +199,21 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer) -> dict[str, Any]:
-    return {
-        "srdata_version": __version__,
-        "status": "running",
-        "config": config.model_dump(),
-        "settings": settings,
-        "config_hash": settings_hash({"settings": settings, "identity": identity}),
-        "identity": identity,
-        "backend": select_backend(config.model.backend),
-        "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
-        "columns": mapping.to_dict(),
-        "template": template,
-        "versions": _versions(),
-        "shards": [{"index": s.index, "file": s.file, "start": s.start, "stop": s.stop, "done": s not in pending} for s in shards],
-    }
+def _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer) -> Manifest:
+    return Manifest(
+        srdata_version=__version__,
+        status="running",
+        config=config.model_dump(),
+        settings=settings,
+        config_hash=settings_hash({"settings": settings, "identity": identity}),
+        identity=identity,
+        backend=select_backend(config.model.backend),
+        tokenizer={"class": type(tokenizer).__name__, "vocab_size": len(tokenizer), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
+        columns=mapping.to_dict(),
+        template=template,
+        versions=_versions(),
+        shards=[ShardRecord(index=s.index, file=s.file, start=s.start, stop=s.stop, done=s not in pending) for s in shards],
+    )
 
 
 def _counts(scored: pl.DataFrame, n_input: int, invalid: dict[int, str]) -> dict[str, int]:

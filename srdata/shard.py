@@ -168,18 +168,3 @@ def max_positions(config: ScoreConfig) -> int | None:
     """The model's positions; vLLM's ``--max-model-len`` lowers them (the transformers backend ignores it)."""
     vllm = select_backend(config.model.backend) == "vllm"
     return model_max_positions(config.model.model, config.model.max_model_len if vllm else None)
-
-
-def backend_options(config: ScoreConfig) -> dict[str, Any]:
-    m = config.model
-    if select_backend(m.backend) == "vllm":
-        return dict(
-            dtype=m.dtype, seed=config.run.seed, gpu_memory_utilization=m.gpu_memory_utilization,
-            max_model_len=m.max_model_len, max_num_batched_tokens=m.max_num_batched_tokens,
-            tensor_parallel_size=m.tensor_parallel_size,
-            # vLLM has no such sampling parameter: the engine registers a logits processor for it.
-            no_repeat_ngram_size=config.generation.no_repeat_ngram_size,
-        )
-    return dict(device=m.device, dtype=m.dtype, batch_size=config.batching.batch_size, token_budget=config.batching.token_budget)
-
-

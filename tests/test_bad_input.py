@@ -122,7 +122,7 @@ def test_quiet_score_prints_nothing_and_ctrl_c_says_how_to_resume(tiny_gpt2, ins
 
 
 def test_report_lists_its_figures(tmp_path):
-    from srdata.cli_curriculum import report_cmd
+    from srdata.cli import report_cmd
     from tests._runs import make_run
 
     run = make_run(tmp_path / "run")

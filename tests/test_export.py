@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests._runs import annotated_frame, make_run
-from srdata.cli_curriculum import COMMANDS
+from srdata.cli import COMMANDS
 from srdata.curriculum.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
 from srdata.parquet_splice import ALIGNMENT
 from srdata.steps.rank import RankingError, rank

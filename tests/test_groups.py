@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from srdata.cli_curriculum import COMMANDS
+from srdata.cli import COMMANDS
 from srdata.curriculum.load import curriculum_training_set, load_curriculum
 from srdata.curriculum.export import CurriculumError, export_curriculum
 from srdata.curriculum.groups import (

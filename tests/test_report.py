@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from srdata.cli_curriculum import COMMANDS
+from srdata.cli import COMMANDS
 from srdata.curriculum.export import CurriculumError, export_curriculum
 from srdata.curriculum.report import build_report, inspect_run, ranking_agreement
 from tests._runs import make_run

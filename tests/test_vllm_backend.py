@@ -26,6 +26,7 @@ from srdata.backends import vllm as vb
 from srdata.backends import vllm_engine as ve
 from srdata.backends import vllm_ngram as vn
 from srdata.backends.hf import HFBackend
+from srdata.config import build_config
 from srdata.demo.tiny import build_tiny_model
 from srdata.steps.tokenize import encode_pairs
 
@@ -212,10 +213,21 @@ def test_engine_kwargs_share_the_prefix_cache_and_map_dtypes():
         ve.engine_kwargs("/m", gpu_memory_utilization=1.5)
 
 
-def test_unknown_options_are_rejected_and_hf_only_options_ignored():
-    ve.check_options({"batch_size": 16, "token_budget": 8192})
-    with pytest.raises(TypeError, match="max_num_seqs"):
-        ve.check_options({"max_num_seqs": 8})
+def test_each_backend_reads_its_own_settings_from_the_config(monkeypatch):
+    with pytest.raises(TypeError, match="max_num_seqs"):  # an unknown engine option is refused, not dropped
+        vb.VLLMBackend.from_pretrained("/m", max_num_seqs=8)
+    calls = {}
+    for cls in (vb.VLLMBackend, HFBackend):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, model, **kw: calls.setdefault(c.__name__, (model, kw))))
+    settings = dict(dataset="d.jsonl", model="/m", output="o", device="cpu", max_model_len=512, batch_size=16, seed=3, no_repeat_ngram_size=6)
+    load_backend(build_config({**settings, "backend": "vllm"}))
+    load_backend(build_config({**settings, "backend": "hf"}))
+    model, vllm_options = calls["VLLMBackend"]
+    assert model == "/m" and vllm_options["max_model_len"] == 512 and vllm_options["seed"] == 3
+    assert vllm_options["no_repeat_ngram_size"] == 6 and "batch_size" not in vllm_options  # vLLM batches by itself
+    model, hf_options = calls["HFBackend"]
+    assert hf_options["batch_size"] == 16 and hf_options["device"] == "cpu" and "max_model_len" not in hf_options
+
 
 
 # ------------------------------------------------------------------ output reduction
@@ -402,7 +414,7 @@ def test_load_backend_vllm_without_vllm_names_the_extra(monkeypatch, tiny):
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(vn.__dict__, "NoRepeatNGramLogitsProcessor", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'srdata\[vllm\]'"):
-        load_backend("vllm", str(tiny.path), max_model_len=512)
+        load_backend(build_config(dict(dataset="d.jsonl", model=str(tiny.path), output="o", backend="vllm", max_model_len=512)))
     assert not hasattr(vn, "NoRepeatNGramLogitsProcessor")
 
 

@@ -7,9 +7,12 @@ stays light and works without vLLM installed.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback
+
+if TYPE_CHECKING:
+    from srdata.config import ScoreConfig
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -52,18 +55,21 @@ def select_backend(name: str) -> str:
     return "hf"
 
 
-def load_backend(name: str, model: str, *, tokenizer: Any = None, **options: Any) -> Backend:
-    """Build the named backend for ``model`` (a local folder or hub id).
+def load_backend(config: ScoreConfig, tokenizer: Any = None) -> Backend:
+    """Build the backend a scoring run asks for (``config.model.backend``) from the run's settings.
+
+    Each backend reads the settings it uses from the config itself (``from_config``), so a
+    setting is declared once, in :mod:`srdata.config`.
 
     Example:
-        >>> backend = load_backend("hf", "path/to/student", device="cpu", dtype="float32")  # doctest: +SKIP
+        >>> config = build_config(dict(dataset="d.jsonl", model="path/to/student", output="runs/a", device="cpu"))  # doctest: +SKIP
+        >>> backend = load_backend(config)                                                                      # doctest: +SKIP
     """
-    resolved = select_backend(name)
-    check_device(str(options.get("device", "auto")))
-    if resolved == "vllm":
+    check_device(config.model.device)
+    if select_backend(config.model.backend) == "vllm":
         from srdata.backends.vllm import VLLMBackend  # imported lazily: vLLM is an optional extra
 
-        return VLLMBackend.from_pretrained(model, tokenizer=tokenizer, **options)
+        return VLLMBackend.from_config(config, tokenizer=tokenizer)
     from srdata.backends.hf import HFBackend
 
-    return HFBackend.from_pretrained(model, tokenizer=tokenizer, **options)
+    return HFBackend.from_config(config, tokenizer=tokenizer)

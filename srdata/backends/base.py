@@ -37,7 +37,7 @@ class Backend(Protocol):
     """Generate answers and score references for a list of prompts.
 
     Example:
-        >>> backend = load_backend("hf", model="path/to/student")      # doctest: +SKIP
+        >>> backend = HFBackend.from_pretrained("path/to/student")      # doctest: +SKIP
         >>> backend.score([[1, 2, 3]], [[4, 5, 2]])                      # doctest: +SKIP
         [5.91]
     """

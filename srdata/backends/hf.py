@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from transformers import StoppingCriteria
 
 from srdata.backends.base import Generation, GenerationParams, ProgressCallback
 from srdata.backends.batching import bucket_batches
+
+if TYPE_CHECKING:
+    from srdata.config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,14 @@ class HFBackend:
         self.cache_kwarg = cache_keyword(model)
         self.hidden_state_ce = self._hidden_state_ce_matches_logits()
         self.shared_prefill: bool | None = None  # checked on first use (see _shared_prefill_matches)
+
+    @classmethod
+    def from_config(cls, config: ScoreConfig, tokenizer: Any = None) -> "HFBackend":
+        """The backend for a scoring run: the student, device and dtype, batch sizes from ``config``."""
+        m, batching = config.model, config.batching
+        return cls.from_pretrained(
+            m.model, device=m.device, dtype=m.dtype, tokenizer=tokenizer, batch_size=batching.batch_size, token_budget=batching.token_budget
+        )
 
     @classmethod
     def from_pretrained(

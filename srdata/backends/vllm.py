@@ -36,11 +36,10 @@ import gc
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from srdata.backends.base import Generation, GenerationParams, ProgressCallback
 from srdata.backends.vllm_engine import (
-    check_options,
     check_vllm_device,
     engine_kwargs,
     engine_start_error,
@@ -53,6 +52,9 @@ from srdata.backends.vllm_engine import (
 )
 from srdata.backends.vllm_ngram import NGRAM_ARG
 from srdata.backends.vllm_runner import check_ngram_processor, model_runner_of
+
+if TYPE_CHECKING:
+    from srdata.config import ScoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,20 @@ class VLLMBackend:
         self.prefix_cache_stats = {"generation_prompt_tokens": 0, "generation_cached_tokens": 0}
 
     @classmethod
+    def from_config(cls, config: ScoreConfig, tokenizer: Any = None) -> "VLLMBackend":
+        """The engine for a scoring run: the student and the engine settings from ``config.model``.
+
+        ``--batch-size`` and ``--token-budget`` are not used: vLLM batches by itself.
+        """
+        m = config.model
+        return cls.from_pretrained(
+            m.model, tokenizer=tokenizer, dtype=m.dtype, seed=config.run.seed, gpu_memory_utilization=m.gpu_memory_utilization,
+            max_model_len=m.max_model_len, max_num_batched_tokens=m.max_num_batched_tokens, tensor_parallel_size=m.tensor_parallel_size,
+            # vLLM has no such sampling parameter: the engine registers a logits processor for it.
+            no_repeat_ngram_size=config.generation.no_repeat_ngram_size, device=m.device,
+        )
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str | Path,
@@ -285,19 +301,15 @@ class VLLMBackend:
         enforce_eager: bool = False,
         engine_args: dict[str, Any] | None = None,
         device: str = "auto",
-        **unused: Any,
     ) -> "VLLMBackend":
         """Build the engine for ``model`` (a local folder or hub id).
 
         ``tokenizer`` is a tokenizer object or a path (default: the model's); it decodes
         answers. ``no_repeat_ngram_size`` > 0 registers the n-gram logits processor, which
         generation then needs; ``engine_args`` passes further ``vllm.LLM`` arguments.
-        Transformers-only options (batch_size, token_budget, ce_chunk_tokens) are ignored;
-        other unknown options raise a TypeError.
         """
         with quiet_vllm_info():  # vLLM configures its logging when first imported
             vllm = require_vllm()
-        check_options(unused)
         if no_repeat_ngram_size:  # before loading anything: a runner that cannot run it fails now
             check_ngram_processor(vllm.__version__)
         if max_num_batched_tokens is None and "max_num_batched_tokens" not in (engine_args or {}):

@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 # Our dtype names; "auto" is resolved to bfloat16 (see resolve_vllm_dtype).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-# Options the CLI may hand to every backend that only the transformers backend uses.
-# They are ignored here (logged at debug level); any other unknown option is an error.
-HF_ONLY_OPTIONS = frozenset({"batch_size", "token_budget", "ce_chunk_tokens"})
-
-
-
 def require_vllm() -> Any:
     """Import vLLM, or raise an ImportError that names the fix.
 
@@ -66,24 +60,6 @@ def resolve_vllm_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return "bfloat16" if dtype == "auto" else dtype
-
-
-def check_options(options: dict[str, Any]) -> None:
-    """Accept (and ignore) the transformers-only options; reject any other unknown option by name.
-
-    Example:
-        >>> check_options({"batch_size": 16})
-    """
-    unknown = sorted(set(options) - HF_ONLY_OPTIONS)
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) for the vLLM backend: {', '.join(unknown)}; accepted: tokenizer, dtype, "
-            "seed, gpu_memory_utilization, max_model_len, max_num_batched_tokens, tensor_parallel_size, "
-            "no_repeat_ngram_size, enforce_eager, engine_args, device"
-        )
-    ignored = {k: v for k, v in options.items() if k in HF_ONLY_OPTIONS}
-    if ignored:
-        log.debug("vLLM backend ignores transformers-only options %s (vLLM batches by itself)", ignored)
 
 
 def engine_kwargs(

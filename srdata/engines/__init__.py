@@ -59,10 +59,10 @@ def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progres
     """One backend in this process, the shards one after the other."""
     from srdata.backends import load_backend
     from srdata.engines.progress import ProgressBar
-    from srdata.shard import backend_options, score_shard
+    from srdata.shard import score_shard
 
     config = job.config
-    backend = load_backend(config.model.backend, config.model.model, tokenizer=job.tokenizer, **backend_options(config))
+    backend = load_backend(config, tokenizer=job.tokenizer)
     bar = ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
     try:
         for shard in pending:

@@ -72,14 +72,13 @@ class ShardScorer:
     def __init__(self, config: dict[str, Any], mapping: Any, template: str) -> None:
         from srdata.backends import load_backend
         from srdata.config import ScoreConfig
-        from srdata.shard import backend_options, load_tokenizer
+        from srdata.shard import load_tokenizer
 
         self.config = ScoreConfig.model_validate(config)
         self.mapping = mapping
         self.template = template
         self.tokenizer = load_tokenizer(self.config)
-        m = self.config.model
-        self.backend = load_backend(m.backend, m.model, tokenizer=self.tokenizer, **backend_options(self.config))
+        self.backend = load_backend(self.config, tokenizer=self.tokenizer)
 
     def score(self, shard: Shard, rows: dict[str, list]) -> pl.DataFrame:
         from srdata.shard import score_shard

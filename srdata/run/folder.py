@@ -12,13 +12,15 @@ any moment resumes by recomputing just the shards whose file is missing.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from srdata.config import BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig, RunConfig
 
 from srdata.run.io import atomic_path, remove_stale_temps, write_json_atomic
 
@@ -31,6 +33,93 @@ def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
         return settings
     parts = [str(Path(part).resolve()) if Path(part).exists() else part for part in data["dataset"].split(",")]
     return {**settings, "data": {**data, "dataset": ",".join(parts)}}
+
+
+MANIFEST_FILE = "manifest.json"
+ANNOTATED_FILE = "annotated.parquet"
+
+
+class RecordedConfig(BaseModel):
+    """The run's settings as recorded; every section optional so a partial record still reads."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    data: Optional[DataConfig] = None
+    model: Optional[ModelConfig] = None
+    run: Optional[RunConfig] = None
+    prompt: PromptConfig = PromptConfig()
+    generation: GenerationConfig = GenerationConfig()
+    batching: BatchingConfig = BatchingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    engine: EngineConfig = EngineConfig()
+
+
+class ShardRecord(BaseModel):
+    """One shard of the plan: its rows, its file, whether it is done and how it was batched."""
+
+    model_config = ConfigDict(extra="allow")
+    index: int
+    file: str
+    start: int
+    stop: int
+    done: bool = False
+    batch_size: Optional[int] = None
+    token_budget: Optional[int] = None
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what ``srdata score`` writes and every later command reads back.
+
+    Unknown keys are kept (a newer srdata may add some); a field added later reads as its default.
+
+    Example:
+        >>> Manifest.model_validate({"status": "complete", "config": {"metrics": {"rrf_k": 30}}}).config.metrics.rrf_k
+        30
+    """
+
+    model_config = ConfigDict(extra="allow")
+    srdata_version: Optional[str] = None
+    status: Literal["running", "complete"] = "running"
+    config: RecordedConfig = RecordedConfig()
+    settings: dict[str, Any] = {}
+    config_hash: Optional[str] = None
+    identity: dict[str, Any] = {}
+    backend: Optional[str] = None
+    tokenizer: dict[str, Any] = {}
+    columns: dict[str, Any] = {}
+    template: Optional[str] = None
+    versions: dict[str, str] = {}
+    shards: list[ShardRecord] = []
+    resumed: bool = False
+    unconditional_prompt: Optional[str] = None
+    counts: dict[str, int] = {}
+    timings: dict[str, int | float] = {}
+    ranking: dict[str, Any] = {}
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``manifest.json`` (fields never set are left out)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def read_manifest(run_dir: str | Path) -> Manifest | None:
+    """The manifest of the run in ``run_dir``, or ``None`` when the folder holds none.
+
+    Example:
+        >>> read_manifest("runs/student-a").status                 # doctest: +SKIP
+        'complete'
+    """
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5])
+        raise RunDirError(f"{path} is not an srdata manifest ({problems}); was it edited by hand?") from None
+
+
+def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically."""
+    write_json_atomic(Path(run_dir) / MANIFEST_FILE, manifest.to_json())
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -103,14 +192,9 @@ class RunStore:
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.manifest_path = self.dir / "manifest.json"
-        self.annotated_path = self.dir / "annotated.parquet"
-        self.previous_manifest: dict[str, Any] | None = None  # what prepare() found, before this run rewrites it
-
-    def read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest_path.exists():
-            return None
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        self.manifest_path = self.dir / MANIFEST_FILE
+        self.annotated_path = self.dir / ANNOTATED_FILE
+        self.previous_manifest: Manifest | None = None  # what prepare() found, before this run rewrites it
 
     def prepare(self, settings: dict[str, Any], identity: dict[str, Any], overwrite: bool) -> bool:
         """Check the folder can hold this run; returns True when it resumes an earlier one.
@@ -125,7 +209,7 @@ class RunStore:
             raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
         for folder in (self.dir, self.dir / "shards"):
             remove_stale_temps(folder)
-        previous = self.previous_manifest = self.read_manifest()
+        previous = self.previous_manifest = read_manifest(self.dir)
         if previous is None:
             if self.dir.exists() and not overwrite and any(p.name != "shards" or any(p.iterdir()) for p in self.dir.iterdir()):
                 raise RunDirError(
@@ -134,15 +218,15 @@ class RunStore:
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
             return False
-        recorded = previous.get("settings", {})
+        recorded = previous.settings
         if recorded.get("prompt", {}).get("template", "") is None:  # recorded before "auto": the template it rendered
-            recorded["prompt"]["template"] = previous.get("template")
+            recorded["prompt"]["template"] = previous.template
         differences = diff_settings(_canonical(recorded), _canonical(settings)) + diff_settings(
-            {"identity": previous.get("identity", {})}, {"identity": identity}
+            {"identity": previous.identity}, {"identity": identity}
         )
         if not differences:
             return True
-        scored_nothing = not any(s.get("done") for s in previous.get("shards", [])) and not any((self.dir / "shards").glob("*.parquet"))
+        scored_nothing = not any(s.done for s in previous.shards) and not any((self.dir / "shards").glob("*.parquet"))
         if not overwrite and not scored_nothing:
             raise RunDirError(
                 f"{self.dir} holds a run with other settings:\n  "
@@ -155,7 +239,7 @@ class RunStore:
     def clear(self) -> None:
         """Remove a previous run's files (only those srdata writes)."""
         shutil.rmtree(self.dir / "shards", ignore_errors=True)
-        for name in ("annotated.parquet", "manifest.json"):
+        for name in (ANNOTATED_FILE, MANIFEST_FILE):
             (self.dir / name).unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -181,8 +265,8 @@ class RunStore:
         # Diagonal: shards written before a column existed (ce_loss_uncond, ifd, pmi) read it as null.
         return pl.concat([pl.read_parquet(self.dir / s.file) for s in shards], how="diagonal_relaxed")
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json_atomic(self.manifest_path, manifest)
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_manifest(self.dir, manifest)
 
     def write_annotated(self, frame: pl.DataFrame) -> None:
         with atomic_path(self.annotated_path) as tmp:
