@@ -8,7 +8,7 @@ the *scored* positions, and only one chunk of them at a time. So the models are 
 their last hidden states, the scored positions are gathered (``(tokens, hidden)``, small),
 and :func:`fused_kd_objective` projects teacher and student through their LM heads one
 chunk of tokens at a time, computes that chunk's loss and logit gradient with
-:func:`srd_distill.losses.chunk_terms` (the same code as the unfused
+:func:`srd_distill.kd_chunks.chunk_terms` (the same code as the unfused
 :func:`srd_distill.losses.kd_objective`), and turns the logit gradient straight into
 gradients for the student's hidden states, head weight and bias. The largest temporary is
 a few ``(chunk, vocab)`` float32 tensors.
@@ -19,7 +19,7 @@ to float rounding; ``tests/test_fused_head.py`` checks it in float64 for every l
 Post-processed logits: some architectures change ``lm_head(h)`` before returning it
 (Gemma 2/3 soft-cap ``cap * tanh(z / cap)``, Cohere multiplies by ``logit_scale``,
 Granite divides by ``logits_scaling``). Those read from the config are applied per chunk
-(with their derivative in the backward pass). :func:`plan_lm_head` checks once per model,
+(:mod:`srd_distill.logit_postprocess`, with their derivative for the gradient). :func:`plan_lm_head` checks once per model,
 on a short probe, that ``postprocess(lm_head(base_model(x)))`` reproduces
 ``model(x).logits``; when it does not (an unknown post-processing, a head that is not a
 linear layer, a model without ``base_model``) the model falls back to its own logits and
@@ -57,19 +57,19 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from srd_distill.losses import (
-    DEFAULT_T2_SCALING,
-    KDLossName,
-    KDObjectiveOutput,
-    T2Scaling,
-    _check_loss_name,
-    _check_scalars,
-    _check_t2_scaling,
-    _coef_for,
-    _combine,
+from srd_distill.divergences import KDLossName
+from srd_distill.kd_chunks import (
+    MAX_AUTO_CHUNK_TOKENS,
+    ChunkLossSettings,
+    PassResult,
+    check_chunk_size,
     chunk_terms,
-    t2_factor,
+    loss_with_forward_gradients,
+    objective_settings,
 )
+from srd_distill.logit_postprocess import LogitPostprocess
+from srd_distill.losses import KDObjectiveOutput
+from srd_distill.t2_scaling import DEFAULT_T2_SCALING, T2Scaling
 
 __all__ = [
     "LogitPostprocess",
@@ -91,66 +91,6 @@ log = logging.getLogger(__name__)
 # Figures: benchmarks/README.md (bench_distill.py --cases chunks).
 _FUSED_CHUNK_TOKENS_CPU = 128
 _FUSED_CHUNK_ELEMENTS_GPU = 1 << 26
-_MAX_AUTO_CHUNK_TOKENS = 4096
-
-
-# --------------------------------------------------------------------------------------
-# What a model does to lm_head(h) before returning logits
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LogitPostprocess:
-    """``z = lm_head(h) * scale``, then ``cap * tanh(z / cap)`` when ``softcap`` is set.
-
-    Example:
-        >>> LogitPostprocess.from_config(type("C", (), {"final_logit_softcapping": 30.0})())
-        LogitPostprocess(scale=1.0, softcap=30.0)
-    """
-
-    scale: float = 1.0
-    softcap: Optional[float] = None
-
-    @classmethod
-    def from_config(cls, config: Any) -> "LogitPostprocess":
-        """Read the known post-processing settings (Gemma 2/3, Cohere, Granite) from a model config."""
-        scale = 1.0
-        logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
-        if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
-            scale *= float(logit_scale)
-        logits_scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
-        if isinstance(logits_scaling, (int, float)) and not isinstance(logits_scaling, bool) and logits_scaling:
-            scale /= float(logits_scaling)
-        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-        return cls(scale, float(softcap) if softcap else None)
-
-    def describe(self) -> str:
-        """E.g. ``"logits x 0.25, soft-capped at 30"``; empty when there is no post-processing."""
-        parts = ([f"logits x {self.scale:g}"] if self.scale != 1.0 else []) + (
-            [f"soft-capped at {self.softcap:g}"] if self.softcap is not None else []
-        )
-        return ", ".join(parts)
-
-    @property
-    def identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
-    def apply_(self, z: Tensor) -> Tensor:
-        """Post-process raw head outputs ``z`` in place (float32 or wider); returns ``z``."""
-        if self.scale != 1.0:
-            z.mul_(self.scale)
-        if self.softcap is not None:
-            z.div_(self.softcap).tanh_().mul_(self.softcap)
-        return z
-
-    def chain_(self, grad: Tensor, z: Tensor) -> Tensor:
-        """Turn ``dL/d(post-processed z)`` into ``dL/d(raw z)`` in place, given the post-processed ``z``."""
-        if self.softcap is not None:
-            # d(cap tanh(u / cap))/du = 1 - tanh^2 = 1 - (z / cap)^2.
-            grad.mul_(1.0 - (z / self.softcap).square_())
-        if self.scale != 1.0:
-            grad.mul_(self.scale)
-        return grad
 
 
 # --------------------------------------------------------------------------------------
@@ -278,10 +218,8 @@ def resolve_fused_chunk_size(chunk_size: Optional[int], vocab_size: int, device:
     if chunk_size is None:
         if device is None or torch.device(device).type == "cpu":
             return _FUSED_CHUNK_TOKENS_CPU
-        return max(1, min(_MAX_AUTO_CHUNK_TOKENS, _FUSED_CHUNK_ELEMENTS_GPU // max(1, vocab_size)))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
-    return chunk_size
+        return max(1, min(MAX_AUTO_CHUNK_TOKENS, _FUSED_CHUNK_ELEMENTS_GPU // max(1, vocab_size)))
+    return check_chunk_size(chunk_size)
 
 
 def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -290,14 +228,6 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type) and torch.float64 not in (hidden.dtype, weight.dtype):
         return torch.get_autocast_dtype(device_type)  # autocast casts float32/16 inputs of linear, never float64
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-class _FusedResult(NamedTuple):
-    ce: Tensor
-    kd: Tensor
-    grad_hidden: Optional[Tensor]
-    grad_weight: Optional[Tensor]
-    grad_bias: Optional[Tensor]
 
 
 def _fused_pass(
@@ -313,14 +243,15 @@ def _fused_pass(
     post_t: LogitPostprocess,
     vocab_size: int,
     chunk_size: int,
+    settings: ChunkLossSettings,
     grad_hidden: bool,
     grad_head: bool,
-    factor: float,
-    **options: Any,
-) -> _FusedResult:
+) -> PassResult:
+    """Values and the gradients of the student's hidden states, head weight and bias, chunk by chunk."""
     n = h_s.shape[0]
     inv_n = 1.0 / max(n, 1)
     need_grad = grad_hidden or grad_head
+    terms_settings = settings._asdict()
     mm_s, mm_t = _matmul_dtype(h_s, w_s), _matmul_dtype(h_t, w_t)
     with torch.autocast(h_s.device.type, enabled=False):  # dtypes are chosen explicitly below
         # Heads sliced to the shared vocabulary (padded rows are never read) and cast once
@@ -345,7 +276,7 @@ def _fused_pass(
             post_s.apply_(z_s)
             post_t.apply_(z_t)
             terms = chunk_terms(
-                z_s, z_t, targets[start:stop], cdtype=cdtype, n_scored=n, need_grad=need_grad, factor=factor, **options
+                z_s, z_t, targets[start:stop], cdtype=cdtype, n_scored=n, need_grad=need_grad, **terms_settings
             )
             ce_sum += terms.ce_sum
             kd_sum += terms.kd_sum
@@ -369,7 +300,8 @@ def _fused_pass(
         grad_weight = g_w.to(w_s.dtype) if vocab_size == w_s.shape[0] else _pad_rows(g_w, w_s)
     if g_b is not None and b_s is not None:
         grad_bias = g_b.to(b_s.dtype) if vocab_size == b_s.shape[0] else _pad_rows(g_b, b_s)
-    return _FusedResult(ce_sum * inv_n, kd_sum * (factor * inv_n), g_h, grad_weight, grad_bias)
+    grads = (g_h, grad_weight, grad_bias, None, None, None, None)  # one per input: only the student's
+    return PassResult(ce_sum * inv_n, kd_sum * (settings.factor * inv_n), grads)
 
 
 def _pad_rows(grad: Tensor, like: Tensor) -> Tensor:
@@ -377,35 +309,6 @@ def _pad_rows(grad: Tensor, like: Tensor) -> Tensor:
     full = torch.zeros_like(like)
     full[: grad.shape[0]] = grad.to(like.dtype)
     return full
-
-
-class _FusedKDFunction(torch.autograd.Function):
-    """Autograd wrapper: gradients are computed in the forward pass, chunk by chunk (as in losses.py)."""
-
-    @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, targets, options):  # type: ignore[override]
-        grad_hidden, grad_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        result = _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, targets, grad_hidden=grad_hidden, grad_head=grad_head, **options)
-        ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
-        total = _combine(options["ce_weight"], result.ce, options["kd_weight"], result.kd)
-        ce, kd = result.ce.clone(), result.kd.clone()
-        ctx.mark_non_differentiable(ce, kd)
-        return total, ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_total, grad_ce, grad_kd):  # type: ignore[override]
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "the fused KD loss supports one backward pass per forward pass (its gradients are handed "
-                "to autograd, not copied); recompute the loss to differentiate again"
-            )
-        ctx.grads = None
-        scale = float(grad_total)  # 1.0 from loss.backward(); a GradScaler or a micro-batch share otherwise
-        if scale != 1.0:
-            grads = tuple(g.mul_(scale) if g is not None else None for g in grads)
-        g_h, g_w, g_b = grads
-        return g_h, g_w, g_b, None, None, None, None, None
 
 
 def _check_fused_inputs(h_s: Tensor, head_s: HeadWeights, h_t: Tensor, head_t: HeadWeights, targets: Tensor, vocab: int) -> Tensor:
@@ -474,33 +377,20 @@ def fused_kd_objective(
         >>> out.loss.backward(); h.grad.shape, head.weight.grad.shape
         (torch.Size([5, 8]), torch.Size([11, 8]))
     """
-    _check_loss_name(loss_name)
-    _check_t2_scaling(t2_scaling)
-    _check_scalars(temperature, jsd_beta, skew_alpha)
-    if not (isinstance(kd_ratio, (int, float)) and 0.0 <= kd_ratio <= 1.0):
-        raise ValueError(f"kd_ratio must be a number in [0, 1], got {kd_ratio!r}")
+    settings = objective_settings(
+        loss_name, temperature, t2_scaling, kd_ratio=kd_ratio, jsd_beta=jsd_beta, skew_alpha=skew_alpha
+    )
     vocab = int(vocab_size if vocab_size is not None else student_head.weight.shape[0])
     targets = _check_fused_inputs(student_hidden, student_head, teacher_hidden, teacher_head, targets, vocab)
-    options = dict(
-        post_s=student_head.post,
-        post_t=teacher_head.post,
-        vocab_size=vocab,
-        chunk_size=resolve_fused_chunk_size(chunk_size, vocab, student_hidden.device),
-        loss_name=loss_name,
-        temperature=float(temperature),
-        factor=t2_factor(loss_name, temperature, t2_scaling),
-        ce_weight=1.0 - float(kd_ratio),
-        kd_weight=float(kd_ratio),
-        coef=_coef_for(loss_name, jsd_beta, skew_alpha),
-    )
-    w_s, b_s = student_head.weight, student_head.bias
+    tokens_per_chunk = resolve_fused_chunk_size(chunk_size, vocab, student_hidden.device)
+
+    def run_pass(needs_grad: tuple[bool, ...], *inputs: Optional[Tensor]) -> PassResult:
+        return _fused_pass(
+            *inputs, post_s=student_head.post, post_t=teacher_head.post, vocab_size=vocab,  # type: ignore[arg-type]
+            chunk_size=tokens_per_chunk, settings=settings, grad_hidden=needs_grad[0],
+            grad_head=needs_grad[1] or needs_grad[2],
+        )
+
     w_t, b_t = teacher_head.weight.detach(), teacher_head.bias.detach() if teacher_head.bias is not None else None
-    teacher_hidden = teacher_hidden.detach()
-    wants_grad = student_hidden.requires_grad or w_s.requires_grad or (b_s is not None and b_s.requires_grad)
-    if torch.is_grad_enabled() and wants_grad:
-        total, ce, kd = _FusedKDFunction.apply(student_hidden, w_s, b_s, teacher_hidden, w_t, b_t, targets, options)
-        return KDObjectiveOutput(total, ce, kd)
-    with torch.no_grad():  # evaluation: values only
-        result = _fused_pass(student_hidden, w_s, b_s, teacher_hidden, w_t, b_t, targets,
-                             grad_hidden=False, grad_head=False, **options)
-    return KDObjectiveOutput(_combine(options["ce_weight"], result.ce, options["kd_weight"], result.kd), result.ce, result.kd)
+    inputs = (student_hidden, student_head.weight, student_head.bias, teacher_hidden.detach(), w_t, b_t, targets)
+    return KDObjectiveOutput(*loss_with_forward_gradients(run_pass, inputs, settings, "fused"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srd_distill import losses
+from srd_distill import divergences, kd_chunks, logit_postprocess, losses, t2_scaling
 from srd_distill.losses import (
     LOSS_NAMES,
     T2_SCALING_MODES,
@@ -458,6 +458,14 @@ def test_error_messages():
 def test_docstring_examples():
     result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("module", [divergences, t2_scaling, kd_chunks, logit_postprocess], ids=lambda m: m.__name__)
+def test_docstring_examples_of_the_loss_modules(module):
+    # The divergences, T^2 rule, chunk math and logit post-processing live in their own
+    # modules; their examples run here, as losses.py's do above.
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, module.__name__
 
 
 def test_loss_registry_is_complete():
