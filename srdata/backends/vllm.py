@@ -286,49 +286,32 @@ class VLLMBackend:
         )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | Path,
-        *,
-        tokenizer: Any = None,
-        dtype: str = "auto",
-        seed: int = 0,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        tensor_parallel_size: int = 1,
-        no_repeat_ngram_size: int | None = None,
-        enforce_eager: bool = False,
-        engine_args: dict[str, Any] | None = None,
-        device: str = "auto",
-    ) -> "VLLMBackend":
+    def from_pretrained(cls, model: str | Path, *, tokenizer: Any = None, device: str = "auto", **engine: Any) -> "VLLMBackend":
         """Build the engine for ``model`` (a local folder or hub id).
 
         ``tokenizer`` is a tokenizer object or a path (default: the model's); it decodes
-        answers. ``no_repeat_ngram_size`` > 0 registers the n-gram logits processor, which
-        generation then needs; ``engine_args`` passes further ``vllm.LLM`` arguments.
+        answers. ``engine`` holds the engine settings of :func:`engine_kwargs` (dtype, seed,
+        gpu_memory_utilization, max_model_len, max_num_batched_tokens, tensor_parallel_size,
+        no_repeat_ngram_size, enforce_eager, engine_args); an unknown one is a TypeError.
+        ``no_repeat_ngram_size`` > 0 registers the n-gram logits processor, which generation
+        then needs; ``engine_args`` passes further ``vllm.LLM`` arguments.
+
+        Example:
+            >>> backend = VLLMBackend.from_pretrained("path/to/student", max_model_len=2048)  # doctest: +SKIP
         """
+        kwargs = engine_kwargs(model, **engine)  # names and values checked before vLLM is imported
+        ngram_processor = bool(engine.get("no_repeat_ngram_size"))
         with quiet_vllm_info():  # vLLM configures its logging when first imported
             vllm = require_vllm()
-        if no_repeat_ngram_size:  # before loading anything: a runner that cannot run it fails now
+        if ngram_processor:  # before loading anything: a runner that cannot run it fails now
             check_ngram_processor(vllm.__version__)
-        if max_num_batched_tokens is None and "max_num_batched_tokens" not in (engine_args or {}):
-            max_num_batched_tokens = scoring_step_tokens(
-                vllm, model, dtype, gpu_memory_utilization, tensor_parallel_size, bool(no_repeat_ngram_size), engine_args
+        if "max_num_batched_tokens" not in kwargs:
+            step_tokens = scoring_step_tokens(
+                vllm, model, kwargs["dtype"], kwargs["gpu_memory_utilization"], kwargs["tensor_parallel_size"], ngram_processor, engine.get("engine_args")
             )
+            if step_tokens is not None:
+                kwargs["max_num_batched_tokens"] = step_tokens
         check_vllm_device(device, vllm_runs_on_cpu())
-        kwargs = engine_kwargs(
-            model,
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
-            tensor_parallel_size=tensor_parallel_size,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            enforce_eager=enforce_eager,
-            engine_args=engine_args,
-        )
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
             from transformers import AutoTokenizer
 
@@ -339,11 +322,11 @@ class VLLMBackend:
                 llm = vllm.LLM(**kwargs)
             except Exception as err:
                 if is_engine_start_failure(err):
-                    raise engine_start_error(err, gpu_memory_utilization) from err
+                    raise engine_start_error(err, kwargs["gpu_memory_utilization"]) from err
                 raise
         runner = model_runner_of(getattr(getattr(llm, "llm_engine", None), "vllm_config", None))
-        log.debug("vLLM runs model runner %s (max_num_batched_tokens=%s)", runner, max_num_batched_tokens)
-        return cls(llm, tokenizer, ngram_processor=bool(no_repeat_ngram_size), sampling_params_cls=vllm.SamplingParams)
+        log.debug("vLLM runs model runner %s (max_num_batched_tokens=%s)", runner, kwargs.get("max_num_batched_tokens"))
+        return cls(llm, tokenizer, ngram_processor=ngram_processor, sampling_params_cls=vllm.SamplingParams)
 
     # ------------------------------------------------------------------ helpers
     def _sampling_params(self, **kwargs: Any) -> Any:

@@ -1,5 +1,5 @@
-"""Feed an exported SRD curriculum to a trainer: Hugging Face datasets, a torch Sampler
-that walks the stages, and a transformers callback that follows the stage switches.
+"""Feed an exported SRD curriculum to a trainer: Hugging Face datasets, a sampler that
+walks the stages, and a transformers callback that follows the stage switches.
 
 Two ways to train on a curriculum:
 
@@ -10,8 +10,9 @@ Two ways to train on a curriculum:
    trainer that accepts a sampler sees an ordinary, fixed-length epoch;
    ``CurriculumCallback`` tells a ``transformers.Trainer`` when a stage starts.
 
-This module imports torch; transformers is imported only when ``CurriculumCallback``
-is first used, so plain PyTorch users do not pay for it.
+The sampler is a plain iterable of row indices (all a ``torch.utils.data.DataLoader``
+asks of a sampler), so this module imports neither torch nor, until ``CurriculumCallback``
+is first used, transformers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
 
 from srdata.curriculum.export import CURRICULUM_FILE, LAYOUTS
 from srdata.curriculum.groups import STRATIFIED_COLUMN
@@ -152,7 +152,7 @@ def _positions(stage: "datasets.Dataset", column: str = DIFFICULTY_COLUMN) -> np
     return np.asarray(stage.with_format("numpy")[column])
 
 
-class CurriculumSampler(Sampler[int]):
+class CurriculumSampler:
     """Yield row indices stage after stage: easy rows first, harder rows joining later.
 
     ``stage_of_row[i]`` is the stage in which row ``i`` is first trained (0 = easiest).

@@ -12,40 +12,18 @@ Example:
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any, Callable
-
-import polars as pl
-
-from srdata.config import ScoreConfig
-from srdata.steps.load import ColumnMapping
+from srdata.engines.job import OnShard, ShardJob
 from srdata.run.folder import Shard
 
 ENGINES = ("local", "ray")
-
-#: Called on the driver for every finished shard: (shard, its scored frame, wall seconds it took).
-OnShard = Callable[[Shard, pl.DataFrame, float], None]
-
-
-@dataclass
-class ShardJob:
-    """What every shard of one run is scored with."""
-
-    dataset: Any  # a datasets.Dataset; srd_id = row position
-    mapping: ColumnMapping
-    template: str
-    tokenizer: Any
-    config: ScoreConfig
-
-    def rows(self, shard: Shard) -> dict[str, list]:
-        """The shard's rows as ``{column: [values]}``."""
-        return self.dataset[shard.start : shard.stop]
+__all__ = ["ENGINES", "OnShard", "ShardJob", "run_shards"]
 
 
 def run_shards(engine: str, job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
     """Score ``pending`` with the named engine; ``on_shard`` gets each shard once, when it is done."""
     if engine == "local":
+        from srdata.engines.local import run_local  # loads the backends: only when a run starts
+
         run_local(job, pending, on_shard, progress=progress)
     elif engine == "ray":
         from srdata.engines.ray import run_ray  # Ray is an optional extra: imported only when asked for
@@ -53,25 +31,3 @@ def run_shards(engine: str, job: ShardJob, pending: list[Shard], on_shard: OnSha
         run_ray(job, pending, on_shard, progress=progress)
     else:
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-
-
-def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
-    """One backend in this process, the shards one after the other."""
-    from srdata.backends import load_backend
-    from srdata.engines.progress import ProgressBar
-    from srdata.shard import score_shard
-
-    config = job.config
-    backend = load_backend(config, tokenizer=job.tokenizer)
-    bar = ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
-    try:
-        for shard in pending:
-            t0 = time.perf_counter()
-            frame = score_shard(job.rows(shard), shard, job.mapping, job.template, job.tokenizer, backend, config, bar.update_work)
-            on_shard(shard, frame, time.perf_counter() - t0)
-    finally:
-        bar.close()
-        # A vLLM engine holds GPU (or host) memory and child processes until it is shut down:
-        # not when the run ends, if anything still references it (a notebook, a traceback).
-        if hasattr(backend, "close"):
-            backend.close()

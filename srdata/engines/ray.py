@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 
 from srdata.run.folder import Shard
-from srdata.engines import OnShard, ShardJob
+from srdata.engines.job import OnShard, ShardJob
 
 log = logging.getLogger(__name__)
 

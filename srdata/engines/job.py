@@ -1,0 +1,30 @@
+"""What every shard of one run is scored with, and the callback that receives a finished shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import polars as pl
+
+from srdata.config import ScoreConfig
+from srdata.run.folder import Shard
+from srdata.steps.load import ColumnMapping
+
+#: Called on the driver for every finished shard: (shard, its scored frame, wall seconds it took).
+OnShard = Callable[[Shard, pl.DataFrame, float], None]
+
+
+@dataclass
+class ShardJob:
+    """What every shard of one run is scored with."""
+
+    dataset: Any  # a datasets.Dataset; srd_id = row position
+    mapping: ColumnMapping
+    template: str
+    tokenizer: Any
+    config: ScoreConfig
+
+    def rows(self, shard: Shard) -> dict[str, list]:
+        """The shard's rows as ``{column: [values]}``."""
+        return self.dataset[shard.start : shard.stop]
