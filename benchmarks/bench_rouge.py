@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
+from importlib.metadata import version
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +38,6 @@ def load_pairs(path: Path) -> tuple[list[str], list[str]]:
 
     frame = pl.read_parquet(path, columns=["prediction", "reference"])
     return frame["prediction"].to_list(), frame["reference"].to_list()
-
-
-def version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "?"
 
 
 def main() -> int:

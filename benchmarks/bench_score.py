@@ -61,7 +61,7 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
+from importlib.metadata import version
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,13 +74,6 @@ MODELS = {
 }
 REAL_MODELS = ("smollm2", "qwen-0.5b")  # keys of tests/real_models.py
 CHOICES = {"both": ["small", "124m"], "real": list(REAL_MODELS), "all": ["small", "124m", *REAL_MODELS]}
-
-
-def version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "?"
 
 
 def load_frame(path: Path):
