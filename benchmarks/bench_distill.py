@@ -94,7 +94,7 @@ def _status_kib(field: str) -> int:
 def _models_and_batches(args: argparse.Namespace):
     import torch
 
-    from srd_distill import train as T
+    from srd_distill.data import Example, encode_data, find_encoding_settings, read_pairs
 
     if args.case == "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,9 +105,9 @@ def _models_and_batches(args: argparse.Namespace):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        pairs, _ = T.read_pairs(args.pairs)
-        encoding = T.find_encoding_settings(args.pairs, echo=lambda _: None)
-        examples = T.encode_data(pairs, tokenizer, encoding, 512).examples
+        pairs, _ = read_pairs(args.pairs)
+        encoding = find_encoding_settings(args.pairs, echo=lambda _: None)
+        examples = encode_data(pairs, tokenizer, encoding, 512).examples
         batches = [examples[i : i + args.batch] for i in range(0, len(examples) - args.batch + 1, args.batch)]
         return teacher, student, batches, len(tokenizer), tokenizer.pad_token_id
 
@@ -129,7 +129,7 @@ def _models_and_batches(args: argparse.Namespace):
         for _ in range(args.batch):
             prompt = int(torch.randint(64, 256, (1,), generator=gen))
             length = 512 - int(torch.randint(0, 512 // 8, (1,), generator=gen))  # right padding
-            examples.append(T.Example(torch.randint(3, vocab, (length,), generator=gen).tolist(), prompt))
+            examples.append(Example(torch.randint(3, vocab, (length,), generator=gen).tolist(), prompt))
         batches.append(examples)
     return teacher, student, batches, vocab, 0
 
@@ -140,7 +140,9 @@ def child_arm(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
-    from srd_distill import train as T
+    from srd_distill.data import collate, split_rows
+    from srd_distill.objective import LossSpec, batch_objective
+    from srd_distill.step import make_optimizer, optimizer_step
     from srd_distill.fused_head import plan_lm_head
     from srd_distill.memory import enable_gradient_checkpointing, micro_batch_count
 
@@ -150,10 +152,9 @@ def child_arm(args: argparse.Namespace) -> None:
         enable_gradient_checkpointing(student)
     student.train()
     plans = (plan_lm_head(student, vocab, "student"), plan_lm_head(teacher, vocab, "teacher")) if args.arm != "unfused" else (None, None)
-    spec = T.LossSpec("fkl", 2.0, 0.9, "all", vocab, *plans)
+    spec = LossSpec("fkl", 2.0, 0.9, "all", vocab, *plans)
     assert spec.fused == (args.arm != "unfused"), plans
-    optimizer = T.make_optimizer(student, 1e-4, 0.01, torch.device("cpu"))
-    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = make_optimizer(student, 1e-4, 0.01, torch.device("cpu"))
     setup_rss = _status_kib("VmRSS")
     times, losses, widths, scored = [], [], [], []
     tokens = []
@@ -164,15 +165,13 @@ def child_arm(args: argparse.Namespace) -> None:
         step_scored = sum(e.scored_tokens for e in examples)
         started = time.perf_counter()
         loss = 0.0
-        for part in T.split_rows(list(range(len(examples))), parts):  # as train_stage: token-weighted shares
-            batch = T.collate([examples[i] for i in part], pad_id, torch.device("cpu"))
-            out = T.batch_objective(student, teacher, batch, spec, contextlib.nullcontext())
+        for part in split_rows(list(range(len(examples))), parts):  # as train_stage: token-weighted shares
+            batch = collate([examples[i] for i in part], pad_id, torch.device("cpu"))
+            out = batch_objective(student, teacher, batch, spec, contextlib.nullcontext())
             share = batch.scored_tokens / step_scored
             (out.loss * share).backward()
             loss += float(out.loss.detach()) * share
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, lr=1e-4, grad_clip=1.0)
         times.append(time.perf_counter() - started)
         losses.append(loss)
         widths.append(width)

@@ -2,7 +2,7 @@
 
 * **Student**: float32 master weights (the optimizer's copy) whatever its saved dtype;
   forward passes run under autocast when ``--dtype`` is bfloat16/float16 (the default on
-  GPUs with bfloat16). Checkpoints are written back in the student's *saved* dtype
+  GPUs, as in `srdata score`). Checkpoints are written back in the student's *saved* dtype
   (``--save-dtype auto``): a bfloat16 student stays a bfloat16 checkpoint, half the size
   of a float32 one.
 * **Teacher**: frozen, run under ``torch.inference_mode`` and loaded in its saved dtype
@@ -38,6 +38,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from srd_distill.errors import TrainingSetupError
+from srdata.backends.hf import DTYPES, resolve_device, resolve_dtype
 
 __all__ = [
     "DTYPES",
@@ -56,25 +57,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF = (torch.bfloat16, torch.float16)
 
 
 def resolve_precision(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
-    """``auto`` = CUDA when visible; bfloat16 on a GPU that has it, float32 on the CPU.
+    """The device and compute dtype of a run, by the rule ``srdata score``'s HF backend uses.
+
+    ``auto`` device: CUDA when visible. ``auto`` dtype: bfloat16 on a GPU, float32 on the
+    CPU (:func:`srdata.backends.hf.resolve_dtype`), so the student is scored and trained
+    in the same precision.
 
     Example:
         >>> resolve_precision("cpu", "auto")
         (device(type='cpu'), torch.float32)
     """
-    from srdata.backends.hf import resolve_device
-
     device = resolve_device(device_name)
-    if dtype_name != "auto":
-        return device, DTYPES[dtype_name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return device, torch.bfloat16
-    return device, torch.float32
+    return device, resolve_dtype(dtype_name, device)
 
 
 def saved_dtype(name: str | Path) -> torch.dtype:
@@ -245,7 +243,7 @@ def peak_memory_text(device: torch.device) -> str:
 def micro_batch_count(rows: int, width: int, max_tokens: int) -> int:
     """How many micro-batches keep each at ``max_tokens`` padded tokens or fewer (0 = no cap).
 
-    ``rows`` rows padded to ``width`` tokens; near-equal parts (``train.split_rows``) of at
+    ``rows`` rows padded to ``width`` tokens; near-equal parts (``data.split_rows``) of at
     most ``max_tokens // width`` rows each (one row at least, however long).
 
     Example:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["StageProgress", "stage_banner", "stage_done", "interrupted_message"]
+__all__ = ["StageProgress", "stage_banner", "stage_notes", "stage_done", "interrupted_message"]
 
 
 def stage_banner(
@@ -48,6 +48,18 @@ def stage_banner(
         f"=== stage {index} ({index + 1} of {n_stages}): {rows} rows from {file_name}{extra}, {epochs} epoch(s) = "
         f"{steps} steps; kd_ratio {kd_ratio:g}, T {temperature:g}{scaling} ==="
     )
+
+
+def stage_notes(*, flagged: int, dropped: int, loss_source: str, gradient_checkpointing: bool) -> list[str]:
+    """The banner's notes: rows left out, how the loss is computed, memory levers.
+
+    Example:
+        >>> stage_notes(flagged=2, dropped=0, loss_source="loss from full logits", gradient_checkpointing=True)
+        ['2 flagged rows left out', 'loss from full logits', 'gradient checkpointing']
+    """
+    notes = [f"{flagged} flagged rows left out"] * bool(flagged)
+    notes += [f"{dropped} rows without room for a reference token left out"] * bool(dropped)
+    return notes + [loss_source] + ["gradient checkpointing"] * gradient_checkpointing
 
 
 def stage_done(index: int, steps: int, seconds: float, checkpoint: Path, memory: str) -> str:

@@ -43,11 +43,12 @@ def render(row: dict) -> str:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A warmed-up teacher, a smaller random student with the teacher's tokenizer, and a misfit."""
-    from srdata.demo.tiny import build_tiny_model, warm_up
+    from srdata.demo.tiny import build_tiny_model, train_on_pairs
 
     root = tmp_path_factory.mktemp("distill-models")
     teacher = build_tiny_model(root / "teacher", corpus(), arch="gpt2", hidden_size=64, num_layers=2, seed=1)
-    warm_up(teacher, [render(r) + r["output"] for r in demo_rows()[:24]], steps=40)
+    rows = demo_rows()[:24]
+    train_on_pairs(teacher, [render(r) for r in rows], [r["output"] for r in rows], steps=40, batch_size=8, lr=3e-3, seed=0)
 
     # The student: same tokenizer (saved from the teacher), smaller random GPT-2, no dropout
     # so that two runs that should agree do agree.
@@ -163,6 +164,68 @@ def test_presets_and_schedule_files(tmp_path):
     assert "bad.yaml" in message and "kd_ratio" in message and "less than or equal to 1" in message and "temprature" in message
     with pytest.raises(ScheduleError, match="unknown schedule 'paper-gtp2'.*paper-gpt2"):
         load_schedule("paper-gtp2")
+
+
+# ----------------------------------------------------------------------------- the shared step
+def test_learning_rate_follows_transformers_cosine_schedule():
+    # Independent reference: transformers' scheduler. Its warm-up starts at 0 where ours
+    # starts at peak / warmup (one step later), so the two agree from the end of warm-up on.
+    from transformers import get_cosine_schedule_with_warmup
+
+    from srd_distill.step import learning_rate
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=20)
+    reference = []
+    for _ in range(20):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [learning_rate(step, 20, 2e-3, warmup_steps=3) for step in range(20)]
+    assert ours[3:] == pytest.approx(reference[3:], rel=1e-12)
+    assert ours[:3] == pytest.approx([reference[1], reference[2], reference[3]], rel=1e-12)
+
+
+def test_optimizer_step_is_adamw_with_clipping_and_no_decay_on_gains():
+    from srd_distill.step import make_optimizer, optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(8, 4)
+    optimizer = make_optimizer(model, 0.1, 0.5, torch.device("cpu"))
+    (model(x) ** 2).sum().backward()
+    norm = optimizer_step(optimizer, lr=0.05, grad_clip=0.1)
+    assert all(p.grad is None for p in model.parameters())
+
+    # The same step written out with torch alone: clip to 0.1, AdamW at lr 0.05, decay on the matrix only.
+    (twin(x) ** 2).sum().backward()
+    assert norm == pytest.approx(float(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)), rel=1e-6)
+    matrices = [p for p in twin.parameters() if p.dim() == 2]
+    vectors = [p for p in twin.parameters() if p.dim() < 2]
+    torch.optim.AdamW([{"params": matrices, "weight_decay": 0.5}, {"params": vectors, "weight_decay": 0.0}], lr=0.05).step()
+    for mine, reference in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(mine, reference, atol=1e-7)
+
+
+def test_distillation_precision_follows_the_backends_dtype_rule():
+    from srd_distill.memory import resolve_precision
+    from srdata.backends.hf import resolve_dtype
+
+    for device in ("cpu", "cuda"):
+        for dtype in ("auto", "float32", "bfloat16", "float16"):
+            assert resolve_precision(device, dtype) == (torch.device(device), resolve_dtype(dtype, torch.device(device)))
+
+
+def test_docstring_examples_of_the_training_modules():
+    import doctest
+    import importlib
+
+    for name in ("train", "step", "data", "stages", "run_folder"):
+        module = importlib.import_module(f"srd_distill.{name}")
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, name
 
 
 # ----------------------------------------------------------------------------- training

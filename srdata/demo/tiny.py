@@ -112,35 +112,6 @@ def _save_random_model(
     return path
 
 
-def warm_up(path: str | Path, texts: list[str], steps: int = 60, lr: float = 3e-3, seed: int = 0) -> Path:
-    """Briefly train the saved model at ``path`` on ``texts`` (causal LM loss) and save it back.
-
-    The demo uses this to make a student that knows some rows better than others, so the
-    ranking has something real to find.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:256] + [tokenizer.eos_token_id] for t in texts]
-    for step in range(steps):
-        batch = [encoded[(step * 8 + k) % len(encoded)] for k in range(8)]
-        width = max(len(b) for b in batch)
-        ids = torch.tensor([b + [tokenizer.eos_token_id] * (width - len(b)) for b in batch])
-        labels = torch.tensor([b + [-100] * (width - len(b)) for b in batch])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(path)
-    return Path(path)
-
-
 def build_qwen2_05b_layout(path: str | Path, texts: Iterable[str], *, vocab_size: int = 32_000, seed: int = 0, dtype: str = "float32") -> Path:
     """Save a random-weight Qwen2 with the 0.5B layout (896 hidden, 24 layers) and a tokenizer trained on ``texts``.
 
@@ -228,8 +199,9 @@ def train_on_pairs(
 
     The loss is the cross-entropy of the response tokens and the end-of-sequence token
     (prompt tokens are not scored), with the tokenization of :func:`srdata.encode_pairs`.
-    Batches are drawn by a shuffled pass over the pairs, repeated as needed; AdamW with
-    linear warm-up and cosine decay, gradient norm clipped at 1. Returns the mean training
+    Batches are drawn by a shuffled pass over the pairs, repeated as needed; each step is
+    ``srd-distill``'s (:mod:`srd_distill.step`: AdamW without decay on biases and norm gains,
+    linear warm-up and cosine decay, gradient norm clipped at 1). Returns the mean training
     loss of every ``log_every`` steps (empty when ``log_every`` is 0). ``callback(step,
     model)``, when given, is called after each logged step (e.g. to evaluate).
 
@@ -237,11 +209,10 @@ def train_on_pairs(
         >>> train_on_pairs("/tmp/char-student", ["copy a b\\n"], ["a b"], steps=10)   # doctest: +SKIP
         []
     """
-    import math
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from srd_distill.step import learning_rate, make_optimizer, optimizer_step  # the training step srd-distill uses
     from srdata.steps.tokenize import encode_pairs
 
     if len(prompts) != len(responses) or not prompts:
@@ -253,20 +224,12 @@ def train_on_pairs(
     model.train()
     pairs = encode_pairs(tokenizer, prompts, responses, max_prompt_tokens=10_000, max_reference_tokens=None)
     sequences = [(p.prompt_ids + p.reference_ids, len(p.prompt_ids)) for p in pairs]
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = make_optimizer(model, lr, weight_decay, device=torch.device("cpu"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order: list[int] = []
     history: list[float] = []
     window: list[float] = []
     for step in range(steps):
-        if step < warmup_steps:
-            step_lr = lr * (step + 1) / warmup_steps
-        else:
-            step_lr = lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
         if len(order) < batch_size:
             order += torch.randperm(len(sequences), generator=generator).tolist()
         rows, order = order[:batch_size], order[batch_size:]
@@ -282,9 +245,7 @@ def train_on_pairs(
         # the CPU attention path several times slower).
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, lr=learning_rate(step, steps, lr, warmup_steps), grad_clip=1.0)
         window.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             history.append(sum(window) / len(window))

@@ -1,0 +1,335 @@
+"""Training data of ``srd-distill``: files -> prompt/reference strings -> token ids -> padded batches.
+
+* :func:`read_pairs` reads a ``.parquet``/``.jsonl``/``.json`` file with ``prompt_text``/
+  ``reference_text`` columns (or ``prompt``/``response``, ``prompt``/``completion``),
+  leaving out rows srdata flagged as invalid.
+* :func:`find_encoding_settings` finds the prompt settings of the ``srdata score`` run
+  the data came from, so :func:`encode_data` tokenizes exactly as scoring did.
+* :func:`collate` right-pads examples into tensors; :func:`split_rows` cuts one step's
+  rows into micro-batches.
+* :func:`curriculum_stage_files` lists a curriculum's stage files, checked to exist.
+
+Example:
+    >>> split_rows([1, 2, 3, 4, 5], 2)
+    [[1, 2, 3], [4, 5]]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import polars as pl
+import torch
+
+from srd_distill.errors import CurriculumFilesError, TrainingSetupError
+
+__all__ = [
+    "TEXT_COLUMN_PAIRS",
+    "read_pairs",
+    "EncodingSettings",
+    "find_encoding_settings",
+    "Example",
+    "EncodedData",
+    "encode_data",
+    "encode_file",
+    "Batch",
+    "collate",
+    "split_rows",
+    "curriculum_stage_files",
+]
+
+log = logging.getLogger(__name__)
+
+CURRICULUM_FILE = "curriculum.json"
+MANIFEST_FILE = "manifest.json"
+TEXT_COLUMN_PAIRS = (("prompt_text", "reference_text"), ("prompt", "response"), ("prompt", "completion"))
+
+
+def read_pairs(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, int]:
+    """Read ``prompt_text``/``reference_text`` pairs from a parquet/jsonl/json file.
+
+    Columns ``prompt``/``response`` or ``prompt``/``completion`` are accepted too. Rows
+    that srdata flagged as invalid (``invalid_reason`` set) are left out; their count is
+    returned alongside the pairs. Any other missing prompt or reference is an error.
+
+    Example:
+        >>> pairs, flagged = read_pairs("runs/dolly/annotated.parquet")   # doctest: +SKIP
+        >>> pairs.columns                                                  # doctest: +SKIP
+        ['prompt_text', 'reference_text']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingSetupError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        frame = pl.read_parquet(path)
+    elif suffix in (".jsonl", ".ndjson"):
+        frame = pl.read_ndjson(path)
+    elif suffix == ".json":
+        frame = read_json_rows(path)
+    else:
+        raise TrainingSetupError(f"data file {path} must be .parquet, .jsonl or .json")
+    columns = next(((p, r) for p, r in TEXT_COLUMN_PAIRS if p in frame.columns and r in frame.columns), None)
+    if columns is None:
+        wanted = ", ".join(f"{p}/{r}" for p, r in TEXT_COLUMN_PAIRS)
+        raise TrainingSetupError(
+            f"data file {path} has no prompt/reference columns (looked for {wanted}); it has: "
+            f"{', '.join(frame.columns) or 'no columns'}. Score raw data with `srdata score` to get prompt_text/reference_text"
+        )
+    flagged = 0
+    if "invalid_reason" in frame.columns:
+        valid = frame["invalid_reason"].is_null()
+        flagged = int((~valid).sum())
+        frame = frame.filter(valid)
+    pairs = frame.select(pl.col(columns[0]).alias("prompt_text"), pl.col(columns[1]).alias("reference_text"))
+    missing = pairs.with_row_index("row").filter(pl.col("prompt_text").is_null() | pl.col("reference_text").is_null())
+    if missing.height:
+        rows = ", ".join(str(r) for r in missing["row"].head(10).to_list())
+        raise TrainingSetupError(f"data file {path}: {missing.height} row(s) have no prompt or reference (rows {rows}); fix or drop them")
+    if pairs.height == 0:
+        raise TrainingSetupError(f"data file {path} holds no usable rows")
+    return pairs, flagged
+
+
+def read_json_rows(path: Path) -> pl.DataFrame:
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError:
+        return pl.read_ndjson(path)  # a .json file that is really JSON lines
+    if not isinstance(rows, list):
+        raise TrainingSetupError(f"{path} must hold a JSON list of objects (or JSON lines)")
+    return pl.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    """The prompt/reference encoding of the source run (see :func:`srdata.encode_pairs`)."""
+
+    max_prompt_tokens: int
+    max_reference_tokens: Optional[int]
+    truncation_side: str
+    add_special_tokens: bool  # False for chat-template prompts, which carry their own
+    rouge_tokenizer: str
+    source: str  # the manifest it came from, or "srdata defaults"
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[str], None] = log.info) -> EncodingSettings:
+    """The encoding the source ``srdata score`` run used, read from its ``manifest.json``.
+
+    ``data_path`` is a curriculum folder (its ``curriculum.json`` names the source run;
+    ``srdata export``'s default output sits inside the run folder, which is tried next) or
+    a data file (an ``annotated.parquet`` has the manifest beside it). Without a manifest,
+    srdata's defaults are used, and the fact is reported.
+
+    Example:
+        >>> find_encoding_settings("runs/dolly/curriculum").truncation_side   # doctest: +SKIP
+        'left'
+    """
+    from srdata.config import MetricsConfig, PromptConfig
+
+    path = Path(data_path)
+    candidates: list[Path] = []
+    if path.is_dir():
+        summary_file = path / CURRICULUM_FILE
+        if summary_file.is_file():
+            run_dir = (json.loads(summary_file.read_text(encoding="utf-8")).get("source") or {}).get("run_dir")
+            if run_dir:
+                candidates.append(Path(run_dir) / MANIFEST_FILE)
+        candidates.append(path.parent / MANIFEST_FILE)
+    else:
+        candidates.append(path.parent / MANIFEST_FILE)
+    for manifest_path in candidates:
+        if not manifest_path.is_file():
+            continue
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        prompt = (manifest.get("config") or {}).get("prompt")
+        if not isinstance(prompt, dict):
+            continue  # not a manifest of `srdata score`
+        defaults = PromptConfig()
+        metrics = (manifest.get("config") or {}).get("metrics") or {}
+        return EncodingSettings(
+            max_prompt_tokens=int(prompt.get("max_prompt_tokens", defaults.max_prompt_tokens)),
+            max_reference_tokens=prompt.get("max_reference_tokens", defaults.max_reference_tokens),
+            truncation_side=prompt.get("truncation_side", defaults.truncation_side),
+            add_special_tokens=manifest.get("template") != "chat",
+            rouge_tokenizer=metrics.get("rouge_tokenizer", MetricsConfig().rouge_tokenizer),
+            source=str(manifest_path),
+        )
+    defaults = PromptConfig()
+    echo(f"no srdata manifest.json found for {path}; encoding with srdata's defaults "
+         f"(max_prompt_tokens={defaults.max_prompt_tokens}, max_reference_tokens={defaults.max_reference_tokens}, "
+         f"truncation_side={defaults.truncation_side})")
+    return EncodingSettings(
+        defaults.max_prompt_tokens, defaults.max_reference_tokens, defaults.truncation_side, True,
+        MetricsConfig().rouge_tokenizer, "srdata defaults",
+    )
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: ``prompt + reference`` ids, cut to ``max_length``."""
+
+    input_ids: list[int]
+    prompt_length: int
+
+    @property
+    def scored_tokens(self) -> int:
+        # Targets are input_ids[1:]; a reference token at position 0 (empty prompt) has no prediction.
+        return len(self.input_ids) - max(self.prompt_length, 1)
+
+
+@dataclass
+class EncodedData:
+    examples: list[Example]
+    prompt_ids: list[list[int]]  # the (truncated) prompts, for generation at evaluation
+    references: list[str]
+    dropped_rows: int  # prompt fills max_length: no reference token left to learn from
+    cut_rows: int  # reference cut by max_length
+
+
+def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings, max_length: int) -> EncodedData:
+    """Token ids of every pair by srdata's rules (:func:`srdata.encode_pairs`), cut to ``max_length``."""
+    from srdata.steps.prompts import chat_affixes
+    from srdata.steps.tokenize import encode_pairs
+
+    prompts, references = pairs["prompt_text"].to_list(), pairs["reference_text"].to_list()
+    keep = ("", "") if encoding.add_special_tokens or not getattr(tokenizer, "chat_template", None) else chat_affixes(tokenizer)
+    encoded = []
+    for start in range(0, len(prompts), 4096):  # bounded tokenizer batches for large files
+        encoded += encode_pairs(
+            tokenizer,
+            prompts[start : start + 4096],
+            references[start : start + 4096],
+            max_prompt_tokens=encoding.max_prompt_tokens,
+            max_reference_tokens=encoding.max_reference_tokens,
+            truncation_side=encoding.truncation_side,  # type: ignore[arg-type]
+            add_special_tokens=encoding.add_special_tokens,
+            keep=keep,
+        )
+    data = EncodedData([], [], [], 0, 0)
+    for pair, reference in zip(encoded, references):
+        ids = (pair.prompt_ids + pair.reference_ids)[:max_length]
+        example = Example(ids, len(pair.prompt_ids))
+        if example.scored_tokens < 1:
+            data.dropped_rows += 1
+            continue
+        data.cut_rows += len(pair.prompt_ids) + len(pair.reference_ids) > max_length
+        data.examples.append(example)
+        data.prompt_ids.append(pair.prompt_ids)
+        data.references.append(reference)
+    return data
+
+
+def encode_file(path: str | os.PathLike[str], tokenizer: Any, encoding: EncodingSettings, max_length: int) -> tuple[EncodedData, int]:
+    """:func:`read_pairs` then :func:`encode_data`; refuses a file where no row has a reference token left to learn.
+
+    Returns the encoded rows and the count of flagged rows left out.
+
+    Example:
+        >>> data, flagged = encode_file("runs/dolly/curriculum/stage-0.parquet", tok, encoding, 512)   # doctest: +SKIP
+    """
+    pairs, flagged = read_pairs(path)
+    data = encode_data(pairs, tokenizer, encoding, max_length)
+    if not data.examples:
+        raise TrainingSetupError(f"{path}: no row has a reference token within max_length={max_length}")
+    return data, flagged
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (rows, width), right-padded
+    attention_mask: torch.Tensor  # 1 = real token
+    response_mask: torch.Tensor  # 1 = reference token (end-of-sequence included)
+    scored_tokens: int
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> Batch:
+    """Right-pad a list of examples into tensors (positions equal those of unpadded runs)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    response_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention_mask[row, :n] = 1
+        response_mask[row, example.prompt_length : n] = True
+    return Batch(
+        input_ids.to(device), attention_mask.to(device), response_mask.to(device), sum(e.scored_tokens for e in examples)
+    )
+
+
+def split_rows(rows: Sequence[int], parts: int) -> list[list[int]]:
+    """Split one step's rows into ``parts`` near-equal micro-batches (none empty).
+
+    Example:
+        >>> split_rows([1, 2, 3, 4, 5], 2)
+        [[1, 2, 3], [4, 5]]
+    """
+    parts = min(parts, len(rows))
+    size, extra = divmod(len(rows), parts)
+    out, start = [], 0
+    for k in range(parts):
+        stop = start + size + (k < extra)
+        out.append(list(rows[start:stop]))
+        start = stop
+    return out
+
+
+
+def curriculum_stage_files(curriculum_dir: Path, n_stages: int, schedule_name: str) -> list[Path]:
+    """The stage files a schedule of ``n_stages`` stages trains on, checked to exist.
+
+    The names come from ``curriculum.json`` (as ``srdata export`` writes it); without it,
+    ``stage-K.parquet`` / ``stage-K.jsonl`` files are looked up directly.
+    """
+    if not curriculum_dir.is_dir():
+        raise CurriculumFilesError(
+            f"curriculum folder {curriculum_dir} does not exist; create it with `srdata export RUN_DIR --out {curriculum_dir}`"
+        )
+    summary_path = curriculum_dir / CURRICULUM_FILE
+    if not summary_path.is_file() and (curriculum_dir / "manifest.json").is_file():
+        exported = curriculum_dir / "curriculum"
+        hint = (f"its export is {exported}: pass --curriculum {exported}" if (exported / CURRICULUM_FILE).is_file()
+                else f"export it first with `srdata export {curriculum_dir}`, then pass --curriculum {exported}")
+        raise CurriculumFilesError(f"{curriculum_dir} is a scoring run, not a curriculum; {hint}")
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        listed = [curriculum_dir / s["file"] for s in sorted(summary.get("stages", []), key=lambda s: s["stage"])]
+        source = f"listed in {summary_path}"
+    else:
+        listed = []
+        for s in range(max(n_stages, highest_stage_file(curriculum_dir) + 1)):
+            found = [p for p in (curriculum_dir / f"stage-{s}.parquet", curriculum_dir / f"stage-{s}.jsonl") if p.is_file()]
+            listed.append(found[0] if found else curriculum_dir / f"stage-{s}.parquet")
+        source = f"expected in {curriculum_dir} ({CURRICULUM_FILE} is absent)"
+    missing = [p.name for p in listed[:n_stages] if not p.is_file()]
+    if len(listed) < n_stages:
+        missing += [f"stage-{s}.parquet" for s in range(len(listed), n_stages)]
+    if missing:
+        raise CurriculumFilesError(
+            f"curriculum {curriculum_dir} is missing {', '.join(missing)} ({source}); schedule {schedule_name!r} "
+            f"trains {n_stages} stages on stage-0 ... stage-{n_stages - 1}. Re-export with `srdata export RUN_DIR "
+            f"--keep {n_stages} --out {curriculum_dir}`, or choose a schedule with as many stages as the curriculum"
+        )
+    if len(listed) > n_stages:
+        raise CurriculumFilesError(
+            f"curriculum {curriculum_dir} has {len(listed)} stages but schedule {schedule_name!r} has {n_stages}; "
+            f"use a schedule with {len(listed)} stages (e.g. pocl for 4) or export with --keep {n_stages}"
+        )
+    return listed
+
+
+def highest_stage_file(folder: Path) -> int:
+    numbers = [int(p.stem.split("-", 1)[1]) for p in folder.glob("stage-*.*") if p.stem.split("-", 1)[1].isdigit()]
+    return max(numbers, default=-1)
+
