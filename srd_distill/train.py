@@ -1,7 +1,8 @@
 """The SRD stage-2 training loop: distil a teacher into a student, one curriculum stage at a time.
 
-Read top to bottom, as nanoGPT's ``train.py``: the settings, :func:`train` (plan, checks,
-run folder, teacher, the stages in order), then :func:`train_stage`, the loop itself. No
+Read top to bottom, as nanoGPT's ``train.py``: :func:`train` (plan, checks, run folder,
+teacher, the stages in order), then :func:`train_stage`, the loop itself. The settings are
+one pydantic model, :class:`~srd_distill.settings.TrainSettings` (the CLI is generated from it). No
 trainer framework and no callbacks: everything that happens in a step is written out there.
 Elsewhere: reading data (:mod:`~srd_distill.data`), checks (:mod:`~srd_distill.checks`), the
 run folder (:mod:`~srd_distill.run_folder`), stage plans (:mod:`~srd_distill.stages`), the
@@ -43,17 +44,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from srd_distill.checks import check_context, check_same_tokenizer, shared_tokenizer
 from srd_distill.data import (EncodedData, EncodingSettings, Example, collate, curriculum_stage_files, encode_data, encode_file,
                               find_encoding_settings, read_pairs, split_rows)
 from srd_distill.errors import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingInterrupted, TrainingSetupError
 from srd_distill.fused_head import HeadPlan, plan_lm_head
-from srd_distill.losses import DEFAULT_T2_SCALING, KDLossName, T2Scaling, t2_factor
+from srd_distill.losses import t2_factor
 from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, micro_batch_count,
                                 peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype)
 from srd_distill.objective import LossSpec, batch_objective, evaluate
@@ -61,7 +61,7 @@ from srd_distill.progress import StageProgress, interrupted_message, stage_banne
 from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, finish_stage, package_versions, partial_folder,
                                     prepare_run_folder, read_run_record, recorded_settings, stage_folder,
                                     steps_done, utc_now, write_run_record)
-from srd_distill.schedules import ScheduleError, parse_epochs
+from srd_distill.settings import TrainSettings, build_settings
 from srd_distill.stages import BASELINE_EPOCHS, StagePlan, StageResult, TrainResult, plan_stages
 from srd_distill.step import learning_rate, make_optimizer, optimizer_step
 
@@ -75,102 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
-
-# --- Settings -------------------------------------------------------------------------------------
-
-
-class TrainSettings(BaseModel):
-    """Every setting of a training run; the CLI flags map one to one onto these fields.
-
-    Example:
-        >>> TrainSettings(teacher="t", student="s", output="run", data="train.jsonl").micro_batch_tokens
-        2048
-    """
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    teacher: str = Field(description="teacher: a save_pretrained folder or hub id (frozen)")
-    student: str = Field(description="student to train: a save_pretrained folder or hub id")
-    output: str = Field(description="run folder")
-    curriculum: Optional[str] = Field(default=None, description="folder written by `srdata export`")
-    data: Optional[str] = Field(default=None, description="full-data baseline: one file of prompt/reference pairs")
-    loss: KDLossName = "fkl"
-    schedule: str = Field(default="paper-gpt2", description="preset name or YAML/TOML/JSON file")
-    epochs: Optional[str] = Field(default=None, description="curriculum: '8' or '8,8,4' per stage; baseline: one number")
-    kd_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="baseline only")
-    temperature: Optional[float] = Field(default=None, gt=0.0, description="baseline only")
-    t2_scaling: T2Scaling = DEFAULT_T2_SCALING
-    lr: float = Field(default=1e-4, gt=0.0)
-    weight_decay: float = Field(default=0.01, ge=0.0)
-    warmup_steps: int = Field(default=0, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0.0, description="max gradient norm; 0 turns clipping off")
-    batch_size: int = Field(default=16, ge=1, description="rows per optimizer step")
-    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step (at least)")
-    micro_batch_tokens: int = Field(default=2048, ge=0, description="most padded tokens per forward pass; 0: no cap")
-    max_length: int = Field(default=512, ge=2, description="most tokens of prompt + reference")
-    seed: int = 10
-    device: str = "auto"
-    dtype: DtypeName = "auto"
-    teacher_dtype: DtypeName = "auto"
-    save_dtype: DtypeName = Field(default="auto", description="auto: the student's saved dtype")
-    fused_head: bool = Field(default=True, description="loss from hidden states, a chunk of tokens at a time (no full logits)")
-    gradient_checkpointing: bool = False
-    eval_file: Optional[str] = None
-    eval_max_new_tokens: int = Field(default=256, ge=1)
-    max_steps: Optional[int] = Field(default=None, ge=1, description="at most this many optimizer steps per stage")
-    log_every: int = Field(default=10, ge=1)
-    stop_after_stage: Optional[int] = Field(default=None, ge=0)
-    overwrite: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _epochs_as_text(cls, values: Any) -> Any:
-        # Accept 8, "8", "8,8,4" or [8, 8, 4]; store one normalised string.
-        if isinstance(values, dict) and values.get("epochs") is not None:
-            parsed = parse_epochs(values["epochs"])
-            values = {**values, "epochs": ",".join(map(str, parsed)) if isinstance(parsed, tuple) else str(parsed)}
-        return values
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "TrainSettings":
-        if (self.curriculum is None) == (self.data is None):
-            raise ValueError("give either curriculum (SRD stages) or data (the full-data baseline), not both or neither")
-        if self.curriculum is not None and (self.kd_ratio is not None or self.temperature is not None):
-            raise ValueError(
-                "kd_ratio and temperature are set per stage by the schedule in a curriculum run; "
-                "write a schedule file to change them (they are flags of the --data baseline)"
-            )
-        if self.data is not None and self.epochs is not None and "," in self.epochs:
-            raise ValueError(f"the baseline has one stage: epochs must be one number, got {self.epochs!r}")
-        if self.grad_accum > self.batch_size:
-            raise ValueError(f"grad_accum {self.grad_accum} is larger than batch_size {self.batch_size}: a micro-batch needs a row")
-        return self
-
-def build_settings(settings: TrainSettings | dict[str, Any] | None = None, **overrides: Any) -> TrainSettings:
-    """Validate settings with readable errors (one line per problem).
-
-    Example:
-        >>> build_settings(teacher="t", student="s", output="o", data="d.jsonl", lr=3e-4).lr
-        0.0003
-    """
-    values = settings.model_dump() if isinstance(settings, TrainSettings) else dict(settings or {})
-    values.update({k: v for k, v in overrides.items()})
-    try:
-        return TrainSettings.model_validate(values)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            if not e["loc"]:  # a rule about several settings together: the message says it all
-                problems.append(f"  {e['msg'].removeprefix('Value error, ')}")
-                continue
-            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-            problems.append(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}{got}")
-        raise TrainingSetupError("invalid training settings:\n" + "\n".join(problems)) from None
-    except ScheduleError as err:
-        raise TrainingSetupError(str(err)) from None
-
-
 
 # --- The run: plan, check, open the run folder, load the teacher, train the stages in order -------
 

@@ -56,11 +56,13 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def config_options(*models: type[BaseModel], skip: Sequence[str] = ()) -> Callable[[F], F]:
+def config_options(*models: type[BaseModel], skip: Sequence[str] = (), require: bool = False) -> Callable[[F], F]:
     """One click option per field of ``models``: the flag, type, choices and help come from the field.
 
     Every option defaults to ``None`` (= not given), so a flag overrides a config file only
-    when it is on the command line; the field's default is shown in the help.
+    when it is on the command line; the field's default is shown in the help. A boolean
+    that defaults to true gets a ``--no-NAME`` twin. With ``require``, fields without a
+    default are required options (commands without a config file).
 
     Example:
         >>> @click.command()
@@ -80,8 +82,12 @@ def config_options(*models: type[BaseModel], skip: Sequence[str] = ()) -> Callab
             if default not in (None, PydanticUndefined) and not isinstance(default, bool):
                 help_text += f" [default: {default}]"
             names = [flag(name), *([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])]
-            if click_type is bool:
+            if click_type is bool and default is True:
+                option = click.option(f"{flag(name)}/--no-{name.replace('_', '-')}", name, default=None, help=help_text + " [default: on]")
+            elif click_type is bool:
                 option = click.option(*names, name, is_flag=True, default=None, help=help_text)
+            elif require and field.is_required():
+                option = click.option(*names, name, type=click_type, required=True, metavar=extra.get("metavar"), help=help_text)
             elif is_list and extra.get("multiple"):
                 option = click.option(*names, name, multiple=True, metavar=extra.get("metavar"), help=help_text)
             else:

@@ -78,3 +78,16 @@ def test_config_options_serves_any_settings_model():
 
     result = CliRunner().invoke(report, ["--by", "task", "--by", "source", "--examples", "3"])
     assert result.exit_code == 0 and result.output.strip() == "['by', 'examples']"
+
+
+def test_srd_distill_options_come_from_train_settings():
+    from srd_distill.cli import main as distill_main
+    from srd_distill.settings import TrainSettings
+
+    options = options_of(distill_main.commands["train"])
+    for name, field in TrainSettings.model_fields.items():
+        assert options[name].help.startswith(field.description), name
+        assert options[name].required == field.is_required(), name
+    assert options["fused_head"].secondary_opts == ["--no-fused-head"]
+    result = CliRunner().invoke(distill_main, ["train", "--student", "s", "--output", "o", "--data", "d.jsonl"])
+    assert result.exit_code == 2 and "--teacher" in result.output

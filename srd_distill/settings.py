@@ -1,0 +1,163 @@
+"""The settings of a training run: one pydantic model, which the ``srd-distill train`` options,
+``run.json`` and the resume check are all generated from.
+
+Example:
+    >>> build_settings(teacher="t", student="s", output="o", data="d.jsonl").batch_size
+    16
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from srd_distill.divergences import LOSS_FORMULAS, LOSS_NAMES
+from srd_distill.errors import TrainingSetupError
+from srd_distill.losses import DEFAULT_T2_SCALING, KDLossName, T2Scaling
+from srd_distill.schedules import PRESETS, ScheduleError, parse_epochs
+from srd_distill.stages import BASELINE_EPOCHS
+
+__all__ = ["TrainSettings", "build_settings", "DtypeName"]
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+LOSS_HELP = "; ".join(f"{name}: {LOSS_FORMULAS[name]}" for name in LOSS_NAMES)
+
+
+class TrainSettings(BaseModel):
+    """Every setting of a training run; the CLI flags map one to one onto these fields.
+
+    Example:
+        >>> TrainSettings(teacher="t", student="s", output="run", data="train.jsonl").micro_batch_tokens
+        2048
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    teacher: str = Field(description="Teacher (frozen): a save_pretrained folder or hub id. Example: --teacher ./gpt2-xl-sft")
+    student: str = Field(description="Student to train, sharing the teacher's tokenizer. Example: --student ./gpt2")
+    output: str = Field(description="Run folder: stage-N/ checkpoints, metrics.jsonl, run.json. Example: --output runs/kd")
+    curriculum: Optional[str] = Field(
+        default=None, description="Folder written by `srdata export` (stage-K.parquet + curriculum.json). Example: --curriculum runs/dolly/curriculum"
+    )
+    data: Optional[str] = Field(
+        default=None,
+        description="Full-data baseline instead of a curriculum: .parquet/.jsonl/.json with prompt_text/reference_text "
+        "(e.g. srdata's annotated.parquet) or prompt/response columns. Example: --data runs/dolly/annotated.parquet",
+    )
+    loss: KDLossName = Field(default="fkl", description=f"KD divergence D_T with p = teacher, q = student ({LOSS_HELP}). Example: --loss rkl")
+    schedule: str = Field(
+        default="paper-gpt2", description=f"Per-stage epochs, kd_ratio, temperature: {' | '.join(PRESETS)} or a YAML/TOML/JSON file. Example: --schedule pocl"
+    )
+    epochs: Optional[str] = Field(
+        default=None,
+        description="Curriculum: epochs of every stage ('2') or of each ('8,8,4'), overriding the schedule; "
+        f"baseline: epochs on the full data (default {BASELINE_EPOCHS}). Example: --epochs 2",
+    )
+    kd_ratio: Optional[float] = Field(
+        default=None, ge=0.0, le=1.0, description="Baseline only: weight of the KD term (default: the schedule's first stage). Example: --kd-ratio 0.9"
+    )
+    temperature: Optional[float] = Field(
+        default=None, gt=0.0, description="Baseline only: KD temperature (default: the schedule's first stage). Example: --temperature 1.0"
+    )
+    t2_scaling: T2Scaling = Field(
+        default=DEFAULT_T2_SCALING,
+        description="Multiply D_T by T^2: all losses, only fkl/jsd/srkl as the reference code (reference), or none. Example: --t2-scaling reference",
+    )
+    lr: float = Field(default=1e-4, gt=0.0, description="Peak learning rate (AdamW, cosine decay). Example: --lr 5e-5")
+    weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay (matrices only). Example: --weight-decay 0")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps per stage. Example: --warmup-steps 100")
+    grad_clip: float = Field(default=1.0, ge=0.0, description="Max gradient norm; 0 turns clipping off. Example: --grad-clip 0.5")
+    batch_size: int = Field(default=16, ge=1, description="Rows per optimizer step. Example: --batch-size 32")
+    grad_accum: int = Field(
+        default=1, ge=1, description="Split each step's batch into at least this many micro-batches (less memory, same step). Example: --grad-accum 4"
+    )
+    micro_batch_tokens: int = Field(
+        default=2048,
+        ge=0,
+        description="Most padded tokens per forward pass: a step with more runs as several micro-batches whose gradients add "
+        "up to the same step (bounded activation memory); 0 = no cap. Example: --micro-batch-tokens 8192",
+    )
+    max_length: int = Field(default=512, ge=2, description="Most tokens of prompt + reference. Example: --max-length 1024")
+    seed: int = Field(default=10, description="Random seed (stage s uses seed + s). Example: --seed 1")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N. Example: --device cuda:1")
+    dtype: DtypeName = Field(
+        default="auto",
+        description="Compute precision (autocast; float32 master weights); auto = bfloat16 on GPU, float32 on CPU. Example: --dtype float32",
+    )
+    teacher_dtype: DtypeName = Field(
+        default="auto",
+        description="Teacher weights; auto = its saved dtype (float16 on a CPU, or bfloat16 on a CPU without native "
+        "bfloat16, upcast to float32). Example: --teacher-dtype float32",
+    )
+    save_dtype: DtypeName = Field(
+        default="auto", description="Checkpoint weights; auto = the student's saved dtype (bfloat16 in, bfloat16 out). Example: --save-dtype float32"
+    )
+    fused_head: bool = Field(
+        default=True,
+        description="Compute the loss from the last hidden states, projecting a chunk of scored tokens at a time through both "
+        "LM heads: no full-vocabulary logits (models whose logits cannot be reproduced so fall back, with the reason printed).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute the student's activations in the backward pass: much less memory for one more forward pass of the student per step.",
+    )
+    eval_file: Optional[str] = Field(
+        default=None,
+        description="Held-out .parquet/.jsonl (same columns as --data): ROUGE-L of greedy answers every epoch; the best "
+        "epoch of each stage is kept. Example: --eval-file dev.jsonl",
+    )
+    eval_max_new_tokens: int = Field(default=256, ge=1, description="Most tokens generated per eval answer. Example: --eval-max-new-tokens 128")
+    max_steps: Optional[int] = Field(default=None, ge=1, description="At most this many optimizer steps per stage (smoke tests). Example: --max-steps 10")
+    log_every: int = Field(default=10, ge=1, description="Write a metrics.jsonl line every N steps. Example: --log-every 1")
+    stop_after_stage: Optional[int] = Field(
+        default=None, ge=0, description="Stop once this stage is finished; rerun without it to continue. Example: --stop-after-stage 0"
+    )
+    overwrite: bool = Field(default=False, description="Start over in an output folder that holds a run with other settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_as_text(cls, values: Any) -> Any:
+        # Accept 8, "8", "8,8,4" or [8, 8, 4]; store one normalised string.
+        if isinstance(values, dict) and values.get("epochs") is not None:
+            parsed = parse_epochs(values["epochs"])
+            values = {**values, "epochs": ",".join(map(str, parsed)) if isinstance(parsed, tuple) else str(parsed)}
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        if (self.curriculum is None) == (self.data is None):
+            raise ValueError("give either curriculum (SRD stages) or data (the full-data baseline), not both or neither")
+        if self.curriculum is not None and (self.kd_ratio is not None or self.temperature is not None):
+            raise ValueError(
+                "kd_ratio and temperature are set per stage by the schedule in a curriculum run; "
+                "write a schedule file to change them (they are flags of the --data baseline)"
+            )
+        if self.data is not None and self.epochs is not None and "," in self.epochs:
+            raise ValueError(f"the baseline has one stage: epochs must be one number, got {self.epochs!r}")
+        if self.grad_accum > self.batch_size:
+            raise ValueError(f"grad_accum {self.grad_accum} is larger than batch_size {self.batch_size}: a micro-batch needs a row")
+        return self
+
+def build_settings(settings: TrainSettings | dict[str, Any] | None = None, **overrides: Any) -> TrainSettings:
+    """Validate settings with readable errors (one line per problem).
+
+    Example:
+        >>> build_settings(teacher="t", student="s", output="o", data="d.jsonl", lr=3e-4).lr
+        0.0003
+    """
+    values = settings.model_dump() if isinstance(settings, TrainSettings) else dict(settings or {})
+    values.update({k: v for k, v in overrides.items()})
+    try:
+        return TrainSettings.model_validate(values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            if not e["loc"]:  # a rule about several settings together: the message says it all
+                problems.append(f"  {e['msg'].removeprefix('Value error, ')}")
+                continue
+            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+            problems.append(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}{got}")
+        raise TrainingSetupError("invalid training settings:\n" + "\n".join(problems)) from None
+    except ScheduleError as err:
+        raise TrainingSetupError(str(err)) from None
