@@ -27,6 +27,7 @@ import polars as pl
 import torch
 
 from srd_distill.errors import CurriculumFilesError, TrainingSetupError
+from srdata.run.folder import CURRICULUM_FILE, MANIFEST_FILE, RunDirError, read_manifest
 
 __all__ = [
     "TEXT_COLUMN_PAIRS",
@@ -45,8 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CURRICULUM_FILE = "curriculum.json"
-MANIFEST_FILE = "manifest.json"
 TEXT_COLUMN_PAIRS = (("prompt_text", "reference_text"), ("prompt", "response"), ("prompt", "completion"))
 
 
@@ -137,32 +136,29 @@ def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[st
     from srdata.config import MetricsConfig, PromptConfig
 
     path = Path(data_path)
-    candidates: list[Path] = []
+    run_dirs: list[Path] = []
     if path.is_dir():
         summary_file = path / CURRICULUM_FILE
         if summary_file.is_file():
             run_dir = (json.loads(summary_file.read_text(encoding="utf-8")).get("source") or {}).get("run_dir")
             if run_dir:
-                candidates.append(Path(run_dir) / MANIFEST_FILE)
-        candidates.append(path.parent / MANIFEST_FILE)
-    else:
-        candidates.append(path.parent / MANIFEST_FILE)
-    for manifest_path in candidates:
-        if not manifest_path.is_file():
-            continue
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        prompt = (manifest.get("config") or {}).get("prompt")
-        if not isinstance(prompt, dict):
+                run_dirs.append(Path(run_dir))
+    run_dirs.append(path.parent)
+    for run_dir in run_dirs:
+        try:
+            manifest = read_manifest(run_dir)
+        except RunDirError:
+            continue  # a manifest.json of something else
+        if manifest is None or "prompt" not in manifest.config.model_fields_set:
             continue  # not a manifest of `srdata score`
-        defaults = PromptConfig()
-        metrics = (manifest.get("config") or {}).get("metrics") or {}
+        prompt, metrics = manifest.config.prompt, manifest.config.metrics
         return EncodingSettings(
-            max_prompt_tokens=int(prompt.get("max_prompt_tokens", defaults.max_prompt_tokens)),
-            max_reference_tokens=prompt.get("max_reference_tokens", defaults.max_reference_tokens),
-            truncation_side=prompt.get("truncation_side", defaults.truncation_side),
-            add_special_tokens=manifest.get("template") != "chat",
-            rouge_tokenizer=metrics.get("rouge_tokenizer", MetricsConfig().rouge_tokenizer),
-            source=str(manifest_path),
+            max_prompt_tokens=prompt.max_prompt_tokens,
+            max_reference_tokens=prompt.max_reference_tokens,
+            truncation_side=prompt.truncation_side,
+            add_special_tokens=manifest.template != "chat",
+            rouge_tokenizer=metrics.rouge_tokenizer,
+            source=str(run_dir / MANIFEST_FILE),
         )
     defaults = PromptConfig()
     echo(f"no srdata manifest.json found for {path}; encoding with srdata's defaults "
@@ -297,7 +293,7 @@ def curriculum_stage_files(curriculum_dir: Path, n_stages: int, schedule_name: s
             f"curriculum folder {curriculum_dir} does not exist; create it with `srdata export RUN_DIR --out {curriculum_dir}`"
         )
     summary_path = curriculum_dir / CURRICULUM_FILE
-    if not summary_path.is_file() and (curriculum_dir / "manifest.json").is_file():
+    if not summary_path.is_file() and (curriculum_dir / MANIFEST_FILE).is_file():
         exported = curriculum_dir / "curriculum"
         hint = (f"its export is {exported}: pass --curriculum {exported}" if (exported / CURRICULUM_FILE).is_file()
                 else f"export it first with `srdata export {curriculum_dir}`, then pass --curriculum {exported}")

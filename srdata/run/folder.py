@@ -37,6 +37,7 @@ def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
 
 MANIFEST_FILE = "manifest.json"
 ANNOTATED_FILE = "annotated.parquet"
+CURRICULUM_FILE = "curriculum.json"  # written by `srdata export` into its output folder
 
 
 class RecordedConfig(BaseModel):
