@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_kd_loss import proc_status_kib  # this folder is on sys.path when the script runs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 ARMS = ("unfused", "fused", "fused+ckpt", "fused+micro")
@@ -81,14 +83,6 @@ def write_smollm2_pairs(folder: Path, rows: int) -> Path:
 # ----------------------------------------------------------------------------------------
 # Child process: one arm
 # ----------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _models_and_batches(args: argparse.Namespace):
@@ -155,7 +149,7 @@ def child_arm(args: argparse.Namespace) -> None:
     spec = LossSpec("fkl", 2.0, 0.9, "all", vocab, *plans)
     assert spec.fused == (args.arm != "unfused"), plans
     optimizer = make_optimizer(student, 1e-4, 0.01, torch.device("cpu"))
-    setup_rss = _status_kib("VmRSS")
+    setup_rss = proc_status_kib("VmRSS")
     times, losses, widths, scored = [], [], [], []
     tokens = []
     for step in range(args.warmup + args.steps):
@@ -182,7 +176,7 @@ def child_arm(args: argparse.Namespace) -> None:
         "case": args.case, "arm": args.arm, "batch": args.batch, "widths": widths, "scored": scored, "tokens": tokens,
         "micro_batches": parts,
         "seconds_per_step": sum(timed) / len(timed), "step_seconds": times, "losses": losses,
-        "setup_rss_mib": setup_rss / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024, "threads": torch.get_num_threads(),
+        "setup_rss_mib": setup_rss / 1024, "peak_rss_mib": proc_status_kib("VmHWM") / 1024, "threads": torch.get_num_threads(),
     }))
 
 
@@ -198,7 +192,7 @@ def child_chunks(args: argparse.Namespace) -> None:
     w_s = (torch.randn(v, h, generator=gen) * 0.05).requires_grad_(True)
     h_t, w_t = torch.randn(n, h, generator=gen) * 0.5, torch.randn(v, h, generator=gen) * 0.05
     y = torch.randint(0, v, (n,), generator=gen)
-    before = _status_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     times = []
     for _ in range(2):
         started = time.perf_counter()
@@ -208,7 +202,7 @@ def child_chunks(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - started)
         h_s.grad = w_s.grad = None
     print(json.dumps({"vocab": v, "hidden": h, "chunk": args.chunk, "seconds": min(times),
-                      "extra_mib": (_status_kib("VmHWM") - before) / 1024}))
+                      "extra_mib": (proc_status_kib("VmHWM") - before) / 1024}))
 
 
 # ----------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------
 
 
-def _rss_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (VmRSS now, VmHWM its peak)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(field + ":"):
@@ -116,11 +117,11 @@ def child(args: argparse.Namespace) -> None:
         return float(loss)
 
     exact = _reset_peak_rss()
-    before = _rss_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     value = step()
     times, cpu_times = [time.perf_counter() - t0], [time.process_time() - c0]
-    peak = _rss_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = proc_status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     student.grad = None
 
     for _ in range(args.repeats):
