@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from tests._runs import annotated_frame, make_run
 from srdata.cli import COMMANDS
 from srdata.curriculum.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
-from srdata.parquet_splice import ALIGNMENT
 from srdata.steps.rank import RankingError, rank
 
 
@@ -214,18 +213,19 @@ def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
 
 
-@pytest.mark.parametrize("where", ["reading", "appending", "finishing"])
+@pytest.mark.parametrize("where", ["reading", "assembling", "encoding"])
 def test_failure_while_reading_or_assembling_removes_temporary_files(run: Path, monkeypatch, where: str):
-    import srdata.curriculum.export as export
+    import pyarrow as pa
 
     def fail(*args, **kwargs):
         raise RuntimeError(f"boom while {where}")
 
-    if where == "appending":  # a row group to a stage file, on an I/O thread
-        real_write_at = export.BlockFile.write_at
-        monkeypatch.setattr(export.BlockFile, "write_at", lambda self, block, offset: fail() if offset else real_write_at(self, block, offset))
-    else:
-        monkeypatch.setattr(export, "_segment_of_rows" if where == "reading" else "_stage_file_end", fail)
+    if where == "reading":  # the rows, split into their parts' scratch files
+        monkeypatch.setattr(pa.ipc.RecordBatchStreamWriter, "write_table", fail)
+    elif where == "assembling":  # a stage's parts, read back on a writer thread
+        monkeypatch.setattr(pa.ipc, "open_stream", fail)
+    else:  # a stage file's row groups, on a writer thread
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", fail)
     with pytest.raises(RuntimeError, match=f"boom while {where}"):
         export_curriculum(run, out=run / "failed")
     assert list((run / "failed").iterdir()) == []
@@ -265,103 +265,10 @@ def test_many_row_groups_are_copied_into_the_stage_files(tmp_path: Path, monkeyp
     assert lazy.equals(stage(out, 2).filter(pl.col("srd_id") >= 2000).select("srd_id", "stage"))
 
 
-def test_copies_without_copy_file_range(run: Path, monkeypatch):
-    def unsupported(*args, **kwargs):
-        raise OSError(38, "Function not implemented")
-
-    expected = [stage(export_curriculum(run), s) for s in range(3)]
-    monkeypatch.setattr(os, "copy_file_range", unsupported)
-    for fmt in ("parquet", "jsonl"):
-        out = export_curriculum(run, fmt=fmt, out=run / f"no-copy-file-range-{fmt}")
-        for s in range(3):
-            rows = stage(out, s) if fmt == "parquet" else pl.read_ndjson(out / f"stage-{s}.jsonl")
-            assert rows["srd_id"].to_list() == expected[s]["srd_id"].to_list() and set(rows["stage"]) == {s}
-
-
-def _o_direct_works(folder: Path) -> bool:
-    """Whether this file system takes O_DIRECT writes (tmpfs, for one, refuses them)."""
-    from srdata.parquet_splice import AlignedBuffer
-
-    if not hasattr(os, "O_DIRECT"):
-        return False
-    try:
-        fd = os.open(folder / ".o-direct-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    try:
-        block = AlignedBuffer(ALIGNMENT)
-        block.append(b"x")
-        os.pwrite(fd, block.padded(), 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-        (folder / ".o-direct-probe").unlink()
-
-
-@pytest.mark.parametrize("refused_at", ["open", "write"])
-def test_stage_files_without_o_direct(run: Path, monkeypatch, refused_at: str):
-    # Stage files bypass the page cache with O_DIRECT where the file system takes it; where
-    # it refuses (tmpfs refuses at open, some file systems only at the first write) the
-    # same bytes are written through the cache.
-    import errno
-
-    expected = {s: stage(export_curriculum(run), s) for s in range(3)}
-    direct_fds: set[int] = set()
-    refusals = []
-    real_open, real_pwrite = os.open, os.pwrite
-
-    def open_(path, flags, *args):
-        if flags & getattr(os, "O_DIRECT", 0) and refused_at == "open":
-            refusals.append(path)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        fd = real_open(path, flags, *args)
-        (direct_fds.add if flags & getattr(os, "O_DIRECT", 0) else direct_fds.discard)(fd)  # fd numbers are reused
-        return fd
-
-    def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            refusals.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "open", open_)
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    out = export_curriculum(run, out=run / f"buffered-{refused_at}")
-    for s in range(3):
-        assert stage(out, s).equals(expected[s])
-    if refused_at == "open" or _o_direct_works(run):
-        assert len(refusals) >= 3  # every stage file tried O_DIRECT first
-
-
-def test_direct_io_can_be_turned_off(run: Path, monkeypatch):
-    import srdata.curriculum.export as export
-
-    opened = []
-    real_init = export.BlockFile.__init__
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        opened.append(self.direct)
-
-    monkeypatch.setattr(export.BlockFile, "__init__", init)
-    expected = stage(export_curriculum(run), 2)
-    monkeypatch.setenv("SRDATA_DIRECT_IO", "0")
-    assert stage(export_curriculum(run, out=run / "buffered"), 2).equals(expected)
-    assert opened == [_o_direct_works(run)] * 3 + [False] * 3
-
-
-def test_stage_files_are_block_aligned_and_read_by_every_reader(run: Path):
-    # Row groups start on 4 KiB boundaries (O_DIRECT); the padding between them and the
-    # replaced `stage` chunks are bytes no footer points at, which readers never see.
+def test_stage_files_are_read_by_every_reader(run: Path):
     out = export_curriculum(run)
     for s in range(3):
         path = out / f"stage-{s}.parquet"
-        metadata = pq.ParquetFile(path).metadata
-        for g in range(metadata.num_row_groups):
-            first = min(metadata.row_group(g).column(c).data_page_offset for c in range(metadata.num_columns - 1))
-            assert first % ALIGNMENT == 0 or metadata.row_group(g).column(0).dictionary_page_offset % ALIGNMENT == 0
         by_pyarrow = pl.from_arrow(pq.read_table(path))
         assert by_pyarrow.equals(pl.read_parquet(path)) and by_pyarrow.equals(pl.scan_parquet(path).collect())
         assert set(by_pyarrow["stage"]) == {s}
@@ -423,26 +330,6 @@ def test_stage_files_declare_the_rows_arrow_types_not_the_views_they_are_encoded
         assert "DELTA_BINARY_PACKED" not in encodings["prompt"] + encodings["rrf_score"]
 
 
-def test_a_pyarrow_that_cannot_write_string_views_falls_back_to_the_plain_types(tmp_path: Path, monkeypatch):
-    import pyarrow as pa
-
-    import srdata.curriculum.export as export
-
-    real = export._empty_file_footer
-
-    def no_views(schema, compression, path):
-        if any(f.type == pa.string_view() for f in schema):
-            raise pa.ArrowNotImplementedError("string_view to parquet")
-        return real(schema, compression, path)
-
-    monkeypatch.setattr(export, "_empty_file_footer", no_views)
-    frame = annotated_frame(40)
-    files = write_stages(frame.lazy(), [(0, 10), (0, 20)], tmp_path, "parquet")
-    for s, path in enumerate(files):
-        assert pl.read_parquet(path).drop("stage").equals(in_stage_order(frame, [10, 20][: s + 1]))
-        assert pq.read_schema(path).field("prompt_text").type == "large_string"
-
-
 def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: Path):
     frame = annotated_frame(20).with_columns(stage=pl.lit("stale"))
     bounds = [(0, 0), (0, 5), (10, 15), (18, 30), (0, 15)]
@@ -461,18 +348,6 @@ def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: 
         lines = pl.read_ndjson(jsonl[s])
         assert lines["srd_id"].to_list() == pl.read_parquet(files[s])["srd_id"].to_list() and set(lines["stage"]) == {s}
     assert not list(tmp_path.glob(".tmp-*")) and not list((tmp_path / "jsonl").glob(".tmp-*"))
-
-
-def test_parquet_footers_decode_and_encode_to_the_same_bytes(tmp_path: Path):
-    from srdata.parquet_splice import ThriftWriter, read_footer
-
-    frame = annotated_frame(50, invalid_ids=[3]).with_columns(flag=pl.col("srd_id") % 2 == 0, tiny=pl.col("srd_id").cast(pl.Int8))
-    for name, write in {"pyarrow": lambda p: pq.write_table(frame.to_arrow(), p, row_group_size=7), "polars": lambda p: frame.write_parquet(p, row_group_size=7)}.items():
-        path = tmp_path / f"{name}.parquet"
-        write(path)
-        data = path.read_bytes()
-        footer = read_footer(path)
-        assert ThriftWriter().struct(footer.fields) == data[footer.start : -8], name
 
 
 def test_fast_stable_sort_matches_a_stable_polars_sort():

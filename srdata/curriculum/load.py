@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from srdata.curriculum.export import CURRICULUM_FILE, LAYOUTS
+from srdata.curriculum.cut import LAYOUTS
+from srdata.curriculum.export import CURRICULUM_FILE
 from srdata.curriculum.groups import STRATIFIED_COLUMN
 from srdata.steps.rank import DIFFICULTY_COLUMN
 

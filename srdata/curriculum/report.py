@@ -2,7 +2,7 @@
 
 The report reads only the score and rank columns of a run (plus the few example rows it
 shows), so it stays cheap on millions of rows. It writes ``report.md``, ``report.html``
-and three PNG figures (matplotlib, no display needed):
+and three PNG figures (drawn by :mod:`srdata.curriculum.plots`):
 
 - ``score_histograms.png``: ROUGE-L and cross-entropy distributions;
 - ``scores_by_stage.png``: ROUGE-L against cross-entropy, coloured by curriculum stage,
@@ -28,18 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from srdata.curriculum.export import (
-    ANNOTATED_FILE,
-    CURRICULUM_FILE,
-    CurriculumError,
-    Run,
-    read_manifest,
-    plan_stages,
-    prepare_output,
-    read_run,
-    share_check,
-    stage_bounds,
-)
+from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
+from srdata.curriculum.export import ANNOTATED_FILE, CURRICULUM_FILE, Run, read_manifest, read_run, share_check
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
@@ -53,13 +43,13 @@ from srdata.curriculum.groups import (
     share_table_rows,
     stratified_ranks,
 )
+from srdata.curriculum.plots import plot_histograms, plot_scatter, plot_stage_sizes
+from srdata.curriculum.stage_files import prepare_output
 from srdata.run.io import write_json_atomic
 from srdata.steps.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
 
 SCORE_COLUMNS = ("rouge_l", "ce_loss")
 RANK_COLUMNS = ("rank_rouge_l", "rank_ce_loss")
-SCATTER_POINTS = 20_000  # enough to see the shape; more only slows the plot down
-DPI = 100
 EXAMPLE_CHARS = 160
 GROUPS_FILE = "groups.json"
 SHARE_TABLE_GROUPS = 50  # largest groups in the report's share table; flagged groups are always shown
@@ -185,9 +175,11 @@ def build_report(
     shares = [group_shares(staged[stages.position], staged[column], stages.parts(staged.height), column, check) for column in by]
     out_dir = _writable_folder(Path(out) if out is not None else run.path / "report")
     figures = [
-        _plot_histograms(valid, out_dir / "score_histograms.png"),
-        _plot_scatter(staged, stages, out_dir / "scores_by_stage.png"),
-        _plot_stage_sizes(staged, stages, scores.height - valid.height, out_dir / "stage_sizes.png"),
+        plot_histograms(valid, SCORE_COLUMNS, out_dir / "score_histograms.png"),
+        plot_scatter(staged, len(stages.ends), out_dir / "scores_by_stage.png"),
+        plot_stage_sizes(
+            _stage_sizes(staged, stages), _count_part(staged, len(stages.ends)), scores.height - valid.height, stages.layout, out_dir / "stage_sizes.png"
+        ),
     ]
     blocks = _report_blocks(run, scores, staged, stages, by, examples, figures, shares)
     (out_dir / "report.md").write_text(_to_markdown(blocks))
@@ -208,73 +200,6 @@ def with_positions(run: Run, scores: pl.DataFrame, stages: Stages) -> pl.DataFra
 
 def _writable_folder(path: Path) -> Path:
     return prepare_output(path, what="report folder")
-
-
-# --- figures -----------------------------------------------------------------------------
-
-
-def _new_figure(width: float, height: float):
-    # Figure + Agg canvas directly: no pyplot, no global backend, works without a display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _plot_histograms(valid: pl.DataFrame, path: Path) -> Path:
-    figure = _new_figure(10, 4)
-    for axis, column, label in zip(figure.subplots(1, 2), SCORE_COLUMNS, ("ROUGE-L F1", "cross-entropy (nats/token)")):
-        axis.hist(valid[column].to_numpy(), bins=50, color="#4477aa")
-        axis.set_xlabel(label)
-        axis.set_ylabel("rows")
-        axis.set_title(f"{column} ({valid.height} rows)")
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
-def _plot_scatter(staged: pl.DataFrame, stages: Stages, path: Path) -> Path:
-    figure = _new_figure(7, 6)
-    axis = figure.subplots()
-    shown = staged.sample(SCATTER_POINTS, seed=0) if staged.height > SCATTER_POINTS else staged
-    colours = _stage_colours(len(stages.ends))
-    for part in range(len(stages.ends)):
-        rows = shown.filter(pl.col("part") == part)
-        axis.scatter(rows["rouge_l"], rows["ce_loss"], s=8, alpha=0.6, color=colours[part], label=f"stage {part}")
-    dropped = shown.filter(pl.col("part") == len(stages.ends))
-    axis.scatter(dropped["rouge_l"], dropped["ce_loss"], s=10, marker="x", color="#999999", label="dropped (hardest)")
-    axis.set_xlabel("ROUGE-L F1 (higher = easier)")
-    axis.set_ylabel("cross-entropy, nats/token (lower = easier)")
-    sampled = f", {shown.height} of {staged.height} rows shown" if shown.height < staged.height else ""
-    axis.set_title(f"Scores by curriculum stage{sampled}")
-    axis.legend(loc="upper right", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
-def _plot_stage_sizes(staged: pl.DataFrame, stages: Stages, invalid_rows: int, path: Path) -> Path:
-    sizes = _stage_sizes(staged, stages)
-    labels = [f"stage {s}" for s in range(len(sizes))] + ["dropped", "invalid"]
-    values = [*sizes, _count_part(staged, len(stages.ends)), invalid_rows]
-    colours = [*_stage_colours(len(sizes)), "#999999", "#cc6677"]
-    figure = _new_figure(7, 4)
-    axis = figure.subplots()
-    bars = axis.bar(labels, values, color=colours)
-    axis.bar_label(bars)
-    axis.set_ylabel("rows")
-    axis.set_title(f"Rows per stage ({stages.layout} layout)")
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
-
-
-def _stage_colours(count: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    return [colormaps["viridis"](x) for x in np.linspace(0.1, 0.9, max(count, 1))]
 
 
 def _count_part(staged: pl.DataFrame, part: int) -> int:
