@@ -21,7 +21,6 @@ half-written stage behind.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +60,7 @@ from srdata.curriculum.stage_files import (
     write_parquet_stage,
 )
 from srdata.curriculum.summary import range_summaries, score_columns
+from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, RunDirError, read_manifest, write_manifest
 from srdata.run.io import publish, remove_stale_temps, temp_path, write_json_atomic
 from srdata.steps.rank import (
     DEFAULT_RRF_K,
@@ -79,9 +79,6 @@ from srdata.steps.rank import (
 Layout = Literal["cumulative", "disjoint"]
 Format = Literal["parquet", "jsonl"]
 FORMATS: tuple[str, ...] = ("parquet", "jsonl")
-ANNOTATED_FILE = "annotated.parquet"
-MANIFEST_FILE = "manifest.json"
-CURRICULUM_FILE = "curriculum.json"
 STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
 ROW_GROUP_BYTES = 32 << 20  # Arrow bytes per parquet row group: ~85k rows of 300 chars (DuckDB writes 122,880 rows)
 
@@ -91,7 +88,7 @@ class Run:
     """A finished ``srdata score`` folder."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def annotated(self) -> Path:
@@ -99,7 +96,7 @@ class Run:
 
     @property
     def config_hash(self) -> str | None:
-        return self.manifest.get("config_hash")
+        return self.manifest.config_hash
 
 
 @dataclass(frozen=True)
@@ -125,8 +122,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise CurriculumError(f"run folder {path} does not exist")
-    manifest = read_manifest(path)
-    if manifest.get("status") != "complete":
+    manifest = read_run_manifest(path)
+    if manifest.status != "complete":
         raise CurriculumError(_unfinished_message(path, manifest))
     if not (path / ANNOTATED_FILE).is_file():
         raise CurriculumError(
@@ -136,15 +133,15 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
     return Run(path, manifest)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a run folder, whatever its status."""
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CurriculumError(_not_a_run_message(path))
+def read_run_manifest(path: Path) -> Manifest:
+    """The manifest of a run folder, whatever its status; a folder without one is explained."""
     try:
-        return json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CurriculumError(f"{manifest_path} is not valid JSON ({err})") from None
+        manifest = read_manifest(path)
+    except (RunDirError, ValueError) as err:
+        raise CurriculumError(str(err)) from None
+    if manifest is None:
+        raise CurriculumError(_not_a_run_message(path))
+    return manifest
 
 
 def _not_a_run_message(path: Path) -> str:
@@ -158,14 +155,14 @@ def _not_a_run_message(path: Path) -> str:
     return f"{path} holds no srdata run ({MANIFEST_FILE} missing); create one with `srdata score ... --output {path}`"
 
 
-def _unfinished_message(path: Path, manifest: dict[str, Any]) -> str:
-    shards = manifest.get("shards", [])
-    missing = [s for s in shards if not s.get("done") or not (path / s["file"]).is_file()]
-    listed = ", ".join(f"{s['file']} (rows {s['start']}-{s['stop'] - 1})" for s in missing[:10])
+def _unfinished_message(path: Path, manifest: Manifest) -> str:
+    shards = manifest.shards
+    missing = [s for s in shards if not s.done or not (path / s.file).is_file()]
+    listed = ", ".join(f"{s.file} (rows {s.start}-{s.stop - 1})" for s in missing[:10])
     more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
     detail = f"{len(missing)} of {len(shards)} shards are missing: {listed}{more}" if missing else "no shard is missing, but the final merge did not run"
     return (
-        f"the run in {path} is not finished (status {manifest.get('status')!r}): {detail}. "
+        f"the run in {path} is not finished (status {manifest.status!r}): {detail}. "
         "Resume it by rerunning the same `srdata score` command"
     )
 
@@ -177,18 +174,12 @@ def resolve_ranking(
     ties: str | None = None,
 ) -> Ranking:
     """The run's current ranking, with any option given here overriding it (and forcing a re-rank)."""
-    current = run.manifest.get("ranking") or {}
+    current = run.manifest.ranking
     keys = parse_rank_by(rank_by if rank_by is not None else current.get("rank_by"))
-    k = rrf_k if rrf_k is not None else current.get("rrf_k", scoring_rrf_k(run.manifest))
+    k = rrf_k if rrf_k is not None else current.get("rrf_k", run.manifest.config.metrics.rrf_k)
     tie_mode = ties if ties is not None else current.get("ties", "input")
     asked = rank_by is not None or rrf_k is not None or ties is not None
     return Ranking(keys, k, tie_mode, recompute=asked or not _has_ranks(run))
-
-
-def scoring_rrf_k(manifest: dict[str, Any]) -> int:
-    """The RRF k that ``srdata score`` ranked with (``config.metrics.rrf_k``)."""
-    config = manifest.get("config") or {}
-    return (config.get("metrics") or {}).get("rrf_k", config.get("rrf_k", DEFAULT_RRF_K))
 
 
 def _has_ranks(run: Run) -> bool:
@@ -429,7 +420,7 @@ def curriculum_summary(
         "source": {
             "run_dir": str(run.path.resolve()),
             "config_hash": run.config_hash,
-            "run_srdata_version": run.manifest.get("srdata_version"),
+            "run_srdata_version": run.manifest.srdata_version,
             "annotated_rows": ranks.height,
             "valid_rows": n_valid,
             "invalid_rows": ranks.height - n_valid,
@@ -482,15 +473,15 @@ def rerank_run(
     stale = _previous_rank_columns(run, ranks)
     rows = _ranked_rows(run, ranks.select(_rank_output_columns(ranks))).drop(stale)
     _sink_one(rows, run.annotated, compression)
-    manifest = {**run.manifest, "ranking": {**ranking.describe(), "ranked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
-    manifest["ranking"].pop("recomputed")
-    write_json_atomic(run.path / MANIFEST_FILE, manifest)
+    recorded = {k: v for k, v in ranking.describe().items() if k != "recomputed"}
+    run.manifest.ranking = {**recorded, "ranked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_manifest(run.path, run.manifest)
     return run.annotated
 
 
 def _previous_rank_columns(run: Run, new_ranks: pl.DataFrame) -> list[str]:
     """Rank columns of a previous custom --rank-by that the new ranking does not produce."""
-    previous = (run.manifest.get("ranking") or {}).get("rank_by")
+    previous = run.manifest.ranking.get("rank_by")
     if previous is None:
         return []
     schema = pl.read_parquet_schema(run.annotated)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from srdata.curriculum.cut import LAYOUTS
-from srdata.curriculum.export import CURRICULUM_FILE
+from srdata.run.folder import CURRICULUM_FILE
 from srdata.curriculum.groups import STRATIFIED_COLUMN
 from srdata.steps.rank import DIFFICULTY_COLUMN
 
@@ -137,12 +137,12 @@ def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike
         'assistant'
     """
     from srdata.steps.load import ColumnMapping
-    from srdata.curriculum.export import read_manifest
+    from srdata.curriculum.export import read_run_manifest
     from srdata.steps.prompts import chat_messages
 
     folder = _curriculum_folder(Path(curriculum))
     run_dir = Path(json.loads((folder / CURRICULUM_FILE).read_text())["source"]["run_dir"])
-    columns = read_manifest(run_dir).get("columns")
+    columns = read_run_manifest(run_dir).columns
     if not columns:
         raise ValueError(f"the run {run_dir} records no column mapping in its manifest; score it with this srdata version")
     mapping = ColumnMapping(**columns)

@@ -29,7 +29,8 @@ import numpy as np
 import polars as pl
 
 from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
-from srdata.curriculum.export import ANNOTATED_FILE, CURRICULUM_FILE, Run, read_manifest, read_run, share_check
+from srdata.curriculum.export import Run, read_run, read_run_manifest, share_check
+from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, Manifest
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
@@ -275,11 +276,11 @@ def _run_line(run: Run, scores: pl.DataFrame, staged: pl.DataFrame) -> str:
     )
 
 
-def _model_name(manifest: dict[str, Any]) -> str:
-    model = (manifest.get("identity") or {}).get("model") or (manifest.get("config") or {}).get("model")
+def _model_name(manifest: Manifest) -> str:
+    model = manifest.identity.get("model") or manifest.config.model
     if isinstance(model, dict):
-        model = model.get("name") or model.get("model")
-    return str(model or "unknown model")
+        model = model.get("name")
+    return str(getattr(model, "model", model) or "unknown model")
 
 
 def _score_rows(valid: pl.DataFrame) -> list[list[str]]:
@@ -325,7 +326,7 @@ def _text_columns(run: Run) -> list[str]:
     column mapping srdata score recorded) reads better than prompt_text, whose template
     boilerplate would fill the clipped cell."""
     schema = pl.read_parquet_schema(run.annotated)
-    mapping = run.manifest.get("columns") or {}
+    mapping = run.manifest.columns
     prompt = mapping.get("prompt_column") if mapping.get("prompt_column") in schema else "prompt_text"
     wanted = [prompt, mapping.get("response_column"), "student_output"]
     return [c for c in wanted if c and c in schema]
@@ -443,10 +444,10 @@ def inspect_run(run_dir: str | os.PathLike[str], examples: int = 5) -> str:
         run runs/dolly: complete, 15011 rows (15011 ranked, 0 invalid), config hash 5f1c...
     """
     path = Path(run_dir)
-    manifest = read_manifest(path) if path.is_dir() else None
-    if manifest is None:
+    if not path.is_dir():
         raise CurriculumError(f"run folder {path} does not exist")
-    if manifest.get("status") != "complete" or not (path / ANNOTATED_FILE).is_file():
+    manifest = read_run_manifest(path)
+    if manifest.status != "complete" or not (path / ANNOTATED_FILE).is_file():
         return _progress_text(path, manifest)
     run = read_run(path)
     scores = read_scores(run)
@@ -466,13 +467,13 @@ def inspect_run(run_dir: str | os.PathLike[str], examples: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _progress_text(path: Path, manifest: dict[str, Any]) -> str:
-    shards = manifest.get("shards", [])
-    done = [s for s in shards if s.get("done") and (path / s["file"]).is_file()]
-    rows_done = sum(s["stop"] - s["start"] for s in done)
-    rows_total = sum(s["stop"] - s["start"] for s in shards)
+def _progress_text(path: Path, manifest: Manifest) -> str:
+    shards = manifest.shards
+    done = [s for s in shards if s.done and (path / s.file).is_file()]
+    rows_done = sum(s.stop - s.start for s in done)
+    rows_total = sum(s.stop - s.start for s in shards)
     return (
-        f"run {path}: {manifest.get('status', 'unknown')}, {len(done)} of {len(shards)} shards done "
+        f"run {path}: {manifest.status}, {len(done)} of {len(shards)} shards done "
         f"({rows_done} of {rows_total} rows); rerun the same `srdata score` command to finish it"
     )
 

@@ -1,0 +1,128 @@
+"""The architecture rules of issue 17, checked on the source so that they stay true.
+
+* every module is small enough to read (about 500 lines; the vLLM backend a little more);
+* no import cycle between modules (function-local imports count too);
+* no module imports another module's private (underscore) names;
+* torch, transformers and vLLM are imported at module top only inside ``srdata/backends``
+  (``import srdata`` stays light; srd_distill is a torch package and may);
+* srdata never imports srd_distill at module top (srdata works without it).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("srdata", "srd_distill")
+MAX_LINES = 500
+MAX_LINES_EXCEPTIONS = {"srdata/backends/vllm.py": 550}
+HEAVY = ("torch", "transformers", "vllm")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOURCES = {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imports(path: Path, top_level_only: bool = False) -> list[tuple[str, list[str], int]]:
+    """(module, imported names, line) for every import in ``path``; relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    if top_level_only:  # also imports inside `if TYPE_CHECKING:` / try blocks at module level are top-level
+        nodes = [n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    found = []
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, [], node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((base, [alias.name for alias in node.names], node.lineno))
+    return found
+
+
+def in_type_checking_block(path: Path) -> set[int]:
+    """Lines of imports under ``if TYPE_CHECKING:`` (never executed)."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            lines.update(n.lineno for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return lines
+
+
+def resolve(target: str, names: list[str]) -> list[str]:
+    """The project modules an import loads: ``from srdata.steps import rank`` is srdata.steps.rank."""
+    modules = [f"{target}.{name}" for name in names if f"{target}.{name}" in SOURCES]
+    if target in SOURCES and len(modules) < len(names):
+        modules.append(target)
+    return modules
+
+
+def test_every_module_is_small_enough_to_read():
+    too_long = {}
+    for name, path in SOURCES.items():
+        relative = path.relative_to(ROOT).as_posix()
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_LINES_EXCEPTIONS.get(relative, MAX_LINES):
+            too_long[relative] = lines
+    assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"
+
+
+def test_no_import_cycle():
+    # The package facades (srdata/__init__, srd_distill/__init__) re-export lazily or for users;
+    # an edge into them is not an edge into the modules behind them.
+    facades = set(PACKAGES)
+    graph = {
+        name: {m for target, names, _ in imports(path) for m in resolve(target, names) if m != name and m not in facades}
+        for name, path in SOURCES.items()
+        if name not in facades
+    }
+    seen: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        seen[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if seen.get(nxt) == 1:
+                cycles.append(trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt])
+            elif nxt not in seen:
+                visit(nxt, [*trail, nxt])
+        seen[node] = 2
+
+    for start in sorted(graph):
+        if start not in seen:
+            visit(start, [start])
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_private_names_imported_across_modules():
+    offenders = []
+    for name, path in SOURCES.items():
+        for target, names, line in imports(path):
+            if target.split(".")[0] in PACKAGES and target != name:
+                offenders += [f"{path.relative_to(ROOT)}:{line} imports {target}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("package", ["srdata"])
+def test_heavy_libraries_are_imported_at_module_top_only_in_backends(package):
+    offenders = []
+    for name, path in SOURCES.items():
+        if not name.startswith(package) or name.startswith("srdata.backends"):
+            continue
+        skipped = in_type_checking_block(path)
+        for target, _, line in imports(path, top_level_only=True):
+            if line in skipped:
+                continue
+            if target.split(".")[0] in HEAVY or target.split(".")[0] == "srd_distill":
+                offenders.append(f"{path.relative_to(ROOT)}:{line} imports {target} at module top")
+    assert not offenders, "\n".join(offenders)
