@@ -364,21 +364,26 @@ def write_stages(
         schema, level = stage_schema(rows), compression_level(compression)
 
         def write(s: int) -> Path:
-            batches = chain(live[s], part_batches([stored[g].path for g in members[s][1:]]))
+            stream = live[s]
+            stored_parts = members[s][1:] if stream is not None else members[s]
+            batches = chain(stream if stream is not None else (), part_batches([stored[g].path for g in stored_parts]))
             try:
                 if fmt == "parquet":
                     return write_parquet_stage(temps[s], s, batches, schema, compression, level, ROW_GROUP_BYTES)
                 return write_jsonl_stage(temps[s], s, batches)
             except BaseException:
-                live[s].drain()  # the reading thread must never wait on a writer that stopped
+                if stream is not None:
+                    stream.drain()  # the reading thread must never wait on a writer that stopped
                 raise
 
-        # One thread per stage, not per core: all stages share the cores to the end.
+        # One thread per stage, not per core: all stages share the cores to the end. Stages
+        # that stream a part start with the reading; the others once their scratch files exist.
         with ThreadPoolExecutor(max_workers=max(1, len(finals))) as pool:
-            writers = [pool.submit(write, s) for s in range(len(finals))]
+            writers = {s: pool.submit(write, s) for s in range(len(finals)) if live[s] is not None}
             split_into_parts(rows, parts, position_column, sinks)
-            for writer in writers:
-                writer.result()
+            writers.update({s: pool.submit(write, s) for s in range(len(finals)) if live[s] is None})
+            for s in sorted(writers):
+                writers[s].result()
         # Every stage is written: the old curriculum.json goes before the first file is
         # replaced, so a kill among the renames leaves no curriculum, never an old summary
         # beside new stage files (a failure before this point leaves the old export intact).

@@ -3,8 +3,8 @@
 A stage file holds its rows part by part (see :func:`srdata.curriculum.cut.stage_parts`),
 easiest part first, each part in the order of the rows it was read from, so the rows of
 cumulative stage s-1 are the first rows of stage s. The rows are read once. A stage's
-first part is handed to the stage's writer thread while it is read (:class:`LiveRows`);
-a part that some stage holds after another part is also kept in a scratch file
+first part is handed to the writer thread of the largest stage that starts with it while
+it is read (:class:`LiveRows`); every other part a stage holds is kept in a scratch file
 (uncompressed Arrow IPC, beside the stage files, :class:`ScratchPart`), which that stage
 reads once the reading is done. The stages are encoded on threads of their own (pyarrow
 releases the GIL), alongside the reading. Stage files are ordinary parquet or JSON lines.
@@ -166,25 +166,34 @@ class LiveRows:
 
 def part_sinks(
     members: Sequence[Sequence[int]], n_parts: int, scratch: ScratchFiles, schema: pa.Schema
-) -> tuple[list[LiveRows], dict[int, ScratchPart], list[list[LiveRows | ScratchPart]]]:
-    """Where each part's rows go while they are read: one live stream per stage, scratch files, and the sinks of every part.
+) -> tuple[list[LiveRows | None], dict[int, ScratchPart], list[list[LiveRows | ScratchPart]]]:
+    """Where each part's rows go while they are read: live streams, scratch files, and the sinks of every part.
 
-    Each stage's first part streams to its writer (``members[s]``: the parts of stage s,
-    easiest first); a part that a stage holds after another part waits in a scratch file.
+    ``members[s]`` lists the parts of stage s, easiest first. Of the stages that start with
+    the same part, the one holding the most parts streams it live to its writer while it is
+    read (``live[s]``; ``None`` for the others): that stage's file is the longest chain of
+    encoding, so it starts at once, while the reading and the other stages share the other
+    cores. Every other part a stage holds waits in a scratch file, read once the rows are.
 
     Example:
         >>> live, stored, sinks = part_sinks([[0], [0, 1]], 2, ScratchFiles(Path("out")), schema)   # doctest: +SKIP
-        >>> sorted(stored), [len(s) for s in sinks]                                                  # doctest: +SKIP
-        ([1], [2, 1])
+        >>> [stream is not None for stream in live], sorted(stored), [len(s) for s in sinks]       # doctest: +SKIP
+        ([False, True], [0, 1], [2, 1])
     """
-    live = [LiveRows() for _ in members]
-    for stream, held in zip(live, members):
+    live: list[LiveRows | None] = [None] * len(members)
+    for g in range(n_parts):
+        starting = [s for s, held in enumerate(members) if held[:1] == [g]]
+        if starting:
+            live[max(reversed(starting), key=lambda s: len(members[s]))] = LiveRows()
+    for s, held in enumerate(members):
         if not held:
-            stream.close()  # an empty stage: no part will end its stream
-    later = sorted({g for held in members for g in held[1:]})
-    stored = {g: ScratchPart(scratch.new(f"part-{g}.arrows"), schema) for g in later}
+            live[s] = LiveRows()
+            live[s].close()  # an empty stage: no part will end its stream
+    stored_parts = sorted({g for s, held in enumerate(members) for g in (held[1:] if live[s] is not None else held)})
+    stored = {g: ScratchPart(scratch.new(f"part-{g}.arrows"), schema) for g in stored_parts}
     sinks: list[list[LiveRows | ScratchPart]] = [
-        [*(live[s] for s, held in enumerate(members) if held[:1] == [g]), *([stored[g]] if g in stored else [])] for g in range(n_parts)
+        [*(live[s] for s, held in enumerate(members) if held[:1] == [g] and live[s] is not None), *([stored[g]] if g in stored else [])]
+        for g in range(n_parts)
     ]
     return live, stored, sinks
 
