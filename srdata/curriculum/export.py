@@ -45,20 +45,9 @@ from srdata.curriculum.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.curriculum.stage_files import (
-    STAGE_COLUMN,
-    ScratchFiles,
-    compression_level,
-    part_batches,
-    part_schema,
-    part_sinks,
-    prepare_output,
-    split_into_parts,
-    stage_file_paths,
-    stage_schema,
-    write_jsonl_stage,
-    write_parquet_stage,
-)
+from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, compression_level, part_batches, part_schema, part_sinks,
+                                           prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
+                                           write_parquet_stage)
 from srdata.curriculum.summary import range_summaries, score_columns
 from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, RunDirError, read_manifest, write_manifest
 from srdata.run.io import publish, remove_stale_temps, temp_path, write_json_atomic
