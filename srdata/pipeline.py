@@ -21,7 +21,7 @@ from srdata.config import ScoreConfig, build_config, merge, nest, result_setting
 from srdata.steps.context import check_token_limits
 from srdata.steps.load import ColumnMapping, header_warnings, load_split, resolve_columns
 from srdata.engines import ShardJob, run_shards
-from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, load_tokenizer, max_positions
+from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStudent, load_tokenizer, max_positions
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
 from srdata.steps.rank import rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, plan_shards
@@ -124,7 +124,7 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         store.write_manifest(manifest)
 
     if pending:
-        job = ShardJob(dataset, mapping, template, tokenizer, config)
+        job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=LoadedStudent)
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # rank + write

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from srdata.backends import GenerationParams, select_backend
+from srdata.backends import GenerationParams, load_backend, select_backend
 from srdata.config import ScoreConfig
 from srdata.steps.context import check_pair_lengths, model_stop_ids, model_max_positions
 from srdata.steps.load import ColumnMapping
@@ -168,3 +168,29 @@ def max_positions(config: ScoreConfig) -> int | None:
     """The model's positions; vLLM's ``--max-model-len`` lowers them (the transformers backend ignores it)."""
     vllm = select_backend(config.model.backend) == "vllm"
     return model_max_positions(config.model.model, config.model.max_model_len if vllm else None)
+
+
+class LoadedStudent:
+    """The student loaded once (tokenizer + backend), scoring whole shards: what every engine calls.
+
+    Engines receive this class (``ShardJob.open_student``) and call it where they run: in
+    this process, or once per Ray actor; they never import the scoring code themselves.
+
+    Example:
+        >>> student = LoadedStudent(config, mapping, "alpaca")      # doctest: +SKIP
+        >>> frame = student(rows, Shard(0, 0, 100))                 # doctest: +SKIP
+        >>> student.close()                                         # doctest: +SKIP
+    """
+
+    def __init__(self, config: ScoreConfig, mapping: ColumnMapping, template: str, tokenizer: Any = None) -> None:
+        self.config, self.mapping, self.template = config, mapping, template
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+        self.backend = load_backend(config, tokenizer=self.tokenizer)
+
+    def __call__(self, rows: dict[str, list], shard: Shard, progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+        return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config, progress)
+
+    def close(self) -> None:
+        """Shut a vLLM engine down (it holds GPU or host memory and child processes until then)."""
+        if hasattr(self.backend, "close"):
+            self.backend.close()

@@ -1,12 +1,13 @@
 """Engines run the pending shards of a scoring run: here (``local``) or on Ray (``ray``).
 
-Every engine scores a shard with the same :func:`srdata.shard.score_shard` call, on
-exactly the shard's rows, and hands each finished shard to ``on_shard`` (which writes
-the shard file and the manifest on the driver). The output therefore does not depend on
-the engine: only where and how fast the shards are scored does.
+Engines receive what they run: ``job.open_student`` loads the student where the engine
+runs (:class:`srdata.shard.LoadedStudent`, once per process or Ray actor) and scores a
+shard on exactly the shard's rows; each finished shard goes to ``on_shard`` (which writes
+the shard file and the manifest on the driver). Engines import no scoring code, and the
+output does not depend on the engine: only where and how fast the shards are scored does.
 
 Example:
-    >>> job = ShardJob(dataset, mapping, template, tokenizer, config)        # doctest: +SKIP
+    >>> job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=LoadedStudent)   # doctest: +SKIP
     >>> run_shards("ray", job, pending, on_shard=save)                       # doctest: +SKIP
 """
 

@@ -11,6 +11,10 @@ from srdata.config import ScoreConfig
 from srdata.run.folder import Shard
 from srdata.steps.load import ColumnMapping
 
+#: Loads the student where an engine runs: (config, mapping, template, tokenizer or None) -> a
+#: callable ``(rows, shard, progress) -> scored frame`` with ``close()`` (srdata.shard.LoadedStudent).
+OpenStudent = Callable[[ScoreConfig, ColumnMapping, str, Any], Any]
+
 #: Called on the driver for every finished shard: (shard, its scored frame, wall seconds it took).
 OnShard = Callable[[Shard, pl.DataFrame, float], None]
 
@@ -24,6 +28,7 @@ class ShardJob:
     template: str
     tokenizer: Any
     config: ScoreConfig
+    open_student: OpenStudent
 
     def rows(self, shard: Shard) -> dict[str, list]:
         """The shard's rows as ``{column: [values]}``."""

@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 
 from srdata.run.folder import Shard
-from srdata.engines.job import OnShard, ShardJob
+from srdata.engines.job import OnShard, OpenStudent, ShardJob
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +69,13 @@ class ShardScorer:
     Arrow IPC bytes) and ``seconds`` (time spent scoring on the actor).
     """
 
-    def __init__(self, config: dict[str, Any], mapping: Any, template: str) -> None:
-        from srdata.backends import load_backend
+    def __init__(self, config: dict[str, Any], mapping: Any, template: str, open_student: OpenStudent) -> None:
         from srdata.config import ScoreConfig
-        from srdata.shard import load_tokenizer
 
-        self.config = ScoreConfig.model_validate(config)
-        self.mapping = mapping
-        self.template = template
-        self.tokenizer = load_tokenizer(self.config)
-        self.backend = load_backend(self.config, tokenizer=self.tokenizer)
+        self.student = open_student(ScoreConfig.model_validate(config), mapping, template, None)  # its own tokenizer
 
     def score(self, shard: Shard, rows: dict[str, list]) -> pl.DataFrame:
-        from srdata.shard import score_shard
-
-        return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config)
+        return self.student(rows, shard)
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -122,7 +114,7 @@ def _score_on_ray(ray: Any, job: ShardJob, pending: list[Shard], on_shard: OnSha
     log.info("scoring %d shards on Ray with %d replica(s)", len(pending), replicas)
     scored = _input_dataset(ray, job, pending).map_batches(
         ShardScorer,
-        fn_constructor_args=(job.config.model_dump(), job.mapping, job.template),
+        fn_constructor_args=(job.config.model_dump(), job.mapping, job.template, job.open_student),
         batch_size=1,  # one shard per call: the unit of work and of retry
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=replicas),
