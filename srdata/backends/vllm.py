@@ -384,7 +384,7 @@ class VLLMBackend:
         if params.no_repeat_ngram_size and not self.ngram_processor:
             raise ValueError(
                 "no_repeat_ngram_size needs the n-gram logits processor, which is registered when the engine "
-                f"is built: pass no_repeat_ngram_size={params.no_repeat_ngram_size} to load_backend('vllm', ...)"
+                f"is built: pass no_repeat_ngram_size={params.no_repeat_ngram_size} to VLLMBackend.from_pretrained (--no-repeat-ngram-size)"
             )
         sampling_params = self._sampling_params(**generation_sampling_kwargs(params))
         results: list[Generation] = []
