@@ -147,8 +147,8 @@ def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[st
     for run_dir in run_dirs:
         try:
             manifest = read_manifest(run_dir)
-        except RunDirError:
-            continue  # a manifest.json of something else
+        except RunDirError as err:  # encoding with srdata's defaults instead could silently differ from the run's
+            raise TrainingSetupError(f"cannot read the encoding settings of the source run: {err}") from None
         if manifest is None or "prompt" not in manifest.config.model_fields_set:
             continue  # not a manifest of `srdata score`
         prompt, metrics = manifest.config.prompt, manifest.config.metrics

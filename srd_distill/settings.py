@@ -17,6 +17,7 @@ from srd_distill.errors import TrainingSetupError
 from srd_distill.losses import DEFAULT_T2_SCALING, KDLossName, T2Scaling
 from srd_distill.schedules import PRESETS, ScheduleError, parse_epochs
 from srd_distill.stages import BASELINE_EPOCHS
+from srdata.config import validation_problems
 
 __all__ = ["TrainSettings", "build_settings", "DtypeName"]
 
@@ -151,13 +152,6 @@ def build_settings(settings: TrainSettings | dict[str, Any] | None = None, **ove
     try:
         return TrainSettings.model_validate(values)
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            if not e["loc"]:  # a rule about several settings together: the message says it all
-                problems.append(f"  {e['msg'].removeprefix('Value error, ')}")
-                continue
-            got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-            problems.append(f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}{got}")
-        raise TrainingSetupError("invalid training settings:\n" + "\n".join(problems)) from None
+        raise TrainingSetupError("invalid training settings:\n" + "\n".join(f"  {line}" for line in validation_problems(err))) from None
     except ScheduleError as err:
         raise TrainingSetupError(str(err)) from None

