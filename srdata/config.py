@@ -23,7 +23,8 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS
-from srdata.steps.rank import DEFAULT_RRF_K
+from srdata.curriculum.cut import Format, Layout
+from srdata.steps.rank import DEFAULT_RRF_K, TieMode
 
 
 class _Section(BaseModel):
@@ -179,17 +180,17 @@ class ExportConfig(ShareCheckConfig):
 
     stages: Optional[int] = Field(default=None, description="Number of equal parts, easy to hard. Default: 4.")
     keep: Optional[int] = Field(default=None, description="Easiest parts kept as stages. Default: stages - 1.")
-    layout: Literal["cumulative", "disjoint"] = Field(default="cumulative", description="cumulative: stage s holds parts 0..s; disjoint: part s only.")
+    layout: Layout = Field(default="cumulative", description="cumulative: stage s holds parts 0..s; disjoint: part s only.")
     fractions: Optional[list[float]] = Field(
         default=None,
         description="Uneven cuts: cumulative boundaries in (0, 1], e.g. 0.2,0.5,0.8 (instead of --stages).",
         json_schema_extra={"metavar": "F1,F2,..."},
     )
     out: Optional[Path] = Field(default=None, description="Output folder. Default: RUN_DIR/curriculum.")
-    format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Stage file format.")
+    format: Format = Field(default="parquet", description="Stage file format.")
     rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: the run's ranking (paper).", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
     rrf_k: Optional[int] = Field(default=None, ge=0, description=f"RRF constant k (re-ranks in memory). Default: the run's, {DEFAULT_RRF_K}.")
-    ties: Optional[Literal["input", "reference"]] = Field(default=None, description=TIES_HELP + " Default: the run's.")
+    ties: Optional[TieMode] = Field(default=None, description=TIES_HELP + " Default: the run's.")
     compression: Literal["zstd", "lz4", "snappy", "gzip", "uncompressed"] = Field(default="zstd", description="Parquet compression (zstd at level 1).")
     by: list[str] = Field(
         default_factory=list,
@@ -221,7 +222,7 @@ class RankConfig(_Section):
 
     rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: paper.", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
     rrf_k: int = Field(default=DEFAULT_RRF_K, ge=0, description="RRF constant k.")
-    ties: Literal["input", "reference"] = Field(default="input", description=TIES_HELP)
+    ties: TieMode = Field(default="input", description=TIES_HELP)
 
 
 class ReportConfig(ShareCheckConfig):

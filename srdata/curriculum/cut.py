@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
-LAYOUTS: tuple[str, ...] = ("cumulative", "disjoint")
+Layout = Literal["cumulative", "disjoint"]
+Format = Literal["parquet", "jsonl"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+FORMATS: tuple[str, ...] = get_args(Format)
 DEFAULT_STAGES = 4
 
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from itertools import chain
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import polars as pl
 
-from srdata.curriculum.cut import CurriculumError, StagePlan, plan_stages, stage_bounds, stage_parts
+from srdata.curriculum.cut import FORMATS, CurriculumError, Format, Layout, StagePlan, plan_stages, stage_bounds, stage_parts
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
@@ -65,9 +65,6 @@ from srdata.steps.rank import (
     rank,
 )
 
-Layout = Literal["cumulative", "disjoint"]
-Format = Literal["parquet", "jsonl"]
-FORMATS: tuple[str, ...] = ("parquet", "jsonl")
 STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
 ROW_GROUP_BYTES = 32 << 20  # Arrow bytes per parquet row group: ~85k rows of 300 chars (DuckDB writes 122,880 rows)
 

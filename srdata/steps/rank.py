@@ -22,13 +22,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import numpy as np
 import polars as pl
 
 TieMode = Literal["input", "reference"]
-TIE_MODES: tuple[str, ...] = ("input", "reference")
+TIE_MODES: tuple[str, ...] = get_args(TieMode)
 DEFAULT_RANK_BY = "rouge_l:desc,ce_loss:asc"
 #: Named rankings ``--rank-by`` accepts in place of a column list. ``paper`` is SRD's own
 #: (the default); ``noisy`` is the one measured to put the most corrupted references in the
