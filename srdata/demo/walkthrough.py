@@ -34,13 +34,6 @@ DEMO_MAX_PROMPT_TOKENS = 64
 DEMO_MAX_REFERENCE_TOKENS = 32
 
 
-def sample_path() -> Path:
-    """The bundled real sample (64 SelfInst instruction/input/output rows, Apache-2.0), used by tests."""
-    from importlib import resources
-
-    return Path(str(resources.files("srdata") / "data" / "demo.jsonl"))
-
-
 def demo_spec(train_pairs: int = DEMO_TRAIN_PAIRS, seed: int = 0):
     """The testbed the demo scores: ``train_pairs`` noisy training pairs and a clean warm-up set.
 
