@@ -5,7 +5,6 @@ load -> render prompts -> tokenize -> generate + score -> metrics -> rank -> wri
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStuden
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
 from srdata.steps.rank import rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, plan_shards
+from srdata.run.identity import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +174,6 @@ def _check_rows(dataset: Any, mapping: ColumnMapping, policy: str) -> dict[int, 
             "--on-invalid skip (leave them out) or --on-invalid flag (keep them with empty scores)"
         )
     return invalid
-
-
-def model_identity(model: str) -> dict[str, Any]:
-    """A cheap fingerprint of a local model folder (config bytes, weight file names and sizes)."""
-    path = Path(model)
-    if not path.is_dir():
-        return {"name": model}
-    digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.name == "config.json" or file.name.startswith("tokenizer"):
-            digest.update(file.name.encode() + file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin", ".pt"):
-            digest.update(f"{file.name}:{file.stat().st_size}".encode())
-    return {"name": str(path.resolve()), "fingerprint": digest.hexdigest()[:16]}
 
 
 def _versions() -> dict[str, str]:

@@ -80,3 +80,27 @@ def smollm2() -> Path:
     from tests.real_models import real_model_or_skip
 
     return real_model_or_skip("smollm2")
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A folder on a real file system of a few hundred KiB (tmpfs), to fill up: ``small_disk(size_kib)``.
+
+    Needs permission to mount (root, as here and in CI); skips cleanly elsewhere.
+    """
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size_kib: int = 256) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()}): needs root")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

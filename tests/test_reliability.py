@@ -15,13 +15,18 @@ import srdata
 from srdata.curriculum import export as export_module
 from srdata.curriculum.load import load_curriculum
 from srdata.curriculum.export import export_curriculum
-from srdata.run.io import FILE_MODE, remove_stale_temps
+from srdata.run.io import FILE_MODE, HOST_TAG, remove_stale_temps
 from tests._runs import make_run
 
 from .conftest import write_jsonl
 
 FAST = dict(device="cpu", dtype="float32", max_new_tokens=4, shard_size=2, progress=False)
 DEAD_PID = 2**22 + 12345  # above the default pid_max: no such process
+
+
+def marked(pid: int, rest: str) -> str:
+    """A temp-file name as srdata writes it: its marker, this host, the writer's PID."""
+    return f".tmp-srdata-{HOST_TAG}-{pid}-{rest}"
 
 
 def rows(n: int = 4) -> list[dict]:
@@ -50,22 +55,23 @@ def _umask() -> int:
 
 
 def test_stale_temps_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
-    dead = tmp_path / f".tmp-{DEAD_PID}-x1-manifest.json"
-    legacy = tmp_path / ".manifest.json.a1b2c3.tmp"
-    live = tmp_path / f".tmp-{os.getppid()}-x2-shard-00000.parquet"  # the parent: a live process
-    user = tmp_path / ".notes.tmp"
-    for f in (dead, legacy, live, user):
+    dead = tmp_path / marked(DEAD_PID, "x1-manifest.json")
+    live = tmp_path / marked(os.getppid(), "x2-shard-00000.parquet")  # the parent: a live process
+    other_host = tmp_path / f".tmp-srdata-00000000-{DEAD_PID}-x3-manifest.json"  # a shared file system: not ours to judge
+    # Not provably srdata's: no marker (a user's file, or another tool's named like an old srdata temp).
+    unmarked = [tmp_path / f".tmp-{DEAD_PID}-x1-manifest.json", tmp_path / ".manifest.json.a1b2c3.tmp", tmp_path / ".notes.tmp"]
+    for f in (dead, live, other_host, *unmarked):
         f.write_text("x")
-    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == sorted([dead.name, legacy.name])
-    assert live.exists() and user.exists()
+    assert [p.name for p in remove_stale_temps(tmp_path)] == [dead.name]
+    assert live.exists() and other_host.exists() and all(f.exists() for f in unmarked)
 
 
 def test_kill_during_the_first_manifest_write_does_not_block_the_same_command(tiny_gpt2, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", rows())
     run = tmp_path / "run"
     (run / "shards").mkdir(parents=True)
-    (run / f".tmp-{DEAD_PID}-k3j2-manifest.json").write_text('{"half": ')  # what a kill mid-write leaves
-    (run / "shards" / f".tmp-{DEAD_PID}-aaaa-shard-00000.parquet").write_bytes(b"PAR1")
+    (run / marked(DEAD_PID, "k3j2-manifest.json")).write_text('{"half": ')  # what a kill mid-write leaves
+    (run / "shards" / marked(DEAD_PID, "aaaa-shard-00000.parquet")).write_bytes(b"PAR1")
     result = srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(run), **FAST)
     assert result.manifest["status"] == "complete"
     leftovers = [p.name for p in run.rglob(".tmp-*")]
@@ -109,7 +115,7 @@ def test_export_cleans_temps_of_a_killed_export(tmp_path):
     run = make_run(tmp_path / "run")
     out = run / "curriculum"
     out.mkdir()
-    stale = out / f".tmp-{DEAD_PID}-stage-0.parquet"
+    stale = out / marked(DEAD_PID, "stage-0.parquet")
     stale.write_bytes(b"x" * 1000)
     export_curriculum(run)
     assert not stale.exists() and not list(out.glob(".tmp-*"))
@@ -154,7 +160,7 @@ def test_the_cli_removes_a_dead_writers_temps(tiny_gpt2, tmp_path):
             "--device", "cpu", "--max-new-tokens", "4", "--shard-size", "2", "-q"]
     # a dead writer's temp files, as a kill at the worst moment leaves them
     (run / "shards").mkdir(parents=True)
-    (run / "shards" / f".tmp-{DEAD_PID}-zz-shard-00003.parquet").write_bytes(b"partial")
+    (run / "shards" / marked(DEAD_PID, "zz-shard-00003.parquet")).write_bytes(b"partial")
     subprocess.run(args, check=True, timeout=300)
     assert not list(run.rglob(".tmp-*"))
     assert json.loads((run / "manifest.json").read_text())["counts"]["rows_scored"] == 12
