@@ -22,6 +22,7 @@ import json
 import logging
 import numbers
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from srdata.curriculum.cut import LAYOUTS
 from srdata.run.folder import CURRICULUM_FILE
+from srdata.run.io import IntegrityError, file_sha256
 from srdata.curriculum.groups import STRATIFIED_COLUMN
 from srdata.steps.rank import DIFFICULTY_COLUMN
 
@@ -37,13 +39,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 STAGE_PREFIX = "stage_"
+PUBLISHING_KEY = "publishing"  # in curriculum.json while an export replaces its files (see srdata.curriculum.output)
 
 
 def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) -> "datasets.DatasetDict":
     """Load every stage of an export as a ``datasets.DatasetDict`` (``stage_0``, ``stage_1``, ...).
 
     ``path`` is the export folder, its ``curriculum.json``, or a run folder holding the
-    default ``curriculum/`` export.
+    default ``curriculum/`` export. Every stage file is checked against ``curriculum.json``
+    first (:func:`verified_curriculum`): a changed, damaged or foreign file is refused.
 
     Example:
         >>> stages = load_curriculum("runs/dolly/curriculum")      # doctest: +SKIP
@@ -52,42 +56,154 @@ def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) 
     """
     import datasets
 
+    curriculum = verified_curriculum(path)
+    builder = "parquet" if curriculum.summary["settings"]["format"] == "parquet" else "json"
+    data_files = {f"{STAGE_PREFIX}{stage['stage']}": str(file) for stage, file in zip(curriculum.stages, curriculum.files)}
+    return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
+
+
+class CurriculumIntegrityError(IntegrityError):
+    """A curriculum folder does not hold what its ``curriculum.json`` records; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class VerifiedCurriculum:
+    """An export whose stage files were checked against its ``curriculum.json``.
+
+    ``files[i]`` is the file of ``stages[i]`` (sorted by stage number) and ``sha256[i]`` its
+    checksum as computed now (equal to the recorded one where one was recorded: exports
+    written before srdata recorded checksums carry none, see :func:`verified_curriculum`).
+    """
+
+    folder: Path
+    summary: dict[str, Any]
+    files: list[Path]
+    sha256: list[str]
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return sorted(self.summary["stages"], key=lambda stage: stage["stage"])
+
+
+def verified_stage_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The stage files of an export, stage 0 first, each checked against ``curriculum.json``.
+
+    Shorthand for ``verified_curriculum(path).files``.
+
+    Example:
+        >>> [p.name for p in verified_stage_files("runs/dolly/curriculum")]   # doctest: +SKIP
+        ['stage-0.parquet', 'stage-1.parquet', 'stage-2.parquet']
+    """
+    return verified_curriculum(path).files
+
+
+def verified_curriculum(path: str | os.PathLike[str]) -> VerifiedCurriculum:
+    """Read an export's ``curriculum.json`` and check every stage file it lists, or refuse.
+
+    ``path`` is the export folder, its ``curriculum.json``, or a run folder holding the
+    default ``curriculum/`` export. A stage path that is absolute or leads out of the folder
+    (``..``, a symbolic link) is refused and never opened. Each file must have the bytes, the
+    rows and the SHA-256 recorded when it was exported; otherwise a
+    :class:`CurriculumIntegrityError` (a ``ValueError``) names the file and says to export
+    again. Exports written before srdata recorded checksums are checked by size and rows
+    only, with a warning in the log: export again to have them checked fully.
+
+    Example:
+        >>> curriculum = verified_curriculum("runs/dolly/curriculum")   # doctest: +SKIP
+        >>> curriculum.summary["settings"]["layout"], len(curriculum.files)   # doctest: +SKIP
+        ('cumulative', 3)
+    """
     folder = _curriculum_folder(Path(path))
-    summary = json.loads((folder / CURRICULUM_FILE).read_text())
-    files = {f"{STAGE_PREFIX}{stage['stage']}": folder / stage["file"] for stage in summary["stages"]}
-    missing = [str(f) for f in files.values() if not f.is_file()]
+    summary = _read_summary(folder)
+    if summary.get(PUBLISHING_KEY):
+        raise CurriculumIntegrityError(
+            f"an export into {folder} was interrupted while it replaced its files: its stage files may belong to two "
+            f"exports; run `srdata export` again into {folder}"
+        )
+    stages = sorted(summary["stages"], key=lambda stage: stage["stage"])
+    files = [_stage_path(folder, stage) for stage in stages]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"curriculum in {folder} lists stage files that are missing: {', '.join(missing)}; export again")
+    unchecked = [f.name for f, stage in zip(files, stages) if not stage.get("sha256")]
+    if unchecked:
+        logger.warning("%s records no checksum of %s (exported by an older srdata): checked by size and rows only; "
+                       "export again to have them checked fully", folder / CURRICULUM_FILE, ", ".join(unchecked))
     builder = "parquet" if summary["settings"]["format"] == "parquet" else "json"
-    for stage, file in zip(summary["stages"], files.values()):
-        _check_stage_file(file, stage, builder)
-    return datasets.load_dataset(builder, data_files={name: str(f) for name, f in files.items()}, cache_dir=cache_dir)
+    digests = [_check_stage_file(file, stage, builder) for file, stage in zip(files, stages)]
+    return VerifiedCurriculum(folder, summary, files, digests)
 
 
-def _check_stage_file(file: Path, stage: dict[str, Any], builder: str) -> None:
-    """Refuse a stage file that is not the one ``curriculum.json`` describes (size and rows).
+def _read_summary(folder: Path) -> dict[str, Any]:
+    summary_path = folder / CURRICULUM_FILE
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        stages = summary["stages"]
+        if not isinstance(stages, list) or not all(isinstance(s["stage"], int) and isinstance(s["file"], str) for s in stages):
+            raise TypeError("stages")
+        summary["settings"]["format"]
+    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CurriculumIntegrityError(
+            f"{summary_path} is not a readable curriculum summary ({type(err).__name__}: {err}); "
+            f"run `srdata export` again into {folder}"
+        ) from None
+    return summary
 
-    An export interrupted between writing its stage files and its summary could leave
-    files of two exports side by side; loading them would silently train on wrong stages.
-    """
-    problem = None
-    if "file_bytes" in stage and file.stat().st_size != stage["file_bytes"]:
-        problem = f"is {file.stat().st_size} bytes, but curriculum.json lists {stage['file_bytes']}"
-    else:
-        if builder == "parquet":
-            import pyarrow.parquet as pq
 
-            rows = pq.ParquetFile(file).metadata.num_rows
-        else:
-            with file.open("rb") as f:
-                rows = sum(1 for line in f if line.strip())
-        if rows != stage["rows"]:
-            problem = f"holds {rows} rows, but curriculum.json lists {stage['rows']}"
-    if problem:
-        raise ValueError(
-            f"stage file {file} {problem}: the folder mixes files of two exports (was an export interrupted?); "
-            f"run `srdata export` again"
+def _stage_path(folder: Path, stage: dict[str, Any]) -> Path:
+    """The stage's file inside ``folder``; a path leading anywhere else is refused before it is opened."""
+    name = stage["file"]
+    relative = Path(name)
+    inside = not relative.is_absolute() and ".." not in relative.parts and name.strip() != ""
+    file = folder / relative
+    if inside and (file.exists() or file.is_symlink()):
+        inside = file.resolve().is_relative_to(folder.resolve())
+    if not inside:
+        raise CurriculumIntegrityError(
+            f"{folder / CURRICULUM_FILE} lists stage {stage['stage']}'s file as {name!r}, which is not a file inside "
+            f"{folder}; curriculum.json was edited or damaged: run `srdata export` again into {folder}"
         )
+    return file
+
+
+def _check_stage_file(file: Path, stage: dict[str, Any], builder: str) -> str:
+    """Refuse a stage file that is not the one ``curriculum.json`` describes (bytes, checksum, rows); return its SHA-256.
+
+    An export interrupted between writing its stage files and its summary, another
+    process writing into the folder, or a flipped bit could leave files that still parse;
+    loading them would silently train on wrong stages.
+    """
+    fix = f"run `srdata export` again into {file.parent}"
+    if "file_bytes" in stage and file.stat().st_size != stage["file_bytes"]:
+        raise CurriculumIntegrityError(
+            f"stage file {file} is {file.stat().st_size} bytes, but curriculum.json lists {stage['file_bytes']}: "
+            f"the file was changed, damaged, or the folder mixes files of two exports; {fix}"
+        )
+    digest = file_sha256(file)
+    if stage.get("sha256") and digest != stage["sha256"]:
+        raise CurriculumIntegrityError(
+            f"stage file {file} does not match the checksum curriculum.json records for it: "
+            f"the file was changed or damaged after it was exported; {fix}"
+        )
+    try:
+        rows = _count_rows(file, builder)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise CurriculumIntegrityError(f"stage file {file} cannot be read ({err}); {fix}") from None
+    if rows != stage["rows"]:
+        raise CurriculumIntegrityError(
+            f"stage file {file} holds {rows} rows, but curriculum.json lists {stage['rows']}: "
+            f"the folder mixes files of two exports (was an export interrupted?); {fix}"
+        )
+    return digest
+
+
+def _count_rows(file: Path, builder: str) -> int:
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(file).metadata.num_rows
+    with file.open("rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _curriculum_folder(path: Path) -> Path:
