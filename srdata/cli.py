@@ -139,11 +139,12 @@ def usage_errors() -> Iterator[None]:
 def run_errors() -> Iterator[None]:
     """A run, column or folder that cannot be used: shown as an error (exit code 1)."""
     from srdata.curriculum.export import CurriculumError
+    from srdata.run.io import FolderBusyError, IntegrityError, WriteError
     from srdata.steps.rank import RankingError
 
     try:
         yield
-    except (CurriculumError, RankingError, FileNotFoundError) as err:
+    except (CurriculumError, RankingError, FileNotFoundError, FolderBusyError, IntegrityError, WriteError) as err:
         raise click.ClickException(str(err)) from None
 
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from tests._runs import annotated_frame, make_run
 from srdata.cli import COMMANDS
 from srdata.curriculum.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
+from srdata.run.io import LOCK_FILE
 from srdata.steps.rank import RankingError, rank
 
 
@@ -36,6 +37,11 @@ def in_stage_order(frame: pl.DataFrame, ends: list[int]) -> pl.DataFrame:
     return pl.concat([frame.filter(pl.col("difficulty_rank").is_between(a + 1, b)) for a, b in zip(starts, ends)])
 
 
+def listing(out: Path) -> list[str]:
+    """The files of a folder, but the lock file every command leaves in the folder it writes."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "curriculum.json").read_text())
 
@@ -53,7 +59,7 @@ def cli() -> click.Group:
 def test_default_export_follows_the_paper(run: Path):
     out = export_curriculum(run)
     assert out == run / "curriculum"
-    assert sorted(p.name for p in out.iterdir()) == ["curriculum.json", "stage-0.parquet", "stage-1.parquet", "stage-2.parquet"]
+    assert listing(out) == ["curriculum.json", "stage-0.parquet", "stage-1.parquet", "stage-2.parquet"]
     annotated = pl.read_parquet(run / "annotated.parquet")
     for s, size in enumerate([10, 20, 30]):
         rows = stage(out, s)
@@ -192,12 +198,12 @@ def test_export_records_the_rrf_k_the_run_was_scored_with(tmp_path: Path):
 def test_reexport_removes_stale_stage_files(run: Path):
     out = export_curriculum(run, stages=4, keep=4)
     export_curriculum(run, stages=4, keep=2)
-    assert sorted(p.name for p in out.iterdir()) == ["curriculum.json", "stage-0.parquet", "stage-1.parquet"]
+    assert listing(out) == ["curriculum.json", "stage-0.parquet", "stage-1.parquet"]
 
 
 def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
     out = export_curriculum(run)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {name: (out / name).read_bytes() for name in listing(out)}
     real_write = pq.ParquetWriter.write_table
     calls = []
 
@@ -210,7 +216,7 @@ def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         export_curriculum(run, rrf_k=5)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
+    assert {name: (out / name).read_bytes() for name in listing(out)} == before  # no temporary file left either
 
 
 @pytest.mark.parametrize("where", ["reading", "assembling", "encoding"])
@@ -228,7 +234,7 @@ def test_failure_while_reading_or_assembling_removes_temporary_files(run: Path, 
         monkeypatch.setattr(pq.ParquetWriter, "write_table", fail)
     with pytest.raises(RuntimeError, match=f"boom while {where}"):
         export_curriculum(run, out=run / "failed")
-    assert list((run / "failed").iterdir()) == []
+    assert listing(run / "failed") == []
 
 
 def test_export_does_not_import_pandas(run: Path):

@@ -22,7 +22,6 @@ half-written stage behind.
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -45,12 +44,14 @@ from srdata.curriculum.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, compression_level, part_batches, part_schema, part_sinks,
+from srdata.curriculum.source import Run, file_identity, read_run, read_run_manifest
+from srdata.curriculum.output import EncodedStage, check_output_folder, publish_export
+from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
                                            write_parquet_stage)
 from srdata.curriculum.summary import range_summaries, score_columns
-from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, read_manifest, write_manifest
-from srdata.run.io import publish, remove_stale_temps, temp_path, write_json_atomic
+from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, write_manifest
+from srdata.run.io import FolderLock, file_sha256, publish, remove_stale_temps, temp_path
 from srdata.steps.rank import (
     DEFAULT_RRF_K,
     DIFFICULTY_COLUMN,
@@ -65,24 +66,7 @@ from srdata.steps.rank import (
     rank,
 )
 
-STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
 ROW_GROUP_BYTES = 32 << 20  # Arrow bytes per parquet row group: ~85k rows of 300 chars (DuckDB writes 122,880 rows)
-
-
-@dataclass(frozen=True)
-class Run:
-    """A finished ``srdata score`` folder."""
-
-    path: Path
-    manifest: Manifest
-
-    @property
-    def annotated(self) -> Path:
-        return self.path / ANNOTATED_FILE
-
-    @property
-    def config_hash(self) -> str | None:
-        return self.manifest.config_hash
 
 
 @dataclass(frozen=True)
@@ -96,61 +80,6 @@ class Ranking:
 
     def describe(self) -> dict[str, Any]:
         return {"rank_by": format_rank_by(self.keys), "rrf_k": self.rrf_k, "ties": self.ties, "recomputed": self.recompute}
-
-
-def read_run(run_dir: str | os.PathLike[str]) -> Run:
-    """Open a run folder, refusing one whose scoring has not finished.
-
-    Example:
-        >>> read_run("runs/dolly").config_hash        # doctest: +SKIP
-        '5f1c...'
-    """
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise CurriculumError(f"run folder {path} does not exist")
-    manifest = read_run_manifest(path)
-    if manifest.status != "complete":
-        raise CurriculumError(_unfinished_message(path, manifest))
-    if not (path / ANNOTATED_FILE).is_file():
-        raise CurriculumError(
-            f"{path / ANNOTATED_FILE} is missing although the manifest says the run is complete; "
-            "rerun the same `srdata score` command into this folder to rebuild it"
-        )
-    return Run(path, manifest)
-
-
-def read_run_manifest(path: Path) -> Manifest:
-    """The manifest of a run folder, whatever its status; a folder without one is explained."""
-    try:
-        manifest = read_manifest(path)
-    except ValueError as err:  # RunDirError (an unreadable manifest) is one
-        raise CurriculumError(str(err)) from None
-    if manifest is None:
-        raise CurriculumError(_not_a_run_message(path))
-    return manifest
-
-
-def _not_a_run_message(path: Path) -> str:
-    """Why ``path`` is not a run folder, pointing to the run folder that exists nearby."""
-    if (path / CURRICULUM_FILE).is_file() and (path.parent / MANIFEST_FILE).is_file():
-        return f"{path} is an export (it holds {CURRICULUM_FILE}), not a run; its run is {path.parent}: `srdata export {path.parent}`"
-    runs = sorted(p.name for p in path.iterdir() if (p / MANIFEST_FILE).is_file()) if path.is_dir() else []
-    if runs:
-        listed = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
-        return f"{path} is a folder of runs ({listed}), not a run; pass one of them, e.g. `srdata export {path / runs[0]}`"
-    return f"{path} holds no srdata run ({MANIFEST_FILE} missing); create one with `srdata score ... --output {path}`"
-
-
-def _unfinished_message(path: Path, manifest: Manifest) -> str:
-    shards = manifest.shards
-    missing = [s for s in shards if not s.done or not (path / s.file).is_file()]
-    listed = ", ".join(f"{s.file} (rows {s.start}-{s.stop - 1})" for s in missing[:10])
-    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-    detail = f"{len(missing)} of {len(shards)} shards are missing: {listed}{more}" if missing else "no shard is missing, but the final merge did not run"
-    return (
-        f"the run in {path} is not finished (status {manifest.status!r}): {detail}. "
-        "Resume it by rerunning the same `srdata score` command"
-    )
 
 
 def resolve_ranking(
@@ -213,6 +142,7 @@ def export_curriculum(
     plan = plan_stages(stages, keep, fractions, layout)
     check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
+    read_at = file_identity(run.annotated)
     group_columns = _group_columns(run, by, stratify)
     ranking = resolve_ranking(run, rank_by, rrf_k, ties)
     ranks = ranks_in_file_order(run, ranking)
@@ -227,24 +157,39 @@ def export_curriculum(
     parts = curriculum_parts(bounds, n_valid)
     shares = [group_shares(ranks[position], groups[c], parts, c, check) for c in group_columns] if groups is not None else []
     del groups
-    out_dir = prepare_output(Path(out) if out is not None else run.path / "curriculum")
-    remove_stale_temps(out_dir)  # left by an earlier export that was killed
-    # Summarised before the rows are streamed, so that the score columns are freed first:
-    # on a VM, memory that is reused is much cheaper than memory touched for the first time.
-    summary = curriculum_summary(
-        run, plan, ranking, ranks, bounds, stage_file_paths(out_dir, len(bounds), fmt), fmt, compression,
-        stratify=stratify, shares=shares,
-    )
-    new_columns = [*(_rank_output_columns(ranks) if ranking.recompute else []), *([STRATIFIED_COLUMN] if stratify else [])]
-    new_ranks = ranks.select(new_columns) if new_columns else None
-    del ranks
-    files = write_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position)
-    for stage, file in zip(summary["stages"], files):
-        stage["file_bytes"] = file.stat().st_size  # load_curriculum checks each file against it
-    write_json_atomic(out_dir / CURRICULUM_FILE, summary)
-    _remove_stale_stage_files(out_dir, keep_names={f.name for f in files})
+    out_dir = Path(out) if out is not None else run.path / "curriculum"
+    finals = stage_file_paths(out_dir, len(bounds), fmt)
+    check_output_folder(out_dir, finals)  # before anything is created there: a refused folder is left as it was
+    prepare_output(out_dir)
+    with FolderLock(out_dir, "srdata export"):
+        owned = check_output_folder(out_dir, finals)  # again, now that no other export can change it
+        remove_stale_temps(out_dir)  # left by an earlier export that was killed
+        # Summarised before the rows are streamed, so that the score columns are freed first:
+        # on a VM, memory that is reused is much cheaper than memory touched for the first time.
+        summary = curriculum_summary(run, plan, ranking, ranks, bounds, finals, fmt, compression, stratify=stratify, shares=shares)
+        new_columns = [*(_rank_output_columns(ranks) if ranking.recompute else []), *([STRATIFIED_COLUMN] if stratify else [])]
+        new_ranks = ranks.select(new_columns) if new_columns else None
+        del ranks
+        encoded = encode_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position)
+        try:
+            _check_unchanged(run, read_at, out_dir)
+            for stage, file in zip(summary["stages"], encoded):
+                stage["file_bytes"], stage["sha256"] = file.bytes, file.sha256  # verified wherever the stages are read
+            publish_export(out_dir, encoded, summary, owned)
+        finally:
+            for file in encoded:
+                file.temp.unlink(missing_ok=True)
     emit_warnings(summary["warnings"])
     return out_dir
+
+
+def _check_unchanged(run: Run, read_at: tuple[int, ...], out_dir: Path) -> None:
+    """Refuse to publish stages cut from a file that was replaced while it was read (its parts could mix two rankings)."""
+    if file_identity(run.annotated) != read_at:
+        raise CurriculumError(
+            f"{run.annotated} was replaced while this export read it (by `srdata rank` or `srdata score`); "
+            f"nothing in {out_dir} was changed: run `srdata export` again"
+        )
 
 
 def share_check(max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO, min_group_rows: int = DEFAULT_MIN_GROUP_ROWS) -> ShareCheck:
@@ -330,55 +275,92 @@ def write_stages(
 ) -> list[Path]:
     """Write one file per stage (rows whose ``position_column`` is in ``(start, stop]``); return the final paths.
 
-    The rows are read once and cut into parts (the pieces between stage boundaries); each
-    stage file is written from its parts, easiest first, one stage per thread (see
-    :mod:`srdata.curriculum.stage_files`). A cumulative stage's rows thus come part by
-    part, in input order inside each part, and stage s-1 is the first part of stage s.
+    :func:`encode_stages`, then every stage moved onto its name. ``export_curriculum``
+    publishes the stages with their ``curriculum.json`` instead (:mod:`srdata.curriculum.output`).
 
     Example:
         >>> rows = pl.scan_parquet("runs/dolly/annotated.parquet")             # doctest: +SKIP
         >>> write_stages(rows, [(0, 10), (0, 20)], Path("out"), "parquet")    # doctest: +SKIP
         [PosixPath('out/stage-0.parquet'), PosixPath('out/stage-1.parquet')]
     """
+    encoded = encode_stages(rows, bounds, out_dir, fmt, compression, position_column)
+    try:
+        # A summary beside the folder's stage files would describe other files: it goes first.
+        (out_dir / CURRICULUM_FILE).unlink(missing_ok=True)
+        for file in encoded:
+            publish(file.temp, file.path)
+    finally:
+        for file in encoded:
+            file.temp.unlink(missing_ok=True)
+    return [file.path for file in encoded]
+
+
+def encode_stages(
+    rows: pl.LazyFrame,
+    bounds: Sequence[tuple[int, int]],
+    out_dir: Path,
+    fmt: str,
+    compression: str = "zstd",
+    position_column: str = DIFFICULTY_COLUMN,
+) -> list[EncodedStage]:
+    """Write every stage file to a temp file beside its name and checksum it; nothing is moved into place.
+
+    The rows are read once and cut into parts (the pieces between stage boundaries); each
+    stage file is written from its parts, easiest first, one stage per thread (see
+    :mod:`srdata.curriculum.stage_files`), and checksummed on that thread while the other
+    stages still write. A cumulative stage's rows thus come part by part, in input order
+    inside each part, and stage s-1 is the first part of stage s. On any failure every temp
+    file is removed; a full disk or a read-only folder is a :class:`WriteError` naming the file.
+
+    Example:
+        >>> [f.path.name for f in encode_stages(rows, [(0, 10), (0, 20)], Path("out"), "parquet")]   # doctest: +SKIP
+        ['stage-0.parquet', 'stage-1.parquet']
+    """
     rows = rows.drop(STAGE_COLUMN, strict=False)  # a stale `stage` column is replaced, last
     parts, members = stage_parts(bounds)
     finals = stage_file_paths(out_dir, len(bounds), fmt)
     scratch = ScratchFiles(out_dir)
+    temps = [scratch.new(final.name) for final in finals]
+    encoded: list[EncodedStage] = []
     try:
         live, stored, sinks = part_sinks(members, len(parts), scratch, part_schema(rows))
-        temps = [scratch.new(final.name) for final in finals]
         schema, level = stage_schema(rows), compression_level(compression)
 
-        def write(s: int) -> Path:
+        def write(s: int) -> EncodedStage:
             stream = live[s]
             stored_parts = members[s][1:] if stream is not None else members[s]
             batches = chain(stream if stream is not None else (), part_batches([stored[g].path for g in stored_parts]))
             try:
                 if fmt == "parquet":
-                    return write_parquet_stage(temps[s], s, batches, schema, compression, level, ROW_GROUP_BYTES)
-                return write_jsonl_stage(temps[s], s, batches)
-            except BaseException:
+                    write_parquet_stage(temps[s], s, batches, schema, compression, level, ROW_GROUP_BYTES)
+                else:
+                    write_jsonl_stage(temps[s], s, batches)
+            except BaseException as err:
                 if stream is not None:
                     stream.drain()  # the reading thread must never wait on a writer that stopped
+                failure = as_write_error(err, finals[s])
+                if failure is not None and failure is not err:
+                    raise failure from err
                 raise
+            # Here, on the writer's thread: the file is still in the page cache, and the other stages go on writing.
+            return EncodedStage(finals[s], temps[s], file_sha256(temps[s]), temps[s].stat().st_size)
 
         # One thread per stage, not per core: all stages share the cores to the end. Stages
         # that stream a part start with the reading; the others once their scratch files exist.
         with ThreadPoolExecutor(max_workers=max(1, len(finals))) as pool:
             writers = {s: pool.submit(write, s) for s in range(len(finals)) if live[s] is not None}
-            split_into_parts(rows, parts, position_column, sinks)
+            try:
+                split_into_parts(rows, parts, position_column, sinks)
+            except Exception as err:  # a scratch file of the parts (a full disk, most likely)
+                failure = as_write_error(err, out_dir)
+                if failure is None or failure is err:
+                    raise
+                raise failure from err
             writers.update({s: pool.submit(write, s) for s in range(len(finals)) if live[s] is None})
-            for s in sorted(writers):
-                writers[s].result()
-        # Every stage is written: the old curriculum.json goes before the first file is
-        # replaced, so a kill among the renames leaves no curriculum, never an old summary
-        # beside new stage files (a failure before this point leaves the old export intact).
-        (out_dir / CURRICULUM_FILE).unlink(missing_ok=True)
-        for temp, final in zip(temps, finals):
-            publish(temp, final)
+            encoded = [writers[s].result() for s in sorted(writers)]
     finally:
-        scratch.remove_all()
-    return finals
+        scratch.remove_all(keep={file.temp for file in encoded})
+    return encoded
 
 
 def curriculum_summary(
@@ -434,14 +416,6 @@ def curriculum_summary(
     }
 
 
-def _remove_stale_stage_files(out_dir: Path, keep_names: set[str]) -> None:
-    # A previous export with more stages (or the other format) would leave files that
-    # curriculum.json no longer lists; remove only names this module writes.
-    for path in out_dir.iterdir():
-        if STAGE_FILE_PATTERN.fullmatch(path.name) and path.name not in keep_names:
-            path.unlink()
-
-
 def rerank_run(
     run_dir: str | os.PathLike[str],
     rank_by: str | Sequence[RankKey] | None = None,
@@ -460,13 +434,22 @@ def rerank_run(
     """
     run = read_run(run_dir)
     ranking = Ranking(parse_rank_by(rank_by), rrf_k, ties, recompute=True)
-    ranks = ranks_in_file_order(run, ranking)
-    stale = _previous_rank_columns(run, ranks)
-    rows = _ranked_rows(run, ranks.select(_rank_output_columns(ranks))).drop(stale)
-    _sink_one(rows, run.annotated, compression)
-    recorded = {k: v for k, v in ranking.describe().items() if k != "recomputed"}
-    run.manifest.ranking = {**recorded, "ranked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_manifest(run.path, run.manifest)
+    if not os.access(run.path, os.W_OK):  # EROFS holds for root too
+        raise CurriculumError(
+            f"run folder {run.path} is not writable (a read-only file system, or no permission): `srdata rank` rewrites "
+            f"{ANNOTATED_FILE} there in place. Copy the run folder somewhere writable and rank the copy, or export with "
+            "ranking options (`srdata export RUN --rank-by ...`), which re-ranks in memory and leaves the run as it is"
+        )
+    with FolderLock(run.path, "srdata rank"):  # the lock `srdata score` takes: never while it writes the run
+        run = read_run(run.path)  # again, under the lock: the run as no other command changes it now
+        remove_stale_temps(run.path)  # an earlier rank (or score) killed mid-write
+        ranks = ranks_in_file_order(run, ranking)
+        stale = _previous_rank_columns(run, ranks)
+        rows = _ranked_rows(run, ranks.select(_rank_output_columns(ranks))).drop(stale)
+        _sink_one(rows, run.annotated, compression)
+        recorded = {k: v for k, v in ranking.describe().items() if k != "recomputed"}
+        run.manifest.ranking = {**recorded, "ranked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_manifest(run.path, run.manifest)
     return run.annotated
 
 
@@ -481,9 +464,15 @@ def _previous_rank_columns(run: Run, new_ranks: pl.DataFrame) -> list[str]:
 
 
 def _sink_one(rows: pl.LazyFrame, final: Path, compression: str) -> None:
+    """Write ``rows`` to a marked temp file beside ``final`` and move it into place; a full disk leaves ``final`` as it was."""
     temp = temp_path(final)
     try:
         rows.sink_parquet(temp, compression=compression, compression_level=compression_level(compression))
         publish(temp, final)
+    except Exception as err:
+        failure = as_write_error(err, final)
+        if failure is None or failure is err:
+            raise
+        raise failure from err
     finally:
         temp.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ def plot_histograms(valid: pl.DataFrame, score_columns: Sequence[str], path: Pat
         axis.set_ylabel("rows")
         axis.set_title(f"{column} ({valid.height} rows)")
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, format="png")  # the name may be a temp file's
     return path
 
 
@@ -62,7 +62,7 @@ def plot_scatter(staged: pl.DataFrame, n_stages: int, path: Path) -> Path:
     axis.set_title(f"Scores by curriculum stage{sampled}")
     axis.legend(loc="upper right", fontsize="small")
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, format="png")  # the name may be a temp file's
     return path
 
 
@@ -78,7 +78,7 @@ def plot_stage_sizes(sizes: Sequence[int], dropped: int, invalid_rows: int, layo
     axis.set_ylabel("rows")
     axis.set_title(f"Rows per stage ({layout} layout)")
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, format="png")  # the name may be a temp file's
     return path
 
 

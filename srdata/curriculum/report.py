@@ -18,18 +18,18 @@ of all ranked rows, and writes the same tables to ``groups.json`` (empty without
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
 
 from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
 from srdata.curriculum.export import Run, read_run, read_run_manifest, share_check
+from srdata.curriculum.source import file_identity
 from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, Manifest
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
@@ -45,14 +45,17 @@ from srdata.curriculum.groups import (
     stratified_ranks,
 )
 from srdata.curriculum.plots import plot_histograms, plot_scatter, plot_stage_sizes
-from srdata.curriculum.stage_files import prepare_output
-from srdata.run.io import write_json_atomic
+from srdata.curriculum.load import verified_curriculum
+from srdata.curriculum.render import to_html, to_markdown
+from srdata.curriculum.stage_files import ScratchFiles, as_write_error, prepare_output
+from srdata.run.io import FolderLock, publish, remove_stale_temps
 from srdata.steps.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
 
 SCORE_COLUMNS = ("rouge_l", "ce_loss")
 RANK_COLUMNS = ("rank_rouge_l", "rank_ce_loss")
 EXAMPLE_CHARS = 160
 GROUPS_FILE = "groups.json"
+FIGURE_FILES = ("score_histograms.png", "scores_by_stage.png", "stage_sizes.png")
 SHARE_TABLE_GROUPS = 50  # largest groups in the report's share table; flagged groups are always shown
 
 
@@ -117,7 +120,7 @@ def load_stages(run: Run, n_valid: int, curriculum: str | os.PathLike[str] | Non
     path = Path(curriculum) if curriculum is not None else run.path / "curriculum"
     summary_path = path if path.name == CURRICULUM_FILE else path / CURRICULUM_FILE
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = verified_curriculum(summary_path).summary  # stage files checked: the report describes what a trainer reads
         stratify = summary["settings"].get("stratify")
         threshold = "max_difficulty_rank" if stratify is None else f"max_{STRATIFIED_COLUMN}"
         ends = [stage["thresholds"][threshold] for stage in summary["stages"] if stage["rows"]]
@@ -168,6 +171,7 @@ def build_report(
     """
     check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
+    read_at = file_identity(run.annotated)
     scores = read_scores(run, by)
     stages = load_stages(run, scores[DIFFICULTY_COLUMN].count(), curriculum)
     scores = with_positions(run, scores, stages)
@@ -175,19 +179,49 @@ def build_report(
     staged = valid.with_columns(stages.part_of(pl.col(stages.position)).alias("part"))
     shares = [group_shares(staged[stages.position], staged[column], stages.parts(staged.height), column, check) for column in by]
     out_dir = _writable_folder(Path(out) if out is not None else run.path / "report")
-    figures = [
-        plot_histograms(valid, SCORE_COLUMNS, out_dir / "score_histograms.png"),
-        plot_scatter(staged, len(stages.ends), out_dir / "scores_by_stage.png"),
-        plot_stage_sizes(
-            _stage_sizes(staged, stages), _count_part(staged, len(stages.ends)), scores.height - valid.height, stages.layout, out_dir / "stage_sizes.png"
-        ),
-    ]
-    blocks = _report_blocks(run, scores, staged, stages, by, examples, figures, shares)
-    (out_dir / "report.md").write_text(_to_markdown(blocks))
-    (out_dir / "report.html").write_text(_to_html(blocks, title=f"SRD report: {run.path.name}"))
-    write_json_atomic(out_dir / GROUPS_FILE, {"stages": stages.source, **check.describe(), "groups": shares})
+    with FolderLock(out_dir, "srdata report"):
+        remove_stale_temps(out_dir)  # of a report killed mid-write
+        figures = [out_dir / name for name in FIGURE_FILES]
+        blocks = _report_blocks(run, scores, staged, stages, by, examples, figures, shares)
+        draw = {
+            FIGURE_FILES[0]: lambda path: plot_histograms(valid, SCORE_COLUMNS, path),
+            FIGURE_FILES[1]: lambda path: plot_scatter(staged, len(stages.ends), path),
+            FIGURE_FILES[2]: lambda path: plot_stage_sizes(
+                _stage_sizes(staged, stages), _count_part(staged, len(stages.ends)), scores.height - valid.height, stages.layout, path
+            ),
+            "report.md": lambda path: path.write_text(to_markdown(blocks), encoding="utf-8"),
+            "report.html": lambda path: path.write_text(to_html(blocks, title=f"SRD report: {run.path.name}"), encoding="utf-8"),
+            GROUPS_FILE: lambda path: path.write_text(
+                json.dumps({"stages": stages.source, **check.describe(), "groups": shares}, indent=2, default=str) + "\n", encoding="utf-8"
+            ),
+        }
+        _write_all(out_dir, draw, run, read_at)
     emit_warnings([message for result in shares for message in result["warnings"]])
     return out_dir
+
+
+def _write_all(out_dir: Path, draw: dict[str, Callable[[Path], Any]], run: Run, read_at: tuple[int, ...]) -> None:
+    """Write every report file to a temp file, then move them all into place: a full disk leaves the earlier report whole."""
+    scratch = ScratchFiles(out_dir)
+    try:
+        temps = {name: scratch.new(name) for name in draw}
+        for name, write in draw.items():
+            try:
+                write(temps[name])
+            except Exception as err:
+                failure = as_write_error(err, out_dir / name)
+                if failure is None or failure is err:
+                    raise
+                raise failure from err
+        if file_identity(run.annotated) != read_at:
+            raise CurriculumError(
+                f"{run.annotated} was replaced while the report read it (by `srdata rank` or `srdata score`); "
+                f"nothing in {out_dir} was changed: run `srdata report` again"
+            )
+        for name, temp in temps.items():
+            publish(temp, out_dir / name)
+    finally:
+        scratch.remove_all()
 
 
 def with_positions(run: Run, scores: pl.DataFrame, stages: Stages) -> pl.DataFrame:
@@ -391,46 +425,6 @@ def _pct(value: float | None) -> str:
 def _clip(text: Any) -> str:
     flat = " ".join(str(text or "").split())
     return flat if len(flat) <= EXAMPLE_CHARS else flat[: EXAMPLE_CHARS - 1] + "…"
-
-
-# --- rendering ---------------------------------------------------------------------------
-
-
-def _to_markdown(blocks: Sequence[tuple]) -> str:
-    lines: list[str] = []
-    for kind, *content in blocks:
-        if kind == "h1":
-            lines += [f"# {content[0]}", ""]
-        elif kind == "h2":
-            lines += [f"## {content[0]}", ""]
-        elif kind == "p":
-            lines += [content[0], ""]
-        elif kind == "img":
-            lines += [f"![{content[1]}]({content[0]})", ""]
-        elif kind == "table":
-            headers, rows = content
-            lines += [_md_row(headers), "|" + "---|" * len(headers), *(_md_row(r) for r in rows), ""]
-    return "\n".join(lines)
-
-
-def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
-def _to_html(blocks: Sequence[tuple], title: str) -> str:
-    body: list[str] = []
-    for kind, *content in blocks:
-        if kind in ("h1", "h2", "p"):
-            body.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
-        elif kind == "img":
-            body.append(f'<img src="{html.escape(content[0])}" alt="{html.escape(content[1])}">')
-        elif kind == "table":
-            headers, rows = content
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%}img{max-width:100%}"
-    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
 
 
 # --- terminal summary --------------------------------------------------------------------

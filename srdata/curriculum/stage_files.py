@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import queue
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -29,12 +30,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from srdata.curriculum.cut import CurriculumError, StagePart
-from srdata.run.io import temp_path
+from srdata.run.io import WriteError, temp_path, write_problem
 
 STAGE_COLUMN = "stage"
 ZSTD_LEVEL = 1
 DICTIONARY_PAGE_BYTES = 64 << 10
 QUEUED_BATCHES = 2  # per stage writer: enough to keep it busy, few enough to bound memory
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how polars (Rust) reports an IO error
+
+
+def as_write_error(err: BaseException, path: str | os.PathLike[str]) -> WriteError | None:
+    """The :class:`WriteError` naming ``path`` for an IO failure while writing it; ``None`` for other errors.
+
+    pyarrow raises an ``OSError``; polars a ``ComputeError`` (or an ``OSError`` without errno)
+    whose message ends in ``(os error 28)``: both become "no space left on the device; ...".
+
+    Example:
+        >>> str(as_write_error(OSError("No space left on device (os error 28)"), "out/a.jsonl"))
+        'could not write out/a.jsonl: no space left on the device; free some space or choose a folder on another disk'
+    """
+    if isinstance(err, WriteError):
+        return err
+    code = getattr(err, "errno", None)
+    found = _OS_ERROR.search(str(err)) if code is None else None
+    if found:
+        code = int(found[1])
+        err = OSError(code, os.strerror(code))
+    if isinstance(err, OSError):
+        return WriteError(write_problem(err, path))
+    return None
 
 
 class ScratchFiles:
@@ -49,9 +73,10 @@ class ScratchFiles:
         self.paths.append(path)
         return path
 
-    def remove_all(self) -> None:
+    def remove_all(self, keep: set[Path] | frozenset[Path] = frozenset()) -> None:
         for path in self.paths:
-            path.unlink(missing_ok=True)
+            if path not in keep:
+                path.unlink(missing_ok=True)
 
 
 def prepare_output(out_dir: Path, what: str = "output folder") -> Path:
@@ -63,7 +88,7 @@ def prepare_output(out_dir: Path, what: str = "output folder") -> Path:
     """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
+        probe = temp_path(out_dir / "write-test")  # marked: removed by a later run if this one is killed here
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

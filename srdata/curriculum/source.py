@@ -1,0 +1,100 @@
+"""The scored run an export (or a re-rank, or a report) reads: a finished ``srdata score`` folder.
+
+Example:
+    >>> read_run("runs/dolly").annotated          # doctest: +SKIP
+    PosixPath('runs/dolly/annotated.parquet')
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from srdata.curriculum.cut import CurriculumError
+from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished ``srdata score`` folder."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def annotated(self) -> Path:
+        return self.path / ANNOTATED_FILE
+
+    @property
+    def config_hash(self) -> str | None:
+        return self.manifest.config_hash
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> Run:
+    """Open a run folder, refusing one whose scoring has not finished.
+
+    Example:
+        >>> read_run("runs/dolly").config_hash        # doctest: +SKIP
+        '5f1c...'
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise CurriculumError(f"run folder {path} does not exist")
+    manifest = read_run_manifest(path)
+    if manifest.status != "complete":
+        raise CurriculumError(_unfinished_message(path, manifest))
+    if not (path / ANNOTATED_FILE).is_file():
+        raise CurriculumError(
+            f"{path / ANNOTATED_FILE} is missing although the manifest says the run is complete; "
+            "rerun the same `srdata score` command into this folder to rebuild it"
+        )
+    return Run(path, manifest)
+
+
+def read_run_manifest(path: Path) -> Manifest:
+    """The manifest of a run folder, whatever its status; a folder without one is explained."""
+    try:
+        manifest = read_manifest(path)
+    except ValueError as err:  # RunDirError (an unreadable manifest) is one
+        raise CurriculumError(str(err)) from None
+    if manifest is None:
+        raise CurriculumError(_not_a_run_message(path))
+    return manifest
+
+
+def _not_a_run_message(path: Path) -> str:
+    """Why ``path`` is not a run folder, pointing to the run folder that exists nearby."""
+    if (path / CURRICULUM_FILE).is_file() and (path.parent / MANIFEST_FILE).is_file():
+        return f"{path} is an export (it holds {CURRICULUM_FILE}), not a run; its run is {path.parent}: `srdata export {path.parent}`"
+    runs = sorted(p.name for p in path.iterdir() if (p / MANIFEST_FILE).is_file()) if path.is_dir() else []
+    if runs:
+        listed = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        return f"{path} is a folder of runs ({listed}), not a run; pass one of them, e.g. `srdata export {path / runs[0]}`"
+    return f"{path} holds no srdata run ({MANIFEST_FILE} missing); create one with `srdata score ... --output {path}`"
+
+
+def _unfinished_message(path: Path, manifest: Manifest) -> str:
+    shards = manifest.shards
+    missing = [s for s in shards if not s.done or not (path / s.file).is_file()]
+    listed = ", ".join(f"{s.file} (rows {s.start}-{s.stop - 1})" for s in missing[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    detail = f"{len(missing)} of {len(shards)} shards are missing: {listed}{more}" if missing else "no shard is missing, but the final merge did not run"
+    return (
+        f"the run in {path} is not finished (status {manifest.status!r}): {detail}. "
+        "Resume it by rerunning the same `srdata score` command"
+    )
+
+
+def file_identity(path: Path) -> tuple[int, ...]:
+    """Which file ``path`` is now: device, inode, size and modification time.
+
+    Compared before and after a command reads a run, it tells whether the file was replaced
+    meanwhile (``srdata rank`` and ``srdata score`` replace it in one rename).
+
+    Example:
+        >>> file_identity(Path("/dev/null")) == file_identity(Path("/dev/null"))
+        True
+    """
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
