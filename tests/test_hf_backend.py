@@ -95,10 +95,10 @@ def test_models_that_cannot_share_the_prefill_use_separate_passes(tiny_gpt2, mon
 
 
 def test_reference_groups_bound_padding():
-    from srdata.backends.hf import _similar_length_groups
+    from srdata.backends.batching import similar_length_groups
 
     lengths = [3, 256, 4, 5, 60, 2, 250, 64]
-    groups = _similar_length_groups(lengths)
+    groups = similar_length_groups(lengths)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for group in groups:  # padded width stays within the rule's bound
         tokens = sum(lengths[i] for i in group)

@@ -329,6 +329,26 @@ def test_tiny_parity_with_transformers(engines, tiny):
     assert backend.ngram_processor
 
 
+def test_tiny_top_k_parity_with_transformers(engines, tiny):
+    """The teacher pass's top-K log-probs from vLLM's prompt log-probs equal the transformers backend's."""
+    import numpy as np
+
+    backend = tiny_engine(engines, tiny)
+    k = 8
+    got = backend.score_top_k(tiny.prompts, tiny.references, k)
+    expected = tiny.hf.score_top_k(tiny.prompts, tiny.references, k)
+    assert_ce_parity([g.nll for g in got], [e.nll for e in expected], "tiny Llama top-K nll")
+    compared = []
+    for g, e, ref in zip(got, expected, tiny.references):
+        assert g.top_ids.shape == e.top_ids.shape == (len(ref), k)
+        np.testing.assert_allclose(g.top_logprobs, e.top_logprobs, rtol=1e-4, atol=1e-4)
+        # ids agree at every position whose top-K log-probs are not (near-)tied
+        clear = np.abs(np.diff(e.top_logprobs, axis=1, prepend=np.inf, append=-np.inf)).min(axis=1) > 1e-3
+        assert (g.top_ids[clear] == e.top_ids[clear]).all()
+        compared.append(clear)
+    assert np.concatenate(compared).mean() > 0.3, "too few untied positions to compare ids"
+
+
 # ------------------------------------------------------------- 2. no_repeat_ngram_size
 def test_no_repeat_ngram_parity_with_transformers(engines, tiny):
     # Not vacuous: the tiny model repeats itself, so the ban changes outputs.

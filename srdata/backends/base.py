@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 # Called by a backend as work finishes: (rows finished, tokens processed) since the last call.
 ProgressCallback = Optional[Callable[[int, int], None]]
 
@@ -32,6 +34,20 @@ class Generation:
     finish_reason: str  # "stop" (a stop token was produced) or "length"
 
 
+@dataclass(frozen=True)
+class ReferenceScores:
+    """A model's view of one reference: its mean NLL and, when asked, its top-K next tokens.
+
+    ``top_ids[k]`` and ``top_logprobs[k]`` are the K most probable tokens (and their natural
+    log-probabilities, highest first) at the position that predicts ``reference[k]``; both
+    are ``None`` when top-K was not asked for.
+    """
+
+    nll: float
+    top_ids: Optional[np.ndarray] = None  # (reference tokens, K) int32
+    top_logprobs: Optional[np.ndarray] = None  # (reference tokens, K) float32
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Generate answers and score references for a list of prompts.
@@ -52,6 +68,12 @@ class Backend(Protocol):
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
     ) -> list[float]:
         """Mean negative log-likelihood (nats) of each reference given its prompt, teacher-forced."""
+        ...
+
+    def score_top_k(
+        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
+    ) -> list[ReferenceScores]:
+        """:meth:`score` plus the top-``top_k`` log-probabilities at every reference position (a teacher pass)."""
         ...
 
     def score_and_generate(

@@ -33,3 +33,24 @@ def bucket_batches(lengths: Sequence[int], max_rows: int, token_budget: int, ext
     if current:
         batches.append(current)
     return batches
+
+
+def similar_length_groups(lengths: Sequence[int], slack_tokens: int = 32) -> list[list[int]]:
+    """Split rows into groups whose padded width wastes little: sorted by length, a group
+    grows while ``rows * longest <= 1.25 * tokens + slack_tokens``.
+
+    Example:
+        >>> similar_length_groups([3, 200, 4, 5])
+        [[0, 2, 3], [1]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= 1.25 * (tokens + lengths[i]) + slack_tokens:
+            groups[-1].append(i)
+            tokens += lengths[i]
+        else:
+            groups.append([i])
+            tokens = lengths[i]
+    return groups

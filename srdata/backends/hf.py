@@ -11,15 +11,17 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from srdata.backends.base import Generation, GenerationParams, ProgressCallback
-from srdata.backends.batching import bucket_batches
+from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores
+from srdata.backends.batching import bucket_batches, similar_length_groups
 
 if TYPE_CHECKING:
     from srdata.config import ScoreConfig
@@ -118,23 +120,39 @@ class HFBackend:
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
     ) -> list[float]:
         """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
+        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, progress)]
+
+    def score_top_k(
+        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
+    ) -> list[ReferenceScores]:
+        """Mean NLL of each reference and, with ``top_k > 0``, the top-K log-probs at each of its positions.
+
+        Example:
+            >>> scores = backend.score_top_k([[5, 6, 7]], [[8, 2]], top_k=4)   # doctest: +SKIP
+            >>> scores[0].top_ids.shape
+            (2, 4)
+        """
         if len(prompt_ids) != len(reference_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
         for i, ref in enumerate(reference_ids):
             if not ref:
                 raise ValueError(f"reference {i} has no tokens; it must at least hold the end-of-sequence id")
+        if top_k:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            if not 0 < top_k <= vocab:
+                raise ValueError(f"top_k must be between 0 and the vocabulary size {vocab}, got {top_k}")
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, reference_ids)]
-        losses: list[float] = [float("nan")] * len(lengths)
+        results: list[ReferenceScores | None] = [None] * len(lengths)
         for batch in bucket_batches(lengths, self.batch_size, self.token_budget):
-            batch_losses = self._score_batch([prompt_ids[i] for i in batch], [reference_ids[i] for i in batch])
-            for i, loss in zip(batch, batch_losses):
-                losses[i] = loss
+            batch_scores = self._score_batch([prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], top_k)
+            for i, scores in zip(batch, batch_scores):
+                results[i] = scores
             if progress:
                 progress(0, sum(lengths[i] for i in batch))
-        return losses
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_batch(self, prompts: list[list[int]], references: list[list[int]]) -> list[float]:
+    def _score_batch(self, prompts: list[list[int]], references: list[list[int]], top_k: int = 0) -> list[ReferenceScores]:
         sequences = [p + r for p, r in zip(prompts, references)]
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
@@ -156,27 +174,40 @@ class HFBackend:
 
         if self.hidden_state_ce:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            selected = hidden[rows_t, positions_t]
-            nll = self._chunked_nll(selected, targets_t, project=True)
+            nll, top_ids, top_logprobs = self._chunked_nll(hidden[rows_t, positions_t], targets_t, project=True, top_k=top_k)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            nll = self._chunked_nll(logits[rows_t, positions_t], targets_t, project=False)
+            nll, top_ids, top_logprobs = self._chunked_nll(logits[rows_t, positions_t], targets_t, project=False, top_k=top_k)
 
         totals = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
         totals.index_add_(0, rows_t, nll.to(torch.float64))
         counts = torch.tensor([len(r) for r in references], dtype=torch.float64, device=self.device)
-        return (totals / counts).tolist()
+        means = (totals / counts).tolist()
+        if not top_k:
+            return [ReferenceScores(mean) for mean in means]
+        split = list(itertools.accumulate(len(r) for r in references))[:-1]  # each row's slice of the flat positions
+        ids_np, logprobs_np = top_ids.to(torch.int32).cpu().numpy(), top_logprobs.cpu().numpy()
+        return [ReferenceScores(*row) for row in zip(means, np.split(ids_np, split), np.split(logprobs_np, split))]
 
-    def _chunked_nll(self, states: torch.Tensor, targets: torch.Tensor, project: bool) -> torch.Tensor:
-        """Per-token NLL, upcasting to float32 one chunk of tokens at a time."""
+    def _chunked_nll(
+        self, states: torch.Tensor, targets: torch.Tensor, project: bool, top_k: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-token NLL (and the top-K log-probs), upcasting to float32 one chunk of tokens at a time."""
         head = self.model.get_output_embeddings()
-        out = []
+        nll, ids, logprobs = [], [], []
         for start in range(0, states.shape[0], self.ce_chunk_tokens):
             chunk = states[start : start + self.ce_chunk_tokens]
             logits = (head(chunk) if project else chunk).float()
             chunk_targets = targets[start : start + self.ce_chunk_tokens]
-            out.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, chunk_targets[:, None])[:, 0])
-        return torch.cat(out) if out else torch.zeros(0, device=states.device)
+            normaliser = torch.logsumexp(logits, dim=-1)
+            nll.append(normaliser - logits.gather(1, chunk_targets[:, None])[:, 0])
+            if top_k:
+                values, indices = logits.topk(top_k, dim=-1)  # sorted, highest first
+                ids.append(indices)
+                logprobs.append(values - normaliser[:, None])
+        if not nll:
+            return torch.zeros(0, device=states.device), None, None
+        return torch.cat(nll), (torch.cat(ids) if top_k else None), (torch.cat(logprobs) if top_k else None)
 
     @torch.inference_mode()
     def _hidden_state_ce_matches_logits(self) -> bool:
@@ -250,11 +281,11 @@ class HFBackend:
         input_ids, attention_mask = self._left_padded(prompts)
         width = input_ids.shape[1]
         if width < 2:  # nothing to cache before the last prompt token
-            return self._score_batch(prompts, references), self._generate_batch(prompts, params, live=live)
+            return [r.nll for r in self._score_batch(prompts, references)], self._generate_batch(prompts, params, live=live)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._prefill(input_ids, attention_mask, positions, width + params.max_new_tokens)
         losses = [float("nan")] * len(prompts)
-        for group in _similar_length_groups([len(r) for r in references]):
+        for group in similar_length_groups([len(r) for r in references]):
             group_losses = self._score_continuation(
                 cache, group, input_ids, attention_mask, positions, references
             )
@@ -334,12 +365,12 @@ class HFBackend:
             hidden = self.model.base_model(
                 input_ids=tokens, attention_mask=mask, position_ids=steps, **{self.cache_kwarg: group_cache}, use_cache=True
             ).last_hidden_state
-            nll = self._chunked_nll(hidden[group_rows, group_positions], targets, project=True)
+            nll = self._chunked_nll(hidden[group_rows, group_positions], targets, project=True)[0]
         else:
             logits = self.model(
                 input_ids=tokens, attention_mask=mask, position_ids=steps, **{self.cache_kwarg: group_cache}, use_cache=True
             ).logits
-            nll = self._chunked_nll(logits[group_rows, group_positions], targets, project=False)
+            nll = self._chunked_nll(logits[group_rows, group_positions], targets, project=False)[0]
         totals = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
         totals.index_add_(0, group_rows, nll.to(torch.float64))
         counts = torch.tensor([len(r) for r in refs], dtype=torch.float64, device=self.device)
@@ -361,7 +392,7 @@ class HFBackend:
         except Exception as err:  # an unusual cache layout: use the separate passes
             log.info("shared prompt prefill unavailable (%s); scoring and generating separately", err)
             return False
-        losses, outputs = self._score_batch(prompts, references), self._generate_batch(prompts, params)
+        losses, outputs = [r.nll for r in self._score_batch(prompts, references)], self._generate_batch(prompts, params)
         ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(shared_losses, losses)) and [
             g.token_ids for g in shared_outputs
         ] == [g.token_ids for g in outputs]
@@ -466,24 +497,3 @@ class _DecodeSteps(StoppingCriteria):
             self.live.add(int((~self.finished).sum()))
             self.finished |= torch.isin(last, self.stop_ids)
         return torch.zeros(len(last), dtype=torch.bool, device=input_ids.device)
-
-
-def _similar_length_groups(lengths: Sequence[int], slack_tokens: int = 32) -> list[list[int]]:
-    """Split rows into groups whose padded width wastes little: sorted by length, a group
-    grows while ``rows * longest <= 1.25 * tokens + slack_tokens``.
-
-    Example:
-        >>> _similar_length_groups([3, 200, 4, 5])
-        [[0, 2, 3], [1]]
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    groups: list[list[int]] = []
-    tokens = 0
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[i] <= 1.25 * (tokens + lengths[i]) + slack_tokens:
-            groups[-1].append(i)
-            tokens += lengths[i]
-        else:
-            groups.append([i])
-            tokens = lengths[i]
-    return groups

@@ -38,7 +38,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from srdata.backends.base import Generation, GenerationParams, ProgressCallback
+import numpy as np
+
+from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores
 from srdata.backends.vllm_engine import (
     check_vllm_device,
     engine_kwargs,
@@ -185,6 +187,33 @@ def mean_reference_nll(prompt_logprobs: Any, prompt_len: int, reference_ids: Seq
         -position_logprob(prompt_logprobs, prompt_len + k, int(token)) for k, token in enumerate(reference_ids)
     )
     return total / len(reference_ids)
+
+
+def reference_top_k(prompt_logprobs: Any, prompt_len: int, reference_ids: Sequence[int], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``top_k`` ids and log-probs at each reference position of a ``prompt_logprobs=top_k`` request.
+
+    vLLM's flat layout holds, per position, the actual token first and then the top K by
+    rank (1..K); the ranks are checked, so a layout change is an error, not shifted data.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> flat = NS(start_indices=[0, 0, 3], end_indices=[0, 3, 6], token_ids=[7, 7, 4, 2, 9, 2],
+        ...           logprobs=[-.1, -.1, -2., -3., -.5, -3.], ranks=[1, 1, 2, 3, 1, 2])
+        >>> ids, lps = reference_top_k(flat, 1, [7, 2], 2)
+        >>> ids.tolist(), lps.tolist()
+        ([[7, 4], [9, 2]], [[-0.10000000149011612, -2.0], [-0.5, -3.0]])
+    """
+    if not hasattr(prompt_logprobs, "start_indices"):
+        raise ValueError("top-K prompt log-probs need vLLM's flat layout (flat_logprobs=True)")
+    ids = np.empty((len(reference_ids), top_k), dtype=np.int32)
+    logprobs = np.empty((len(reference_ids), top_k), dtype=np.float32)
+    for k in range(len(reference_ids)):
+        start, end = prompt_logprobs.start_indices[prompt_len + k] + 1, prompt_logprobs.end_indices[prompt_len + k]
+        if end - start != top_k or list(prompt_logprobs.ranks[start:end]) != list(range(1, top_k + 1)):
+            raise ValueError(f"vLLM returned an unexpected top-{top_k} layout at prompt position {prompt_len + k}")
+        ids[k] = prompt_logprobs.token_ids[start:end]
+        logprobs[k] = prompt_logprobs.logprobs[start:end]
+    return ids, logprobs
 
 
 def to_generation(completion: Any, stop_token_ids: Sequence[int], decode: Callable[[list[int]], str]) -> Generation:
@@ -375,6 +404,27 @@ class VLLMBackend:
             if progress:
                 progress(0, sum(len(p["prompt_token_ids"]) for p in prompts))
         return losses
+
+    def score_top_k(
+        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
+    ) -> list[ReferenceScores]:
+        """Mean NLL of each reference and, with ``top_k > 0``, the top-K log-probs at each of its positions."""
+        if not top_k:
+            return [ReferenceScores(nll) for nll in self.score(prompt_ids, reference_ids, progress)]
+        if len(prompt_ids) != len(reference_ids):
+            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        params = self._sampling_params(**{**scoring_sampling_kwargs(), "prompt_logprobs": top_k})
+        results: list[ReferenceScores] = []
+        for rows in _chunks(len(prompt_ids), self.score_chunk_rows):
+            prompts = [scoring_prompt(prompt_ids[i], reference_ids[i]) for i in rows]
+            for i, prompt in zip(rows, prompts):
+                self._check_length(i, len(prompt["prompt_token_ids"]), "prompt + reference")
+            for i, output in zip(rows, self._run(prompts, params)):
+                nll = mean_reference_nll(output.prompt_logprobs, len(prompt_ids[i]), reference_ids[i])
+                results.append(ReferenceScores(nll, *reference_top_k(output.prompt_logprobs, len(prompt_ids[i]), reference_ids[i], top_k)))
+            if progress:
+                progress(0, sum(len(p["prompt_token_ids"]) for p in prompts))
+        return results
 
     # --------------------------------------------------------------- generation
     def generate(
