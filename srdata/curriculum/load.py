@@ -253,7 +253,7 @@ def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike
         'assistant'
     """
     from srdata.steps.load import ColumnMapping
-    from srdata.curriculum.export import read_run_manifest
+    from srdata.curriculum.source import read_run_manifest
     from srdata.steps.prompts import chat_messages
 
     folder = _curriculum_folder(Path(curriculum))
