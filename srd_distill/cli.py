@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from srd_distill.errors import TrainingInterrupted, TrainingSetupError
+from srd_distill.errors import TrainingInterrupted
 from srd_distill.settings import TrainSettings
 from srd_distill.train import train as run_training
 from srdata.cli import config_options, given_flags
@@ -56,7 +56,8 @@ def train(quiet: bool, **flags: Any) -> None:
     """Distil TEACHER into STUDENT stage by stage on an SRD curriculum, or on --data (the baseline).
 
     Each stage starts from the previous stage's checkpoint with a fresh AdamW and cosine
-    schedule. Rerunning the same command resumes after the last finished stage.
+    schedule. Rerunning the same command resumes after the last finished stage, from the
+    next stage's last step checkpoint (--checkpoint-interval). One train per --output at a time.
     """
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     if quiet:
@@ -71,7 +72,10 @@ def train(quiet: bool, **flags: Any) -> None:
             "resume after the last finished stage")
         click.echo(f"\n{message}", err=True)
         sys.exit(130)
-    except (TrainingSetupError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
+        # User errors: settings, files, a busy or foreign --output, a damaged checkpoint, a full
+        # disk (TrainingSetupError, FolderBusyError, IntegrityError, WriteError...): the message
+        # names the file and the fix; no traceback.
         raise click.ClickException(str(err)) from err
     if not quiet:
         last = result.stages[-1] if result.stages else None

@@ -7,7 +7,8 @@
   the data came from, so :func:`encode_data` tokenizes exactly as scoring did.
 * :func:`collate` right-pads examples into tensors; :func:`split_rows` cuts one step's
   rows into micro-batches.
-* :func:`curriculum_stage_files` lists a curriculum's stage files, checked to exist.
+* :func:`checked_curriculum` lists a curriculum's stage files and their checksums, each
+  checked against ``curriculum.json``.
 
 Example:
     >>> split_rows([1, 2, 3, 4, 5], 2)
@@ -28,6 +29,7 @@ import torch
 
 from srd_distill.errors import CurriculumFilesError, TrainingSetupError
 from srdata.run.folder import CURRICULUM_FILE, MANIFEST_FILE, RunDirError, read_manifest
+from srdata.run.io import file_sha256
 
 __all__ = [
     "TEXT_COLUMN_PAIRS",
@@ -42,6 +44,7 @@ __all__ = [
     "collate",
     "split_rows",
     "curriculum_stage_files",
+    "checked_curriculum",
 ]
 
 log = logging.getLogger(__name__)
@@ -283,11 +286,24 @@ def split_rows(rows: Sequence[int], parts: int) -> list[list[int]]:
 
 
 def curriculum_stage_files(curriculum_dir: Path, n_stages: int, schedule_name: str) -> list[Path]:
-    """The stage files a schedule of ``n_stages`` stages trains on, checked to exist.
+    """The stage files a schedule of ``n_stages`` stages trains on, checked (see :func:`checked_curriculum`)."""
+    return checked_curriculum(curriculum_dir, n_stages, schedule_name)[0]
 
-    The names come from ``curriculum.json`` (as ``srdata export`` writes it); without it,
-    ``stage-K.parquet`` / ``stage-K.jsonl`` files are looked up directly.
+
+def checked_curriculum(curriculum_dir: Path, n_stages: int, schedule_name: str) -> tuple[list[Path], list[str]]:
+    """The stage files a schedule of ``n_stages`` stages trains on and their SHA-256, checked.
+
+    The names come from ``curriculum.json`` (as ``srdata export`` writes it), and every file
+    must match what it records (bytes, rows, checksum; no path outside the folder:
+    :func:`srdata.curriculum.load.verified_curriculum`); without it, ``stage-K.parquet`` /
+    ``stage-K.jsonl`` files are looked up directly (a hand-made curriculum: nothing to check
+    them against, their checksums are recorded in the run all the same).
+
+    Example:
+        >>> files, digests = checked_curriculum(Path("runs/dolly/curriculum"), 3, "paper-gpt2")   # doctest: +SKIP
     """
+    from srdata.curriculum.load import verified_curriculum
+
     if not curriculum_dir.is_dir():
         raise CurriculumFilesError(
             f"curriculum folder {curriculum_dir} does not exist; create it with `srdata export RUN_DIR --out {curriculum_dir}`"
@@ -298,9 +314,16 @@ def curriculum_stage_files(curriculum_dir: Path, n_stages: int, schedule_name: s
         hint = (f"its export is {exported}: pass --curriculum {exported}" if (exported / CURRICULUM_FILE).is_file()
                 else f"export it first with `srdata export {curriculum_dir}`, then pass --curriculum {exported}")
         raise CurriculumFilesError(f"{curriculum_dir} is a scoring run, not a curriculum; {hint}")
+    digests: list[str] = []
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        listed = [curriculum_dir / s["file"] for s in sorted(summary.get("stages", []), key=lambda s: s["stage"])]
+        try:
+            verified = verified_curriculum(curriculum_dir)
+            listed, digests = verified.files, verified.sha256
+        except FileNotFoundError:  # the paths were checked to lie inside the folder before this is raised
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            listed = [curriculum_dir / s["file"] for s in sorted(summary.get("stages", []), key=lambda s: s["stage"])]
+        except ValueError as err:  # CurriculumIntegrityError: it names the file and says to export again
+            raise CurriculumFilesError(str(err)) from None
         source = f"listed in {summary_path}"
     else:
         listed = []
@@ -322,7 +345,7 @@ def curriculum_stage_files(curriculum_dir: Path, n_stages: int, schedule_name: s
             f"curriculum {curriculum_dir} has {len(listed)} stages but schedule {schedule_name!r} has {n_stages}; "
             f"use a schedule with {len(listed)} stages (e.g. pocl for 4) or export with --keep {n_stages}"
         )
-    return listed
+    return listed, digests or [file_sha256(p) for p in listed]
 
 
 def highest_stage_file(folder: Path) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -147,7 +146,8 @@ def load_model(name: str | Path, device: torch.device, dtype: torch.dtype, role:
 
     try:
         with transformers_bars_off():
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            # safetensors only: pickle weights (pytorch_model.bin) can run code when loaded.
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise TrainingSetupError(f"could not load the {role} model from {str(name)!r} ({err})") from err
     return model.to(device)
@@ -184,20 +184,37 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype: Optional[torch.dtype] = None) -> None:
-    """Save model + tokenizer into ``folder`` (replacing it) as a ``from_pretrained`` folder.
+    """Save model + tokenizer into ``folder`` (replacing an earlier checkpoint of ours) as a ``from_pretrained`` folder.
 
     ``dtype`` (e.g. the student's saved dtype): the weights are written in it, from a
     converted copy of the state dict, so the float32 master weights in memory stay as they
-    are; ``config.json`` records it. Tied weights stay tied (one tensor per storage).
+    are; ``config.json`` records it. Tied weights stay tied (one tensor per storage). The
+    folder is marked as srd-distill's first (:func:`srd_distill.checkpoints.start_checkpoint`);
+    a full disk or another write error removes the half-written folder and raises a
+    ``WriteError`` naming it and the fix.
 
     Example:
         >>> save_checkpoint(student, tokenizer, Path("runs/kd/.stage-0.partial"), torch.bfloat16)   # doctest: +SKIP
     """
+    from srd_distill.checkpoints import remove_checkpoint, save_error, start_checkpoint
     from srdata.run.io import FILE_MODE
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    start_checkpoint(folder)
+    try:
+        write_pretrained(model, tokenizer, folder, dtype)
+        for file in folder.iterdir():  # transformers writes the weights 0600 (a temp file renamed): follow the umask
+            if file.is_file():
+                file.chmod(FILE_MODE)
+    except Exception as err:
+        problem = save_error(err, folder, "a checkpoint")
+        if problem is None:
+            raise
+        remove_checkpoint(folder)  # ours, half-written: give the space back
+        raise problem from err
+
+
+def write_pretrained(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype: Optional[torch.dtype]) -> None:
+    """``save_pretrained`` of the model (in ``dtype``, ties kept) and of the tokenizer into an existing ``folder``."""
     current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with transformers_bars_off():
         if dtype is None or dtype == current:
@@ -221,9 +238,6 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, folder: Path, dtype:
             finally:
                 model.config.dtype = previous
     tokenizer.save_pretrained(folder)
-    for file in folder.iterdir():  # transformers writes the weights 0600 (a temp file renamed): follow the umask
-        if file.is_file():
-            file.chmod(FILE_MODE)
 
 
 def peak_memory_text(device: torch.device) -> str:

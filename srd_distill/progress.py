@@ -72,16 +72,25 @@ def stage_done(index: int, steps: int, seconds: float, checkpoint: Path, memory:
     return f"=== stage {index} done: {steps} steps in {seconds:.1f} s ({memory}); checkpoint {checkpoint} ==="
 
 
-def interrupted_message(run_dir: Path, finished: Sequence[int], current: Optional[int]) -> str:
+def interrupted_message(run_dir: Path, finished: Sequence[int], current: Optional[int], resume_step: int = 0) -> str:
     """What Ctrl-C prints: what is kept, and that re-running the same command resumes.
+
+    ``resume_step``: the steps of stage ``current`` saved in its latest step checkpoint.
 
     Example:
         >>> interrupted_message(Path("runs/kd"), [0], 1)
         'interrupted during stage 1; finished stage(s) 0 are saved in runs/kd. Run the same command again to resume: finished stages are kept and stage 1 starts again from its beginning.'
+        >>> interrupted_message(Path("runs/kd"), [], 0, resume_step=500).split(": ", 1)[1]
+        'finished stages are kept and stage 0 continues from its step checkpoint after step 500.'
     """
     saved = f"finished stage(s) {', '.join(map(str, finished))} are saved in {run_dir}" if finished else f"no stage of {run_dir} was finished yet"
     where = f"during stage {current}" if current is not None else "before training started"
-    redo = f"stage {current} starts again from its beginning" if current is not None else "training starts where it would have"
+    if current is None:
+        redo = "training starts where it would have"
+    elif resume_step:
+        redo = f"stage {current} continues from its step checkpoint after step {resume_step}"
+    else:
+        redo = f"stage {current} starts again from its beginning"
     return f"interrupted {where}; {saved}. Run the same command again to resume: finished stages are kept and {redo}."
 
 
@@ -96,7 +105,7 @@ class StageProgress:
         >>> bar.close()
     """
 
-    def __init__(self, index: int, n_stages: int, *, total_steps: int, t2_factor: float, enabled: bool) -> None:
+    def __init__(self, index: int, n_stages: int, *, total_steps: int, t2_factor: float, enabled: bool, initial: int = 0) -> None:
         from tqdm.auto import tqdm
 
         self.t2_factor = t2_factor
@@ -104,7 +113,7 @@ class StageProgress:
         self.tokens = 0
         self.postfix = ""
         self.bar = tqdm(
-            total=total_steps, desc=f"stage {index} ({index + 1}/{n_stages})", unit="step",
+            total=total_steps, initial=initial, desc=f"stage {index} ({index + 1}/{n_stages})", unit="step",
             disable=not enabled, dynamic_ncols=True,
         )
 

@@ -1,11 +1,41 @@
-"""The run folder of ``srd-distill``: ``run.json``, ``metrics.jsonl``, stage checkpoints, resume.
+"""The run folder of ``srd-distill``: ``run.json``, ``metrics.jsonl``, checkpoints, resume, and what is guaranteed.
 
 Layout::
 
-    RUN/run.json            settings, schedule, encoding, dtypes, versions, finished stages, status
-    RUN/metrics.jsonl       one JSON object per logged step and per evaluation
-    RUN/stage-N/            the student after stage N (appears by an atomic rename: always complete)
-    RUN/.stage-N.partial/   stage N being written; removed on resume
+    RUN/run.json                 settings, input fingerprints, schedule, encoding, dtypes, versions, finished stages, status
+    RUN/metrics.jsonl            one JSON object per logged step and per evaluation
+    RUN/stage-N/                 the student after stage N (appears by an atomic rename: always complete, sealed)
+    RUN/.stage-N.partial/        stage N's checkpoint being written
+    RUN/.stage-N.step-K/         the resumable state of stage N after K optimizer steps (only the latest is kept)
+    RUN/.srdata.lock             the lock of the one writer (see below)
+
+Guarantees:
+
+* **One writer per folder.** ``srd-distill train`` holds ``FolderLock(RUN)`` from before it
+  reads ``run.json`` until it ends; a second train on the same ``--output`` is refused at
+  once, naming the holder (PID, host, since when). A killed process releases it.
+* **Content identity of the inputs.** ``run.json`` records fingerprints of the teacher, the
+  student, the curriculum's stage files (or the ``--data`` file), the eval file, a schedule
+  file and the encoding (:mod:`srd_distill.inputs`); a rerun refuses to resume when one
+  changed, naming it, as it refuses other settings.
+* **Checksums.** Every checkpoint folder is sealed with the SHA-256 of each of its files,
+  written last (:mod:`srd_distill.checkpoints`), and verified before it is used: a
+  finished stage on resume or as the next stage's starting weights, a step checkpoint
+  before it is resumed. A curriculum's stage files are checked against ``curriculum.json``
+  when the run is planned and again before each stage reads its file.
+* **Nothing half-written.** Files are written to temp names and renamed; checkpoints are
+  written under hidden names and renamed when sealed. A full disk is a clear error naming
+  the file; the checkpoints before it stay intact, and a rerun resumes.
+* **Never deleted, unless provably ours.** Only ``run.json``, ``metrics.jsonl`` of a
+  folder recognised as an srd-distill run, and checkpoint folders that carry
+  srd-distill's marker file (written first into every folder it creates) are ever removed.
+  An ``--output`` that is a file, or a non-empty folder holding no srd-distill run, is
+  refused before anything is touched, ``--overwrite`` or not.
+* **Resumable steps.** Every ``--checkpoint-interval`` optimizer steps, the model, the
+  AdamW state, the RNG states, the data position (epoch, shuffled order, next batch), the
+  best-epoch weights so far and the count of metrics lines are saved as a step
+  checkpoint; a rerun continues from it with the same weights and metrics lines as a run
+  that was never stopped.
 
 ``metrics.jsonl`` keys: ``event`` (``"train"`` per logged step, ``"eval"`` per evaluation),
 ``stage, epoch, step`` (optimizer steps done in the stage), ``global_step, loss, kd_loss``
@@ -14,9 +44,9 @@ temperature, kd_ratio, elapsed`` (seconds since the run began, across resumes); 
 add ``grad_norm`` and ``tokens``, eval rows ``eval_rouge_l`` and ``best``. Train-row
 losses are token-weighted means over the steps since the previous train row.
 
-A rerun resumes after the last finished stage; settings that change results must match
-(:data:`RESUMABLE_WITH_OTHER_VALUES` may differ), by the one settings-diff rule of
-:func:`srdata.run.folder.diff_settings`.
+A rerun resumes after the last finished stage (from the step checkpoint of the next one,
+if any); settings that change results must match (:data:`RESUMABLE_WITH_OTHER_VALUES` may
+differ), by the one settings-diff rule of :func:`srdata.run.folder.diff_settings`.
 
 Example:
     >>> stage_folder(Path("runs/kd"), 2)
@@ -27,26 +57,33 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from srd_distill.checkpoints import MARKER_FILE, is_our_checkpoint, publish_checkpoint, remove_checkpoint, verify_checkpoint
 from srd_distill.errors import RunFolderError
+from srd_distill.inputs import diff_inputs
 from srd_distill.schedules import PRESETS
 from srdata.run import folder as run_folder
-from srdata.run.io import atomic_path, write_json_atomic
+from srdata.run.io import atomic_path, is_tool_file, write_json_atomic
 
 __all__ = [
     "RUN_FILE",
     "METRICS_FILE",
     "STAGE_INFO_FILE",
     "RESUMABLE_WITH_OTHER_VALUES",
+    "STEP_STATE_FILE",
     "stage_folder",
     "partial_folder",
+    "step_folder",
+    "step_folders",
     "is_finished",
+    "ResumePoint",
+    "check_output_folder",
     "prepare_run_folder",
     "MetricsLog",
     "recorded_settings",
@@ -62,14 +99,19 @@ __all__ = [
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 STAGE_INFO_FILE = "srd_stage.json"
+STEP_STATE_FILE = "state.json"  # in a step checkpoint: position, counters, metrics lines so far
+TOOL = "srd-distill"
+FORMAT_VERSION = 2  # 2: checksummed checkpoints, input fingerprints, step checkpoints
 # Settings that change speed, memory or logging but not the trained weights: a run may be
 # resumed with other values of these. (grad_accum only splits a step into micro-batches;
 # the loss of a step is the same token mean either way.)
 # fused_head and gradient_checkpointing likewise change the arithmetic's order, not the step.
 RESUMABLE_WITH_OTHER_VALUES = frozenset({"device", "grad_accum", "log_every", "stop_after_stage", "overwrite", "output",
-                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens"})
+                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens", "checkpoint_interval"})
 STAGE_FOLDER_PATTERN = re.compile(r"stage-\d+")
-PARTIAL_FOLDER_PATTERN = re.compile(r"\.stage-\d+\.partial")
+STEP_FOLDER_PATTERN = re.compile(r"\.stage-(?P<stage>\d+)\.step-(?P<step>\d+)")
+# Every checkpoint folder name this tool writes (finished, partial, step, step being written).
+OUR_NAME_PATTERN = re.compile(r"stage-\d+|\.stage-\d+\.partial|\.stage-\d+\.step-\d+(\.partial)?")
 
 
 def stage_folder(run_dir: Path, stage: int) -> Path:
@@ -82,68 +124,188 @@ def partial_folder(run_dir: Path, stage: int) -> Path:
     return run_dir / f".stage-{stage}.partial"
 
 
+def step_folder(run_dir: Path, stage: int, step: int) -> Path:
+    """Where the step checkpoint of stage ``stage`` after ``step`` optimizer steps lives.
+
+    Example:
+        >>> step_folder(Path("runs/kd"), 1, 500).name
+        '.stage-1.step-500'
+    """
+    return run_dir / f".stage-{stage}.step-{step}"
+
+
+def step_folders(run_dir: Path, stage: int | None = None) -> list[tuple[int, int, Path]]:
+    """The published step checkpoints in ``run_dir`` (of one stage, or all) as (stage, step, folder), oldest first."""
+    found = []
+    for entry in run_dir.iterdir() if run_dir.is_dir() else []:
+        match = STEP_FOLDER_PATTERN.fullmatch(entry.name)
+        if match and (stage is None or int(match["stage"]) == stage):
+            found.append((int(match["stage"]), int(match["step"]), entry))
+    return sorted(found)
+
+
 def is_finished(run_dir: Path, stage: int) -> bool:
-    """A stage is finished when its folder exists: it only appears by an atomic rename."""
-    return (stage_folder(run_dir, stage) / STAGE_INFO_FILE).is_file()
+    """A stage is finished when its folder exists: it only appears by an atomic rename of a sealed checkpoint."""
+    return stage_folder(run_dir, stage).is_dir()
 
 
 def finish_stage(run_dir: Path, stage: int, info: dict[str, Any]) -> Path:
-    """Write ``srd_stage.json`` into the partial checkpoint and rename it to ``stage-N``; return that folder.
+    """Write ``srd_stage.json`` into the partial checkpoint, seal it and rename it to ``stage-N``; return that folder.
 
-    The stage is finished the moment the rename lands.
+    The stage is finished the moment the rename lands; its step checkpoints are then removed.
     """
     write_json_atomic(partial_folder(run_dir, stage) / STAGE_INFO_FILE, info)
     done = stage_folder(run_dir, stage)
-    partial_folder(run_dir, stage).replace(done)
+    publish_checkpoint(partial_folder(run_dir, stage), done)
+    for _, _, folder in step_folders(run_dir, stage):
+        remove_checkpoint(folder)
     return done
 
 
 def read_stage_info(run_dir: Path, stage: int) -> dict[str, Any]:
-    """The ``srd_stage.json`` of a finished stage."""
+    """The ``srd_stage.json`` of a finished stage (verified with its checkpoint before it is read)."""
     return json.loads((stage_folder(run_dir, stage) / STAGE_INFO_FILE).read_text(encoding="utf-8"))
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
-    """The run's ``run.json`` as a dict; empty when there is none yet."""
+    """The run's ``run.json`` as a dict; empty when there is none yet; a damaged one is refused, named.
+
+    Example:
+        >>> read_run_record(Path("no/such/run"))
+        {}
+    """
     path = run_dir / RUN_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSON {type(record).__name__}, not an object")
+    except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunFolderError(
+            f"{path} is not readable ({type(err).__name__}: {err}): it was cut short or damaged, so the run cannot be "
+            f"resumed safely; pass --overwrite to start over (it removes only what srd-distill wrote there) or choose "
+            "another --output"
+        ) from None
+    return record
 
 
 def write_run_record(run_dir: Path, record: dict[str, Any], status: str) -> None:
     """Write ``run.json`` atomically with ``status`` (running, stopped, interrupted, complete) and the time."""
-    record.update(status=status, updated_at=utc_now())
+    record.update(tool=TOOL, format_version=FORMAT_VERSION, status=status, updated_at=utc_now())
     write_json_atomic(run_dir / RUN_FILE, record)
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: its finished stages, the step checkpoint of the next stage (if any), the time so far."""
+
+    finished: set[int]
+    elapsed: float
+    step_checkpoint: Optional[Path] = None  # verified; of the first unfinished stage
+    metrics_lines: int = 0  # lines of that stage in metrics.jsonl that its step checkpoint covers
+
+
+def check_output_folder(run_dir: Path, *, overwrite: bool) -> None:
+    """Refuse, before anything is written, an ``--output`` that cannot hold this run.
+
+    Refused: a file; a non-empty folder that holds no srd-distill run (whatever
+    ``overwrite`` says: nothing in it was written by this tool); a run whose ``run.json``
+    is damaged, lacks checksums (an older srd-distill) or is missing while checkpoints
+    remain, unless ``overwrite``; a ``stage-N``-like name srd-distill did not write.
+
+    Example:
+        >>> check_output_folder(Path("runs/new-run"), overwrite=False)
+    """
+    if run_dir.is_symlink() and not run_dir.is_dir() or run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--output {run_dir} is a file, not a folder; choose a new folder (or an srd-distill run folder)")
+    if not run_dir.is_dir():
+        return
+    try:
+        record: Optional[dict[str, Any]] = read_run_record(run_dir)
+        damaged = None
+    except RunFolderError as err:
+        record, damaged = None, err
+    ours = our_checkpoints(run_dir)
+    is_run = bool(ours) or bool(record) and is_run_record(record)
+    if not is_run:
+        foreign = sorted(e.name for e in run_dir.iterdir() if not is_tool_file(e.name))
+        if damaged is not None:
+            raise damaged if not overwrite else RunFolderError(
+                f"{run_dir / RUN_FILE} is damaged and {run_dir} holds no checkpoint of srd-distill, so nothing shows the "
+                "folder is an srd-distill run: nothing was removed. Move the folder's files away or choose another --output")
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise RunFolderError(
+                f"--output {run_dir} is not empty and holds no srd-distill run ({shown}); nothing was touched. "
+                "Choose a new or empty folder"
+            )
+        return
+    for entry in run_dir.iterdir():
+        if OUR_NAME_PATTERN.fullmatch(entry.name) and entry not in ours:
+            raise RunFolderError(
+                f"{entry} was not written by srd-distill (it holds no {MARKER_FILE}) but has the name of a checkpoint "
+                f"of this run; move it out of {run_dir} or choose another --output"
+            )
+    if overwrite:
+        return
+    if damaged is not None:
+        raise damaged
+    if not record:
+        raise RunFolderError(
+            f"{run_dir} holds checkpoints of srd-distill but no {RUN_FILE}, so it cannot be resumed safely; "
+            "choose another --output or pass --overwrite to start over"
+        )
+    if int(record.get("format_version", 1)) < FORMAT_VERSION:
+        raise RunFolderError(
+            f"{run_dir} holds a run written by an older srd-distill, which recorded no checksums of its checkpoints and no "
+            "fingerprints of its inputs, so it cannot be resumed safely; pass --overwrite to start over or choose another --output"
+        )
+
+
+def is_run_record(record: dict[str, Any]) -> bool:
+    """Whether a parsed ``run.json`` is srd-distill's (an older one carries no ``tool`` key but its settings and schedule)."""
+    return record.get("tool") == TOOL or isinstance(record.get("settings"), dict) and "schedule" in record
+
+
+def our_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint folders in ``run_dir`` that srd-distill provably wrote (named as ours and marked)."""
+    return [e for e in run_dir.iterdir() if OUR_NAME_PATTERN.fullmatch(e.name) and is_our_checkpoint(e)]
 
 
 def prepare_run_folder(
     run_dir: Path,
     settings: dict[str, Any],
+    inputs: dict[str, Any],
     n_stages: int,
     *,
     overwrite: bool,
     defaults: dict[str, Any],
     echo: Callable[[str], None],
-) -> tuple[set[int], float]:
-    """Check or create the run folder; return the finished stages and the elapsed time so far.
+) -> ResumePoint:
+    """Check or create the run folder (its lock held); return where the run continues.
 
-    Refuses a folder holding a run with other (result-changing) ``settings`` unless
-    ``overwrite``; ``defaults`` stand in for settings an older ``run.json`` lacks. Cleans
-    what an interrupted stage left: its partial checkpoint folder and its metrics lines.
+    Refuses a folder holding a run with other (result-changing) ``settings`` or other
+    ``inputs`` (by content) unless ``overwrite``; ``defaults`` stand in for settings an
+    older ``run.json`` lacks. Finished stages and the step checkpoint to resume from are
+    verified against their checksums. Cleans what an interrupted stage left (its partial
+    and older step checkpoints, its metrics lines after the step checkpoint), removing only
+    folders srd-distill marked as its own: an ``--overwrite`` never touches anything else.
 
     Example:
-        >>> finished, elapsed = prepare_run_folder(Path("runs/kd"), settings, 3, overwrite=False,
-        ...                                        defaults={}, echo=print)   # doctest: +SKIP
+        >>> point = prepare_run_folder(Path("runs/kd"), settings, inputs, 3, overwrite=False,
+        ...                            defaults={}, echo=print)   # doctest: +SKIP
     """
-    # Only names this module writes: an --overwrite never touches anything else in the folder.
-    ours = [run_dir / RUN_FILE, run_dir / METRICS_FILE]
-    if run_dir.is_dir():
-        ours += [p for p in run_dir.iterdir() if p.is_dir() and (STAGE_FOLDER_PATTERN.fullmatch(p.name) or PARTIAL_FOLDER_PATTERN.fullmatch(p.name))]
-    previous_path = run_dir / RUN_FILE
-    if overwrite:
-        for path in ours:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif previous_path.is_file():
-        previous = json.loads(previous_path.read_text(encoding="utf-8"))
+    check_output_folder(run_dir, overwrite=overwrite)
+    if overwrite and run_dir.is_dir():
+        is_run = bool(our_checkpoints(run_dir)) or (run_dir / RUN_FILE).is_file()  # check_output_folder refused any other
+        for folder in our_checkpoints(run_dir):
+            remove_checkpoint(folder)
+        if is_run:
+            for name in (RUN_FILE, METRICS_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+    previous = read_run_record(run_dir)
+    if previous:
         differences = run_folder.diff_settings(previous.get("settings", {}), settings, ignore=RESUMABLE_WITH_OTHER_VALUES,
                                                defaults=defaults)
         if differences:
@@ -151,11 +313,12 @@ def prepare_run_folder(
                 f"{run_dir} holds a run with other settings:\n  " + "\n  ".join(differences)
                 + "\nrerun with the same settings to resume it, choose another --output, or pass --overwrite to start over"
             )
-    elif any(p.exists() for p in ours):
-        raise RunFolderError(
-            f"{run_dir} holds stage folders or metrics but no {RUN_FILE}, so it cannot be resumed safely; "
-            "choose another --output or pass --overwrite"
-        )
+        changed = diff_inputs(previous.get("inputs", {}), inputs)
+        if changed:
+            raise RunFolderError(
+                f"{run_dir} holds a run trained on other inputs:\n  " + "\n  ".join(changed)
+                + "\nrestore the run's inputs to resume it, choose another --output, or pass --overwrite to start over"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
 
     finished = {s for s in range(n_stages) if is_finished(run_dir, s)}
@@ -163,26 +326,49 @@ def prepare_run_folder(
     # predecessors (copied in by hand) would break the chain of weights.
     first_unfinished = next((s for s in range(n_stages) if s not in finished), n_stages)
     finished = {s for s in finished if s < first_unfinished}
-    for s in range(n_stages):
-        leftover = partial_folder(run_dir, s)
-        if leftover.exists():
-            shutil.rmtree(leftover)
-        # A stage folder after the first unfinished stage grew from weights that are about
-        # to be retrained: it is stale, and it would block the rename of the new one.
-        if s >= first_unfinished and stage_folder(run_dir, s).exists():
-            echo(f"removing {stage_folder(run_dir, s)}: stage {first_unfinished} before it is not finished")
-            shutil.rmtree(stage_folder(run_dir, s))
-    elapsed = keep_metrics_of(run_dir / METRICS_FILE, finished)
+    for s in sorted(finished):
+        verify_checkpoint(stage_folder(run_dir, s), fix=f"move {stage_folder(run_dir, s)} away and run the same command "
+                          f"again to retrain stage {s} (and the stages after it), or pass --overwrite to start over")
+    resume_from = latest_step_checkpoint(run_dir, first_unfinished)
+    for folder in our_checkpoints(run_dir):
+        keep = folder == resume_from or folder.name in {stage_folder(run_dir, s).name for s in finished}
+        if not keep:
+            # A partial checkpoint, an older step checkpoint, or a stage folder after the first
+            # unfinished stage: that one grew from weights about to be retrained.
+            if STAGE_FOLDER_PATTERN.fullmatch(folder.name):
+                echo(f"removing {folder}: stage {first_unfinished} before it is not finished")
+            remove_checkpoint(folder)
+    lines = 0
+    if resume_from is not None:
+        lines = int(json.loads((resume_from / STEP_STATE_FILE).read_text(encoding="utf-8"))["metrics_lines"])
+    elapsed = keep_metrics_of(run_dir / METRICS_FILE, finished, first_unfinished, lines)
     if finished:
         echo(f"resuming {run_dir}: stage(s) {', '.join(map(str, sorted(finished)))} already finished")
-    return finished, elapsed
+    if resume_from is not None:
+        echo(f"resuming stage {first_unfinished} from its step checkpoint {resume_from}")
+    return ResumePoint(finished, elapsed, resume_from, lines)
 
 
-def keep_metrics_of(metrics_path: Path, finished: set[int]) -> float:
-    """Drop metrics lines of unfinished stages (they will be redone); return the last elapsed time."""
+def latest_step_checkpoint(run_dir: Path, stage: int) -> Optional[Path]:
+    """The newest step checkpoint of ``stage``, verified against its checksums; None when there is none."""
+    found = step_folders(run_dir, stage)
+    if not found:
+        return None
+    folder = found[-1][2]
+    verify_checkpoint(folder, fix=f"move {folder} away to restart stage {stage} from its beginning, or pass --overwrite to start over")
+    return folder
+
+
+def keep_metrics_of(metrics_path: Path, finished: set[int], resumed: Optional[int] = None, resumed_lines: int = 0) -> float:
+    """Drop metrics lines that will be redone; return the last elapsed time kept.
+
+    Kept: every line of the ``finished`` stages, and the first ``resumed_lines`` lines of
+    stage ``resumed`` (those written before its step checkpoint).
+    """
     if not metrics_path.is_file():
         return 0.0
     kept = []
+    seen = 0
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
@@ -190,6 +376,9 @@ def keep_metrics_of(metrics_path: Path, finished: set[int]) -> float:
             continue  # a line cut short by a crash
         if record.get("stage") in finished:
             kept.append(record)
+        elif record.get("stage") == resumed and seen < resumed_lines:
+            kept.append(record)
+            seen += 1
     with atomic_path(metrics_path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return max((float(r.get("elapsed", 0.0)) for r in kept), default=0.0)
@@ -203,9 +392,10 @@ class MetricsLog:
         >>> log.write({"event": "train", "step": 1, "loss": 2.5})                 # doctest: +SKIP
     """
 
-    def __init__(self, path: Path, elapsed_before: float) -> None:
+    def __init__(self, path: Path, elapsed_before: float, lines: Optional[dict[int, int]] = None) -> None:
         self.file = path.open("a", encoding="utf-8")
         self.started = time.perf_counter() - elapsed_before
+        self.lines: dict[int, int] = dict(lines or {})  # lines written per stage (a step checkpoint records them)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -214,6 +404,7 @@ class MetricsLog:
         record = {**record, "elapsed": round(self.elapsed(), 3)}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.lines[record.get("stage", -1)] = self.lines.get(record.get("stage", -1), 0) + 1
 
     def close(self) -> None:
         self.file.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from srd_distill.data import curriculum_stage_files
+from srd_distill.data import checked_curriculum
 from srd_distill.errors import TrainingSetupError
 from srd_distill.run_folder import read_stage_info, stage_folder
 from srd_distill.schedules import (
@@ -40,6 +40,7 @@ class StagePlan:
     epochs: int
     kd_ratio: float
     temperature: float
+    sha256: Optional[str] = None  # of data_file, as checked when the run was planned (verified again before it is read)
 
 
 def plan_stages(
@@ -78,8 +79,9 @@ def plan_stages(
         return [StagePlan(0, Path(data), stage.epochs, stage.kd_ratio, stage.temperature)], schedule
     if curriculum is None:
         raise TrainingSetupError("give either curriculum (SRD stages) or data (the full-data baseline)")
-    files = curriculum_stage_files(Path(curriculum), len(schedule.stages), schedule.name)
-    plans = [StagePlan(i, f, s.epochs, s.kd_ratio, s.temperature) for i, (f, s) in enumerate(zip(files, schedule.stages))]
+    files, digests = checked_curriculum(Path(curriculum), len(schedule.stages), schedule.name)
+    plans = [StagePlan(i, f, s.epochs, s.kd_ratio, s.temperature, digest)
+             for i, (f, s, digest) in enumerate(zip(files, schedule.stages, digests))]
     return plans, schedule
 
 

@@ -26,8 +26,12 @@ What a run does (``docs/SRD-METHOD.md``, Stage 2):
 Outputs in the run folder ``RUN``: ``RUN/stage-N/`` (the student after stage N, the epoch
 with the best eval ROUGE-L when an eval file is given, else the last), ``RUN/metrics.jsonl``
 (one JSON object per logged step, ``"event": "train"``, and per evaluation, ``"event":
-"eval"``) and ``RUN/run.json`` (settings, schedule, encoding, finished stages). Rerunning
-the same command resumes after the last finished stage; ``overwrite=True`` starts over.
+"eval"``) and ``RUN/run.json`` (settings, input fingerprints, schedule, encoding, finished
+stages). Rerunning the same command resumes after the last finished stage, from the next
+stage's latest step checkpoint (every ``checkpoint_interval`` steps) when there is one;
+``overwrite=True`` starts over. One process at a time writes a run folder; inputs are
+identified by content and checkpoints verified by checksum before use
+(:mod:`~srd_distill.run_folder` states the guarantees).
 
 Example:
     >>> from srd_distill.train import train
@@ -42,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -58,9 +62,13 @@ from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkp
                                 peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype)
 from srd_distill.objective import LossSpec, batch_objective, evaluate
 from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done, stage_notes
-from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, finish_stage, package_versions, partial_folder,
-                                    prepare_run_folder, read_run_record, recorded_settings, stage_folder,
+from srd_distill.checkpoints import verify_checkpoint
+from srd_distill.inputs import input_fingerprints, refuse_pickle_only
+from srd_distill.resume import StagePosition, restore_step, save_step_checkpoint
+from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, check_output_folder, finish_stage, package_versions,
+                                    partial_folder, prepare_run_folder, read_run_record, recorded_settings, stage_folder,
                                     steps_done, utc_now, write_run_record)
+from srdata.run.io import FolderLock, remove_stale_temps, verify_file
 from srd_distill.settings import TrainSettings, build_settings
 from srd_distill.stages import BASELINE_EPOCHS, StagePlan, StageResult, TrainResult, plan_stages
 from srd_distill.step import learning_rate, make_optimizer, optimizer_step
@@ -98,6 +106,7 @@ def train(
     say = echo or log.info
     s = build_settings(settings, **overrides)
     run_dir = Path(s.output)
+    check_output_folder(run_dir, overwrite=s.overwrite)  # a file, a foreign folder: refused before anything is written
 
     # 1. Plan: stages, files, encoding. Everything that can fail without a model fails here.
     plans, schedule = plan_stages(s.schedule, curriculum=s.curriculum, epochs=s.epochs, data=s.data,
@@ -106,6 +115,8 @@ def train(
     if s.eval_file is not None and not Path(s.eval_file).is_file():
         raise TrainingSetupError(f"eval file {s.eval_file} does not exist")
     device, dtype = resolve_precision(s.device, s.dtype)
+    for role, model in (("teacher", s.teacher), ("student", s.student)):
+        refuse_pickle_only(model, role)
 
     # 2. One tokenizer for both models, checked.
     probe = read_pairs(plans[0].data_file)[0].head(16)
@@ -114,72 +125,84 @@ def train(
     teacher_dtype, teacher_dtype_reason = resolve_teacher_dtype(s.teacher_dtype, saved_dtype(s.teacher), device, dtype)
     save_dtype = DTYPES[s.save_dtype] if s.save_dtype != "auto" else saved_dtype(s.student)
     eval_data = encode_file(s.eval_file, tokenizer, encoding, s.max_length)[0] if s.eval_file is not None else None
+    # What the run trains on, by content (run.json records it; a resume on other inputs is refused).
+    inputs = input_fingerprints(s.model_dump(), [(p.index, p.data_file, p.sha256) for p in plans], encoding.describe())
+    if "data" in inputs:
+        plans = [replace(plans[0], sha256=inputs["data"]["sha256"])]
 
-    # 3. The run folder: resume what is finished, refuse what does not match.
-    dtype_names = {name: str(value).removeprefix("torch.") for name, value in
-                   (("dtype", dtype), ("teacher_dtype", teacher_dtype), ("save_dtype", save_dtype))}
-    run_record: dict[str, Any] = {
-        "format_version": 1,
-        "mode": "curriculum" if s.curriculum is not None else "baseline",
-        "settings": recorded_settings(s.model_dump()),
-        "schedule": {"name": schedule.name, "stages": [
-            {"stage": p.index, "file": str(p.data_file), "epochs": p.epochs, "kd_ratio": p.kd_ratio, "temperature": p.temperature}
-            for p in plans
-        ]},
-        "encoding": encoding.describe(),
-        "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token": tokenizer.eos_token},
-        "device": str(device),
-        **dtype_names,
-        "versions": package_versions(),
-    }
-    defaults = {name: f.default for name, f in TrainSettings.model_fields.items()}
-    finished, elapsed_before = prepare_run_folder(run_dir, run_record["settings"], len(plans), overwrite=s.overwrite,
-                                                  defaults=defaults, echo=say)
-    previous = read_run_record(run_dir)
-    run_record["created_at"] = previous.get("created_at") or utc_now()
-    run_record["stages_finished"] = [r for r in previous.get("stages_finished", []) if r.get("stage") in finished]
-    write_run_record(run_dir, run_record, "running")
+    # 3. The run folder, ours alone from here to the end: resume what is finished, refuse what does not match.
+    with FolderLock(run_dir, "srd-distill train"):
+        remove_stale_temps(run_dir)
+        dtype_names = {name: str(value).removeprefix("torch.") for name, value in
+                       (("dtype", dtype), ("teacher_dtype", teacher_dtype), ("save_dtype", save_dtype))}
+        run_record: dict[str, Any] = {
+            "mode": "curriculum" if s.curriculum is not None else "baseline",
+            "settings": recorded_settings(s.model_dump()),
+            "inputs": inputs,
+            "schedule": {"name": schedule.name, "stages": [
+                {"stage": p.index, "file": str(p.data_file), "epochs": p.epochs, "kd_ratio": p.kd_ratio, "temperature": p.temperature}
+                for p in plans
+            ]},
+            "encoding": encoding.describe(),
+            "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token": tokenizer.eos_token},
+            "device": str(device),
+            **dtype_names,
+            "versions": package_versions(),
+        }
+        defaults = {name: f.default for name, f in TrainSettings.model_fields.items()}
+        point = prepare_run_folder(run_dir, run_record["settings"], inputs, len(plans), overwrite=s.overwrite,
+                                   defaults=defaults, echo=say)
+        finished = point.finished
+        previous = read_run_record(run_dir)
+        run_record["created_at"] = previous.get("created_at") or utc_now()
+        run_record["stages_finished"] = [r for r in previous.get("stages_finished", []) if r.get("stage") in finished]
+        write_run_record(run_dir, run_record, "running")
 
-    # 4. The teacher, once and frozen (not at all when every stage is done); the student
-    # is loaded per stage, from the previous stage's checkpoint.
-    teacher, teacher_head = None, None
-    if len(finished) < len(plans):
-        teacher = load_model(s.teacher, device, teacher_dtype, "teacher")
-        teacher.eval()
-        teacher.requires_grad_(False)
-        say(f"teacher in {dtype_names['teacher_dtype']} ({teacher_dtype_reason}); student weights in float32, "
-            f"compute in {dtype_names['dtype']}, checkpoints in {dtype_names['save_dtype']}")
-        teacher_head = plan_lm_head(teacher, vocab_size, "teacher") if s.fused_head else None
-    metrics = MetricsLog(run_dir / METRICS_FILE, elapsed_before)
-    ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say,
-                     len(plans), teacher_head, save_dtype, global_step=steps_done(run_record["stages_finished"]))
+        # 4. The teacher, once and frozen (not at all when every stage is done); the student
+        # is loaded per stage, from the previous stage's checkpoint.
+        teacher, teacher_head = None, None
+        if len(finished) < len(plans):
+            teacher = load_model(s.teacher, device, teacher_dtype, "teacher")
+            teacher.eval()
+            teacher.requires_grad_(False)
+            say(f"teacher in {dtype_names['teacher_dtype']} ({teacher_dtype_reason}); student weights in float32, "
+                f"compute in {dtype_names['dtype']}, checkpoints in {dtype_names['save_dtype']}")
+            teacher_head = plan_lm_head(teacher, vocab_size, "teacher") if s.fused_head else None
+        resumed_stage = min(set(range(len(plans))) - finished, default=None)
+        metrics = MetricsLog(run_dir / METRICS_FILE, point.elapsed, lines={resumed_stage: point.metrics_lines} if resumed_stage is not None else None)
+        ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say,
+                         len(plans), teacher_head, save_dtype, global_step=steps_done(run_record["stages_finished"]),
+                         resume_from=point.step_checkpoint)
 
-    # 5. The stages, in order.
-    results: list[StageResult] = []
-    status = "complete"
-    current: Optional[int] = None  # the stage being trained
-    try:
-        for plan in plans:
-            if plan.index in finished:
-                results.append(StageResult.of_finished(run_dir, plan.index))
-                continue
-            if s.stop_after_stage is not None and plan.index > s.stop_after_stage:
-                status = "stopped"
-                say(f"stopping before stage {plan.index} as asked (stop_after_stage={s.stop_after_stage}); rerun without it to continue")
-                break
-            start_from = s.student if plan.index == 0 else stage_folder(run_dir, plan.index - 1)
-            current = plan.index
-            results.append(train_stage(ctx, plan, start_from))
-            current = None
-            run_record["stages_finished"] += ctx.stage_records
-            ctx.stage_records = []
-            write_run_record(run_dir, run_record, "running")
-    except KeyboardInterrupt as interrupt:
-        write_run_record(run_dir, run_record, "interrupted")
-        raise TrainingInterrupted(interrupted_message(run_dir, [r.stage for r in results], current)) from interrupt
-    finally:
-        metrics.close()
-    write_run_record(run_dir, run_record, status)
+        # 5. The stages, in order.
+        results: list[StageResult] = []
+        status = "complete"
+        current: Optional[int] = None  # the stage being trained
+        try:
+            for plan in plans:
+                if plan.index in finished:
+                    results.append(StageResult.of_finished(run_dir, plan.index))
+                    continue
+                if s.stop_after_stage is not None and plan.index > s.stop_after_stage:
+                    status = "stopped"
+                    say(f"stopping before stage {plan.index} as asked (stop_after_stage={s.stop_after_stage}); rerun without it to continue")
+                    break
+                start_from = s.student if plan.index == 0 else stage_folder(run_dir, plan.index - 1)
+                if plan.index > 0 and plan.index - 1 not in finished:  # those were verified a moment ago
+                    verify_checkpoint(stage_folder(run_dir, plan.index - 1), fix=f"move {start_from} away and run the same "
+                                      f"command again to retrain stage {plan.index - 1}, or pass --overwrite to start over")
+                current = plan.index
+                results.append(train_stage(ctx, plan, start_from))
+                current = None
+                run_record["stages_finished"] += ctx.stage_records
+                ctx.stage_records = []
+                write_run_record(run_dir, run_record, "running")
+        except KeyboardInterrupt as interrupt:
+            write_run_record(run_dir, run_record, "interrupted")
+            raise TrainingInterrupted(interrupted_message(run_dir, [r.stage for r in results], current, ctx.saved_step)) from interrupt
+        finally:
+            metrics.close()
+        write_run_record(run_dir, run_record, status)
     return TrainResult(run_dir, results, run_dir / METRICS_FILE, run_dir / RUN_FILE, status == "complete")
 
 
@@ -187,7 +210,7 @@ def train(
 
 
 def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> StageResult:
-    """Train one stage from ``start_from`` and save ``RUN/stage-N`` atomically.
+    """Train one stage from ``start_from`` (or from ``ctx.resume_from``, its step checkpoint) and save ``RUN/stage-N`` atomically.
 
     Example:
         >>> train_stage(ctx, StagePlan(0, Path("stage-0.parquet"), 8, 0.8, 1.0), "./student")   # doctest: +SKIP
@@ -198,6 +221,8 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
     torch.manual_seed(s.seed + plan.index)  # stage s uses seed + s: a resumed stage repeats exactly
     shuffle = torch.Generator().manual_seed(s.seed + plan.index)
 
+    if plan.sha256 is not None:  # the file may have changed since the run was planned (a stage starts hours later)
+        verify_file(plan.data_file, plan.sha256, fix=f"it changed while the run went on; restore it, or pass --overwrite to start over")
     data, flagged = encode_file(plan.data_file, ctx.tokenizer, ctx.encoding, s.max_length)
     student = load_model(start_from, ctx.device, torch.float32, "student")  # float32 master weights
     check_context(student, teacher, max(len(e.input_ids) for e in data.examples))
@@ -213,31 +238,34 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
 
     n_rows = len(data.examples)
     total_steps = min(plan.epochs * math.ceil(n_rows / s.batch_size), s.max_steps or math.inf)
+    partial = partial_folder(ctx.run_dir, plan.index)
+    at = StagePosition(global_step=ctx.global_step, total_steps=total_steps, rows=n_rows)
+    resumed = ctx.resume_from is not None
+    if resumed:  # continue where the step checkpoint left: weights, AdamW, RNG, data position
+        at = restore_step(ctx.resume_from, student=student, optimizer=optimizer, scaler=scaler, shuffle=shuffle,
+                          partial=partial, expected=at)
+        ctx.resume_from, ctx.global_step, ctx.saved_step = None, at.global_step, at.step
+    notes = stage_notes(flagged=flagged, dropped=data.dropped_rows, loss_source=spec.source,
+                        gradient_checkpointing=s.gradient_checkpointing)
     ctx.echo(stage_banner(plan.index, ctx.n_stages, rows=n_rows, file_name=plan.data_file.name, epochs=plan.epochs, steps=total_steps,
                           kd_ratio=plan.kd_ratio, temperature=plan.temperature, t2_factor=factor,
-                          notes=stage_notes(flagged=flagged, dropped=data.dropped_rows, loss_source=spec.source,
-                                            gradient_checkpointing=s.gradient_checkpointing)))
-    partial = partial_folder(ctx.run_dir, plan.index)
-    best_rouge: Optional[float] = None
-    best_epoch: Optional[int] = None
-    last_epoch = 0  # the last epoch that trained at least one step
-    step = 0
-    window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0}
+                          notes=notes + [f"resumed after step {at.step}"] * resumed))
     stage_keys = {"stage": plan.index, "temperature": plan.temperature, "kd_ratio": plan.kd_ratio, "t2_factor": factor}
-    bar = StageProgress(plan.index, ctx.n_stages, total_steps=total_steps, t2_factor=factor, enabled=ctx.progress)
+    bar = StageProgress(plan.index, ctx.n_stages, total_steps=total_steps, t2_factor=factor, enabled=ctx.progress, initial=at.step)
 
-    for epoch in range(plan.epochs):
-        if step >= total_steps:
+    for epoch in range(at.epoch, plan.epochs):
+        if at.step >= total_steps:
             break
-        order = torch.randperm(n_rows, generator=shuffle).tolist()  # shuffled within the stage
-        for batch_start in range(0, n_rows, s.batch_size):
-            if step >= total_steps:
-                break
+        if not (resumed and epoch == at.epoch):  # a resumed epoch keeps its order and goes on from its next batch
+            at.epoch, at.next_batch = epoch, 0
+            at.order = torch.randperm(n_rows, generator=shuffle).tolist()  # shuffled within the stage
+        while at.next_batch < n_rows and at.step < total_steps:
             # One optimizer step over batch_size rows, in grad_accum micro-batches or more
             # (each at most micro_batch_tokens padded tokens). Each micro-batch's token-mean
             # loss is weighted by its share of the step's scored tokens, so the gradient is
             # that of the token mean over the whole step.
-            rows = order[batch_start : batch_start + s.batch_size]
+            rows = at.order[at.next_batch : at.next_batch + s.batch_size]
+            at.next_batch += s.batch_size
             step_tokens = sum(data.examples[i].scored_tokens for i in rows)
             means = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}  # this step's token means
             width = max(len(data.examples[i].input_ids) for i in rows)
@@ -248,25 +276,32 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
                 scaler.scale(out.loss * share).backward()
                 for key, value in zip(("loss", "ce_loss", "kd_loss"), out):
                     means[key] += float(value.detach()) * share
-            lr = learning_rate(step, total_steps, s.lr, s.warmup_steps)
-            grad_norm = optimizer_step(optimizer, lr=lr, grad_clip=s.grad_clip, scaler=scaler)
-            step += 1
+            at.lr = learning_rate(at.step, total_steps, s.lr, s.warmup_steps)
+            grad_norm = optimizer_step(optimizer, lr=at.lr, grad_clip=s.grad_clip, scaler=scaler)
+            at.step += 1
             ctx.global_step += 1
+            at.global_step, at.last_epoch = ctx.global_step, epoch
             for key, value in means.items():
-                window[key] += value * step_tokens
-            window["tokens"] += step_tokens
+                at.window[key] += value * step_tokens
+            at.window["tokens"] += step_tokens
             bar.step(**means, kd_unscaled=means["kd_loss"] / factor, tokens=sum(len(data.examples[i].input_ids) for i in rows))
 
-            if step % s.log_every == 0 or step == total_steps:
-                n = max(window["tokens"], 1)
+            if at.step % s.log_every == 0 or at.step == total_steps:
+                n = max(at.window["tokens"], 1)
                 ctx.metrics.write({
-                    "event": "train", **stage_keys, "epoch": epoch, "step": step, "global_step": ctx.global_step,
-                    "loss": window["loss"] / n, "kd_loss": window["kd_loss"] / n, "ce_loss": window["ce_loss"] / n,
-                    "kd_unscaled": window["kd_loss"] / n / factor, "lr": lr, "grad_norm": grad_norm, "tokens": window["tokens"],
+                    "event": "train", **stage_keys, "epoch": epoch, "step": at.step, "global_step": ctx.global_step,
+                    "loss": at.window["loss"] / n, "kd_loss": at.window["kd_loss"] / n, "ce_loss": at.window["ce_loss"] / n,
+                    "kd_unscaled": at.window["kd_loss"] / n / factor, "lr": at.lr, "grad_norm": grad_norm, "tokens": at.window["tokens"],
                 })
-                window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0}
+                at.window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0}
+            if s.checkpoint_interval and at.step % s.checkpoint_interval == 0 and at.step < total_steps:
+                at.seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                save_step_checkpoint(ctx.run_dir, plan.index, at, student=student, optimizer=optimizer, scaler=scaler, shuffle=shuffle,
+                                     metrics_lines=ctx.metrics.lines.get(plan.index, 0), partial=partial)
+                ctx.saved_step = at.step
+        resumed = False
 
-        last_epoch = epoch
         # End of an epoch (or of the step budget): evaluate and keep the best weights.
         if ctx.eval_data is not None:
             scores = evaluate(
@@ -274,34 +309,35 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
                 batch_size=s.batch_size, max_new_tokens=s.eval_max_new_tokens,
                 rouge_tokenizer=ctx.encoding.rouge_tokenizer, pad_id=ctx.pad_id, device=ctx.device, precision=precision,
             )
-            improved = best_rouge is None or scores["eval_rouge_l"] > best_rouge
+            improved = at.best_rouge is None or scores["eval_rouge_l"] > at.best_rouge
             ctx.metrics.write({
-                "event": "eval", **stage_keys, "epoch": epoch, "step": step, "global_step": ctx.global_step,
-                **scores, "kd_unscaled": scores["kd_loss"] / factor, "lr": lr, "best": improved,
+                "event": "eval", **stage_keys, "epoch": epoch, "step": at.step, "global_step": ctx.global_step,
+                **scores, "kd_unscaled": scores["kd_loss"] / factor, "lr": at.lr, "best": improved,
             })
             bar.write(f"stage {plan.index} epoch {epoch}: eval ROUGE-L {scores['eval_rouge_l']:.4f}, "
                       f"eval loss {scores['loss']:.4f}" + (" (best so far)" if improved else ""), ctx.echo)
             if improved:
-                best_rouge, best_epoch = scores["eval_rouge_l"], epoch
+                at.best_rouge, at.best_epoch = scores["eval_rouge_l"], epoch
                 save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
     bar.close()
 
     if ctx.eval_data is None:  # no eval file: keep the last weights
-        best_epoch = last_epoch
+        at.best_epoch = at.last_epoch
         save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
-    seconds = round(time.perf_counter() - started, 3)
+    seconds = round(at.seconds + time.perf_counter() - started, 3)
     info = {
         "stage": plan.index, "data_file": str(plan.data_file), "rows": n_rows, "flagged_rows_left_out": flagged,
         "rows_without_reference_room": data.dropped_rows, "rows_cut_to_max_length": data.cut_rows,
-        "epochs": plan.epochs, "steps": step, "kd_ratio": plan.kd_ratio, "temperature": plan.temperature,
-        "loss": s.loss, "t2_scaling": s.t2_scaling, "started_from": str(start_from), "kept_epoch": best_epoch,
-        "best_eval_rouge_l": best_rouge, "seconds": seconds, "fused_head": spec.fused,
+        "epochs": plan.epochs, "steps": at.step, "kd_ratio": plan.kd_ratio, "temperature": plan.temperature,
+        "loss": s.loss, "t2_scaling": s.t2_scaling, "started_from": str(start_from), "kept_epoch": at.best_epoch,
+        "best_eval_rouge_l": at.best_rouge, "seconds": seconds, "fused_head": spec.fused,
     }
     checkpoint = finish_stage(ctx.run_dir, plan.index, info)
-    ctx.echo(stage_done(plan.index, step, seconds, checkpoint, peak_memory_text(ctx.device)))
+    ctx.saved_step = 0
+    ctx.echo(stage_done(plan.index, at.step, seconds, checkpoint, peak_memory_text(ctx.device)))
     ctx.stage_records.append(info)
     del student, optimizer
-    return StageResult(plan.index, checkpoint, n_rows, step, best_epoch, best_rouge, seconds)
+    return StageResult(plan.index, checkpoint, n_rows, at.step, at.best_epoch, at.best_rouge, seconds)
 
 
 # --- What every stage shares ----------------------------------------------------------------------
@@ -329,3 +365,5 @@ class RunContext:
     save_dtype: Optional[torch.dtype] = None  # checkpoints are written in it (the student's saved dtype)
     global_step: int = 0
     stage_records: list[dict[str, Any]] = field(default_factory=list)
+    resume_from: Optional[Path] = None  # the verified step checkpoint the first stage to train continues from
+    saved_step: int = 0  # steps of the current stage in its latest step checkpoint (the Ctrl-C message says so)
