@@ -14,9 +14,25 @@ group instead, from the ``stratified_rank`` order, so that every group keeps its
 Inside a stage file the rows come part by part, easiest part first, each part in input
 (``srd_id``) order, so the rows of cumulative stage s-1 are the first rows of stage s
 (a disjoint stage is one part: input order). Trainers shuffle within a stage anyway;
-sort by ``difficulty_rank`` for easiest-first. Every file is written to a temporary name
-in the output folder and moved into place with ``os.replace``, so a crash never leaves a
-half-written stage behind.
+sort by ``difficulty_rank`` for easiest-first.
+
+Guarantees (the folder rules and the publishing order are in :mod:`srdata.curriculum.output`):
+
+* **One writer per folder.** Export holds the output folder's lock (``.srdata.lock``,
+  :class:`srdata.run.io.FolderLock`) from before it cleans the folder until it has
+  published; a second export (or report) into it is refused at once, naming the holder.
+  ``srdata rank`` holds the run folder's lock, the one ``srdata score`` takes.
+* **No file of the user's touched.** A folder holding files but no ``curriculum.json`` is
+  refused before anything in it changes; in an earlier export's folder only the stage files
+  its ``curriculum.json`` lists are replaced or removed, with marked temp files of dead
+  processes. A run replaced while it was read (a concurrent rank) is refused, not mixed.
+* **Checksums.** The SHA-256, bytes and rows of every stage file are recorded in
+  ``curriculum.json`` (computed on each stage's writer thread while the others still
+  write) and checked wherever the stages are read (:func:`srdata.curriculum.load.verified_curriculum`).
+* **Atomic, and clear when it cannot write.** Every file is written to a marked temp file
+  and moved into place; a kill or a full disk leaves the earlier export whole (or, killed
+  among the final renames, a summary that readers refuse and a rerun cleans up), and a full
+  disk or a read-only folder is a :class:`srdata.run.io.WriteError` naming the file.
 """
 
 from __future__ import annotations

@@ -13,6 +13,14 @@ Two ways to train on a curriculum:
 The sampler is a plain iterable of row indices (all a ``torch.utils.data.DataLoader``
 asks of a sampler), so this module imports neither torch nor, until ``CurriculumCallback``
 is first used, transformers.
+
+What is read is what was exported: :func:`verified_curriculum` (used by ``load_curriculum``,
+``srdata report`` and srd-distill) reads ``curriculum.json`` and refuses, naming the file and
+the fix (export again), a stage path that is absolute or leads out of the folder (never
+opened), a missing file, and a file whose bytes, SHA-256 or row count differ from what the
+export recorded (a flipped bit, an edited file, files of two exports), and a folder left by
+an export killed while it replaced its files. Exports written before checksums were
+recorded are checked by bytes and rows, with a warning.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The report's text as Markdown and as a standalone HTML page, from one list of blocks.
+r"""The report's text as Markdown and as a standalone HTML page, from one list of blocks.
 
 A block is ``("h1" | "h2" | "p", text)``, ``("img", file, caption)`` or ``("table", headers, rows)``.
 
