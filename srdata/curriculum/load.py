@@ -147,15 +147,19 @@ def _read_summary(folder: Path) -> dict[str, Any]:
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         stages = summary["stages"]
-        if not isinstance(stages, list) or not all(isinstance(s["stage"], int) and isinstance(s["file"], str) for s in stages):
+        if not isinstance(stages, list) or not stages or not all(_is_stage_entry(stage) for stage in stages):
             raise TypeError("stages")
         summary["settings"]["format"]
-    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CurriculumIntegrityError(
             f"{summary_path} is not a readable curriculum summary ({type(err).__name__}: {err}); "
             f"run `srdata export` again into {folder}"
         ) from None
     return summary
+
+
+def _is_stage_entry(stage: Any) -> bool:
+    return isinstance(stage, dict) and isinstance(stage.get("stage"), int) and isinstance(stage.get("file"), str) and isinstance(stage.get("rows"), int)
 
 
 def _stage_path(folder: Path, stage: dict[str, Any]) -> Path:
