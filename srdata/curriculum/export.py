@@ -27,8 +27,8 @@ Guarantees (the folder rules and the publishing order are in :mod:`srdata.curric
   its ``curriculum.json`` lists are replaced or removed, with marked temp files of dead
   processes. A run replaced while it was read (a concurrent rank) is refused, not mixed.
 * **Checksums.** The SHA-256, bytes and rows of every stage file are recorded in
-  ``curriculum.json`` (computed on each stage's writer thread while the others still
-  write) and checked wherever the stages are read (:func:`srdata.curriculum.load.verified_curriculum`).
+  ``curriculum.json`` (hashed as each file grows, on a thread of its own, so the
+  checksum adds no time to the export's longest chain) and checked wherever the stages are read (:func:`srdata.curriculum.load.verified_curriculum`).
 * **Atomic, and clear when it cannot write.** Every file is written to a marked temp file
   and moved into place; a kill or a full disk leaves the earlier export whole (or, killed
   among the final renames, a summary that readers refuse and a rerun cleans up), and a full
@@ -60,9 +60,9 @@ from srdata.curriculum.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.curriculum.source import Run, file_identity, read_run, read_run_manifest
+from srdata.curriculum.source import Run, check_unchanged, file_identity, read_run, read_run_manifest
 from srdata.curriculum.output import EncodedStage, check_output_folder, publish_export
-from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
+from srdata.curriculum.stage_files import (STAGE_COLUMN, GrowingFileHash, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
                                            write_parquet_stage)
 from srdata.curriculum.summary import range_summaries, score_columns
@@ -188,7 +188,7 @@ def export_curriculum(
         del ranks
         encoded = encode_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position)
         try:
-            _check_unchanged(run, read_at, out_dir)
+            check_unchanged(run, read_at, "export", out_dir)
             for stage, file in zip(summary["stages"], encoded):
                 stage["file_bytes"], stage["sha256"] = file.bytes, file.sha256  # verified wherever the stages are read
             publish_export(out_dir, encoded, summary, owned)
@@ -197,15 +197,6 @@ def export_curriculum(
                 file.temp.unlink(missing_ok=True)
     emit_warnings(summary["warnings"])
     return out_dir
-
-
-def _check_unchanged(run: Run, read_at: tuple[int, ...], out_dir: Path) -> None:
-    """Refuse to publish stages cut from a file that was replaced while it was read (its parts could mix two rankings)."""
-    if file_identity(run.annotated) != read_at:
-        raise CurriculumError(
-            f"{run.annotated} was replaced while this export read it (by `srdata rank` or `srdata score`); "
-            f"nothing in {out_dir} was changed: run `srdata export` again"
-        )
 
 
 def share_check(max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO, min_group_rows: int = DEFAULT_MIN_GROUP_ROWS) -> ShareCheck:
@@ -323,10 +314,10 @@ def encode_stages(
 
     The rows are read once and cut into parts (the pieces between stage boundaries); each
     stage file is written from its parts, easiest first, one stage per thread (see
-    :mod:`srdata.curriculum.stage_files`), and checksummed on that thread while the other
-    stages still write. A cumulative stage's rows thus come part by part, in input order
-    inside each part, and stage s-1 is the first part of stage s. On any failure every temp
-    file is removed; a full disk or a read-only folder is a :class:`WriteError` naming the file.
+    :mod:`srdata.curriculum.stage_files`) and checksummed as it grows (``GrowingFileHash``).
+    A cumulative stage's rows come part by part, in input order inside each part, so stage
+    s-1 is the first part of stage s. On any failure every temp file is removed; a full disk
+    or a read-only folder is a :class:`WriteError` naming the file.
 
     Example:
         >>> [f.path.name for f in encode_stages(rows, [(0, 10), (0, 20)], Path("out"), "parquet")]   # doctest: +SKIP
@@ -346,20 +337,28 @@ def encode_stages(
             stream = live[s]
             stored_parts = members[s][1:] if stream is not None else members[s]
             batches = chain(stream if stream is not None else (), part_batches([stored[g].path for g in stored_parts]))
+            hasher = None
             try:
+                temps[s].touch()
+                hasher = GrowingFileHash(temps[s])  # hashes the file as it grows, on a thread of its own
                 if fmt == "parquet":
                     write_parquet_stage(temps[s], s, batches, schema, compression, level, ROW_GROUP_BYTES)
                 else:
                     write_jsonl_stage(temps[s], s, batches)
             except BaseException as err:
+                if hasher is not None:
+                    hasher.cancel()
                 if stream is not None:
                     stream.drain()  # the reading thread must never wait on a writer that stopped
                 failure = as_write_error(err, finals[s])
                 if failure is not None and failure is not err:
                     raise failure from err
                 raise
-            # Here, on the writer's thread: the file is still in the page cache, and the other stages go on writing.
-            return EncodedStage(finals[s], temps[s], file_sha256(temps[s]), temps[s].stat().st_size)
+            sha256, hashed = hasher.finish()
+            size = temps[s].stat().st_size
+            if hashed != size:  # a writer that went back over its bytes: hash the file as it is
+                sha256 = file_sha256(temps[s])
+            return EncodedStage(finals[s], temps[s], sha256, size)
 
         # One thread per stage, not per core: all stages share the cores to the end. Stages
         # that stream a part start with the reading; the others once their scratch files exist.

@@ -29,7 +29,7 @@ import polars as pl
 
 from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
 from srdata.curriculum.export import Run, read_run, read_run_manifest, share_check
-from srdata.curriculum.source import file_identity
+from srdata.curriculum.source import check_unchanged, file_identity
 from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, Manifest
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
@@ -213,11 +213,7 @@ def _write_all(out_dir: Path, draw: dict[str, Callable[[Path], Any]], run: Run, 
                 if failure is None or failure is err:
                     raise
                 raise failure from err
-        if file_identity(run.annotated) != read_at:
-            raise CurriculumError(
-                f"{run.annotated} was replaced while the report read it (by `srdata rank` or `srdata score`); "
-                f"nothing in {out_dir} was changed: run `srdata report` again"
-            )
+        check_unchanged(run, read_at, "report", out_dir)
         for name, temp in temps.items():
             publish(temp, out_dir / name)
     finally:

@@ -98,3 +98,15 @@ def file_identity(path: Path) -> tuple[int, ...]:
     """
     info = path.stat()
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def check_unchanged(run: Run, read_at: tuple[int, ...], command: str, out_dir: Path) -> None:
+    """Refuse to publish what was made from a run file replaced while it was read (it could mix two rankings).
+
+    ``read_at`` is the :func:`file_identity` of ``annotated.parquet`` before the first read.
+    """
+    if file_identity(run.annotated) != read_at:
+        raise CurriculumError(
+            f"{run.annotated} was replaced while this {command} read it (by `srdata rank` or `srdata score`); "
+            f"nothing in {out_dir} was changed: run `srdata {command}` again"
+        )
