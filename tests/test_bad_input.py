@@ -39,6 +39,13 @@ def test_empty_csv_response_is_an_empty_reference_as_in_parquet(tiny_gpt2, tmp_p
         (b'{"prompt": "a", "prompt": "x", "response": "b"}\n', r"key 'prompt' appears twice in one object"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", r"is not UTF-8 text \(undecodable byte at offset"),
         (b'{"prompt": "a", "response": "b"}\n["not", "an", "object"]\n', r"line 2 holds a JSON list"),
+        # datasets reads these without a word (or with a vague one): the file and line are named
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "x\\ud800", "response": "b"}\n',
+         r"d\.jsonl line 2 holds a lone surrogate escape \(such as \\ud800\) in a string, which is not valid Unicode text"),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n',
+         r"d\.jsonl line 2 is not UTF-8 text \(undecodable byte at offset 48: 0xe9\)"),
+        (b'{"prompt": ["a", "b"], "response": ["x", "y"]}\n',
+         r"looks like one object with a list per column \(prompt, response\); write one object per line \(JSONL\) or a list of records"),
     ],
 )
 def test_broken_json_lines_name_the_file_line_and_problem(tmp_path, content, expected):
@@ -46,6 +53,28 @@ def test_broken_json_lines_name_the_file_line_and_problem(tmp_path, content, exp
     path.write_bytes(content)
     with pytest.raises(DatasetLoadError, match=expected):
         load_split(str(path))
+
+
+def test_json_documents_name_a_lone_surrogate_and_a_column_style_object(tmp_path):
+    records = tmp_path / "records.json"
+    records.write_text('[{"prompt": "a", "response": "b"},\n {"prompt": "\\udc00", "response": "b"}]')
+    with pytest.raises(DatasetLoadError, match=r"records\.json record 1 holds a lone surrogate escape"):
+        load_split(str(records))
+    columns = tmp_path / "columns.json"
+    columns.write_text('{\n  "prompt": ["a", "b", "c"],\n  "response": ["x", "y", "z"]\n}\n')
+    with pytest.raises(DatasetLoadError, match="looks like one object with a list per column"):
+        load_split(str(columns))
+    pairs = tmp_path / "emoji.jsonl"  # a surrogate *pair* (json.dumps writes emoji so) is fine
+    pairs.write_text('{"prompt": "\\ud83d\\ude00", "response": "b"}\n')
+    assert load_split(str(pairs))["prompt"] == ["\U0001f600"]
+
+
+def test_undecodable_jsonl_is_a_clear_cli_error(tmp_path, tiny_gpt2):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    result = score_cli(str(data), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run"), "--device", "cpu")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert "d.jsonl line 2 is not UTF-8 text" in result.output
 
 
 def test_model_path_that_is_a_file(tmp_path, instruct_file):

@@ -6,7 +6,9 @@ import glob
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from srdata.run.identity import dataset_identity, file_states, local_dataset_files
 
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -65,29 +67,70 @@ def load_split(dataset: str, split: str = "train", limit: int | None = None):
     Example:
         >>> ds = load_split("data/train.jsonl")   # doctest: +SKIP
     """
-    ds = _load(dataset, split)
+    return load_split_with_identity(dataset, split, limit)[0]
+
+
+def load_split_with_identity(dataset: str, split: str = "train", limit: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Load one split (as :func:`load_split`) and the fingerprint of what was read.
+
+    Local data is identified by its content (:func:`srdata.run.identity.dataset_identity`),
+    and read through a datasets cache keyed on that content: datasets' own cache is keyed
+    on path and modification time, so a file edited with its mtime kept (``cp -p``,
+    ``rsync -t``) would otherwise be read with its old content. A hub dataset is identified
+    by its name and datasets' fingerprint (which includes the hub revision).
+
+    Example:
+        >>> ds, identity = load_split_with_identity("data/train.jsonl")   # doctest: +SKIP
+        >>> identity["content"][:8]                                        # doctest: +SKIP
+        '3f2a9c01'
+    """
+    ds, identity = _load(dataset, split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return ds
+    return ds, identity
 
 
-def _load(dataset: str, split: str):
+def _content_keyed(files: list[Path], root: Path | None, load: Callable[[str], Any]) -> tuple[Any, dict[str, Any]]:
+    """``load(cache_dir)`` with a datasets cache folder named by the files' content digest.
+
+    The files' size, mtime, ctime and inode are compared before hashing and after reading, so
+    a file changed meanwhile is refused rather than recorded under the wrong fingerprint.
+    """
+    import datasets
+
+    before = file_states(files)
+    identity = dataset_identity(files, root)
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "srdata-content" / identity["content"][:32]
+    loaded = load(str(cache))
+    try:
+        after = file_states(files)
+    except FileNotFoundError as err:
+        raise DatasetLoadError(f"{err.filename} was removed while it was being read") from None
+    changed = sorted(f for f, state in after.items() if before[f] != state)
+    if changed:
+        raise DatasetLoadError(f"{changed[0]} changed while it was being read; run again once nothing writes to it")
+    return loaded, identity
+
+
+def _load(dataset: str, split: str) -> tuple[Any, dict[str, Any]]:
     import datasets
 
     files = [f.strip() for f in dataset.split(",")] if "," in dataset else [dataset]
     suffixes = {Path(f).suffix.lower() for f in files}
     path = Path(dataset)
     if path.is_dir():
+        contents = local_dataset_files(dataset) or []
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            loaded = datasets.load_from_disk(str(path))
+            # Arrow files read in place (memory-mapped): no cache to key, only the content to record.
+            loaded, identity = _content_keyed(contents, path, lambda cache: datasets.load_from_disk(str(path)))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
                     raise DatasetLoadError(
                         f"split '{split}' is not in {dataset}; available splits: {', '.join(loaded)} (use --split)"
                     )
-                return loaded[split]
-            return loaded
-        return _with_split(lambda: datasets.load_dataset(str(path)), dataset, split)
+                return loaded[split], identity
+            return loaded, identity
+        return _content_keyed(contents, path, lambda cache: _with_split(lambda: datasets.load_dataset(str(path), cache_dir=cache), dataset, split))
     if suffixes <= set(DATA_FILE_BUILDERS) and len({DATA_FILE_BUILDERS[s] for s in suffixes}) == 1:
         missing = [f for f in files if not glob.glob(f)]
         if missing:
@@ -97,25 +140,86 @@ def _load(dataset: str, split: str):
         empty = [f for f in paths if Path(f).stat().st_size < 4096 and not Path(f).read_bytes().strip()]
         if empty:
             raise DatasetLoadError(f"{', '.join(empty)} is empty: nothing to score")
+        if builder == "json":  # datasets reads undecodable bytes and lone surrogates without a word: check first
+            problem = next((p for p in map(_text_problem, paths) if p), None)
+            if problem:
+                raise DatasetLoadError(f"could not read {dataset} as json: {problem}")
         # CSV has no null: an empty field is an empty string, as in every other format
         # (pandas would read it as NaN, and the row would be refused as a null response).
         options = {"keep_default_na": False} if builder == "csv" else {}
         try:
             # Local files always form a single split, whatever --split says.
-            return datasets.load_dataset(builder, data_files=files, split="train", **options)
+            loaded, identity = _content_keyed(
+                [Path(p) for p in paths], None,
+                lambda cache: datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, **options),
+            )
+        except DatasetLoadError:
+            raise
         except Exception as err:
             if "corresponds to no data" in str(err):  # datasets' words for an empty file
                 raise DatasetLoadError(f"{dataset} has 0 rows: nothing to score") from err
             problem = _json_problem(paths) if builder == "json" else None
             cause = problem or _error_text(err)
             raise DatasetLoadError(f"could not read {dataset} as {builder}: {cause}") from err
+        if builder == "json" and _column_style(loaded):
+            raise DatasetLoadError(
+                f"{dataset} looks like one object with a list per column ({', '.join(loaded.column_names)}); write one "
+                "object per line (JSONL) or a list of records ([{...}, {...}])"
+            )
+        return loaded, identity
     if path.exists():
         raise DatasetLoadError(
             f"{dataset} is neither a save_to_disk folder nor a .jsonl/.json/.parquet/.csv file"
         )
     if not HUB_ID.match(dataset):
         raise DatasetLoadError(f"dataset {dataset!r} not found: no such file or folder")
-    return _from_hub(dataset, split)
+    loaded = _from_hub(dataset, split)
+    return loaded, {"hub": dataset, "fingerprint": getattr(loaded, "_fingerprint", None)}
+
+
+def _column_style(ds: Any) -> bool:
+    """One record whose every field is a list of plain values: a table written column by column."""
+    if len(ds) != 1 or not ds.column_names:
+        return False
+    record = ds[0]
+    return all(isinstance(v, list) and not any(isinstance(x, (list, dict)) for x in v) for v in record.values())
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _text_problem(path: str) -> str | None:
+    """Undecodable bytes, or a lone surrogate escape (``"\\ud800"``), in a JSON file, with its line.
+
+    Surrogate escapes are common (``json.dumps`` writes emoji as a pair of them), so the
+    exact check, which parses the file in Python, runs only on files that hold some.
+    """
+    problem, escapes = _utf8_problem(path)
+    return problem or (_json_problem([path]) if escapes else None)
+
+
+def _utf8_problem(path: str) -> tuple[str | None, bool]:
+    """Where a file stops being UTF-8 text (its line and byte offset), and whether it holds surrogate escapes.
+
+    Read in blocks cut at line ends, so a large file is never held in memory at once.
+    """
+    newline, line, offset, rest, escapes = b"\n", 1, 0, b"", False
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            data = rest + block
+            cut = data.rfind(newline) + 1 if block else len(data)
+            chunk, rest = data[:cut], data[cut:]
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = line + chunk[: err.start].count(newline)
+                return (f"{path} line {where} is not UTF-8 text (undecodable byte at offset {offset + err.start}: "
+                        f"{chunk[err.start]:#04x}); is it really a JSON file saved as UTF-8?"), escapes
+            escapes = escapes or SURROGATE_ESCAPE.search(chunk) is not None
+            line, offset = line + chunk.count(newline), offset + len(chunk)
+            if not block:
+                return None, escapes
 
 
 def _error_text(err: BaseException) -> str:
@@ -138,20 +242,30 @@ def _json_problem(paths: list[str]) -> str | None:
             raise ValueError(f"key {twice[0]!r} appears twice in one object")
         return dict(pairs)
 
-    for path in paths:
-        raw = Path(path).read_bytes()
+    def not_unicode(record: Any) -> bool:  # a lone surrogate escape ("\ud800") decodes, but is no text
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return f"{path} is not UTF-8 text (undecodable byte at offset {err.start}); is it really a JSON file?"
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    surrogate = "holds a lone surrogate escape (such as \\ud800) in a string, which is not valid Unicode text; fix or drop it"
+    for path in paths:
+        problem, _ = _utf8_problem(path)
+        if problem:
+            return problem
+        text = Path(path).read_text(encoding="utf-8")
         stripped = text.lstrip()
         if stripped.startswith("["):  # one JSON document (a list of records)
             try:
-                json.loads(text, object_pairs_hook=no_duplicates)
+                records = json.loads(text, object_pairs_hook=no_duplicates)
             except ValueError as err:
                 return f"{path}: {err}"
+            bad = next((i for i, r in enumerate(records) if not_unicode(r)), None)
+            if bad is not None:
+                return f"{path} record {bad} {surrogate}"
             continue
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):  # JSON lines end at \n only (not at U+2028)
             if not line.strip():
                 continue
             try:
@@ -160,6 +274,8 @@ def _json_problem(paths: list[str]) -> str | None:
                 return f"{path} line {number} is not a valid JSON object: {err}"
             if not isinstance(record, dict):
                 return f"{path} line {number} holds a JSON {type(record).__name__}, not an object with one field per column"
+            if not_unicode(record):
+                return f"{path} line {number} {surrogate}"
     return None
 
 
