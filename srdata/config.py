@@ -259,41 +259,128 @@ PERFORMANCE_ONLY = {
 
 
 def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Place flat keys (``max_new_tokens``, ``max-new-tokens``) in the section that owns them."""
+    """Place flat keys (``max_new_tokens``, ``max-new-tokens``) in the section that owns them.
+
+    A setting given twice (flat and inside its section, or as ``max_new_tokens`` and
+    ``max-new-tokens``) is refused, naming it: which one was meant cannot be told.
+
+    Example:
+        >>> nest({"max_new_tokens": 8, "model": {"model": "gpt2"}})
+        {'generation': {'max_new_tokens': 8}, 'model': {'model': 'gpt2'}}
+    """
     nested: dict[str, dict[str, Any]] = {}
+    given_as: dict[tuple[str, str], str] = {}
+
+    def place(section: str, name: str, value: Any, how: str) -> None:
+        if (section, name) in given_as:
+            raise ValueError(f"setting {section}.{name} is given twice ({given_as[section, name]} and {how}); keep one")
+        given_as[section, name] = how
+        nested.setdefault(section, {})[name] = value
+
     for key, value in flat.items():
         if key in SECTIONS and isinstance(value, dict):
-            nested.setdefault(key, {}).update(value)
+            nested.setdefault(key, {})
+            for name, inner in value.items():
+                place(key, str(name).replace("-", "_"), inner, f"{name!r} under {key!r}")
             continue
         name = key.replace("-", "_")
         owners = [section for section, cls in SECTIONS.items() if name in cls.model_fields]
         if not owners:
             known = sorted({f for cls in SECTIONS.values() for f in cls.model_fields})
             raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(known)}")
-        nested.setdefault(owners[0], {})[name] = value
+        place(owners[0], name, value, f"{key!r} at the top level")
     return nested
 
 
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be read; the message names the file, the line and the problem."""
+
+
+def _line_of(text: str, key: str, occurrence: int) -> int | None:
+    """The line of the ``occurrence``-th (0-based) ``"key":`` in a JSON text, for an error message."""
+    import re
+
+    hits = [m.start() for m in re.finditer(rf'"{re.escape(key)}"\s*:', text)]
+    return text.count("\n", 0, hits[occurrence]) + 1 if len(hits) > occurrence else None
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            line = _line_of(text, twice, 1)
+            raise ConfigFileError(f"config file {path}{f' line {line}' if line else ''}: key {twice!r} appears twice in one object; keep one")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as err:
+        raise ConfigFileError(f"config file {path} line {err.lineno} column {err.colno}: {err.msg} (not valid JSON)") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # merged keys (<<: *defaults) may be overridden: YAML's rule
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.MarkedYAMLError(None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(text, Loader=UniqueKeys) or {}  # a SafeLoader: builds plain data only, runs no code
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigFileError(f"config file {path}{where}: {problem} (not valid YAML)") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON config file into nested sections."""
+    """Read a YAML, TOML or JSON config file into nested sections.
+
+    Syntax errors, a key given twice and a setting given both flat and inside its section
+    are :class:`ConfigFileError` naming the file (and the line where the parser knows it).
+
+    Example:
+        >>> read_config_file("score.yaml")     # doctest: +SKIP
+        {'generation': {'max_new_tokens': 128}, 'model': {'model': './student'}}
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigFileError(f"config file {path} line {line} is not UTF-8 text") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        raw = tomllib.loads(text)
+        try:
+            raw = tomllib.loads(text)  # a key given twice is a TOML error already
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigFileError(f"config file {path}: {err} (not valid TOML)") from None
     elif suffix == ".json":
-        raw = json.loads(text)
+        raw = _parse_json(text, path)
     elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(text) or {}
+        raw = _parse_yaml(text, path)
     else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+        raise ConfigFileError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     if not isinstance(raw, dict):
-        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(raw).__name__}")
-    return nest(raw)
+        raise ConfigFileError(f"config file {path} must hold a mapping of settings, got {type(raw).__name__}")
+    try:
+        return nest(raw)
+    except ValueError as err:
+        raise ConfigFileError(f"config file {path}: {err}") from None
 
 
 def merge(base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
