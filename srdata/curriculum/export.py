@@ -60,7 +60,7 @@ from srdata.curriculum.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.curriculum.source import Run, check_unchanged, file_identity, read_run, read_run_manifest
+from srdata.curriculum.source import Run, check_unchanged, read_run, read_run_manifest
 from srdata.curriculum.output import EncodedStage, check_output_folder, publish_export
 from srdata.curriculum.stage_files import (STAGE_COLUMN, GrowingFileHash, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
@@ -158,7 +158,6 @@ def export_curriculum(
     plan = plan_stages(stages, keep, fractions, layout)
     check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
-    read_at = file_identity(run.annotated)
     group_columns = _group_columns(run, by, stratify)
     ranking = resolve_ranking(run, rank_by, rrf_k, ties)
     ranks = ranks_in_file_order(run, ranking)
@@ -188,7 +187,7 @@ def export_curriculum(
         del ranks
         encoded = encode_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position)
         try:
-            check_unchanged(run, read_at, "export", out_dir)
+            check_unchanged(run, "export", out_dir)
             for stage, file in zip(summary["stages"], encoded):
                 stage["file_bytes"], stage["sha256"] = file.bytes, file.sha256  # verified wherever the stages are read
             publish_export(out_dir, encoded, summary, owned)

@@ -29,7 +29,7 @@ import polars as pl
 
 from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
 from srdata.curriculum.export import Run, read_run, read_run_manifest, share_check
-from srdata.curriculum.source import check_unchanged, file_identity
+from srdata.curriculum.source import check_unchanged
 from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, Manifest
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
@@ -171,7 +171,6 @@ def build_report(
     """
     check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
-    read_at = file_identity(run.annotated)
     scores = read_scores(run, by)
     stages = load_stages(run, scores[DIFFICULTY_COLUMN].count(), curriculum)
     scores = with_positions(run, scores, stages)
@@ -195,12 +194,12 @@ def build_report(
                 json.dumps({"stages": stages.source, **check.describe(), "groups": shares}, indent=2, default=str) + "\n", encoding="utf-8"
             ),
         }
-        _write_all(out_dir, draw, run, read_at)
+        _write_all(out_dir, draw, run)
     emit_warnings([message for result in shares for message in result["warnings"]])
     return out_dir
 
 
-def _write_all(out_dir: Path, draw: dict[str, Callable[[Path], Any]], run: Run, read_at: tuple[int, ...]) -> None:
+def _write_all(out_dir: Path, draw: dict[str, Callable[[Path], Any]], run: Run) -> None:
     """Write every report file to a temp file, then move them all into place: a full disk leaves the earlier report whole."""
     scratch = ScratchFiles(out_dir)
     try:
@@ -213,7 +212,7 @@ def _write_all(out_dir: Path, draw: dict[str, Callable[[Path], Any]], run: Run, 
                 if failure is None or failure is err:
                     raise
                 raise failure from err
-        check_unchanged(run, read_at, "report", out_dir)
+        check_unchanged(run, "report", out_dir)
         for name, temp in temps.items():
             publish(temp, out_dir / name)
     finally:

@@ -21,6 +21,7 @@ class Run:
 
     path: Path
     manifest: Manifest
+    read_at: tuple[tuple[int, ...] | None, ...] = ()  # annotated.parquet and manifest.json as read_run found them
 
     @property
     def annotated(self) -> Path:
@@ -41,6 +42,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise CurriculumError(f"run folder {path} does not exist")
+    read_at = _identities(path)
     manifest = read_run_manifest(path)
     if manifest.status != "complete":
         raise CurriculumError(_unfinished_message(path, manifest))
@@ -49,7 +51,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
             f"{path / ANNOTATED_FILE} is missing although the manifest says the run is complete; "
             "rerun the same `srdata score` command into this folder to rebuild it"
         )
-    return Run(path, manifest)
+    return Run(path, manifest, read_at)
 
 
 def read_run_manifest(path: Path) -> Manifest:
@@ -86,8 +88,8 @@ def _unfinished_message(path: Path, manifest: Manifest) -> str:
     )
 
 
-def file_identity(path: Path) -> tuple[int, ...]:
-    """Which file ``path`` is now: device, inode, size and modification time.
+def file_identity(path: Path) -> tuple[int, ...] | None:
+    """Which file ``path`` is now: device, inode, size and modification time (``None`` if there is none).
 
     Compared before and after a command reads a run, it tells whether the file was replaced
     meanwhile (``srdata rank`` and ``srdata score`` replace it in one rename).
@@ -96,16 +98,23 @@ def file_identity(path: Path) -> tuple[int, ...]:
         >>> file_identity(Path("/dev/null")) == file_identity(Path("/dev/null"))
         True
     """
-    info = path.stat()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def check_unchanged(run: Run, read_at: tuple[int, ...], command: str, out_dir: Path) -> None:
-    """Refuse to publish what was made from a run file replaced while it was read (it could mix two rankings).
+def _identities(run_dir: Path) -> tuple[tuple[int, ...] | None, ...]:
+    return file_identity(run_dir / ANNOTATED_FILE), file_identity(run_dir / MANIFEST_FILE)
 
-    ``read_at`` is the :func:`file_identity` of ``annotated.parquet`` before the first read.
+
+def check_unchanged(run: Run, command: str, out_dir: Path) -> None:
+    """Refuse to publish what was made from a run replaced since :func:`read_run` (it could mix two rankings).
+
+    Both ``annotated.parquet`` and ``manifest.json`` (the ranking settings) are compared.
     """
-    if file_identity(run.annotated) != read_at:
+    if _identities(run.path) != run.read_at:
         raise CurriculumError(
             f"{run.annotated} was replaced while this {command} read it (by `srdata rank` or `srdata score`); "
             f"nothing in {out_dir} was changed: run `srdata {command}` again"
