@@ -15,8 +15,8 @@ fresh process so that peak RSS belongs to that step alone:
   breakdown of its wall time by public step: re-rank (``ranks_in_file_order``), read the
   rows and split them into their parts' scratch files (``split_into_parts``), write the
   stage files from the parts (the rest of ``encode_stages``), and curriculum.json
-  (``curriculum_summary``); ``checksum_threads`` is the SHA-256 of the stage files, summed
-  over the writer threads that compute it while the other stages still write;
+  (``curriculum_summary``). The stage files' SHA-256 is part of writing them (hashed as
+  they grow, on threads of their own);
 - ``floor``: the work any export of the same stages must do, without the ranking, the
   routing and the cumulative copies: read every row once (polars), zip on rank columns
   computed before the timer starts, and encode 75% of the rows once with the stage files'
@@ -126,9 +126,8 @@ def step_export(run: Path, out: Path, fmt: str, compression: str) -> dict:
     import srdata.curriculum.export as export
 
     phases = time_phases(export, {"rank": "ranks_in_file_order", "write_stages": "encode_stages", "read_split": "split_into_parts",
-                                  "summary": "curriculum_summary", "checksum_threads": "file_sha256"})
+                                  "summary": "curriculum_summary"})
     folder = export.export_curriculum(run, stages=STAGES, keep=KEEP, out=out, fmt=fmt, rrf_k=RRF_K, compression=compression)
-    # checksum_threads: SHA-256 seconds summed over the writer threads (each runs while the other stages still write).
     phases["write_stage_files"] = phases.pop("write_stages") - phases["read_split"]
     return {"written_bytes": sum(p.stat().st_size for p in folder.glob("stage-*")), "breakdown_s": {k: round(v, 2) for k, v in phases.items()}}
 
