@@ -60,7 +60,7 @@ from srdata.curriculum.groups import (
     group_shares,
     stratified_ranks,
 )
-from srdata.curriculum.source import Run, check_unchanged, read_run, read_run_manifest
+from srdata.curriculum.source import Run, check_unchanged, read_run, read_run_manifest  # noqa: F401 - read_run_manifest: re-exported
 from srdata.curriculum.output import EncodedStage, check_output_folder, publish_export
 from srdata.curriculum.stage_files import (STAGE_COLUMN, GrowingFileHash, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
