@@ -18,13 +18,13 @@ from srdata import __version__
 from srdata.backends import check_device, select_backend
 from srdata.config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from srdata.steps.context import check_token_limits
-from srdata.steps.load import ColumnMapping, header_warnings, load_split, resolve_columns
+from srdata.steps.load import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
 from srdata.engines import ShardJob, run_shards
 from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStudent, load_tokenizer, max_positions
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
 from srdata.steps.rank import rank
-from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, plan_shards
-from srdata.run.identity import model_identity
+from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, check_output_location, plan_shards
+from srdata.run.identity import model_identity, require_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,24 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     """
     config = _as_config(config, settings)
     say = echo or log.info
-    check_device(config.model.device)  # before any work: a GPU that is not there fails now, not after loading
     started = time.perf_counter()
+    # Before any work: a GPU that is not there, pickle-only weights, an output folder that the
+    # loader would read or that holds files of the user's fail now, having touched nothing.
+    check_device(config.model.device)
+    require_safetensors(config.model.model)
+    check_output_location(config.data.dataset, config.run.output)
+    store = RunStore(config.run.output)
+    store.check_foreign(config.run.overwrite)
+    # One writer per folder, from here to the end: a second command is refused at once, before
+    # it loads anything (the lock is taken before the manifest is read, and dropped if killed).
+    with store.lock("srdata score"):
+        return _score(config, store, say, progress, started)
 
+
+def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float) -> ScoreResult:
+    """The run itself, holding the folder's lock."""
     # load
-    dataset = load_split(config.data.dataset, config.data.split, config.data.limit)
+    dataset, data_identity = load_split_with_identity(config.data.dataset, config.data.split, config.data.limit)
     mapping = resolve_columns(dataset.column_names, config.data.prompt_column, config.data.response_column, config.data.input_column)
     clashing = [c for c in dataset.column_names if c in SCORE_COLUMNS + RANK_COLUMNS + ["stage"]]
     if clashing:
@@ -89,23 +102,22 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         say(f"signals: ce_loss_uncond, ifd and pmi, from the reference after the empty prompt {uncond_text!r}")
 
     # prepare the run folder (refuses other settings; resumes the same ones)
-    store = RunStore(config.run.output)
     settings = result_settings(config)
     settings["prompt"]["template"] = template  # what was rendered decides the values, not "auto"
-    identity = {"model": model_identity(config.model.model), "dataset": getattr(dataset, "_fingerprint", None), "rows": len(dataset)}
+    identity = {"model": model_identity(config.model.model), "dataset": data_identity, "rows": len(dataset)}
     resumed = store.prepare(settings, identity, config.run.overwrite)
     shards = plan_shards(len(dataset), config.batching.shard_size)
-    pending = [s for s in shards if not store.is_done(s)]
+    pending = store.pending(shards, say)
     manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
     manifest.resumed = resumed
     if uncond_text is not None:
         manifest.unconditional_prompt = uncond_text
-    if resumed and store.previous_manifest is not None:  # keep how the finished shards were scored
-        earlier = {s.index: s for s in store.previous_manifest.shards}
+    if resumed:  # keep how the finished shards were scored, and their checksums
         for entry in manifest.shards:
-            if entry.done and entry.index in earlier:
-                for key in {"batch_size", "token_budget"} & earlier[entry.index].model_fields_set:
-                    setattr(entry, key, getattr(earlier[entry.index], key))
+            earlier = store.records.get(entry.file)
+            if entry.done and earlier is not None:
+                for key in {"batch_size", "token_budget", "sha256", "bytes", "rows"} & earlier.model_fields_set:
+                    setattr(entry, key, getattr(earlier, key))
     store.write_manifest(manifest)
     if resumed:
         say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done")
@@ -117,11 +129,12 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         work["seconds"] += seconds
         work["rows"] += frame["ce_loss"].is_not_null().sum()
         work["tokens"] += int(frame.select(pl.sum("prompt_tokens") + pl.sum("reference_tokens") + pl.sum("output_tokens")).item() or 0)
-        store.write_shard(shard, frame)
+        written = store.write_shard(shard, frame)
         # Batching changes float32 summation order, so values may differ in the last digits
         # between shards scored with other batch settings (a resumed run): record them per shard.
         entry = manifest.shards[shard.index]
         entry.done, entry.batch_size, entry.token_budget = True, config.batching.batch_size, config.batching.token_budget
+        entry.sha256, entry.bytes, entry.rows = written["sha256"], written["bytes"], written["rows"]
         store.write_manifest(manifest)
 
     if pending:
@@ -129,7 +142,7 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # rank + write
-    scored = store.read_shards(shards)
+    scored = store.read_shards(manifest.shards)
     missing = [pl.lit(None, dtype).alias(name) for name, dtype in SHARD_SCHEMA.items() if name not in scored.columns]
     if missing:  # every shard was written before these columns existed
         scored = scored.with_columns(missing).select(list(SHARD_SCHEMA))

@@ -2,20 +2,43 @@
 
 Layout::
 
-    DIR/manifest.json          settings, identity, shard plan, counts, timings
+    DIR/manifest.json          settings, identity, shard plan with checksums, counts, timings
     DIR/shards/shard-00000.parquet   rows [0, shard_size) once scored (written atomically)
     DIR/annotated.parquet      every row, original columns + srdata's columns
+    DIR/.srdata.lock           held by the one command writing the folder
 
-A shard file exists only once it is complete (temp file + rename), so a run killed at
-any moment resumes by recomputing just the shards whose file is missing.
+What ``srdata score`` guarantees about a run folder:
+
+* **One writer.** ``srdata score`` holds :class:`~srdata.run.io.FolderLock` on the folder from
+  before it reads the manifest until it ends; a second command on the folder is refused at
+  once, naming the folder and the process holding it. A killed run releases the lock.
+* **Content identity.** The manifest records the dataset's and the model's content
+  fingerprints (:mod:`srdata.run.identity`), not paths or modification times: a dataset
+  edited with its mtime kept is another input, and a run is not resumed with it.
+* **Checksums.** Every shard's SHA-256, bytes and rows are recorded when it is written. On
+  resume a shard without a record, or whose bytes or ``srd_id`` range differ from it, is
+  recomputed (named); at assembly a mismatch is refused, naming the file. A shard file is
+  never trusted without a record in the manifest.
+* **Nothing of the user's is touched.** A folder without a manifest that holds files named
+  like a run's (``annotated.parquet``, ``shards/shard-*.parquet``) is refused, ``--overwrite``
+  or not, before anything is written: srdata cannot tell it wrote them. Another non-empty
+  folder without a manifest is refused unless ``--overwrite``, which scores beside its files.
+  ``--overwrite`` removes only what srdata provably wrote: the shard files the manifest's plan
+  names, the annotated table and the manifest; and any run removes temp files carrying
+  srdata's marker left by a dead process of this host. Every other file is kept.
+* **Atomic writes.** Every file appears complete or not at all (temp file + rename); a full
+  disk or a read-only folder is an error naming the file and the fix, and a rerun resumes.
 """
 
 from __future__ import annotations
 
-import shutil
+import fnmatch
+import glob
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -23,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from srdata.config import (SECTIONS, BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig,
                            RunConfig, validation_problems)
 
-from srdata.run.io import atomic_path, remove_stale_temps, write_json_atomic
+from srdata.run.io import (FolderLock, IntegrityError, WriteError, atomic_path, file_sha256, is_tool_file, remove_stale_temps,
+                           verify_file, write_json_atomic, write_problem)
 
 
 def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +102,9 @@ class ShardRecord(BaseModel):
     done: bool = False
     batch_size: Optional[int] = None
     token_budget: Optional[int] = None
+    sha256: Optional[str] = None  # of the file as written; a done shard without one is recomputed
+    bytes: Optional[int] = None
+    rows: Optional[int] = None
 
 
 class Manifest(BaseModel):
@@ -175,6 +202,10 @@ class RunDirError(ValueError):
     """The output folder cannot be used as asked; the message says why and what to do."""
 
 
+#: The name of every shard file srdata writes; a plan naming anything else is not followed.
+SHARD_FILE = re.compile(r"^shards/shard-\d{5,}\.parquet$")
+
+
 @dataclass(frozen=True)
 class Shard:
     index: int
@@ -196,12 +227,64 @@ def plan_shards(n_rows: int, shard_size: int) -> list[Shard]:
     return [Shard(i, start, min(start + shard_size, n_rows)) for i, start in enumerate(range(0, n_rows, shard_size))]
 
 
-class RunStore:
-    """Reads and writes one run folder.
+def _written_by_a_run(output: Path, path: Path) -> bool:
+    """Whether ``path`` is a file that a run in ``output`` writes (manifest, annotated table, shards)."""
+    if output not in path.parents:
+        return False
+    name = path.relative_to(output).as_posix()
+    return name in (MANIFEST_FILE, ANNOTATED_FILE) or SHARD_FILE.match(name) is not None
+
+
+def check_output_location(dataset: str, output: str | Path) -> None:
+    """Refuse an output folder that the run's own loading would read, or whose files would replace the data.
+
+    A dataset folder holding the output folder (or held by it) would read the run's own parquet
+    files, and change the dataset's fingerprint with every shard; a data file or glob that is,
+    or could match, a file the run writes would be overwritten. Checked before any work.
 
     Example:
-        >>> store = RunStore("runs/student-a")                       # doctest: +SKIP
-        >>> store.prepare(settings, identity, overwrite=False)       # doctest: +SKIP
+        >>> check_output_location("data", "data/run")   # doctest: +SKIP
+        RunDirError: output folder data/run is inside the dataset folder data: ...
+    """
+    out = Path(output).resolve()
+    for part in (p.strip() for p in dataset.split(",")):
+        path = Path(part)
+        if path.is_dir():
+            folder = path.resolve()
+            if folder == out or folder in out.parents:
+                raise RunDirError(
+                    f"output folder {output} is inside the dataset folder {part}: loading the dataset would read the run's "
+                    f"own files; choose an --output outside {part}"
+                )
+            if out in folder.parents:
+                raise RunDirError(f"the dataset folder {part} is inside the output folder {output}; move it, or choose another --output")
+            continue
+        matches = [Path(m).resolve() for m in glob.glob(part)]
+        if glob.has_magic(part) and not glob.has_magic(str(path.parent)):  # files the run will write, matched later
+            parent = path.parent.resolve()
+            ours = [out / MANIFEST_FILE, out / ANNOTATED_FILE, out / "shards" / "shard-00000.parquet"]
+            matches += [w for w in ours if w.parent == parent and fnmatch.fnmatchcase(w.name, path.name)]
+        clash = next((m for m in matches if _written_by_a_run(out, m)), None)
+        if clash is not None:
+            raise RunDirError(
+                f"dataset {part} reads {clash}, a file the run writes in the output folder {output}; move the dataset, "
+                "or choose another --output"
+            )
+
+
+def _planned_files(manifest: Manifest) -> set[str]:
+    """Shard files a manifest's plan names (well-formed names under shards/ only)."""
+    return {s.file for s in manifest.shards if s.file == Shard(s.index, 0, 0).file}
+
+
+class RunStore:
+    """Reads and writes one run folder, touching only files srdata provably wrote.
+
+    Example:
+        >>> store = RunStore("runs/student-a")                           # doctest: +SKIP
+        >>> store.check_foreign(overwrite=False)                         # doctest: +SKIP
+        >>> with store.lock():                                           # doctest: +SKIP
+        ...     resumed = store.prepare(settings, identity, overwrite=False)
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -209,29 +292,76 @@ class RunStore:
         self.manifest_path = self.dir / MANIFEST_FILE
         self.annotated_path = self.dir / ANNOTATED_FILE
         self.previous_manifest: Manifest | None = None  # what prepare() found, before this run rewrites it
+        self.owned: set[str] = set()  # shard files the folder's manifest planned: srdata's own to replace
+        self.records: dict[str, ShardRecord] = {}  # the previous records of a resumed run, by file
+
+    def lock(self, command: str = "srdata score") -> FolderLock:
+        """The folder's lock (one writer): take it after :meth:`check_foreign`, before :meth:`prepare`."""
+        return FolderLock(self.dir, command)
+
+    def check_foreign(self, overwrite: bool) -> None:
+        """Refuse, reading only, a folder that srdata cannot use without touching files it did not write.
+
+        * a file, or a ``manifest.json`` that ``srdata score`` did not write: refused;
+        * no manifest, but ``annotated.parquet`` or ``shards/shard-*.parquet``: refused even with
+          ``--overwrite``, since srdata cannot tell it wrote them (a deleted manifest, another
+          tool): it would neither reuse them (no checksum) nor remove them;
+        * no manifest and other files: refused unless ``--overwrite``, which scores beside them.
+
+        srdata's lock file and its marked temp files do not count as content.
+        """
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
+        if not self.dir.is_dir():
+            return
+        manifest = read_manifest(self.dir)
+        if manifest is not None:
+            if manifest.srdata_version is None:
+                raise RunDirError(f"{self.manifest_path} was not written by `srdata score`; choose another --output")
+            return
+        entries = self._entries()
+        run_like = [n for n in entries if n in (ANNOTATED_FILE, "shards") or SHARD_FILE.match(n)]
+        if run_like:
+            raise RunDirError(
+                f"{self.dir} holds {_some(run_like)} but no {MANIFEST_FILE}: srdata cannot tell it wrote them, so it "
+                "neither reuses nor removes them; remove them yourself, or choose another --output"
+            )
+        if entries and not overwrite:
+            raise RunDirError(
+                f"output folder {self.dir} is not empty and holds no srdata run ({_some(entries)}); choose an empty or "
+                "new folder, or pass --overwrite to score into it anyway (beside these files: srdata removes none of them)"
+            )
+
+    def _entries(self) -> list[str]:
+        """The folder's content (one level into shards/), srdata's lock and temp files left out."""
+        names = []
+        for entry in sorted(self.dir.iterdir()):
+            if is_tool_file(entry.name):
+                continue
+            if entry.name == "shards" and entry.is_dir() and not entry.is_symlink():
+                names += [f"shards/{e.name}" for e in sorted(entry.iterdir()) if not is_tool_file(e.name)]
+            else:
+                names.append(entry.name)
+        return names
 
     def prepare(self, settings: dict[str, Any], identity: dict[str, Any], overwrite: bool) -> bool:
         """Check the folder can hold this run; returns True when it resumes an earlier one.
 
-        A folder holding a run with other settings (or another model or dataset) is
-        refused, naming every difference, unless ``overwrite`` is set. A run that never
-        finished a shard (a failed start: a model without weights, a bad device) holds no
-        work to protect, so the same folder is simply reused. Temp files of killed
-        processes are removed first.
+        Call it holding :meth:`lock`: temp files of killed processes are removed, and the
+        folder is checked again, under the lock. A folder holding a run with other settings
+        (or another model or dataset content) is refused, naming every difference, unless
+        ``overwrite`` is set. A run that never finished a shard (a failed start: a model
+        without weights, a bad device) holds no work to protect, so the same folder is
+        simply reused.
         """
-        if self.dir.exists() and not self.dir.is_dir():
-            raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
         for folder in (self.dir, self.dir / "shards"):
             remove_stale_temps(folder)
+        self.check_foreign(overwrite)
         previous = self.previous_manifest = read_manifest(self.dir)
         if previous is None:
-            if self.dir.exists() and not overwrite and any(p.name != "shards" or any(p.iterdir()) for p in self.dir.iterdir()):
-                raise RunDirError(
-                    f"output folder {self.dir} is not empty and holds no srdata run; "
-                    "choose an empty or new folder, or pass --overwrite to score into it anyway"
-                )
             self.dir.mkdir(parents=True, exist_ok=True)
             return False
+        self.owned = _planned_files(previous)
         recorded = previous.settings
         if recorded.get("prompt", {}).get("template", "") is None:  # recorded before "auto": the template it rendered
             recorded["prompt"]["template"] = previous.template
@@ -239,49 +369,130 @@ class RunStore:
             {"identity": previous.identity}, {"identity": identity}
         )
         if not differences:
+            self.records = {s.file: s for s in previous.shards if s.file in self.owned}
             return True
-        scored_nothing = not any(s.done for s in previous.shards) and not any((self.dir / "shards").glob("*.parquet"))
+        scored_nothing = not any(s.done for s in previous.shards) and not any((self.dir / f).exists() for f in self.owned)
         if not overwrite and not scored_nothing:
+            edited = ""
+            if previous.identity.get("dataset") != identity.get("dataset"):
+                edited = (f"\nthe dataset {settings.get('data', {}).get('dataset')} does not hold the content this run scored "
+                          "(it was edited or replaced, even if its modification time was kept)")
             raise RunDirError(
                 f"{self.dir} holds a run with other settings:\n  "
                 + "\n  ".join(differences)
+                + edited
                 + "\nuse the same settings to resume it, another --output, or --overwrite to start over"
             )
         self.clear()
         return False
 
     def clear(self) -> None:
-        """Remove a previous run's files (only those srdata writes)."""
-        shutil.rmtree(self.dir / "shards", ignore_errors=True)
+        """Remove the previous run's files: only those srdata provably wrote.
+
+        That is the shard files its manifest's plan names, the annotated table and the manifest
+        (last, so that a kill midway leaves a folder that is still recognised as a run). Any
+        other file, in ``shards/`` too, is kept.
+        """
+        for name in sorted(self.owned):
+            (self.dir / name).unlink(missing_ok=True)
         for name in (ANNOTATED_FILE, MANIFEST_FILE):
             (self.dir / name).unlink(missing_ok=True)
+        self.records = {}
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def is_done(self, shard: Shard) -> bool:
-        """A shard is done when its file exists and holds exactly its rows."""
-        path = self.dir / shard.file
-        if not path.exists():
-            return False
+    def pending(self, shards: list[Shard], say: Callable[[str], None]) -> list[Shard]:
+        """The shards to compute: those without a file, and those whose file does not match its record.
+
+        A shard file whose record is missing (its run was killed between writing it and recording
+        it), or whose bytes or ``srd_id`` range differ from the record, is recomputed, and ``say``
+        names it. A file at a planned path that no manifest of this folder planned is not
+        srdata's: refused, never overwritten.
+        """
+        strangers = [s.file for s in shards if s.file not in self.owned and (self.dir / s.file).exists()]
+        if strangers:
+            raise RunDirError(f"{self.dir} holds {_some(strangers)}, which no manifest of this folder records: srdata cannot "
+                              "tell it wrote them and will not overwrite them; remove them yourself, or choose another --output")
+        todo = []
+        for shard in shards:
+            problem = self._shard_problem(shard)
+            if problem is None:
+                continue
+            if problem:
+                say(f"{problem}: recomputing it")
+            todo.append(shard)
+        return todo
+
+    def _shard_problem(self, shard: Shard) -> str | None:
+        """``None``: done and verified; ``""``: not written yet; otherwise why the file is not trusted."""
+        if not (self.dir / shard.file).exists():
+            return ""
+        record = self.records.get(shard.file)
+        if record is None or not record.done or record.sha256 is None or (record.start, record.stop) != (shard.start, shard.stop):
+            return f"{self.dir / shard.file} has no checksum in the manifest (its run stopped before recording it)"
         try:
-            n = pl.scan_parquet(path).select(pl.len()).collect().item()
-        except Exception:  # an unreadable file (disk trouble): recompute it
-            return False
-        return n == shard.stop - shard.start
+            self._read_verified(record, columns=["srd_id"])
+        except IntegrityError as err:
+            return str(err)
+        return None
 
-    def write_shard(self, shard: Shard, frame: pl.DataFrame) -> None:
+    def _read_verified(self, record: ShardRecord, columns: list[str] | None = None) -> pl.DataFrame:
+        """A shard's table, once its bytes match the record and its ``srd_id`` column is exactly its rows."""
+        path = self.dir / record.file
+        try:
+            verify_file(path, record.sha256, record.bytes)
+        except IntegrityError:
+            raise IntegrityError(f"{path} does not match its checksum (the file was changed or damaged)") from None
+        try:
+            frame = pl.read_parquet(path, columns=columns)
+        except Exception as err:  # bytes as recorded, yet unreadable: refuse rather than guess
+            raise IntegrityError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+        if frame["srd_id"].to_list() != list(range(record.start, record.stop)):
+            raise IntegrityError(f"{path} does not hold exactly rows {record.start}..{record.stop - 1} in its srd_id column")
+        return frame
+
+    def write_shard(self, shard: Shard, frame: pl.DataFrame) -> dict[str, Any]:
+        """Write a shard atomically; returns what its record must hold (``sha256``, ``bytes``, ``rows``)."""
         with atomic_path(self.dir / shard.file) as tmp:
-            frame.write_parquet(tmp)
+            _write_parquet(frame, tmp, self.dir / shard.file)
+            written = {"sha256": file_sha256(tmp), "bytes": tmp.stat().st_size, "rows": frame.height}
+        return written
 
-    def read_shards(self, shards: list[Shard]) -> pl.DataFrame:
-        missing = [s.file for s in shards if not (self.dir / s.file).exists()]
+    def read_shards(self, records: list[ShardRecord]) -> pl.DataFrame:
+        """Every shard, each checked against its record (checksum, srd_id range); a mismatch is refused, named."""
+        missing = [r.file for r in records if not (self.dir / r.file).exists()]
         if missing:
             raise RunDirError(f"{self.dir} is missing finished shards: {', '.join(missing)}; re-run `srdata score` to finish them")
+        frames = []
+        for record in records:
+            try:
+                frames.append(self._read_verified(record))
+            except IntegrityError as err:
+                raise IntegrityError(f"{err}; run the same command again to recompute it") from None
         # Diagonal: shards written before a column existed (ce_loss_uncond, ifd, pmi) read it as null.
-        return pl.concat([pl.read_parquet(self.dir / s.file) for s in shards], how="diagonal_relaxed")
+        return pl.concat(frames, how="diagonal_relaxed")
 
     def write_manifest(self, manifest: Manifest) -> None:
         write_manifest(self.dir, manifest)
 
     def write_annotated(self, frame: pl.DataFrame) -> None:
         with atomic_path(self.annotated_path) as tmp:
-            frame.write_parquet(tmp)
+            _write_parquet(frame, tmp, self.annotated_path)
+
+
+def _write_parquet(frame: pl.DataFrame, tmp: Path, path: Path) -> None:
+    """``frame.write_parquet``, with a full disk or a read-only folder reported as a :class:`WriteError` naming ``path``.
+
+    polars reports IO errors as ``ComputeError: ... (os error 28)``, not as ``OSError``.
+    """
+    try:
+        frame.write_parquet(tmp)
+    except pl.exceptions.PolarsError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise WriteError(write_problem(OSError(int(code[1]), os.strerror(int(code[1]))), path)) from err
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """``a, b, c`` (and N more)."""
+    return ", ".join(names[:shown]) + (f" (and {len(names) - shown} more)" if len(names) > shown else "")
