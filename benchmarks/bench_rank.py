@@ -15,8 +15,8 @@ fresh process so that peak RSS belongs to that step alone:
   breakdown of its wall time by public step: re-rank (``ranks_in_file_order``), read the
   rows and split them into their parts' scratch files (``split_into_parts``), write the
   stage files from the parts (the rest of ``encode_stages``), and curriculum.json
-  (``curriculum_summary``). The stage files' SHA-256 is part of writing them (hashed as
-  they grow, on threads of their own);
+  (``curriculum_summary``). The stage files' SHA-256 is part of writing them (each hashed on
+  its writer thread once written);
 - ``floor``: the work any export of the same stages must do, without the ranking, the
   routing and the cumulative copies: read every row once (polars), zip on rank columns
   computed before the timer starts, and encode 75% of the rows once with the stage files'

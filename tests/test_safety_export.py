@@ -106,23 +106,6 @@ def test_a_flipped_bit_in_a_stage_file_is_refused_naming_it(run: Path, tmp_path:
     assert_clean_error(invoke("report", run, "--curriculum", out, "--out", tmp_path / "report"), f"stage-1.{fmt}", "checksum")
 
 
-def test_a_file_is_hashed_as_it_grows(tmp_path: Path):
-    import hashlib
-
-    from srdata.curriculum.stage_files import GrowingFileHash
-
-    path = tmp_path / "growing.bin"
-    path.touch()
-    hasher = GrowingFileHash(path)
-    chunks = [os.urandom(n) for n in (1, 70_000, 3 << 20, 5)]
-    with open(path, "wb") as handle:  # truncating, as the stage writers open it
-        for chunk in chunks:
-            handle.write(chunk)
-            handle.flush()
-            time.sleep(0.03)  # the hasher catches up in between
-    assert hasher.finish() == (hashlib.sha256(b"".join(chunks)).hexdigest(), sum(map(len, chunks)))
-
-
 def test_stage_paths_outside_the_folder_are_never_followed(run: Path, tmp_path: Path):
     out = export_curriculum(run, out=tmp_path / "out")
     original = (out / "curriculum.json").read_text()

@@ -18,11 +18,9 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import queue
 import re
-import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -127,61 +125,6 @@ def stage_schema(rows: pl.LazyFrame) -> pa.Schema:
     """
     empty = pl.DataFrame(schema=rows.collect_schema()).with_columns(pl.lit(0, dtype=pl.Int64).alias(STAGE_COLUMN))
     return empty.to_arrow().schema
-
-
-class GrowingFileHash:
-    """The SHA-256 of a file, read while another thread appends to it, on a thread of its own.
-
-    The stage writers only append (pyarrow's parquet writer and the JSON-lines writer never
-    go back), so the bytes read as the file grows are its final bytes; hashing them on the
-    way leaves almost nothing to hash once the file is closed, and the checksum costs the
-    export no time on its longest chain (the largest stage's writer). :meth:`finish` returns
-    the digest and the bytes read; a caller compares those with the file's size.
-
-    Example:
-        >>> hasher = GrowingFileHash(path)          # doctest: +SKIP
-        >>> write_parquet_stage(path, ...)          # doctest: +SKIP
-        >>> sha256, size = hasher.finish()          # doctest: +SKIP
-    """
-
-    POLL_SECONDS = 0.01
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.size = 0
-        self._digest = hashlib.sha256()
-        self._closed = threading.Event()
-        self._error: BaseException | None = None
-        self._handle = open(path, "rb", buffering=0)  # noqa: SIM115 - the thread owns it and closes it
-        self._thread = threading.Thread(target=self._follow, name=f"sha256 {path.name}", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        try:
-            with self._handle as handle:
-                while True:
-                    closed = self._closed.is_set()  # read before the last pass: it then reads every byte written
-                    while chunk := handle.read(1 << 20):
-                        self._digest.update(chunk)  # releases the GIL
-                        self.size += len(chunk)
-                    if closed:
-                        return
-                    self._closed.wait(self.POLL_SECONDS)
-        except BaseException as err:  # noqa: BLE001 - raised by finish(), on the caller's thread
-            self._error = err
-
-    def finish(self) -> tuple[str, int]:
-        """Once the writer has closed the file: the SHA-256 (hex) and the number of bytes hashed."""
-        self._closed.set()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._digest.hexdigest(), self.size
-
-    def cancel(self) -> None:
-        """Stop following (the file is discarded)."""
-        self._closed.set()
-        self._thread.join()
 
 
 class PartSink(Protocol):
