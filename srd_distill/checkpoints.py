@@ -90,6 +90,9 @@ def is_our_checkpoint(folder: Path) -> bool:
 def remove_checkpoint(folder: Path) -> None:
     """Delete a checkpoint folder srd-distill created; refuse any other folder or file, touching nothing.
 
+    The marker goes last, so a process killed while deleting leaves a folder that is still
+    provably ours (and is removed by the next run) rather than one that looks foreign.
+
     Example:
         >>> remove_checkpoint(Path("runs/kd/.stage-1.partial"))   # doctest: +SKIP
     """
@@ -100,7 +103,15 @@ def remove_checkpoint(folder: Path) -> None:
             f"{folder} was not written by srd-distill (it holds no {MARKER_FILE}), so it is left as it is; "
             f"move it out of {folder.parent} or choose another --output"
         )
-    shutil.rmtree(folder)
+    for entry in folder.iterdir():
+        if entry.name == MARKER_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / MARKER_FILE).unlink()
+    folder.rmdir()
 
 
 def seal_checkpoint(folder: Path) -> None:

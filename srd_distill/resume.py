@@ -102,7 +102,7 @@ def save_step_checkpoint(
         if problem is None:
             raise
         remove_checkpoint(tmp)
-        raise type(problem)(f"{problem} (from the last step checkpoint; --checkpoint-interval 0 saves none)") from err
+        raise type(problem)(f"{problem} (or with --checkpoint-interval 0, which saves no step checkpoints)") from err
     for _, _, older in step_folders(run_dir, stage):
         if older != final:
             remove_checkpoint(older)

@@ -69,7 +69,7 @@ from srd_distill.errors import RunFolderError
 from srd_distill.inputs import diff_inputs
 from srd_distill.schedules import PRESETS
 from srdata.run import folder as run_folder
-from srdata.run.io import atomic_path, is_tool_file, write_json_atomic
+from srdata.run.io import LOCK_FILE, FolderLock, atomic_path, is_tool_file, write_json_atomic
 
 __all__ = [
     "RUN_FILE",
@@ -206,13 +206,15 @@ class ResumePoint:
     metrics_lines: int = 0  # lines of that stage in metrics.jsonl that its step checkpoint covers
 
 
-def check_output_folder(run_dir: Path, *, overwrite: bool) -> None:
-    """Refuse, before anything is written, an ``--output`` that cannot hold this run.
+def check_output_folder(run_dir: Path, *, overwrite: bool, locked: bool = False) -> None:
+    """Refuse an ``--output`` that cannot hold this run; before the lock (``locked=False``) nothing is written.
 
-    Refused: a file; a non-empty folder that holds no srd-distill run (whatever
-    ``overwrite`` says: nothing in it was written by this tool); a run whose ``run.json``
-    is damaged, lacks checksums (an older srd-distill) or is missing while checkpoints
-    remain, unless ``overwrite``; a ``stage-N``-like name srd-distill did not write.
+    Refused at once: a file; a non-empty folder that holds no srd-distill run (whatever
+    ``overwrite`` says: nothing in it was written by this tool); a folder another train
+    holds. Refused under the lock (``locked=True``), when no other writer can be changing
+    the folder: a run whose ``run.json`` is damaged, lacks checksums (an older srd-distill)
+    or is missing while checkpoints remain, unless ``overwrite``; a checkpoint-like name
+    srd-distill did not write, ``overwrite`` or not.
 
     Example:
         >>> check_output_folder(Path("runs/new-run"), overwrite=False)
@@ -221,6 +223,9 @@ def check_output_folder(run_dir: Path, *, overwrite: bool) -> None:
         raise RunFolderError(f"--output {run_dir} is a file, not a folder; choose a new folder (or an srd-distill run folder)")
     if not run_dir.is_dir():
         return
+    if not locked and (run_dir / LOCK_FILE).is_file():
+        # Another train may be changing the folder right now: ask its lock first (it adds no file).
+        FolderLock(run_dir, f"{TOOL} train").acquire().release()
     try:
         record: Optional[dict[str, Any]] = read_run_record(run_dir)
         damaged = None
@@ -240,6 +245,8 @@ def check_output_folder(run_dir: Path, *, overwrite: bool) -> None:
                 f"--output {run_dir} is not empty and holds no srd-distill run ({shown}); nothing was touched. "
                 "Choose a new or empty folder"
             )
+        return
+    if not locked:
         return
     for entry in run_dir.iterdir():
         if OUR_NAME_PATTERN.fullmatch(entry.name) and entry not in ours:
@@ -261,6 +268,17 @@ def check_output_folder(run_dir: Path, *, overwrite: bool) -> None:
             f"{run_dir} holds a run written by an older srd-distill, which recorded no checksums of its checkpoints and no "
             "fingerprints of its inputs, so it cannot be resumed safely; pass --overwrite to start over or choose another --output"
         )
+
+
+def remove_empty_leftovers(run_dir: Path) -> None:
+    """Remove empty folders named like a partial or step checkpoint: a kill between creating one and writing its
+    marker leaves them (``rmdir`` removes only an empty folder, so nothing of anyone's is lost)."""
+    for entry in run_dir.iterdir() if run_dir.is_dir() else []:
+        if OUR_NAME_PATTERN.fullmatch(entry.name) and entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink():
+            try:
+                entry.rmdir()
+            except OSError:
+                pass  # not empty: it is judged as any other folder
 
 
 def is_run_record(record: dict[str, Any]) -> bool:
@@ -296,7 +314,8 @@ def prepare_run_folder(
         >>> point = prepare_run_folder(Path("runs/kd"), settings, inputs, 3, overwrite=False,
         ...                            defaults={}, echo=print)   # doctest: +SKIP
     """
-    check_output_folder(run_dir, overwrite=overwrite)
+    remove_empty_leftovers(run_dir)
+    check_output_folder(run_dir, overwrite=overwrite, locked=True)
     if overwrite and run_dir.is_dir():
         is_run = bool(our_checkpoints(run_dir)) or (run_dir / RUN_FILE).is_file()  # check_output_folder refused any other
         for folder in our_checkpoints(run_dir):

@@ -66,7 +66,7 @@ from srd_distill.checkpoints import verify_checkpoint
 from srd_distill.inputs import input_fingerprints, refuse_pickle_only
 from srd_distill.resume import StagePosition, restore_step, save_step_checkpoint
 from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, check_output_folder, finish_stage, package_versions,
-                                    partial_folder, prepare_run_folder, read_run_record, recorded_settings, stage_folder,
+                                    partial_folder, prepare_run_folder, read_run_record, read_stage_info, recorded_settings, stage_folder,
                                     steps_done, utc_now, write_run_record)
 from srdata.run.io import FolderLock, remove_stale_temps, verify_file
 from srd_distill.settings import TrainSettings, build_settings
@@ -155,7 +155,9 @@ def train(
         finished = point.finished
         previous = read_run_record(run_dir)
         run_record["created_at"] = previous.get("created_at") or utc_now()
-        run_record["stages_finished"] = [r for r in previous.get("stages_finished", []) if r.get("stage") in finished]
+        # From the (verified) stage folders themselves: a kill between a stage's rename and the
+        # run.json that lists it must not lose its record.
+        run_record["stages_finished"] = [read_stage_info(run_dir, stage) for stage in sorted(finished)]
         write_run_record(run_dir, run_record, "running")
 
         # 4. The teacher, once and frozen (not at all when every stage is done); the student
