@@ -262,11 +262,18 @@ class FolderLock:
 
     @staticmethod
     def _holder(path: Path) -> str:
-        try:
-            info = json.loads(path.read_text(encoding="utf-8") or "{}")
-            return f"{info['command']}, PID {info['pid']} on {info['host']}, since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "its details are not readable yet"
+        # The holder writes its details just after it takes the lock; a process refused in
+        # that instant (two started together) waits a moment for them rather than naming no
+        # one, or the earlier holder (a dead process of this host) whose details are still there.
+        for _ in range(50):
+            try:
+                info = json.loads(path.read_text(encoding="utf-8") or "{}")
+                if info["host"] == socket.gethostname() and not _alive(int(info["pid"])):
+                    raise ValueError("the details of an earlier holder")
+                return f"{info['command']}, PID {info['pid']} on {info['host']}, since {info['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.02)
+        return "its details are not readable yet"
 
     def release(self) -> None:
         if self._fd is not None:
