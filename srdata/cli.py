@@ -23,7 +23,7 @@ import click
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from srdata.config import SECTIONS, ExportConfig, RankConfig, ReportConfig, merge, nest, read_config_file, validation_problems
+from srdata.config import SECTIONS, TEACH_SECTIONS, ExportConfig, RankConfig, ReportConfig, merge, nest, read_config_file, validation_problems
 
 F = TypeVar("F", bound=Callable[..., Any])
 SHORT_FLAGS = {"output": "-o"}
@@ -215,6 +215,39 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
             + (f", {counts['rows_flagged']} flagged" if counts["rows_flagged"] else "")
             + f"; next: srdata export {result.output}"
         )
+
+
+@main.command("teach", epilog="Example:\n\n\b\n  srdata teach runs/dolly --teacher ./teacher\n  srdata teach runs/dolly --teacher ./teacher --top-k 64 --device cpu")
+@click.argument("run_dir", type=RUN_DIR)
+@config_options(*TEACH_SECTIONS.values(), skip=("model", "shard_size"))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
+def teach_cmd(run_dir: Path, quiet: bool, **flags: Any) -> None:
+    """Run the teacher once over a scored run: teacher_ce_loss, excess_ce_loss, and optional top-K log-probs.
+
+    The teacher scores the run's exact prompt + reference ids (same template, truncation and
+    end-of-sequence), so it must share the student's tokenizer. Adds teacher_ce_loss and
+    excess_ce_loss (= ce_loss - teacher_ce_loss) to RUN_DIR/annotated.parquet; with --top-k K,
+    stores the teacher's top-K log-probs at every reference position under RUN_DIR/teacher/
+    for `srd-distill train --teacher-logits RUN_DIR`. Re-running the same command resumes.
+    """
+    from srdata.teacher_pass import teach
+
+    given = given_flags(flags)
+    if "teacher" not in given:
+        raise click.UsageError("--teacher is required")
+    if quiet:
+        silence_library_progress()
+    try:
+        with run_errors():
+            result = teach(nest(given, TEACH_SECTIONS), run=run_dir, progress=not quiet, echo=None if quiet else click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the finished shards are saved in {run_dir / 'teacher'}; run the same command again to resume", err=True)
+        sys.exit(130)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+    if not quiet:
+        rows = result.manifest["counts"]["rows_taught"]
+        click.echo(f"taught {rows} rows; next: srdata export {run_dir} --rank-by teachable")
 
 
 @main.command("export", epilog="Example:\n\n\b\n  srdata export runs/dolly\n  srdata export runs/dolly --stages 4 --keep 4 --layout disjoint --format jsonl --out runs/dolly/pocl")

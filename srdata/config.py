@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS
 from srdata.curriculum.cut import Format, Layout
@@ -238,8 +238,43 @@ class ReportConfig(ShareCheckConfig):
     examples: int = Field(default=5, ge=0, description="Easiest and hardest rows shown.")
 
 
+class TeacherConfig(_Section):
+    """``srdata teach``: the teacher, and what its pass stores."""
+
+    teacher: str = Field(description="The teacher: a save_pretrained folder (or hub id) that shares the student's tokenizer.")
+    top_k: int = Field(
+        default=0, ge=0,
+        description="Also store the teacher's top-K log-probs at every reference position under RUN/teacher/, for "
+        "`srd-distill --teacher-logits` (0 = teacher_ce_loss only; 64 is a good start).",
+    )
+    overwrite: bool = Field(default=False, description="Replace an earlier teach pass of another teacher or top-K.")
+
+
+class TeachConfig(_Section):
+    """Everything ``srdata teach`` runs with: the teacher, and where and how it runs (the student's sections).
+
+    ``model.model`` is the teacher; the encoding settings (template, token limits) are the
+    scored run's own and cannot be changed here.
+    """
+
+    teach: TeacherConfig
+    model: ModelConfig
+    batching: BatchingConfig = BatchingConfig()
+    engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_is_the_model(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("teach"), dict) and "teacher" in values["teach"]:
+            values = {**values, "model": {**values.get("model", {}), "model": values["teach"]["teacher"]}}
+        return values
+
+
 SECTIONS: dict[str, type[_Section]] = {
     name: field.annotation for name, field in ScoreConfig.model_fields.items()  # type: ignore[misc]
+}
+TEACH_SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation for name, field in TeachConfig.model_fields.items()  # type: ignore[misc]
 }
 # Settings that change speed or memory but not a single output value: a run may be
 # resumed with other values of these (for example a smaller batch after running out of memory).
@@ -258,7 +293,7 @@ PERFORMANCE_ONLY = {
 }
 
 
-def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def nest(flat: dict[str, Any], sections: dict[str, type[_Section]] | None = None) -> dict[str, dict[str, Any]]:
     """Place flat keys (``max_new_tokens``, ``max-new-tokens``) in the section that owns them.
 
     A setting given twice (flat and inside its section, or as ``max_new_tokens`` and
@@ -268,6 +303,7 @@ def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
         >>> nest({"max_new_tokens": 8, "model": {"model": "gpt2"}})
         {'generation': {'max_new_tokens': 8}, 'model': {'model': 'gpt2'}}
     """
+    sections = SECTIONS if sections is None else sections
     nested: dict[str, dict[str, Any]] = {}
     given_as: dict[tuple[str, str], str] = {}
 
@@ -278,15 +314,15 @@ def nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
         nested.setdefault(section, {})[name] = value
 
     for key, value in flat.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in sections and isinstance(value, dict):
             nested.setdefault(key, {})
             for name, inner in value.items():
                 place(key, str(name).replace("-", "_"), inner, f"{name!r} under {key!r}")
             continue
         name = key.replace("-", "_")
-        owners = [section for section, cls in SECTIONS.items() if name in cls.model_fields]
+        owners = [section for section, cls in sections.items() if name in cls.model_fields]
         if not owners:
-            known = sorted({f for cls in SECTIONS.values() for f in cls.model_fields})
+            known = sorted({f for cls in sections.values() for f in cls.model_fields})
             raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(known)}")
         place(owners[0], name, value, f"{key!r} at the top level")
     return nested

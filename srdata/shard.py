@@ -46,19 +46,9 @@ def score_shard(
     config: ScoreConfig, on_progress: Callable[[int, int], None] | None = None,
 ) -> pl.DataFrame:
     """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L (and the asked signals)."""
-    rendered = render_rows(rows, mapping, template, tokenizer)
-    valid = [i for i, r in enumerate(rendered) if r.invalid_reason is None]
+    rendered, valid, pairs = encode_shard(rows, shard, mapping, template, tokenizer, config)
     encoding = encoding_options(config, template, tokenizer)
-    pairs = encode_pairs(
-        tokenizer,
-        [rendered[i].prompt_text for i in valid],
-        [rendered[i].reference for i in valid],
-        max_reference_tokens=config.prompt.max_reference_tokens,
-        **encoding,
-    )
     prompt_ids = [p.prompt_ids for p in pairs]
-    if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
-        check_pair_lengths(prompt_ids, [p.reference_ids for p in pairs], [shard.start + i for i in valid], max_positions(config))
     eos_id = resolve_eos_id(tokenizer)  # the one appended to references; the model's own end ids also stop generation
     stop_ids = (eos_id, *(i for i in model_stop_ids(config.model.model) if i != eos_id))
     params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, stop_ids)
@@ -94,6 +84,28 @@ def score_shard(
             columns["ifd"][i] = instruction_following_difficulty(ce_losses[k], uncond_losses[k])
             columns["pmi"][i] = prompt_pmi(ce_losses[k], uncond_losses[k], len(pair.reference_ids))
     return pl.DataFrame(columns, schema=SHARD_SCHEMA)
+
+
+def encode_shard(
+    rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, config: ScoreConfig
+) -> tuple[list[Any], list[int], list[Any]]:
+    """Render and tokenize a shard's rows: ``(rendered rows, positions of the valid ones, their encoded pairs)``.
+
+    The one encoding of a run: the scoring pass and the teacher pass both call it, so the
+    teacher sees exactly the ids the student was scored on.
+    """
+    rendered = render_rows(rows, mapping, template, tokenizer)
+    valid = [i for i, r in enumerate(rendered) if r.invalid_reason is None]
+    pairs = encode_pairs(
+        tokenizer,
+        [rendered[i].prompt_text for i in valid],
+        [rendered[i].reference for i in valid],
+        max_reference_tokens=config.prompt.max_reference_tokens,
+        **encoding_options(config, template, tokenizer),
+    )
+    if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
+        check_pair_lengths([p.prompt_ids for p in pairs], [p.reference_ids for p in pairs], [shard.start + i for i in valid], max_positions(config))
+    return rendered, valid, pairs
 
 
 def instruction_following_difficulty(ce_loss: float, ce_loss_uncond: float) -> float:

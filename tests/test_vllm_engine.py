@@ -539,3 +539,43 @@ def test_cli_run_with_vllm_matches_transformers(engines, cli_rows, tmp_path, mon
     assert manifest["backend"] == "vllm"
 
 
+
+
+def test_teach_pass_with_vllm_matches_transformers(engines, cli_rows, tiny, tmp_path, monkeypatch):
+    """`srdata teach --backend vllm` (the real engine) gives the transformers backend's teacher_ce_loss and top-K."""
+    import shutil
+
+    import numpy as np
+    import polars as pl
+
+    import srdata
+
+    engines.close()  # one engine at a time: the teach pass builds its own
+    original = vb.VLLMBackend.from_pretrained.__func__
+    built: list[weakref.ref] = []
+
+    def eager(cls, model, **options):
+        backend = original(cls, model, **{**options, "enforce_eager": True, "engine_args": {"kv_cache_memory_bytes": 256 * MiB}})
+        built.append(weakref.ref(backend))
+        return backend
+
+    monkeypatch.setattr(vb.VLLMBackend, "from_pretrained", classmethod(eager))
+    run_hf = tmp_path / "hf"
+    srdata.score(dataset=str(cli_rows), model=str(tiny.path), output=str(run_hf), device="cpu", dtype="float32", max_new_tokens=4, progress=False)
+    run_vllm = tmp_path / "vllm"
+    shutil.copytree(run_hf, run_vllm)
+    srdata.teach(run=run_hf, teacher=str(tiny.path), top_k=5, backend="hf", device="cpu", dtype="float32", progress=False)
+    try:
+        srdata.teach(run=run_vllm, teacher=str(tiny.path), top_k=5, backend="vllm", dtype="float32", gpu_memory_utilization=0.1, progress=False)
+    finally:
+        for backend in (ref() for ref in built):
+            if backend is not None:
+                backend.close()
+    read = lambda run: pl.concat([pl.read_parquet(f) for f in sorted((run / "teacher" / "shards").glob("*.parquet"))]).sort("srd_id")
+    a, b = read(run_hf), read(run_vllm)
+    assert_ce_parity(b["teacher_ce_loss"].to_list(), a["teacher_ce_loss"].to_list(), "teach pass, vLLM vs transformers")
+    assert b["token_ids_sha256"].to_list() == a["token_ids_sha256"].to_list()
+    np.testing.assert_allclose(
+        np.concatenate(b["top_logprobs"].to_numpy()).astype(np.float32), np.concatenate(a["top_logprobs"].to_numpy()).astype(np.float32), atol=2e-3
+    )
+    assert json.loads((run_vllm / "teacher" / "manifest.json").read_text())["config"]["model"]["backend"] == "vllm"

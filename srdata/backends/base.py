@@ -16,6 +16,11 @@ import numpy as np
 ProgressCallback = Optional[Callable[[int, int], None]]
 
 
+def tokens_only(progress: ProgressCallback) -> ProgressCallback:
+    """``progress`` with the rows left out: for a pass whose rows another pass counts (scoring beside generation)."""
+    return None if progress is None else (lambda rows, tokens: progress(0, tokens))
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Decoding settings shared by all backends (greedy by default, as SRD's reference)."""

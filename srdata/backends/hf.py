@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores
+from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
 from srdata.backends.batching import bucket_batches, similar_length_groups
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class HFBackend:
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
     ) -> list[float]:
         """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
-        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, progress)]
+        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, tokens_only(progress))]
 
     def score_top_k(
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
@@ -148,7 +148,7 @@ class HFBackend:
             for i, scores in zip(batch, batch_scores):
                 results[i] = scores
             if progress:
-                progress(0, sum(lengths[i] for i in batch))
+                progress(len(batch), sum(lengths[i] for i in batch))
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()

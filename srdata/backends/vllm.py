@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores
+from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
 from srdata.backends.vllm_engine import (
     check_vllm_device,
     engine_kwargs,
@@ -388,29 +388,12 @@ class VLLMBackend:
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
     ) -> list[float]:
         """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
-        if len(prompt_ids) != len(reference_ids):
-            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
-        params = self._sampling_params(**scoring_sampling_kwargs())
-        losses: list[float] = []
-        for rows in _chunks(len(prompt_ids), self.score_chunk_rows):
-            prompts = []
-            for i in rows:
-                prompts.append(scoring_prompt(prompt_ids[i], reference_ids[i]))
-                self._check_length(i, len(prompts[-1]["prompt_token_ids"]), "prompt + reference")
-            outputs = self._run(prompts, params)
-            for i, output in zip(rows, outputs):
-                losses.append(mean_reference_nll(output.prompt_logprobs, len(prompt_ids[i]), reference_ids[i]))
-            del outputs  # the per-token log-probabilities are not kept
-            if progress:
-                progress(0, sum(len(p["prompt_token_ids"]) for p in prompts))
-        return losses
+        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, tokens_only(progress))]
 
     def score_top_k(
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
     ) -> list[ReferenceScores]:
         """Mean NLL of each reference and, with ``top_k > 0``, the top-K log-probs at each of its positions."""
-        if not top_k:
-            return [ReferenceScores(nll) for nll in self.score(prompt_ids, reference_ids, progress)]
         if len(prompt_ids) != len(reference_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
         params = self._sampling_params(**{**scoring_sampling_kwargs(), "prompt_logprobs": top_k})
@@ -420,10 +403,12 @@ class VLLMBackend:
             for i, prompt in zip(rows, prompts):
                 self._check_length(i, len(prompt["prompt_token_ids"]), "prompt + reference")
             for i, output in zip(rows, self._run(prompts, params)):
-                nll = mean_reference_nll(output.prompt_logprobs, len(prompt_ids[i]), reference_ids[i])
-                results.append(ReferenceScores(nll, *reference_top_k(output.prompt_logprobs, len(prompt_ids[i]), reference_ids[i], top_k)))
+                lps, n_prompt = output.prompt_logprobs, len(prompt_ids[i])
+                top = reference_top_k(lps, n_prompt, reference_ids[i], top_k) if top_k else (None, None)
+                results.append(ReferenceScores(mean_reference_nll(lps, n_prompt, reference_ids[i]), *top))
+            # the per-token log-probabilities are not kept beyond this chunk
             if progress:
-                progress(0, sum(len(p["prompt_token_ids"]) for p in prompts))
+                progress(len(rows), sum(len(p["prompt_token_ids"]) for p in prompts))
         return results
 
     # --------------------------------------------------------------- generation

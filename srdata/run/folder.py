@@ -457,15 +457,15 @@ class RunStore:
             written = {"sha256": file_sha256(tmp), "bytes": tmp.stat().st_size, "rows": frame.height}
         return written
 
-    def read_shards(self, records: list[ShardRecord]) -> pl.DataFrame:
-        """Every shard, each checked against its record (checksum, srd_id range); a mismatch is refused, named."""
+    def read_shards(self, records: list[ShardRecord], columns: list[str] | None = None) -> pl.DataFrame:
+        """Every shard (or these ``columns`` of it), checked against its record (checksum, srd_id range); a mismatch is refused, named."""
         missing = [r.file for r in records if not (self.dir / r.file).exists()]
         if missing:
             raise RunDirError(f"{self.dir} is missing finished shards: {', '.join(missing)}; re-run `srdata score` to finish them")
         frames = []
         for record in records:
             try:
-                frames.append(self._read_verified(record))
+                frames.append(self._read_verified(record, columns))
             except IntegrityError as err:
                 raise IntegrityError(f"{err}; run the same command again to recompute it") from None
         # Diagonal: shards written before a column existed (ce_loss_uncond, ifd, pmi) read it as null.
