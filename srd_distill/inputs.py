@@ -24,15 +24,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from srd_distill.errors import TrainingSetupError
 from srd_distill.schedules import PRESETS
 from srdata.run.folder import CURRICULUM_FILE
 from srdata.run.identity import model_identity
 from srdata.run.io import file_sha256
 
-__all__ = ["input_fingerprints", "diff_inputs", "refuse_pickle_only"]
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+__all__ = ["input_fingerprints", "diff_inputs"]
 
 
 def input_fingerprints(
@@ -115,27 +112,3 @@ def _diff_stage_files(before: Optional[dict[str, Any]], now: Optional[dict[str, 
                          f"(sha256 {(was or {}).get('sha256', 'none')[:12]}... -> {new['sha256'][:12]}...): "
                          "the curriculum was exported again or edited")
     return lines
-
-
-def refuse_pickle_only(model: str, role: str) -> None:
-    """Refuse a model folder whose weights exist only as pickle files (``pytorch_model.bin``, ``*.pt``).
-
-    Loading a pickle can run code that the file carries; srd-distill loads safetensors only.
-
-    Example:
-        >>> refuse_pickle_only("gpt2", "teacher")   # a hub id: from_pretrained(use_safetensors=True) decides
-    """
-    folder = Path(model)
-    if not folder.is_dir():
-        return
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    if any(name.endswith(".safetensors") for name in names):
-        return
-    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES) and name != "training_args.bin"]
-    if pickles:
-        raise TrainingSetupError(
-            f"the {role} {folder} holds only pickle weights ({', '.join(pickles)}); srd-distill loads only safetensors, "
-            "because loading a pickle can run code it carries. If you trust the file, convert it once: python -c "
-            f"\"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}')\" "
-            "(writes model.safetensors beside it), then pass the same folder again"
-        )

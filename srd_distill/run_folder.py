@@ -232,7 +232,9 @@ def check_output_folder(run_dir: Path, *, overwrite: bool, locked: bool = False)
     except RunFolderError as err:
         record, damaged = None, err
     ours = our_checkpoints(run_dir)
-    is_run = bool(ours) or bool(record) and is_run_record(record)
+    # A readable run.json decides (another tool's is foreign, whatever else is there); without
+    # one, srd-distill's marked checkpoints show the folder is a run of ours.
+    is_run = is_run_record(record) if record else bool(ours)
     if not is_run:
         foreign = sorted(e.name for e in run_dir.iterdir() if not is_tool_file(e.name))
         if damaged is not None:
@@ -317,12 +319,12 @@ def prepare_run_folder(
     remove_empty_leftovers(run_dir)
     check_output_folder(run_dir, overwrite=overwrite, locked=True)
     if overwrite and run_dir.is_dir():
-        is_run = bool(our_checkpoints(run_dir)) or (run_dir / RUN_FILE).is_file()  # check_output_folder refused any other
+        # check_output_folder refused any folder that is not a run of ours: its run.json (read
+        # as srd-distill's, or damaged beside marked checkpoints) and metrics are ours to remove.
         for folder in our_checkpoints(run_dir):
             remove_checkpoint(folder)
-        if is_run:
-            for name in (RUN_FILE, METRICS_FILE):
-                (run_dir / name).unlink(missing_ok=True)
+        for name in (RUN_FILE, METRICS_FILE):
+            (run_dir / name).unlink(missing_ok=True)
     previous = read_run_record(run_dir)
     if previous:
         differences = run_folder.diff_settings(previous.get("settings", {}), settings, ignore=RESUMABLE_WITH_OTHER_VALUES,

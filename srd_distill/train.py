@@ -63,11 +63,12 @@ from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkp
 from srd_distill.objective import LossSpec, batch_objective, evaluate
 from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done, stage_notes
 from srd_distill.checkpoints import verify_checkpoint
-from srd_distill.inputs import input_fingerprints, refuse_pickle_only
+from srd_distill.inputs import input_fingerprints
 from srd_distill.resume import StagePosition, restore_step, save_step_checkpoint
 from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, check_output_folder, finish_stage, package_versions,
                                     partial_folder, prepare_run_folder, read_run_record, read_stage_info, recorded_settings, stage_folder,
-                                    steps_done, utc_now, write_run_record)
+                                    step_folders, steps_done, utc_now, write_run_record)
+from srdata.run.identity import UnsafeWeightsError, require_safetensors
 from srdata.run.io import FolderLock, remove_stale_temps, verify_file
 from srd_distill.settings import TrainSettings, build_settings
 from srd_distill.stages import BASELINE_EPOCHS, StagePlan, StageResult, TrainResult, plan_stages
@@ -116,7 +117,10 @@ def train(
         raise TrainingSetupError(f"eval file {s.eval_file} does not exist")
     device, dtype = resolve_precision(s.device, s.dtype)
     for role, model in (("teacher", s.teacher), ("student", s.student)):
-        refuse_pickle_only(model, role)
+        try:
+            require_safetensors(model)  # pickle weights can run code when loaded: refused, with how to convert
+        except UnsafeWeightsError as err:
+            raise TrainingSetupError(f"the {role}: {err}") from None
 
     # 2. One tokenizer for both models, checked.
     probe = read_pairs(plans[0].data_file)[0].head(16)
@@ -170,8 +174,8 @@ def train(
             say(f"teacher in {dtype_names['teacher_dtype']} ({teacher_dtype_reason}); student weights in float32, "
                 f"compute in {dtype_names['dtype']}, checkpoints in {dtype_names['save_dtype']}")
             teacher_head = plan_lm_head(teacher, vocab_size, "teacher") if s.fused_head else None
-        resumed_stage = min(set(range(len(plans))) - finished, default=None)
-        metrics = MetricsLog(run_dir / METRICS_FILE, point.elapsed, lines={resumed_stage: point.metrics_lines} if resumed_stage is not None else None)
+        next_stage = min(set(range(len(plans))) - finished, default=-1)  # its lines before its step checkpoint are kept
+        metrics = MetricsLog(run_dir / METRICS_FILE, point.elapsed, lines={next_stage: point.metrics_lines})
         ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say,
                          len(plans), teacher_head, save_dtype, global_step=steps_done(run_record["stages_finished"]),
                          resume_from=point.step_checkpoint)
@@ -190,7 +194,7 @@ def train(
                     say(f"stopping before stage {plan.index} as asked (stop_after_stage={s.stop_after_stage}); rerun without it to continue")
                     break
                 start_from = s.student if plan.index == 0 else stage_folder(run_dir, plan.index - 1)
-                if plan.index > 0 and plan.index - 1 not in finished:  # those were verified a moment ago
+                if plan.index > 0 and plan.index - 1 not in finished:  # stages finished before were verified on resume
                     verify_checkpoint(stage_folder(run_dir, plan.index - 1), fix=f"move {start_from} away and run the same "
                                       f"command again to retrain stage {plan.index - 1}, or pass --overwrite to start over")
                 current = plan.index
@@ -201,7 +205,9 @@ def train(
                 write_run_record(run_dir, run_record, "running")
         except KeyboardInterrupt as interrupt:
             write_run_record(run_dir, run_record, "interrupted")
-            raise TrainingInterrupted(interrupted_message(run_dir, [r.stage for r in results], current, ctx.saved_step)) from interrupt
+            saved = step_folders(run_dir, current) if current is not None else []  # what a rerun will resume from
+            raise TrainingInterrupted(interrupted_message(run_dir, [r.stage for r in results], current,
+                                                          saved[-1][1] if saved else 0)) from interrupt
         finally:
             metrics.close()
         write_run_record(run_dir, run_record, status)
@@ -246,7 +252,7 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
     if resumed:  # continue where the step checkpoint left: weights, AdamW, RNG, data position
         at = restore_step(ctx.resume_from, student=student, optimizer=optimizer, scaler=scaler, shuffle=shuffle,
                           partial=partial, expected=at)
-        ctx.resume_from, ctx.global_step, ctx.saved_step = None, at.global_step, at.step
+        ctx.resume_from, ctx.global_step = None, at.global_step
     notes = stage_notes(flagged=flagged, dropped=data.dropped_rows, loss_source=spec.source,
                         gradient_checkpointing=s.gradient_checkpointing)
     ctx.echo(stage_banner(plan.index, ctx.n_stages, rows=n_rows, file_name=plan.data_file.name, epochs=plan.epochs, steps=total_steps,
@@ -301,7 +307,6 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
                 started = time.perf_counter()
                 save_step_checkpoint(ctx.run_dir, plan.index, at, student=student, optimizer=optimizer, scaler=scaler, shuffle=shuffle,
                                      metrics_lines=ctx.metrics.lines.get(plan.index, 0), partial=partial)
-                ctx.saved_step = at.step
         resumed = False
 
         # End of an epoch (or of the step budget): evaluate and keep the best weights.
@@ -335,7 +340,6 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
         "best_eval_rouge_l": at.best_rouge, "seconds": seconds, "fused_head": spec.fused,
     }
     checkpoint = finish_stage(ctx.run_dir, plan.index, info)
-    ctx.saved_step = 0
     ctx.echo(stage_done(plan.index, at.step, seconds, checkpoint, peak_memory_text(ctx.device)))
     ctx.stage_records.append(info)
     del student, optimizer
@@ -368,4 +372,3 @@ class RunContext:
     global_step: int = 0
     stage_records: list[dict[str, Any]] = field(default_factory=list)
     resume_from: Optional[Path] = None  # the verified step checkpoint the first stage to train continues from
-    saved_step: int = 0  # steps of the current stage in its latest step checkpoint (the Ctrl-C message says so)

@@ -191,6 +191,56 @@ def test_damaged_checkpoints_and_records_are_refused_with_the_file_named(models,
     assert json.loads(run_json.read_text())["status"] == "complete"
 
 
+def test_an_interrupted_stage_resumes_from_its_step_checkpoint_and_a_damaged_one_is_refused(models, curriculum, eval_file,
+                                                                                            tmp_path, monkeypatch):
+    import srd_distill.train as train_module
+    from srd_distill.errors import TrainingInterrupted
+
+    out = tmp_path / "run"
+    # Stage 1: 10 rows in steps of 2, 2 epochs = 10 steps; stopped right after the step checkpoint of step 6,
+    # in epoch 1, once epoch 0's evaluation has saved its best weights (the checkpoint keeps them too).
+    run = settings(models, curriculum=str(curriculum), output=str(out), epochs=2, batch_size=2, checkpoint_interval=2,
+                   eval_file=str(eval_file))
+    real_save = train_module.save_step_checkpoint
+
+    def ctrl_c_after_step_6_of_stage_1(run_dir, stage, position, **kwargs):
+        folder = real_save(run_dir, stage, position, **kwargs)
+        if (stage, position.step) == (1, 6):
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(train_module, "save_step_checkpoint", ctrl_c_after_step_6_of_stage_1)
+    with pytest.raises(TrainingInterrupted, match="stage 1 continues from its step checkpoint after step 6"):
+        train(run, progress=False)
+    monkeypatch.setattr(train_module, "save_step_checkpoint", real_save)
+    step = out / ".stage-1.step-6"
+    assert sorted(p.name for p in out.glob(".stage-1.step-*")) == [step.name]  # only the latest is kept
+    verify_checkpoint(step, fix="-")
+    assert {"student.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"} <= {p.name for p in step.iterdir()}
+    assert (step / "best" / "model.safetensors").is_file()  # epoch 0's best weights
+
+    # A flipped bit in the step checkpoint: refused, named, with the fix; then moved away as the message says.
+    kept = step.parent / "kept"
+    shutil.copytree(step, kept)
+    flip_bit(step / "optimizer.safetensors")
+    with pytest.raises(RunFolderError, match=rf"{step / 'optimizer.safetensors'} does not match the checksum .* move {step} away "
+                                             r"to restart stage 1 from its beginning"):
+        train(run, progress=False)
+    shutil.rmtree(step)
+    kept.rename(step)  # restored: "kept" was the user's copy, left alone by every run above
+
+    messages: list[str] = []
+    train(run, progress=False, echo=messages.append)
+    assert any(f"resuming stage 1 from its step checkpoint {step}" in m for m in messages), messages
+    assert any("=== stage 1 (2 of 3)" in m and "resumed after step 6" in m for m in messages), messages
+    straight = tmp_path / "straight"
+    train({**run, "output": str(straight), "checkpoint_interval": 0}, progress=False)
+    got, want = state(out), state(straight)
+    assert got["names"] == want["names"] and got["stages"] == want["stages"] and got["metrics"] == want["metrics"]
+    for stage, tensors in want["weights"].items():
+        assert all(torch.equal(tensors[k], got["weights"][stage][k]) for k in tensors), stage
+
+
 # ----------------------------------------------------------------------------- item 4: clear errors
 def test_clear_errors_for_a_file_output_and_pickle_only_models(models, curriculum, tmp_path):
     a_file = tmp_path / "notes.txt"
@@ -328,6 +378,7 @@ def state(out: Path) -> dict:
     return {"metrics": metrics, "stages": stages, "status": run["status"], "names": names, "weights": weights}
 
 
+@pytest.mark.slow
 def test_concurrent_trains_and_kills_end_as_a_clean_run(models, curriculum, eval_file, tmp_path):
     """Two `srd-distill train` started together on one --output, four times: each time exactly one is refused,
     naming the folder and the holder. The writer is SIGKILLed mid-write of stage 0's first step checkpoint,

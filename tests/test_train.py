@@ -222,7 +222,7 @@ def test_docstring_examples_of_the_training_modules():
     import doctest
     import importlib
 
-    for name in ("train", "step", "data", "stages", "run_folder"):
+    for name in ("train", "step", "data", "stages", "run_folder", "checkpoints", "inputs", "resume", "progress"):
         module = importlib.import_module(f"srd_distill.{name}")
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, name
