@@ -255,8 +255,13 @@ class FolderLock:
             ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError as err:  # a full disk: the lock is held, but say which file could not be written
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise WriteError(write_problem(err, path)) from err
         self._fd = fd
         return self
 
