@@ -10,7 +10,7 @@ The plan, fixed before any figure (committed with this script):
 * **Models**: the repro's quick teacher (Llama 3 x 96, 200 steps on clean pairs: an
   *imperfect* teacher, which is the regime the teachable ranking is for) and student
   (Llama 2 x 64, 150 warm-up steps), seed per run.
-* **Passes**: ``srdata score`` (student, 24 new tokens), ``srdata teach`` (teacher,
+* **Passes**: ``srdata score`` (student, 24 new tokens, the repro's 64 + 32 token limits), ``srdata teach`` (teacher,
   ``teacher_ce_loss``), then every candidate ranking in memory on the same annotated rows.
 * **Candidates** (RRF, k = 60): ``paper`` = ``rouge_l:desc,ce_loss:asc``;
   ``teach-1`` = ``teacher_ce_loss:asc,rouge_l:desc,ce_loss:asc``;
@@ -100,7 +100,7 @@ def run_seed(out: Path, seed: int) -> dict[str, dict[str, Any]]:
         warm_up_student(student, files.warmup, STUDENT, seed=seed)
     run = out / f"run-{seed}"
     srdata.score(dataset=str(files.train), model=str(student), output=str(run), device="cpu", dtype="float32",
-                 max_new_tokens=24, progress=False)
+                 max_new_tokens=24, max_prompt_tokens=64, max_reference_tokens=32, progress=False)
     srdata.teach(run=run, teacher=str(teacher), device="cpu", dtype="float32", progress=False)
     return evaluate(pl.read_parquet(run / "annotated.parquet"))
 
