@@ -156,7 +156,8 @@ class ScoreConfig(_Section):
 
 RANK_BY_HELP = (
     "Columns fused by reciprocal rank fusion, each with a direction and optional weight, or a preset: paper "
-    "(rouge_l:desc,ce_loss:asc) or noisy (ifd:asc:2,ce_loss:asc,pmi:desc; needs `srdata score --signals ifd`)."
+    "(rouge_l:desc,ce_loss:asc), noisy (ifd:asc:2,ce_loss:asc,pmi:desc; needs `srdata score --signals ifd`) or "
+    "teachable (teacher_ce_loss:asc:3,rouge_l:desc,ce_loss:asc; needs `srdata teach`)."
 )
 TIES_HELP = "input: ties by srd_id; reference: the authors' tools/rank.py order."
 

@@ -211,3 +211,19 @@ def test_smollm2_as_its_own_teacher_reproduces_its_cross_entropy(smollm2, shared
         assert kept["teacher_ce_loss"] == pytest.approx(nll, rel=1e-4)
         _, logprobs = row_top_k(kept["top_ids"], kept["top_logprobs"], kept["reference_tokens"], 8)
         np.testing.assert_allclose(logprobs, expected.topk(8, dim=-1).values.numpy(), atol=5e-3, rtol=2e-3)
+
+
+def test_rank_by_teachable_needs_and_uses_the_teacher_pass(scored_run, teacher_llama):
+    from srdata.steps.rank import RANK_PRESETS, RankingError
+
+    with pytest.raises(RankingError, match="written by the teacher pass: run `srdata teach RUN --teacher TEACHER` first"):
+        srdata.export_curriculum(scored_run, rank_by="teachable")
+    srdata.teach(run=scored_run, teacher=str(teacher_llama), device="cpu", progress=False)
+    folder = srdata.export_curriculum(scored_run, stages=3, keep=2, rank_by="teachable")
+    summary = json.loads((folder / "curriculum.json").read_text())
+    assert RANK_PRESETS["teachable"] == "teacher_ce_loss:asc:3,rouge_l:desc,ce_loss:asc"
+    # the row the teacher finds hardest is in the dropped part
+    annotated = pl.read_parquet(scored_run / "annotated.parquet").drop_nulls("teacher_ce_loss")
+    hardest = annotated.sort("teacher_ce_loss").tail(1)["srd_id"].item()
+    kept = pl.concat([pl.read_parquet(folder / s["file"]) for s in summary["stages"]])["srd_id"].to_list()
+    assert hardest not in kept

@@ -74,10 +74,11 @@ from srdata.steps.rank import (
     FUSED_COLUMN,
     ID_COLUMN,
     INVALID_COLUMN,
-    RankingError,
     RankKey,
+    RankingError,
     check_no_nan,
     format_rank_by,
+    missing_column,
     parse_rank_by,
     rank,
 )
@@ -250,9 +251,7 @@ def _check_keys_exist(schema: dict[str, Any], keys: Sequence[RankKey]) -> None:
     numeric = [c for c, t in schema.items() if t.is_numeric() and c != ID_COLUMN]
     for key in keys:
         if key.column not in schema:
-            raise RankingError(
-                f"--rank-by column {key.column!r} does not exist in the run; numeric columns: {', '.join(numeric) or 'none'}"
-            )
+            raise missing_column(key.column, numeric)
 
 
 def _rank_output_columns(frame: pl.DataFrame) -> list[str]:

@@ -8,11 +8,8 @@ Ties are resolved deterministically, in one of two ways (``ties=``):
 
 - ``"input"`` (default): at every step (each score, then the fused score) rows with equal
   values are ordered by ``srd_id`` ascending, that is by their position in the input.
-- ``"reference"``: the ordering of the authors' ``tools/rank.py``, a chain of stable
-  sorts where each sort starts from the order the previous one left: the first score
-  sorts the input order, the second score sorts the first score's order (so its ties
-  fall back on the first score's rank), and the fused score sorts the last score's order
-  (so ties in ``rrf`` fall back on the last score's rank, e.g. cross-entropy).
+- ``"reference"``: the authors' ``tools/rank.py``, a chain of stable sorts, each starting
+  from the order the previous left (ties in ``rrf`` fall back on the last score's rank).
 
 Everything is columnar (polars); ten million rows rank in a few seconds.
 """
@@ -27,15 +24,19 @@ from typing import Callable, Literal, Sequence, get_args
 import numpy as np
 import polars as pl
 
+from srdata.steps.teacher import TEACHER_COLUMNS
+
 TieMode = Literal["input", "reference"]
 TIE_MODES: tuple[str, ...] = get_args(TieMode)
 DEFAULT_RANK_BY = "rouge_l:desc,ce_loss:asc"
 #: Named rankings ``--rank-by`` accepts in place of a column list. ``paper`` is SRD's own
 #: (the default); ``noisy`` is the one measured to put the most corrupted references in the
 #: dropped quarter of real data (benchmarks/bench_noise.py); it needs ``srdata score --signals ifd``.
+#: ``teachable`` (needs ``srdata teach``) puts last what the teacher cannot do: benchmarks/bench_teachable.py.
 RANK_PRESETS: dict[str, str] = {
     "paper": DEFAULT_RANK_BY,
     "noisy": "ifd:asc:2,ce_loss:asc,pmi:desc",
+    "teachable": "teacher_ce_loss:asc:3,rouge_l:desc,ce_loss:asc",
 }
 #: Columns filled only when the run was scored with a ``--signals`` value, and that value.
 SIGNAL_COLUMNS = {"ce_loss_uncond": "ifd", "ifd": "ifd", "pmi": "ifd"}
@@ -172,11 +173,16 @@ def _check_settings(df: pl.DataFrame, keys: Sequence[RankKey], rrf_k: int, ties:
     numeric = [c for c, t in df.schema.items() if t.is_numeric() and c != ID_COLUMN]
     for key in keys:
         if key.column not in df.columns:
-            raise RankingError(
-                f"--rank-by column {key.column!r} does not exist; numeric columns available: {', '.join(numeric) or 'none'}"
-            )
+            raise missing_column(key.column, numeric, "")
         if key.column not in numeric:
             raise RankingError(f"--rank-by column {key.column!r} is {df.schema[key.column]}, not numeric")
+
+
+def missing_column(column: str, numeric: Sequence[str], where: str = " in the run") -> RankingError:
+    """The error for a ``--rank-by`` column the data lacks; a teacher-pass column says how to get it."""
+    if column in TEACHER_COLUMNS:
+        return RankingError(f"--rank-by column {column!r} is written by the teacher pass: run `srdata teach RUN --teacher TEACHER` first")
+    return RankingError(f"--rank-by column {column!r} does not exist{where}; numeric columns: {', '.join(numeric) or 'none'}")
 
 
 def _check_has_values(df: pl.DataFrame, keys: Sequence[RankKey]) -> None:
