@@ -10,7 +10,8 @@ interface (facts from vLLM 0.32.0 / 0.33.0, whose files below are identical):
   request's prompt ids and a live reference to its output-id list) and called as
   ``apply(logits)``.
 * **Model Runner V2** (``vllm/v1/worker/gpu/``, the default on CUDA since vLLM 0.29 for
-  every supported configuration): processors subclass
+  every supported configuration, the only runner from 0.34 on, whose interface is
+  unchanged there): processors subclass
   ``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor`` (vLLM >= 0.31); they are
   built as ``cls(vllm_config, req_states)``, told about each request with
   ``add_request(slot, sampling_params) -> bool`` (slots are recycled, there is no remove
@@ -19,8 +20,9 @@ interface (facts from vLLM 0.32.0 / 0.33.0, whose files below are identical):
   subclass its own base with a ``ValueError`` raised by ``vllm.LLM(...)`` itself.
 
 :class:`NoRepeatNGramLogitsProcessor` here subclasses **both** bases (the V2 one only
-where it exists) and dispatches on the constructor call, so one ``"module:Class"`` name
-(:data:`NGRAM_PROCESSOR_FQCN`) works whichever runner vLLM picks. Its V1 path is the
+where it exists, the V1 one only up to vLLM 0.33) and dispatches on the constructor
+call, so one ``"module:Class"`` name (:data:`NGRAM_PROCESSOR_FQCN`) works whichever
+runner vLLM picks. Its V1 path is the
 :class:`NGramBlocker` bookkeeping; its V2 path bans the same tokens with a few batched
 tensor operations on the device (no host sync without speculative decoding). All of that
 logic lives in plain functions taking objects shaped like vLLM's, so it is tested on a
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from srdata.backends.vllm_runner import INSTALL_HINT
+from srdata.backends.vllm_runner import INSTALL_HINT, V2_ONLY_SINCE, parse_version
 
 # Key of the per-request argument read by the n-gram logits processor.
 NGRAM_ARG = "srdata_no_repeat_ngram_size"
@@ -307,17 +309,29 @@ def apply_ngram_ban_v2(logits: Any, ctx: Any, req_states: Any, ngram_sizes: Any)
 
 
 # ------------------------------------------------------------------- the processor
+def v1_runner_removed() -> bool:
+    """Whether the installed vLLM has no V1 runner (>= 0.34), hence no V1 logits-processor base."""
+    import vllm
+
+    return parse_version(vllm.__version__) >= V2_ONLY_SINCE
+
+
 def _build_processor_class() -> type:
     """Define the processor against the installed vLLM (both runner bases where available)."""
     import numpy as np
     import torch
-    from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 
     try:  # vLLM >= 0.31
         from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
     except ImportError:
         V2LogitsProcessor = None
-    bases = (V1LogitsProcessor,) if V2LogitsProcessor is None else (V1LogitsProcessor, V2LogitsProcessor)
+    try:
+        from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+    except ImportError:
+        if V2LogitsProcessor is None or not v1_runner_removed():
+            raise  # a vLLM with a V1 runner must load its base: a partial install
+        V1LogitsProcessor = None  # vLLM >= 0.34: no V1 runner, no V1 base
+    bases = tuple(base for base in (V1LogitsProcessor, V2LogitsProcessor) if base is not None)
 
     class NoRepeatNGramLogitsProcessor(*bases):  # type: ignore[misc]
         """``no_repeat_ngram_size`` for requests with ``SamplingParams(extra_args={NGRAM_ARG: n})``.
