@@ -16,7 +16,7 @@ import torch
 
 from srd_distill.errors import TokenizerMismatchError, TrainingSetupError
 
-__all__ = ["load_tokenizer", "output_vocab_size", "check_same_tokenizer", "shared_tokenizer", "check_context"]
+__all__ = ["load_tokenizer", "output_vocab_size", "check_same_tokenizer", "shared_tokenizer", "student_tokenizer", "check_context"]
 
 
 def load_tokenizer(name: str, role: str) -> Any:
@@ -134,13 +134,25 @@ def shared_tokenizer(teacher: str, student: str, probe_texts: Sequence[str]) -> 
     return tokenizer, vocab_size
 
 
-def check_context(student: torch.nn.Module, teacher: torch.nn.Module, longest: int) -> None:
+def student_tokenizer(student: str) -> tuple[Any, int]:
+    """The student's tokenizer and its size, its output layer checked to cover it (no teacher model: ``--teacher-logits``).
+
+    Example:
+        >>> tokenizer, vocab_size = student_tokenizer("./student")   # doctest: +SKIP
+    """
+    tokenizer = load_tokenizer(student, "student")
+    return tokenizer, check_same_tokenizer(tokenizer, tokenizer, (), None, output_vocab_size(student, "student"))
+
+
+def check_context(student: torch.nn.Module, teacher: Optional[torch.nn.Module], longest: int) -> None:
     """Refuse sequences longer than a model's position table (they would fail deep inside the forward pass).
 
     Example:
         >>> check_context(student, teacher, longest=2048)   # doctest: +SKIP
     """
     for role, model in (("student", student), ("teacher", teacher)):
+        if model is None:  # cached teacher logits: `srdata teach` checked the teacher's context
+            continue
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if isinstance(context, int) and longest > context:

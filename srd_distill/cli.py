@@ -28,6 +28,11 @@ Examples:
   srd-distill train --teacher ./gpt2-xl-sft --student ./gpt2 \\
       --data runs/dolly/annotated.parquet --output runs/kd-rkl-full --loss rkl
 \b
+  # KD from the teacher's top-64 cached once (no teacher in memory; tail beyond the top-K is one bucket)
+  srdata teach runs/dolly --teacher ./gpt2-xl-sft --top-k 64
+  srd-distill train --teacher-logits runs/dolly --student ./gpt2 \\
+      --curriculum runs/dolly/curriculum --output runs/kd-rkl-offline --loss rkl
+\b
   # a smoke run: 2 steps per stage, small batches, messages and the bar show what happens
   srd-distill train --teacher T --student S --curriculum OUT --output /tmp/smoke \\
       --epochs 1 --max-steps 2 --batch-size 4 --log-every 1
@@ -53,12 +58,15 @@ def main() -> None:
 @config_options(TrainSettings, require=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
 def train(quiet: bool, **flags: Any) -> None:
-    """Distil TEACHER into STUDENT stage by stage on an SRD curriculum, or on --data (the baseline).
+    """Distil TEACHER (or its cached top-K, --teacher-logits) into STUDENT stage by stage on an SRD curriculum, or on --data.
 
     Each stage starts from the previous stage's checkpoint with a fresh AdamW and cosine
     schedule. Rerunning the same command resumes after the last finished stage, from the
     next stage's last step checkpoint (--checkpoint-interval). One train per --output at a time.
     """
+    if (flags.get("teacher") is None) == (flags.get("teacher_logits") is None):  # one of the two, as a usage error
+        raise click.UsageError("give --teacher MODEL (run at every step) or --teacher-logits RUN (its top-K cached by "
+                               "`srdata teach RUN --teacher MODEL --top-k K`), not both or neither")
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     if quiet:
         from srdata.cli import silence_library_progress

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -52,12 +52,14 @@ log = logging.getLogger(__name__)
 TEXT_COLUMN_PAIRS = (("prompt_text", "reference_text"), ("prompt", "response"), ("prompt", "completion"))
 
 
-def read_pairs(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, int]:
+def read_pairs(path: str | os.PathLike[str], *, srd_ids: bool = False) -> tuple[pl.DataFrame, int]:
     """Read ``prompt_text``/``reference_text`` pairs from a parquet/jsonl/json file.
 
     Columns ``prompt``/``response`` or ``prompt``/``completion`` are accepted too. Rows
     that srdata flagged as invalid (``invalid_reason`` set) are left out; their count is
     returned alongside the pairs. Any other missing prompt or reference is an error.
+    With ``srd_ids``, the rows' ``srd_id`` column is kept too (``--teacher-logits`` looks the
+    cached teacher up by it); a file without one is refused.
 
     Example:
         >>> pairs, flagged = read_pairs("runs/dolly/annotated.parquet")   # doctest: +SKIP
@@ -88,11 +90,19 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, int]:
         valid = frame["invalid_reason"].is_null()
         flagged = int((~valid).sum())
         frame = frame.filter(valid)
-    pairs = frame.select(pl.col(columns[0]).alias("prompt_text"), pl.col(columns[1]).alias("reference_text"))
-    missing = pairs.with_row_index("row").filter(pl.col("prompt_text").is_null() | pl.col("reference_text").is_null())
+    if srd_ids and "srd_id" not in frame.columns:
+        raise TrainingSetupError(
+            f"data file {path} has no srd_id column: --teacher-logits looks each row's cached teacher up by its srd_id; "
+            "train on the run's annotated.parquet or a stage file of its export (`srdata export RUN`)"
+        )
+    pairs = frame.select(pl.col(columns[0]).alias("prompt_text"), pl.col(columns[1]).alias("reference_text"),
+                         *([pl.col("srd_id").cast(pl.Int64)] if srd_ids else []))
+    missing = pairs.with_row_index("row").filter(pl.col("prompt_text").is_null() | pl.col("reference_text").is_null()
+                                                 | (pl.col("srd_id").is_null() if srd_ids else pl.lit(False)))
     if missing.height:
         rows = ", ".join(str(r) for r in missing["row"].head(10).to_list())
-        raise TrainingSetupError(f"data file {path}: {missing.height} row(s) have no prompt or reference (rows {rows}); fix or drop them")
+        what = "prompt, reference or srd_id" if srd_ids else "prompt or reference"
+        raise TrainingSetupError(f"data file {path}: {missing.height} row(s) have no {what} (rows {rows}); fix or drop them")
     if pairs.height == 0:
         raise TrainingSetupError(f"data file {path} holds no usable rows")
     return pairs, flagged
@@ -179,6 +189,7 @@ class Example:
 
     input_ids: list[int]
     prompt_length: int
+    cache_start: int = -1  # --teacher-logits: the position of its first scored token in the cached top-K (TeacherLogits.align)
 
     @property
     def scored_tokens(self) -> int:
@@ -193,11 +204,21 @@ class EncodedData:
     references: list[str]
     dropped_rows: int  # prompt fills max_length: no reference token left to learn from
     cut_rows: int  # reference cut by max_length
+    # With srd_ids (--teacher-logits), per example: its srd_id, the token_ids_digest of its whole
+    # prompt + reference (before the max_length cut) and the reference's length then.
+    srd_ids: list[int] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    reference_lengths: list[int] = field(default_factory=list)
 
 
 def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings, max_length: int) -> EncodedData:
-    """Token ids of every pair by srdata's rules (:func:`srdata.encode_pairs`), cut to ``max_length``."""
+    """Token ids of every pair by srdata's rules (:func:`srdata.encode_pairs`), cut to ``max_length``.
+
+    When ``pairs`` has an ``srd_id`` column, each kept row's id and the digest of its ids
+    (:func:`srdata.steps.teacher.token_ids_digest`) are recorded too.
+    """
     from srdata.steps.prompts import chat_affixes
+    from srdata.steps.teacher import token_ids_digest
     from srdata.steps.tokenize import encode_pairs
 
     prompts, references = pairs["prompt_text"].to_list(), pairs["reference_text"].to_list()
@@ -215,7 +236,8 @@ def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings,
             keep=keep,
         )
     data = EncodedData([], [], [], 0, 0)
-    for pair, reference in zip(encoded, references):
+    srd_ids = pairs["srd_id"].to_list() if "srd_id" in pairs.columns else None
+    for row, (pair, reference) in enumerate(zip(encoded, references)):
         ids = (pair.prompt_ids + pair.reference_ids)[:max_length]
         example = Example(ids, len(pair.prompt_ids))
         if example.scored_tokens < 1:
@@ -225,18 +247,23 @@ def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings,
         data.examples.append(example)
         data.prompt_ids.append(pair.prompt_ids)
         data.references.append(reference)
+        if srd_ids is not None:
+            data.srd_ids.append(srd_ids[row])
+            data.digests.append(token_ids_digest(pair.prompt_ids, pair.reference_ids))
+            data.reference_lengths.append(len(pair.reference_ids))
     return data
 
 
-def encode_file(path: str | os.PathLike[str], tokenizer: Any, encoding: EncodingSettings, max_length: int) -> tuple[EncodedData, int]:
+def encode_file(path: str | os.PathLike[str], tokenizer: Any, encoding: EncodingSettings, max_length: int,
+                *, srd_ids: bool = False) -> tuple[EncodedData, int]:
     """:func:`read_pairs` then :func:`encode_data`; refuses a file where no row has a reference token left to learn.
 
-    Returns the encoded rows and the count of flagged rows left out.
+    Returns the encoded rows and the count of flagged rows left out; ``srd_ids`` as in :func:`read_pairs`.
 
     Example:
         >>> data, flagged = encode_file("runs/dolly/curriculum/stage-0.parquet", tok, encoding, 512)   # doctest: +SKIP
     """
-    pairs, flagged = read_pairs(path)
+    pairs, flagged = read_pairs(path, srd_ids=srd_ids)
     data = encode_data(pairs, tokenizer, encoding, max_length)
     if not data.examples:
         raise TrainingSetupError(f"{path}: no row has a reference token within max_length={max_length}")
@@ -249,10 +276,17 @@ class Batch:
     attention_mask: torch.Tensor  # 1 = real token
     response_mask: torch.Tensor  # 1 = reference token (end-of-sequence included)
     scored_tokens: int
+    # --teacher-logits: the cached teacher's (scored tokens, K) ids and log-probs, in the order of response_mask[:, 1:].nonzero()
+    top_ids: Optional[torch.Tensor] = None
+    top_logprobs: Optional[torch.Tensor] = None
 
 
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> Batch:
-    """Right-pad a list of examples into tensors (positions equal those of unpadded runs)."""
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device, top_k: Any = None) -> Batch:
+    """Right-pad a list of examples into tensors (positions equal those of unpadded runs).
+
+    ``top_k``: a :class:`~srd_distill.teacher_logits.TeacherLogits` the examples were aligned
+    with; the batch then carries their cached top-K (:meth:`~srd_distill.teacher_logits.TeacherLogits.lookup`).
+    """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -262,8 +296,10 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> B
         input_ids[row, :n] = torch.tensor(example.input_ids)
         attention_mask[row, :n] = 1
         response_mask[row, example.prompt_length : n] = True
+    top_ids, top_logprobs = top_k.lookup(examples, device) if top_k is not None else (None, None)
     return Batch(
-        input_ids.to(device), attention_mask.to(device), response_mask.to(device), sum(e.scored_tokens for e in examples)
+        input_ids.to(device), attention_mask.to(device), response_mask.to(device), sum(e.scored_tokens for e in examples),
+        top_ids, top_logprobs,
     )
 
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -61,6 +61,7 @@ from srd_distill.divergences import KDLossName
 from srd_distill.kd_chunks import (
     MAX_AUTO_CHUNK_TOKENS,
     ChunkLossSettings,
+    ChunkTerms,
     PassResult,
     check_chunk_size,
     chunk_terms,
@@ -79,6 +80,7 @@ __all__ = [
     "head_weights",
     "fused_kd_objective",
     "resolve_fused_chunk_size",
+    "student_head_pass",
 ]
 
 log = logging.getLogger(__name__)
@@ -230,37 +232,43 @@ def _matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _fused_pass(
+#: ``terms_of(start, stop, z_student, cdtype, need_grad)``: the chunk's :class:`~srd_distill.kd_chunks.ChunkTerms`
+#: from the student's post-processed logits of scored tokens ``start:stop`` (the teacher side is the caller's).
+ChunkTermsOf = Callable[[int, int, Tensor, torch.dtype, bool], ChunkTerms]
+
+
+def student_head_pass(
     h_s: Tensor,
     w_s: Tensor,
     b_s: Optional[Tensor],
-    h_t: Tensor,
-    w_t: Tensor,
-    b_t: Optional[Tensor],
-    targets: Tensor,
     *,
     post_s: LogitPostprocess,
-    post_t: LogitPostprocess,
     vocab_size: int,
     chunk_size: int,
     settings: ChunkLossSettings,
     grad_hidden: bool,
     grad_head: bool,
+    terms_of: ChunkTermsOf,
+    teacher_dtype: torch.dtype = torch.float32,
 ) -> PassResult:
-    """Values and the gradients of the student's hidden states, head weight and bias, chunk by chunk."""
+    """The student's side of a fused pass: project a chunk of hidden states, ask ``terms_of`` for its loss terms and
+    logit gradient, turn that into gradients of the hidden states, head weight and bias; chunk after chunk.
+
+    ``teacher_dtype`` is the dtype of the teacher's logits, which with the student's decides the compute dtype.
+    Returns the pass's means and the gradients of ``(h_s, w_s, b_s)``. The online teacher (:func:`fused_kd_objective`)
+    and the cached top-K teacher (:mod:`srd_distill.sparse_kd`) both run through it.
+    """
     n = h_s.shape[0]
     inv_n = 1.0 / max(n, 1)
     need_grad = grad_hidden or grad_head
-    terms_settings = settings._asdict()
-    mm_s, mm_t = _matmul_dtype(h_s, w_s), _matmul_dtype(h_t, w_t)
+    mm_s = _matmul_dtype(h_s, w_s)
     with torch.autocast(h_s.device.type, enabled=False):  # dtypes are chosen explicitly below
-        # Heads sliced to the shared vocabulary (padded rows are never read) and cast once
-        # to the matmul dtype (no copy when it is theirs already).
-        ws, wt = w_s[:vocab_size].to(mm_s), w_t[:vocab_size].to(mm_t)
+        # The head sliced to the shared vocabulary (padded rows are never read) and cast once
+        # to the matmul dtype (no copy when it is its own already).
+        ws = w_s[:vocab_size].to(mm_s)
         bs = b_s[:vocab_size].to(mm_s) if b_s is not None else None
-        bt = b_t[:vocab_size].to(mm_t) if b_t is not None else None
-        hs, ht = h_s.to(mm_s), h_t.to(mm_t)
-        cdtype = torch.promote_types(torch.promote_types(mm_s, mm_t), torch.float32)
+        hs = h_s.to(mm_s)
+        cdtype = torch.promote_types(torch.promote_types(mm_s, teacher_dtype), torch.float32)
         acc_dtype = torch.promote_types(w_s.dtype, torch.float32)
         ce_sum = torch.zeros((), dtype=cdtype, device=h_s.device)
         kd_sum = torch.zeros((), dtype=cdtype, device=h_s.device)
@@ -272,15 +280,10 @@ def _fused_pass(
             stop = min(start + chunk_size, n)
             x_s = hs[start:stop]
             z_s = torch.nn.functional.linear(x_s, ws, bs).to(cdtype)
-            z_t = torch.nn.functional.linear(ht[start:stop], wt, bt).to(cdtype)
             post_s.apply_(z_s)
-            post_t.apply_(z_t)
-            terms = chunk_terms(
-                z_s, z_t, targets[start:stop], cdtype=cdtype, n_scored=n, need_grad=need_grad, **terms_settings
-            )
+            terms = terms_of(start, stop, z_s, cdtype, need_grad)
             ce_sum += terms.ce_sum
             kd_sum += terms.kd_sum
-            del z_t
             if terms.grad is not None:
                 dz = post_s.chain_(terms.grad, z_s).to(mm_s)  # d loss / d raw head output, (chunk, vocab)
                 if g_h is not None:
@@ -300,8 +303,43 @@ def _fused_pass(
         grad_weight = g_w.to(w_s.dtype) if vocab_size == w_s.shape[0] else _pad_rows(g_w, w_s)
     if g_b is not None and b_s is not None:
         grad_bias = g_b.to(b_s.dtype) if vocab_size == b_s.shape[0] else _pad_rows(g_b, b_s)
-    grads = (g_h, grad_weight, grad_bias, None, None, None, None)  # one per input: only the student's
-    return PassResult(ce_sum * inv_n, kd_sum * (settings.factor * inv_n), grads)
+    return PassResult(ce_sum * inv_n, kd_sum * (settings.factor * inv_n), (g_h, grad_weight, grad_bias))
+
+
+def _fused_pass(
+    h_s: Tensor,
+    w_s: Tensor,
+    b_s: Optional[Tensor],
+    h_t: Tensor,
+    w_t: Tensor,
+    b_t: Optional[Tensor],
+    targets: Tensor,
+    *,
+    post_s: LogitPostprocess,
+    post_t: LogitPostprocess,
+    vocab_size: int,
+    chunk_size: int,
+    settings: ChunkLossSettings,
+    grad_hidden: bool,
+    grad_head: bool,
+) -> PassResult:
+    """Values and the gradients of the student's hidden states, head weight and bias, chunk by chunk."""
+    n = h_s.shape[0]
+    terms_settings = settings._asdict()
+    mm_t = _matmul_dtype(h_t, w_t)
+    with torch.autocast(h_s.device.type, enabled=False):
+        wt = w_t[:vocab_size].to(mm_t)
+        bt = b_t[:vocab_size].to(mm_t) if b_t is not None else None
+        ht = h_t.to(mm_t)
+
+    def teacher_terms(start: int, stop: int, z_s: Tensor, cdtype: torch.dtype, need_grad: bool) -> ChunkTerms:
+        z_t = torch.nn.functional.linear(ht[start:stop], wt, bt).to(cdtype)
+        post_t.apply_(z_t)
+        return chunk_terms(z_s, z_t, targets[start:stop], cdtype=cdtype, n_scored=n, need_grad=need_grad, **terms_settings)
+
+    result = student_head_pass(h_s, w_s, b_s, post_s=post_s, vocab_size=vocab_size, chunk_size=chunk_size, settings=settings,
+                               grad_hidden=grad_hidden, grad_head=grad_head, terms_of=teacher_terms, teacher_dtype=mm_t)
+    return PassResult(result.ce, result.kd, (*result.grads, None, None, None, None))  # one per input: only the student's
 
 
 def _pad_rows(grad: Tensor, like: Tensor) -> Tensor:

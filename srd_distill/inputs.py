@@ -8,6 +8,9 @@ edited with its mtime kept are other inputs.
 
 * the teacher and the student: :func:`srdata.run.identity.model_identity` (configs,
   tokenizer files and weights of the folder; a hub id by its name);
+* cached teacher logits (``--teacher-logits RUN``) instead of a teacher: the teach pass's
+  teacher identity, K, the scoring it was made for and the checksum of every shard
+  (:func:`srd_distill.teacher_logits.open_teacher_logits`);
 * a curriculum: the SHA-256 of each stage file (checked against ``curriculum.json`` when
   the run is planned; ``curriculum.json`` itself is recorded but not compared, since a
   re-export of the same stages writes another ``created_at``);
@@ -33,20 +36,25 @@ __all__ = ["input_fingerprints", "diff_inputs"]
 
 
 def input_fingerprints(
-    settings: dict[str, Any], stage_files: Sequence[tuple[int, Path, Optional[str]]], encoding: dict[str, Any]
+    settings: dict[str, Any], stage_files: Sequence[tuple[int, Path, Optional[str]]], encoding: dict[str, Any],
+    teacher_logits: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The content fingerprints of every input of a run, as ``run.json`` records them under ``"inputs"``.
 
     ``settings``: the run's settings (``TrainSettings.model_dump()``); ``stage_files``: each
     stage's (index, file, SHA-256 when already computed); ``encoding``: the encoding read from
-    the source run.
+    the source run; ``teacher_logits``: the cache's fingerprint when the teacher is cached.
 
     Example:
         >>> inputs = input_fingerprints(s.model_dump(), [(p.index, p.data_file, p.sha256) for p in plans], {})   # doctest: +SKIP
         >>> sorted(inputs)                                                                                    # doctest: +SKIP
         ['curriculum', 'encoding', 'student', 'teacher']
     """
-    inputs: dict[str, Any] = {"teacher": model_identity(settings["teacher"]), "student": model_identity(settings["student"])}
+    inputs: dict[str, Any] = {"student": model_identity(settings["student"])}
+    if settings.get("teacher") is not None:
+        inputs["teacher"] = model_identity(settings["teacher"])
+    if teacher_logits is not None:
+        inputs["teacher_logits"] = teacher_logits
     if settings.get("curriculum") is not None:
         folder = Path(settings["curriculum"])
         summary = folder / CURRICULUM_FILE
@@ -86,6 +94,7 @@ def diff_inputs(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
                              f"{now['fingerprint']}): its weights, config or tokenizer files differ from the run's")
         elif before.get("name") != now.get("name") or before.get("fingerprint") != now.get("fingerprint"):
             lines.append(f"{role}: {before.get('name')} -> {now.get('name')}")
+    lines += _diff_teacher_logits(previous.get("teacher_logits"), current.get("teacher_logits"))
     lines += _diff_stage_files(previous.get("curriculum"), current.get("curriculum"))
     for key, label in (("data", "data file"), ("eval_file", "eval file"), ("schedule_file", "schedule file")):
         before, now = previous.get(key), current.get(key)
@@ -98,6 +107,18 @@ def diff_inputs(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if before_enc.get(key) != now_enc.get(key):
             lines.append(f"encoding {key} (from the source run's manifest): {before_enc.get(key)!r} -> {now_enc.get(key)!r}")
     return lines
+
+
+def _diff_teacher_logits(before: Optional[dict[str, Any]], now: Optional[dict[str, Any]]) -> list[str]:
+    """The cached teacher by content (its folder may move): teacher identity, K, the scoring it was made for, shards."""
+    if before is None or now is None:
+        return [] if before == now else ["teacher logits: " + ("none" if before is None else "given") + " -> " + ("none" if now is None else "given")]
+    keys = ("teacher", "top_k", "run_config_hash", "shards_sha256")
+    changed = [key for key in keys if before.get(key) != now.get(key)]
+    if not changed:
+        return []
+    return [f"teacher logits {now.get('folder')}: the cache changed ({', '.join(changed)} differ): the teach pass was redone "
+            "or its files replaced since the run began"]
 
 
 def _diff_stage_files(before: Optional[dict[str, Any]], now: Optional[dict[str, Any]]) -> list[str]:

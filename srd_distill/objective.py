@@ -2,9 +2,11 @@
 
 * :func:`batch_objective`: ``(1 - kd_ratio) * CE(student, reference) + kd_ratio *
   D_T(teacher || student)`` on one padded batch, from full logits or (fused LM head)
-  from the last hidden states a chunk of positions at a time.
+  from the last hidden states a chunk of positions at a time. The teacher is a model, or
+  its cached top-K carried by the batch (``--teacher-logits``, :mod:`srd_distill.sparse_kd`).
 * :func:`evaluate`: the same objective on the eval file (token-weighted means) and the
-  mean ROUGE-L of the student's greedy answers.
+  mean ROUGE-L of the student's greedy answers. With cached teacher logits the eval rows
+  have no teacher: only the student's CE (``kd_loss`` and ``loss`` are None).
 
 Example:
     >>> spec = LossSpec("fkl", temperature=1.0, kd_ratio=0.8, t2_scaling="none", vocab_size=512)   # doctest: +SKIP
@@ -42,14 +44,20 @@ class LossSpec:
     vocab_size: int  # the shared tokenizer size; padded output rows are sliced off
     student_head: Optional[HeadPlan] = None  # both fused: the loss is computed from hidden states
     teacher_head: Optional[HeadPlan] = None
+    sparse: bool = False  # the teacher is its cached top-K (--teacher-logits): only the student's head matters
 
     @property
     def fused(self) -> bool:
-        return bool(self.student_head and self.student_head.fused and self.teacher_head and self.teacher_head.fused)
+        student = bool(self.student_head and self.student_head.fused)
+        return student and (self.sparse or bool(self.teacher_head and self.teacher_head.fused))
 
     @property
     def source(self) -> str:
         """How the loss is computed, in words, for the stage banner."""
+        if self.sparse:
+            how = ("the student's hidden states (fused LM head)" if self.fused else "the student's full logits" +
+                   (f": {self.student_head.reason}" if self.student_head else " (--no-fused-head)"))
+            return f"KD from the cached teacher top-K (K + 1 buckets), no teacher loaded; loss from {how}"
         if self.fused:
             return "loss from hidden states (fused LM head)"
         if self.teacher_head is None:
@@ -59,16 +67,21 @@ class LossSpec:
 
 
 def batch_objective(
-    student: torch.nn.Module, teacher: torch.nn.Module, batch: Batch, spec: LossSpec, precision: contextlib.AbstractContextManager
+    student: torch.nn.Module, teacher: Optional[torch.nn.Module], batch: Batch, spec: LossSpec,
+    precision: contextlib.AbstractContextManager,
 ) -> Any:
     """``(1 - kd_ratio) * CE + kd_ratio * D_T`` on one batch; returns ``kd_objective``'s output.
 
     Fused (the default where both models allow it, see :mod:`srd_distill.fused_head`): the
     models stop at their last hidden states and the LM heads are applied a chunk of scored
     positions at a time inside the loss. Otherwise: full logits, then the chunked loss.
+    ``teacher`` None: the batch carries the teacher's cached top-K (or, without it, an empty
+    top-K: the KD term is 0 and only the CE is meaningful).
     """
     ids, attention = batch.input_ids, batch.attention_mask
     args = (spec.loss, spec.temperature, spec.kd_ratio, spec.t2_scaling)
+    if teacher is None:
+        return _sparse_objective(student, batch, spec, precision)
     if spec.fused:
         rows, cols = batch.response_mask[:, 1:].nonzero(as_tuple=True)  # hidden state t predicts token t + 1
         with torch.inference_mode(), precision:  # the teacher is a fixed target: no graph, no gradient
@@ -86,10 +99,32 @@ def batch_objective(
     return kd_objective(s, t, targets, mask, *args)  # type: ignore[arg-type]
 
 
+def _sparse_objective(student: torch.nn.Module, batch: Batch, spec: LossSpec, precision: contextlib.AbstractContextManager) -> Any:
+    """The objective with the teacher's cached top-K (:mod:`srd_distill.sparse_kd`)."""
+    from srd_distill.sparse_kd import fused_sparse_kd_objective, sparse_kd_objective
+
+    ids, attention = batch.input_ids, batch.attention_mask
+    args = (spec.loss, spec.temperature, spec.kd_ratio, spec.t2_scaling)
+    top_ids, top_logprobs = batch.top_ids, batch.top_logprobs
+    if top_ids is None or top_logprobs is None:  # rows without a cached teacher (the eval file): K = 0
+        top_ids = torch.zeros((batch.scored_tokens, 0), dtype=torch.long, device=ids.device)
+        top_logprobs = torch.zeros((batch.scored_tokens, 0), device=ids.device)
+    if spec.fused:
+        rows, cols = batch.response_mask[:, 1:].nonzero(as_tuple=True)
+        with precision:
+            student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
+        return fused_sparse_kd_objective(student_hidden, head_weights(student, spec.student_head), top_ids, top_logprobs,
+                                         ids[:, 1:][rows, cols], *args, vocab_size=spec.vocab_size)  # type: ignore[arg-type]
+    with precision:
+        student_logits = student(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    return sparse_kd_objective(student_logits[:, :-1, : spec.vocab_size], top_ids, top_logprobs, ids[:, 1:],
+                               batch.response_mask[:, 1:], *args)  # type: ignore[arg-type]
+
+
 
 def evaluate(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: Optional[torch.nn.Module],
     tokenizer: Any,
     data: EncodedData,
     spec: LossSpec,
@@ -100,7 +135,7 @@ def evaluate(
     pad_id: int,
     device: torch.device,
     precision: contextlib.AbstractContextManager,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Held-out objective (token-weighted means) and mean ROUGE-L of greedy answers.
 
     Generation goes through srdata's HF backend (greedy, stops at end-of-sequence), the
@@ -128,6 +163,8 @@ def evaluate(
             answers = backend.generate(data.prompt_ids, params)
     scores = rouge_l([a.text for a in answers], data.references, tokenizer=rouge_tokenizer)  # type: ignore[arg-type]
     student.train()
-    result = {key: value / max(tokens, 1) for key, value in sums.items()}
+    result: dict[str, Any] = {key: value / max(tokens, 1) for key, value in sums.items()}
+    if teacher is None:  # no teacher for the eval rows (cached logits cover the training rows only)
+        result["loss"] = result["kd_loss"] = None
     result["eval_rouge_l"] = sum(scores) / len(scores)
     return result

@@ -16,7 +16,7 @@ Guarantees:
   once, naming the holder (PID, host, since when). A killed process releases it.
 * **Content identity of the inputs.** ``run.json`` records fingerprints of the teacher, the
   student, the curriculum's stage files (or the ``--data`` file), the eval file, a schedule
-  file and the encoding (:mod:`srd_distill.inputs`); a rerun refuses to resume when one
+  file, the teacher's cached top-K (``--teacher-logits``) and the encoding (:mod:`srd_distill.inputs`); a rerun refuses to resume when one
   changed, naming it, as it refuses other settings.
 * **Checksums.** Every checkpoint folder is sealed with the SHA-256 of each of its files,
   written last (:mod:`srd_distill.checkpoints`), and verified before it is used: a
@@ -107,7 +107,9 @@ FORMAT_VERSION = 2  # 2: checksummed checkpoints, input fingerprints, step check
 # the loss of a step is the same token mean either way.)
 # fused_head and gradient_checkpointing likewise change the arithmetic's order, not the step.
 RESUMABLE_WITH_OTHER_VALUES = frozenset({"device", "grad_accum", "log_every", "stop_after_stage", "overwrite", "output",
-                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens", "checkpoint_interval"})
+                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens", "checkpoint_interval",
+                                         # the cache must hold exactly the K asked; run.json's inputs record it
+                                         "teacher_top_k"})
 STAGE_FOLDER_PATTERN = re.compile(r"stage-\d+")
 STEP_FOLDER_PATTERN = re.compile(r"\.stage-(?P<stage>\d+)\.step-(?P<step>\d+)")
 # Every checkpoint folder name this tool writes (finished, partial, step, step being written).
@@ -440,7 +442,7 @@ def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """
     values = dict(settings)
     values["output"] = str(Path(values["output"]).resolve())
-    for key in ("teacher", "student", "curriculum", "data", "eval_file"):
+    for key in ("teacher", "teacher_logits", "student", "curriculum", "data", "eval_file"):
         if values.get(key) is not None and Path(values[key]).exists():
             values[key] = str(Path(values[key]).resolve())
     if values["schedule"] not in PRESETS and Path(values["schedule"]).exists():

@@ -35,7 +35,18 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    teacher: str = Field(description="Teacher (frozen): a save_pretrained folder or hub id. Example: --teacher ./gpt2-xl-sft")
+    teacher: Optional[str] = Field(
+        default=None, description="Teacher (frozen): a save_pretrained folder or hub id; or give --teacher-logits instead. Example: --teacher ./gpt2-xl-sft"
+    )
+    teacher_logits: Optional[str] = Field(
+        default=None,
+        description="Instead of --teacher: a scored run whose teach pass cached the teacher's top-K log-probs "
+        "(`srdata teach RUN --teacher T --top-k K`); KD from them, no teacher loaded (the tail beyond the top-K is one "
+        "bucket). The data must come from that run (its annotated.parquet or export). Example: --teacher-logits runs/dolly",
+    )
+    teacher_top_k: Optional[int] = Field(
+        default=None, ge=1, description="With --teacher-logits: the K the cache must hold (default: the cache's). Example: --teacher-top-k 64"
+    )
     student: str = Field(description="Student to train, sharing the teacher's tokenizer. Example: --student ./gpt2")
     output: str = Field(description="Run folder: stage-N/ checkpoints, metrics.jsonl, run.json. Example: --output runs/kd")
     curriculum: Optional[str] = Field(
@@ -138,6 +149,13 @@ class TrainSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainSettings":
+        if (self.teacher is None) == (self.teacher_logits is None):
+            raise ValueError(
+                "give either teacher (a model, run at every step) or teacher_logits (a run with the teacher's cached top-K, "
+                "`srdata teach RUN --teacher T --top-k K`), not both or neither"
+            )
+        if self.teacher_top_k is not None and self.teacher_logits is None:
+            raise ValueError("teacher_top_k goes with teacher_logits (the K of the cached top-K); drop it with --teacher")
         if (self.curriculum is None) == (self.data is None):
             raise ValueError("give either curriculum (SRD stages) or data (the full-data baseline), not both or neither")
         if self.curriculum is not None and (self.kd_ratio is not None or self.temperature is not None):

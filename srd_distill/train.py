@@ -22,6 +22,13 @@ What a run does (``docs/SRD-METHOD.md``, Stage 2):
   student)``, both means over the response tokens of the batch (end-of-sequence included).
 * **Tokens**: prompt and reference are encoded by the rules ``srdata score`` used, with the
   prompt settings of the source run's ``manifest.json``, then cut to ``max_length`` tokens.
+* **Cached teacher** (``teacher_logits=RUN`` instead of ``teacher``): no teacher is loaded;
+  ``D_T`` is computed from the teacher's top-K log-probs that ``srdata teach RUN --top-k K``
+  stored, on K + 1 buckets (the K ids and the tail, :mod:`~srd_distill.sparse_kd`). Every
+  training row is checked against the cache before any work (its ids' digest, K, the run it
+  was made for: :mod:`~srd_distill.teacher_logits`); the cache is an input of the run like the
+  teacher (a resume on a changed cache is refused). The eval file then gets the student's CE
+  and ROUGE-L only.
 
 Outputs in the run folder ``RUN``: ``RUN/stage-N/`` (the student after stage N, the epoch
 with the best eval ROUGE-L when an eval file is given, else the last), ``RUN/metrics.jsonl``
@@ -52,7 +59,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from srd_distill.checks import check_context, check_same_tokenizer, shared_tokenizer
+from srd_distill.checks import check_context, check_same_tokenizer, shared_tokenizer, student_tokenizer
 from srd_distill.data import (EncodedData, EncodingSettings, Example, collate, curriculum_stage_files, encode_data, encode_file,
                               find_encoding_settings, read_pairs, split_rows)
 from srd_distill.errors import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingInterrupted, TrainingSetupError
@@ -73,6 +80,7 @@ from srdata.run.io import FolderLock, remove_stale_temps, verify_file
 from srd_distill.settings import TrainSettings, build_settings
 from srd_distill.stages import BASELINE_EPOCHS, StagePlan, StageResult, TrainResult, plan_stages
 from srd_distill.step import learning_rate, make_optimizer, optimizer_step
+from srd_distill.teacher_logits import TeacherLogits, cached_teacher_for
 
 __all__ = [
     "TrainSettings", "TrainResult", "StageResult", "train", "train_stage", "build_settings", "BASELINE_EPOCHS",
@@ -112,32 +120,45 @@ def train(
     # 1. Plan: stages, files, encoding. Everything that can fail without a model fails here.
     plans, schedule = plan_stages(s.schedule, curriculum=s.curriculum, epochs=s.epochs, data=s.data,
                                   kd_ratio=s.kd_ratio, temperature=s.temperature)
-    encoding = find_encoding_settings(s.curriculum if s.curriculum is not None else s.data, echo=say)  # type: ignore[arg-type]
+    encoding = find_encoding_settings(s.curriculum if s.curriculum is not None else s.data,  # type: ignore[arg-type]
+                                      echo=say if s.teacher_logits is None else lambda _: None)
+    if s.teacher_logits is not None and encoding.source == "srdata defaults":  # data without its manifest: the cache's run encodes
+        encoding = find_encoding_settings(Path(s.teacher_logits) / "manifest.json", echo=say)
     if s.eval_file is not None and not Path(s.eval_file).is_file():
         raise TrainingSetupError(f"eval file {s.eval_file} does not exist")
     device, dtype = resolve_precision(s.device, s.dtype)
     for role, model in (("teacher", s.teacher), ("student", s.student)):
+        if model is None:  # --teacher-logits: no teacher model
+            continue
         try:
             require_safetensors(model)  # pickle weights can run code when loaded: refused, with how to convert
         except UnsafeWeightsError as err:
             raise TrainingSetupError(f"the {role}: {err}") from None
 
-    # 2. One tokenizer for both models, checked.
-    probe = read_pairs(plans[0].data_file)[0].head(16)
-    tokenizer, vocab_size = shared_tokenizer(s.teacher, s.student, probe["prompt_text"].to_list() + probe["reference_text"].to_list())
+    # 2. One tokenizer for both models, checked; or the student's and the teacher's cached top-K, every row aligned.
+    cached: Optional[TeacherLogits] = None
+    if s.teacher is not None:
+        probe = read_pairs(plans[0].data_file)[0].head(16)
+        tokenizer, vocab_size = shared_tokenizer(s.teacher, s.student, probe["prompt_text"].to_list() + probe["reference_text"].to_list())
+        teacher_dtype, teacher_dtype_reason = resolve_teacher_dtype(s.teacher_dtype, saved_dtype(s.teacher), device, dtype)
+    else:
+        tokenizer, vocab_size = student_tokenizer(s.student)
+        teacher_dtype, teacher_dtype_reason = None, "no teacher model"
+        cached = cached_teacher_for([p.data_file for p in plans], s.teacher_logits, s.teacher_top_k,  # type: ignore[arg-type]
+                                    tokenizer, encoding, s.max_length, vocab_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # masked anyway
-    teacher_dtype, teacher_dtype_reason = resolve_teacher_dtype(s.teacher_dtype, saved_dtype(s.teacher), device, dtype)
     save_dtype = DTYPES[s.save_dtype] if s.save_dtype != "auto" else saved_dtype(s.student)
     eval_data = encode_file(s.eval_file, tokenizer, encoding, s.max_length)[0] if s.eval_file is not None else None
     # What the run trains on, by content (run.json records it; a resume on other inputs is refused).
-    inputs = input_fingerprints(s.model_dump(), [(p.index, p.data_file, p.sha256) for p in plans], encoding.describe())
+    inputs = input_fingerprints(s.model_dump(), [(p.index, p.data_file, p.sha256) for p in plans], encoding.describe(),
+                                cached.fingerprint if cached is not None else None)
     if "data" in inputs:
         plans = [replace(plans[0], sha256=inputs["data"]["sha256"])]
 
     # 3. The run folder, ours alone from here to the end: resume what is finished, refuse what does not match.
     with FolderLock(run_dir, "srd-distill train"):
         remove_stale_temps(run_dir)
-        dtype_names = {name: str(value).removeprefix("torch.") for name, value in
+        dtype_names = {name: None if value is None else str(value).removeprefix("torch.") for name, value in
                        (("dtype", dtype), ("teacher_dtype", teacher_dtype), ("save_dtype", save_dtype))}
         run_record: dict[str, Any] = {
             "mode": "curriculum" if s.curriculum is not None else "baseline",
@@ -167,7 +188,10 @@ def train(
         # 4. The teacher, once and frozen (not at all when every stage is done); the student
         # is loaded per stage, from the previous stage's checkpoint.
         teacher, teacher_head = None, None
-        if len(finished) < len(plans):
+        if cached is not None:
+            say(f"no teacher model: KD from the top-{cached.top_k} log-probs of {cached.teacher} cached in "
+                f"{cached.run}/teacher ({len(cached.ids)} positions of {len(cached.srd_ids)} rows in memory)")
+        elif len(finished) < len(plans):
             teacher = load_model(s.teacher, device, teacher_dtype, "teacher")
             teacher.eval()
             teacher.requires_grad_(False)
@@ -178,7 +202,7 @@ def train(
         metrics = MetricsLog(run_dir / METRICS_FILE, point.elapsed, lines={next_stage: point.metrics_lines})
         ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say,
                          len(plans), teacher_head, save_dtype, global_step=steps_done(run_record["stages_finished"]),
-                         resume_from=point.step_checkpoint)
+                         resume_from=point.step_checkpoint, teacher_logits=cached)
 
         # 5. The stages, in order.
         results: list[StageResult] = []
@@ -223,25 +247,28 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
     Example:
         >>> train_stage(ctx, StagePlan(0, Path("stage-0.parquet"), 8, 0.8, 1.0), "./student")   # doctest: +SKIP
     """
-    s, teacher = ctx.settings, ctx.teacher
-    assert teacher is not None, "train() loads the teacher whenever a stage is left to train"
+    s, teacher, cached = ctx.settings, ctx.teacher, ctx.teacher_logits
+    assert teacher is not None or cached is not None, "train() loads the teacher whenever a stage is left to train"
     started = time.perf_counter()
     torch.manual_seed(s.seed + plan.index)  # stage s uses seed + s: a resumed stage repeats exactly
     shuffle = torch.Generator().manual_seed(s.seed + plan.index)
 
     if plan.sha256 is not None:  # the file may have changed since the run was planned (a stage starts hours later)
         verify_file(plan.data_file, plan.sha256, fix=f"it changed while the run went on; restore it, or pass --overwrite to start over")
-    data, flagged = encode_file(plan.data_file, ctx.tokenizer, ctx.encoding, s.max_length)
+    data, flagged = encode_file(plan.data_file, ctx.tokenizer, ctx.encoding, s.max_length, srd_ids=cached is not None)
+    if cached is not None:  # each row checked against the cache again (cheap), each example pointing at its top-K
+        data = cached.align(data, plan.data_file)
     student = load_model(start_from, ctx.device, torch.float32, "student")  # float32 master weights
     check_context(student, teacher, max(len(e.input_ids) for e in data.examples))
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     student.train()
-    student_head = plan_lm_head(student, ctx.vocab_size, "student") if ctx.teacher_head is not None else None
+    student_head = plan_lm_head(student, ctx.vocab_size, "student") if s.fused_head else None
     optimizer = make_optimizer(student, s.lr, s.weight_decay, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)  # a no-op unless float16
     precision = autocast_context(ctx.device, ctx.dtype)
-    spec = LossSpec(s.loss, plan.temperature, plan.kd_ratio, s.t2_scaling, ctx.vocab_size, student_head, ctx.teacher_head)
+    spec = LossSpec(s.loss, plan.temperature, plan.kd_ratio, s.t2_scaling, ctx.vocab_size, student_head, ctx.teacher_head,
+                    sparse=cached is not None)
     factor = t2_factor(s.loss, plan.temperature, s.t2_scaling)
 
     n_rows = len(data.examples)
@@ -278,7 +305,7 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             means = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}  # this step's token means
             width = max(len(data.examples[i].input_ids) for i in rows)
             for micro_rows in split_rows(rows, max(s.grad_accum, micro_batch_count(len(rows), width, s.micro_batch_tokens))):
-                batch = collate([data.examples[i] for i in micro_rows], ctx.pad_id, ctx.device)
+                batch = collate([data.examples[i] for i in micro_rows], ctx.pad_id, ctx.device, top_k=cached)
                 out = batch_objective(student, teacher, batch, spec, precision)
                 share = batch.scored_tokens / step_tokens
                 scaler.scale(out.loss * share).backward()
@@ -319,10 +346,12 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             improved = at.best_rouge is None or scores["eval_rouge_l"] > at.best_rouge
             ctx.metrics.write({
                 "event": "eval", **stage_keys, "epoch": epoch, "step": at.step, "global_step": ctx.global_step,
-                **scores, "kd_unscaled": scores["kd_loss"] / factor, "lr": at.lr, "best": improved,
+                **scores, "kd_unscaled": None if scores["kd_loss"] is None else scores["kd_loss"] / factor, "lr": at.lr,
+                "best": improved,
             })
+            loss_text = f"eval loss {scores['loss']:.4f}" if scores["loss"] is not None else f"eval CE {scores['ce_loss']:.4f}"
             bar.write(f"stage {plan.index} epoch {epoch}: eval ROUGE-L {scores['eval_rouge_l']:.4f}, "
-                      f"eval loss {scores['loss']:.4f}" + (" (best so far)" if improved else ""), ctx.echo)
+                      f"{loss_text}" + (" (best so far)" if improved else ""), ctx.echo)
             if improved:
                 at.best_rouge, at.best_epoch = scores["eval_rouge_l"], epoch
                 save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
@@ -372,3 +401,4 @@ class RunContext:
     global_step: int = 0
     stage_records: list[dict[str, Any]] = field(default_factory=list)
     resume_from: Optional[Path] = None  # the verified step checkpoint the first stage to train continues from
+    teacher_logits: Optional[TeacherLogits] = None  # --teacher-logits: the cached top-K instead of a teacher model
