@@ -198,6 +198,17 @@ def test_small_k_buckets_against_an_independent_computation(runs):
     assert torch.allclose(p.prob[:, 8], tail.clamp(min=TAIL_FLOOR), atol=1e-12)  # T = 1: the stored tail, as is
     assert 0.05 < float(tail.mean()) < 0.5 and float(tail.max()) > 0.2  # a peaked teacher, yet a real tail: both buckets matter
 
+    # --max-length cuts the references: the kept prefix's cached positions are the teacher's on the cut input (causal)
+    file = runs["k8"] / "curriculum" / "stage-2.parquet"
+    encoding = find_encoding_settings(file.parent)
+    cut = cached.align(encode_file(file, tokenizer, encoding, 44, srd_ids=True)[0], file)
+    assert cut.cut_rows > 0 and max(len(e.input_ids) for e in cut.examples) == 44
+    short = collate(cut.examples, tokenizer.pad_token_id, torch.device("cpu"), top_k=cached)
+    r, c = short.response_mask[:, 1:].nonzero(as_tuple=True)
+    with torch.no_grad():
+        logits = teacher(input_ids=short.input_ids, attention_mask=short.attention_mask).logits[r, c]
+    assert (torch.log_softmax(logits, -1).gather(-1, short.top_ids) - short.top_logprobs).abs().max() < 3e-3
+
     settings = dict(cdtype=torch.float64, n_scored=len(z), need_grad=True, temperature=1.0, factor=1.0, ce_weight=0.0, kd_weight=1.0)
     for loss in LOSS_NAMES:
         coef = 0.1
@@ -274,6 +285,17 @@ def test_every_alignment_problem_is_refused_through_the_cli(runs, tmp_path):
     shard.write_bytes(bytes(raw))
     said = refused(runs, tmp_path / "i", ["--data", str(flipped / "annotated.parquet")], run=flipped)
     assert f"{shard} does not match the checksum" in said
+    # the same data, untouched, trains (full-data KD on the run's annotated.parquet; its flagged row is left out),
+    # with the teacher's folder moved away: nothing of the teacher is read
+    away = runs["teacher"].with_name("teacher-away")
+    runs["teacher"].rename(away)
+    try:
+        result = cli("--student", str(runs["student"]), "--teacher-logits", str(run), "--data", str(run / "annotated.parquet"),
+                     "--output", str(tmp_path / "ok"), "--epochs", "1", "--max-steps", "1", "--batch-size", "4")
+    finally:
+        away.rename(runs["teacher"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ok" / "run.json").read_text())["stages_finished"][0]["flagged_rows_left_out"] == 1
     # both or neither teacher
     result = cli("--student", str(runs["student"]), "--teacher", str(runs["teacher"]), "--teacher-logits", str(run),
                  "--data", str(run / "annotated.parquet"), "--output", str(tmp_path / "j"))
