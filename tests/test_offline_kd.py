@@ -221,6 +221,30 @@ def test_small_k_buckets_against_an_independent_computation(runs):
             assert float(same.kd_sum) / len(z) < 1e-3 < 0.1 < float(terms.kd_sum) / len(z), loss
 
 
+def test_teacher_ids_past_the_students_vocabulary_count_in_the_tail():
+    """A teacher whose output layer is padded past the tokenizer may rank padding ids in its top-K (`srdata teach`
+    says so): the student has no such logits, so their teacher mass joins the tail bucket."""
+    torch.manual_seed(0)
+    s = torch.randn(3, 20, dtype=torch.float64)
+    ids = torch.tensor([[1, 25, 0, 3], [22, 0, 5, 7], [0, 1, 2, 21]])
+    logprobs = torch.log_softmax(torch.randn(3, 4, dtype=torch.float64), -1) - 0.5
+    q, p, _, _, _ = bucket_distributions(s, ids, logprobs, 1.0)
+    probs = torch.softmax(s, -1)
+    for row in range(3):
+        kept = [k for k in range(4) if ids[row, k] < 20]
+        assert float(q.prob[row, -1]) == pytest.approx(1 - float(probs[row, ids[row, kept]].sum()), abs=1e-12)
+        assert float(p.prob[row, -1]) == pytest.approx(1 - float(logprobs[row, kept].exp().sum()), abs=1e-12)
+        assert all(float(q.prob[row, k]) == 0 == float(p.prob[row, k]) for k in range(4) if k not in kept)
+    for loss in LOSS_NAMES:  # the closed-form gradient against central differences of the value
+        def value(z: torch.Tensor, need_grad: bool = False):
+            return sparse_chunk_terms(z, ids, logprobs, None, cdtype=torch.float64, n_scored=3, need_grad=need_grad, loss_name=loss,
+                                      temperature=1.3, factor=1.0, ce_weight=0.0, kd_weight=1.0, coef=0.1)
+
+        step = torch.eye(60, dtype=torch.float64).reshape(60, 3, 20) * 1e-6
+        numeric = torch.stack([(value(s + e).kd_sum - value(s - e).kd_sum) / 2e-6 / 3 for e in step]).reshape(3, 20)
+        torch.testing.assert_close(value(s, True).grad, numeric, rtol=1e-5, atol=1e-8, msg=loss)
+
+
 # ----------------------------------------------------------------------------- alignment: refused before any work
 def cli(*args: str):
     result = CliRunner().invoke(main, ["train", *args, "--device", "cpu", "-q"])
