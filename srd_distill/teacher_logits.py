@@ -47,10 +47,10 @@ from srd_distill.data import EncodedData, EncodingSettings, Example, encode_file
 from srd_distill.errors import TrainingSetupError
 from srdata.run.folder import MANIFEST_FILE, Manifest, RunDirError, ShardRecord, read_manifest
 from srdata.run.io import IntegrityError, verify_file
+from srdata.steps.teacher import TEACHER_FOLDER
 
 __all__ = ["TEACHER_FOLDER", "TeacherLogits", "open_teacher_logits", "cached_teacher_for", "teach_command"]
 
-TEACHER_FOLDER = "teacher"  # srdata.teacher_pass.TEACHER_FOLDER (not imported: it pulls in the backends)
 COLUMNS = ["srd_id", "prompt_tokens", "reference_tokens", "token_ids_sha256", "top_ids", "top_logprobs"]
 
 

@@ -43,12 +43,9 @@ from srdata.run.io import FolderLock
 from srdata.shard import encode_shard, load_tokenizer
 from srdata.steps.context import model_max_positions
 from srdata.steps.load import ColumnMapping, load_split_with_identity
-from srdata.steps.teacher import TEACHER_COLUMNS, padded_vocabulary_note, teacher_frame, tokenizer_differences
+from srdata.steps.teacher import TEACHER_COLUMNS, TEACHER_FOLDER, padded_vocabulary_note, teacher_frame, tokenizer_differences
 
 log = logging.getLogger(__name__)
-
-TEACHER_FOLDER = "teacher"
-
 
 class TeachError(ValueError):
     """The teacher pass cannot run as asked; the message says why and what to do."""

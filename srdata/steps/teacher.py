@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
+#: The teacher pass's folder inside a run (its manifest and top-K shards).
+TEACHER_FOLDER = "teacher"
 #: The teacher columns a run's ``annotated.parquet`` gains (the public contract).
 TEACHER_COLUMNS = ["teacher_ce_loss", "excess_ce_loss"]
 
