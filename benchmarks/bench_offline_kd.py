@@ -4,10 +4,10 @@
     python benchmarks/bench_offline_kd.py --seeds 0 1 2 --top-k 32 --out runs/bench-offline-kd
 
 Testbed (the repro's quick sizes, 800 training pairs), teacher Llama 4 x 128 (the repro's full
-teacher shape: about 6x the student's parameters, 400 steps), student Llama 2 x 64 (150
+teacher: about 7x the student's parameters, 1,000 steps), student Llama 2 x 64 (150
 warm-up steps). Per seed: ``srdata score`` -> ``srdata teach --top-k K`` ->
 ``srdata export`` (4 stages keep 3) -> the same ``srd-distill train --curriculum`` (paper-gpt2
-schedule, 2 epochs per stage, fkl, batch 16, 1 thread) twice: online (the teacher loaded
+schedule, 4 epochs per stage as the repro, fkl, batch 16, 1 thread) twice: online (the teacher loaded
 and run on every step) and offline (the cached top-K, no teacher). Both runs in one process
 each, one after the other, on the same machine.
 
@@ -35,7 +35,7 @@ from srd_distill.testbed import StudentConfig, TeacherConfig, evaluate_model, mo
 from srdata.demo.testbed import TestbedSpec, build_testbed  # noqa: E402
 
 SPEC = TestbedSpec(train_pairs=800, dev_pairs=32, test_pairs=160, teacher_pairs=12000, warmup_pairs=4000, noise_fraction=0.10)
-TEACHER = TeacherConfig(steps=400)
+TEACHER = TeacherConfig(steps=1000)
 STUDENT = StudentConfig(steps=150)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -90,11 +90,35 @@ def run_seed(out: Path, seed: int, top_k: int, epochs: int) -> dict:
             "teacher_parameters": model_parameters(teacher), "student_parameters": model_parameters(student)}
 
 
+def real_model_step(out: Path, run: Path, steps: int = 3) -> dict:
+    """A few steps of one stage on the real model (SmolLM2 as teacher and student): online vs offline, time and peak RSS."""
+    from tests.real_models import real_model_or_skip
+
+    model = real_model_or_skip("smollm2")
+    logs = out / "logs"
+    timed([*cli("srdata"), "export", str(run)], logs / "real-export.log")
+    common = ["--student", str(model), "--curriculum", str(run / "curriculum"), "--epochs", "1", "--max-steps", str(steps),
+              "--batch-size", "8", "--device", "cpu", "--overwrite", "--quiet", "--checkpoint-interval", "0"]
+    result = {}
+    for arm, source in (("online", ["--teacher", str(model)]), ("offline", ["--teacher-logits", str(run)])):
+        output = out / f"real-{arm}"
+        seconds, rss = timed([*cli("srd-distill"), "train", *source, *common, "--output", str(output)], logs / f"real-{arm}.log")
+        stages = json.loads((output / "run.json").read_text())["stages_finished"]
+        train_seconds = sum(s["seconds"] for s in stages)
+        result[arm] = {"train_seconds": train_seconds, "steps": sum(s["steps"] for s in stages), "peak_rss_bytes": rss}
+        print(f"real model, {arm}: {train_seconds:.1f} s for {result[arm]['steps']} steps, peak RSS {rss / 2**30:.2f} GiB")
+    print(f"real model offline / online: time {result['offline']['train_seconds'] / result['online']['train_seconds']:.2f}x, "
+          f"peak memory {result['offline']['peak_rss_bytes'] / result['online']['peak_rss_bytes']:.2f}x")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--top-k", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--real-run", type=Path, default=None,
+                        help="also time one real-model stage: a run scored and taught (--top-k) with SmolLM2 as student and teacher")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-offline-kd"))
     args = parser.parse_args()
     results = {seed: run_seed(args.out, seed, args.top_k, args.epochs) for seed in args.seeds}
@@ -112,8 +136,9 @@ def main() -> None:
     em = [r["arms"]["offline"]["test_exact_match"] - r["arms"]["online"]["test_exact_match"] for r in results.values()]
     print(f"offline / online training time: {ratio:.2f}x ({ratio_with_teach:.2f}x including the teach pass); peak memory {memory:.2f}x; "
           f"test EM offline - online per seed: {', '.join(f'{d:+.3f}' for d in em)}")
+    real = real_model_step(args.out, args.real_run) if args.real_run else None
     (args.out / "results.json").write_text(json.dumps({"seeds": results, "time_ratio": ratio, "time_ratio_with_teach": ratio_with_teach,
-                                                       "memory_ratio": memory, "em_differences": em}, indent=2) + "\n")
+                                                       "memory_ratio": memory, "em_differences": em, "real_model": real}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
