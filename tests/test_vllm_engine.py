@@ -167,11 +167,12 @@ def smol(smollm2, shared_data_dir):
     hf = HFBackend.from_pretrained(smollm2, tokenizer=tokenizer, device="cpu", dtype="float32", batch_size=8)
     try:
         scores, generations = hf.score_and_generate(prompts, references, params)
+        top = hf.score_top_k(prompts, references, 8)  # the teacher pass's top-K, for the vLLM comparison
     finally:
         del hf
     return SimpleNamespace(
         path=smollm2, tokenizer=tokenizer, prompts=prompts, references=references, params=params,
-        scores=scores, generations=generations,
+        scores=scores, generations=generations, top=top,
     )
 
 
@@ -292,6 +293,19 @@ def test_smollm2_parity_with_transformers(engines, smol):
     assert share >= SAME_OUTPUTS, f"SmolLM2: {share:.0%} identical greedy outputs"
     assert [g.text for g in generations] == [g.text for g in smol.generations]
     assert all(g.text.strip() for g in generations)  # a real model answers in words
+
+
+def test_smollm2_top_k_parity_with_transformers(engines, smol):
+    """The teacher pass on the real model with its chat template: vLLM's top-8 and NLL equal transformers'."""
+    import numpy as np
+
+    backend = smollm2_engine(engines, smol.path)
+    got = backend.score_top_k(smol.prompts, smol.references, 8)
+    assert_ce_parity([g.nll for g in got], [e.nll for e in smol.top], "SmolLM2 top-K nll")
+    for g, e in zip(got, smol.top):
+        np.testing.assert_allclose(g.top_logprobs, e.top_logprobs, rtol=1e-4, atol=1e-4)
+        clear = np.abs(np.diff(e.top_logprobs, axis=1, prepend=np.inf, append=-np.inf)).min(axis=1) > 1e-3
+        assert (g.top_ids[clear] == e.top_ids[clear]).all()
 
 
 # ------------------------------------------------------------------- 5. close + restart
