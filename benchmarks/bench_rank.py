@@ -8,7 +8,7 @@ fresh process so that peak RSS belongs to that step alone:
 
 - ``rank``: read the score columns and run ``srdata.steps.rank.rank`` (what ``srdata score``
   does at the end of a run);
-- ``rank-polars``: the same with the packed-key sort of ``srdata.steps.rank`` turned off,
+- ``rank-polars``: the same with the packed-key sort of ``srdata.steps.order`` turned off,
   so every sort is polars' stable ``arg_sort_by`` (same ranks): what the packing saves;
 - ``export``: ``export_curriculum(run, rrf_k=60)``: re-rank and write the paper's three
   cumulative stages as parquet (the whole ``srdata export`` path, text included), with a
@@ -112,11 +112,11 @@ def write_run(folder: Path, rows: int, mean_chars: int, seed: int = 0) -> Path:
 
 
 def step_rank(run: Path, out: Path, packed: bool = True) -> dict:
-    import srdata.steps.rank
+    import srdata.steps.order
     from srdata.steps.rank import rank
 
     if not packed:  # the one private hook: no public switch exists for an alternative that is not shipped
-        srdata.steps.rank._packed_arg_sort = lambda *args, **kwargs: None
+        srdata.steps.order._packed_arg_sort = lambda *args, **kwargs: None
     scores = pl.read_parquet(run / "annotated.parquet", columns=["srd_id", "rouge_l", "ce_loss"])
     ranked = rank(scores, RRF_K)
     return {"ranked_rows": ranked["difficulty_rank"].count()}

@@ -357,9 +357,9 @@ def test_write_stages_with_empty_stages_gaps_and_a_stale_stage_column(tmp_path: 
 
 
 def test_fast_stable_sort_matches_a_stable_polars_sort():
-    # srdata.steps.rank.stable_arg_sort packs the value's top bits with the position; values that
+    # srdata.steps.order.stable_order packs the value's top bits with the position; values that
     # differ only in the dropped bits, -0.0 and 0.0, extremes and integers must still sort exactly.
-    from srdata.steps.rank import stable_arg_sort
+    from srdata.steps.order import stable_order
 
     rng = np.random.default_rng(3)
     cases = [
@@ -379,7 +379,7 @@ def test_fast_stable_sort_matches_a_stable_polars_sort():
         series = pl.Series(values)
         for descending in (False, True):
             expected = pl.DataFrame({"v": series}).select(pl.arg_sort_by("v", descending=descending, maintain_order=True)).to_series()
-            assert stable_arg_sort(series, descending).to_list() == expected.to_list()
+            assert stable_order(series, descending).tolist() == expected.to_list()
 
 
 # --- bad input ---------------------------------------------------------------------------
