@@ -107,7 +107,10 @@ def test_duplicate_csv_header_and_prompt_equal_to_response_are_warned(tiny_gpt2,
     assert "column 'prompt' is both the prompt and the response" in same.output
 
 
-def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_gpt2, instruct_file, tmp_path):
+def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_gpt2, instruct_file, tmp_path, monkeypatch):
+    import srdata.backends
+
+    monkeypatch.setattr(srdata.backends, "_gpu_visible", lambda: False)  # the same on a machine that has a GPU
     result = score_cli(str(instruct_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run"), "--device", "cuda")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "--device cuda: torch sees no CUDA GPU" in result.output and "pass --device cpu" in result.output

@@ -566,7 +566,12 @@ def test_ngram_processor_on_a_vllm_without_the_v1_runner(monkeypatch):
 
 
 # ------------------------------------------------------------------ selection and errors
-def test_auto_selects_hf_without_vllm_or_gpu():
+def test_auto_selects_hf_without_vllm_or_gpu(monkeypatch):
+    # Independent of the machine: no GPU visible -> hf even where vLLM is installed; no vLLM -> hf even with a GPU.
+    monkeypatch.setattr(backends, "_gpu_visible", lambda: False)
+    assert select_backend("auto") == "hf"
+    monkeypatch.setattr(backends, "_gpu_visible", lambda: True)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
     assert select_backend("auto") == "hf"
 
 
