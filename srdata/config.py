@@ -31,6 +31,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+# Remote storage (s3://, gs://, hf://): options of the fsspec filesystem; never recorded (they may hold secrets).
+STORAGE_OPTIONS_HELP = ("Remote storage options as JSON, e.g. '{\"endpoint_url\": \"http://host:8333\"}' (fsspec keyword "
+                        "arguments; credentials also from AWS_* variables and SRDATA_STORAGE_OPTIONS). Not recorded.")
+
+
+def _options_json(value: Any) -> Any:
+    """A config file may give storage options as a mapping: kept as its JSON text, like the flag's value."""
+    import json
+
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
 class DataConfig(_Section):
     dataset: str = Field(description="hub id, save_to_disk folder, or .jsonl/.json/.parquet/.csv file(s)")
     split: str = Field(default="train", description="Dataset split (hub datasets and save_to_disk folders).")
@@ -125,6 +137,12 @@ class RunConfig(_Section):
     )
     overwrite: bool = Field(default=False, description="Start over in an output folder that holds a run with other settings.")
     seed: int = Field(default=0, description="Random seed.")
+    storage_options: Optional[str] = Field(default=None, exclude=True, description=STORAGE_OPTIONS_HELP, json_schema_extra={"metavar": "JSON"})
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_as_json(cls, value: Any) -> Any:
+        return _options_json(value)
 
 
 class EngineConfig(_Section):
@@ -187,7 +205,8 @@ class ExportConfig(ShareCheckConfig):
         description="Uneven cuts: cumulative boundaries in (0, 1], e.g. 0.2,0.5,0.8 (instead of --stages).",
         json_schema_extra={"metavar": "F1,F2,..."},
     )
-    out: Optional[Path] = Field(default=None, description="Output folder. Default: RUN_DIR/curriculum.")
+    out: Optional[str] = Field(default=None, description="Output folder (or s3://..., gs://...). Default: RUN_DIR/curriculum.")
+    storage_options: Optional[str] = Field(default=None, exclude=True, description=STORAGE_OPTIONS_HELP, json_schema_extra={"metavar": "JSON"})
     format: Format = Field(default="parquet", description="Stage file format.")
     rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: the run's ranking (paper).", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
     rrf_k: Optional[int] = Field(default=None, ge=0, description=f"RRF constant k (re-ranks in memory). Default: the run's, {DEFAULT_RRF_K}.")
