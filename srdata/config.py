@@ -163,6 +163,11 @@ class EngineConfig(_Section):
     num_replicas: Optional[int] = Field(default=None, ge=1, description="Ray: scoring actors, each holding one model. Default: as many as the cluster fits.")
     gpus_per_replica: float = Field(default=0, ge=0, description="Ray: GPUs per actor (vLLM: the tensor-parallel size).")
     cpus_per_replica: float = Field(default=1, gt=0, description="Ray: CPUs reserved per actor.")
+    wait_for_resources: Optional[float] = Field(
+        default=None, ge=0,
+        description="Ray: seconds to wait for a node able to host a replica (an autoscaler adding one, a lost node "
+        "coming back) before failing. Default: 300 on a cluster srdata joins, 0 on a Ray it starts itself.",
+    )
 
 
 class ScoreConfig(_Section):
@@ -318,6 +323,7 @@ PERFORMANCE_ONLY = {
     ("engine", "num_replicas"),
     ("engine", "gpus_per_replica"),
     ("engine", "cpus_per_replica"),
+    ("engine", "wait_for_resources"),
 }
 
 
