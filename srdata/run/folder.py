@@ -32,8 +32,7 @@ What ``srdata score`` guarantees about a run folder:
 
 from __future__ import annotations
 
-import fnmatch
-import glob
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -46,8 +45,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from srdata.config import (SECTIONS, BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig,
                            RunConfig, validation_problems)
 
+from srdata.run.output_location import check_output_location  # noqa: F401 - re-exported
+from srdata.run.storage import is_remote, parse_location
 from srdata.run.io import (FolderLock, IntegrityError, WriteError, atomic_path, file_sha256, is_tool_file, remove_stale_temps,
                            verify_file, write_json_atomic, write_problem)
+
+log = logging.getLogger(__name__)
 
 
 def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
@@ -227,54 +230,12 @@ def plan_shards(n_rows: int, shard_size: int) -> list[Shard]:
     return [Shard(i, start, min(start + shard_size, n_rows)) for i, start in enumerate(range(0, n_rows, shard_size))]
 
 
-def _written_by_a_run(output: Path, path: Path) -> bool:
-    """Whether ``path`` is a file that a run in ``output`` writes (manifest, annotated table, shards)."""
-    if output not in path.parents:
-        return False
-    name = path.relative_to(output).as_posix()
-    return name in (MANIFEST_FILE, ANNOTATED_FILE) or SHARD_FILE.match(name) is not None
-
-
-def check_output_location(dataset: str, output: str | Path) -> None:
-    """Refuse an output folder that the run's own loading would read, or whose files would replace the data.
-
-    A dataset folder holding the output folder (or held by it) would read the run's own parquet
-    files, and change the dataset's fingerprint with every shard; a data file or glob that is,
-    or could match, a file the run writes would be overwritten. Checked before any work.
-
-    Example:
-        >>> check_output_location("data", "data/run")   # doctest: +SKIP
-        RunDirError: output folder data/run is inside the dataset folder data: ...
-    """
-    out = Path(output).resolve()
-    for part in (p.strip() for p in dataset.split(",")):
-        path = Path(part)
-        if path.is_dir():
-            folder = path.resolve()
-            if folder == out or folder in out.parents:
-                raise RunDirError(
-                    f"output folder {output} is inside the dataset folder {part}: loading the dataset would read the run's "
-                    f"own files; choose an --output outside {part}"
-                )
-            if out in folder.parents:
-                raise RunDirError(f"the dataset folder {part} is inside the output folder {output}; move it, or choose another --output")
-            continue
-        matches = [Path(m).resolve() for m in glob.glob(part)]
-        if glob.has_magic(part) and not glob.has_magic(str(path.parent)):  # files the run will write, matched later
-            parent = path.parent.resolve()
-            ours = [out / MANIFEST_FILE, out / ANNOTATED_FILE, out / "shards" / "shard-00000.parquet"]
-            matches += [w for w in ours if w.parent == parent and fnmatch.fnmatchcase(w.name, path.name)]
-        clash = next((m for m in matches if _written_by_a_run(out, m)), None)
-        if clash is not None:
-            raise RunDirError(
-                f"dataset {part} reads {clash}, a file the run writes in the output folder {output}; move the dataset, "
-                "or choose another --output"
-            )
-
-
 def _planned_files(manifest: Manifest) -> set[str]:
-    """Shard files a manifest's plan names (well-formed names under shards/ only)."""
-    return {s.file for s in manifest.shards if s.file == Shard(s.index, 0, 0).file}
+    """Shard files a manifest's plan names (well-formed names under shards/ only), with the partial
+    files its records name (an interrupted shard's finished rows: srdata.run.partial)."""
+    planned = {s.file for s in manifest.shards if s.file == Shard(s.index, 0, 0).file}
+    partial = {s.index: (s.model_extra or {}).get("partial") for s in manifest.shards}
+    return planned | {r["file"] for i, r in partial.items() if isinstance(r, dict) and r.get("file") == f"shards/shard-{i:05d}.partial.parquet"}
 
 
 class RunStore:
@@ -287,15 +248,27 @@ class RunStore:
         ...     resumed = store.prepare(settings, identity, overwrite=False)
     """
 
+    def __new__(cls, directory: str | Path = "") -> "RunStore":
+        if cls is RunStore and is_remote(directory):  # s3://...: staged here, published object by object
+            from srdata.run.remote_run import RemoteRunStore
+
+            return super().__new__(RemoteRunStore)
+        return super().__new__(cls)
+
     def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
+        self.dir = parse_location(directory, "--output").local  # file:// URIs are local paths
         self.manifest_path = self.dir / MANIFEST_FILE
         self.annotated_path = self.dir / ANNOTATED_FILE
         self.previous_manifest: Manifest | None = None  # what prepare() found, before this run rewrites it
         self.owned: set[str] = set()  # shard files the folder's manifest planned: srdata's own to replace
         self.records: dict[str, ShardRecord] = {}  # the previous records of a resumed run, by file
 
-    def lock(self, command: str = "srdata score") -> FolderLock:
+    @property
+    def output(self) -> str | Path:
+        """Where the run is, as the user gave it: the folder, or the remote location (``s3://...``)."""
+        return self.dir
+
+    def lock(self, command: str = "srdata score") -> Any:
         """The folder's lock (one writer): take it after :meth:`check_foreign`, before :meth:`prepare`."""
         return FolderLock(self.dir, command)
 
@@ -350,9 +323,10 @@ class RunStore:
         Call it holding :meth:`lock`: temp files of killed processes are removed, and the
         folder is checked again, under the lock. A folder holding a run with other settings
         (or another model or dataset content) is refused, naming every difference, unless
-        ``overwrite`` is set. A run that never finished a shard (a failed start: a model
-        without weights, a bad device) holds no work to protect, so the same folder is
-        simply reused.
+        ``overwrite`` is set. A run that never finished a shard is refused the same way when
+        its settings differ (a run restarted under other settings is never a silent choice);
+        when only the model's or dataset's content differs (a failed start: a model without
+        weights, fixed by the user) the folder is reused, and the log says what changed.
         """
         for folder in (self.dir, self.dir / "shards"):
             remove_stale_temps(folder)
@@ -365,20 +339,27 @@ class RunStore:
         recorded = previous.settings
         if recorded.get("prompt", {}).get("template", "") is None:  # recorded before "auto": the template it rendered
             recorded["prompt"]["template"] = previous.template
-        differences = diff_settings(_canonical(recorded), _canonical(settings)) + diff_settings(
-            {"identity": previous.identity}, {"identity": identity}
-        )
+        changed = diff_settings(_canonical(recorded), _canonical(settings))
+        differences = changed + diff_settings({"identity": previous.identity}, {"identity": identity})
         if not differences:
             self.records = {s.file: s for s in previous.shards if s.file in self.owned}
             return True
         scored_nothing = not any(s.done for s in previous.shards) and not any((self.dir / f).exists() for f in self.owned)
+        if not overwrite and scored_nothing and changed:
+            raise RunDirError(
+                f"{self.output} holds an interrupted run that finished no shard, started with other settings:\n  "
+                + "\n  ".join(differences)
+                + "\nuse the same settings to continue it, another --output, or --overwrite to start over with these"
+            )
+        if not overwrite and scored_nothing:
+            log.warning("%s: the interrupted run there finished no shard; starting it again with %s", self.output, "; ".join(differences))
         if not overwrite and not scored_nothing:
             edited = ""
             if previous.identity.get("dataset") != identity.get("dataset"):
                 edited = (f"\nthe dataset {settings.get('data', {}).get('dataset')} does not hold the content this run scored "
                           "(it was edited or replaced, even if its modification time was kept)")
             raise RunDirError(
-                f"{self.dir} holds a run with other settings:\n  "
+                f"{self.output} holds a run with other settings:\n  "
                 + "\n  ".join(differences)
                 + edited
                 + "\nuse the same settings to resume it, another --output, or --overwrite to start over"

@@ -115,6 +115,7 @@ def _content_keyed(files: list[Path], root: Path | None, load: Callable[[str], A
 def _load(dataset: str, split: str) -> tuple[Any, dict[str, Any]]:
     import datasets
 
+    dataset = local_dataset(dataset)
     files = [f.strip() for f in dataset.split(",")] if "," in dataset else [dataset]
     suffixes = {Path(f).suffix.lower() for f in files}
     path = Path(dataset)
@@ -175,6 +176,32 @@ def _load(dataset: str, split: str) -> tuple[Any, dict[str, Any]]:
         raise DatasetLoadError(f"dataset {dataset!r} not found: no such file or folder")
     loaded = _from_hub(dataset, split)
     return loaded, {"hub": dataset, "fingerprint": getattr(loaded, "_fingerprint", None)}
+
+
+def local_dataset(dataset: str) -> str:
+    """``dataset`` with every ``file://`` part made a path and every remote part (``s3://...``) copied into a local folder.
+
+    A remote file, glob or folder is downloaded whole into srdata's staging folder for it
+    (:func:`srdata.run.storage.staging_folder`), and read from there like a local one: its
+    identity is its content, checked the same way. A dataset of both kinds is refused.
+
+    Example:
+        >>> local_dataset("file:///data/train.jsonl")
+        '/data/train.jsonl'
+    """
+    from srdata.run.storage import is_remote, parse_location, scheme_of
+
+    parts = [p.strip() for p in dataset.split(",")]
+    if not any(scheme_of(p) for p in parts):
+        return dataset
+    remote = [p for p in parts if is_remote(p)]
+    if remote and len(remote) != len(parts):
+        raise DatasetLoadError(f"dataset {dataset} mixes remote and local files; give files of one place")
+    if not remote:
+        return ",".join(str(parse_location(p, "dataset").local) for p in parts)
+    from srdata.run.remote_data import fetch_dataset
+
+    return fetch_dataset(remote)
 
 
 def _column_style(ds: Any) -> bool:
