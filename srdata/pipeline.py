@@ -25,6 +25,7 @@ from srdata.steps.prompts import describe_template, resolve_template, row_proble
 from srdata.steps.rank import rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, check_output_location, plan_shards
 from srdata.run.identity import model_identity, require_safetensors
+from srdata.run.storage import use_options
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class InvalidRowError(ValueError):
 class ScoreResult:
     """Where a run's outputs are, and its manifest."""
 
-    output: Path
+    output: Path | str  # a remote run (s3://...) is named by its URI
     annotated_path: Path
     manifest: dict[str, Any]
 
@@ -63,13 +64,14 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     # loader would read or that holds files of the user's fail now, having touched nothing.
     check_device(config.model.device)
     require_safetensors(config.model.model)
-    check_output_location(config.data.dataset, config.run.output)
-    store = RunStore(config.run.output)
-    store.check_foreign(config.run.overwrite)
-    # One writer per folder, from here to the end: a second command is refused at once, before
-    # it loads anything (the lock is taken before the manifest is read, and dropped if killed).
-    with store.lock("srdata score"):
-        return _score(config, store, say, progress, started)
+    with use_options(config.run.storage_options):  # remote data or --output (s3://...): srdata.run.storage
+        check_output_location(config.data.dataset, config.run.output)
+        store = RunStore(config.run.output)
+        store.check_foreign(config.run.overwrite)
+        # One writer per folder, from here to the end: a second command is refused at once, before
+        # it loads anything (the lock is taken before the manifest is read, and dropped if killed).
+        with store.lock("srdata score"):
+            return _score(config, store, say, progress, started)
 
 
 def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float) -> ScoreResult:
@@ -155,7 +157,7 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
     manifest.status, manifest.counts, manifest.timings = "complete", _counts(scored, len(dataset), invalid), _timings(work, started)
     store.write_manifest(manifest)
     say(f"wrote {store.annotated_path} ({annotated.height} rows)")
-    return ScoreResult(store.dir, store.annotated_path, manifest.to_json())
+    return ScoreResult(store.output, store.annotated_path, manifest.to_json())
 
 
 # ---------------------------------------------------------------------------- helpers
