@@ -23,11 +23,13 @@ import click
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
+from srdata.run.path_param import PathParam
 from srdata.config import SECTIONS, TEACH_SECTIONS, ExportConfig, RankConfig, ReportConfig, merge, nest, read_config_file, validation_problems
 
 F = TypeVar("F", bound=Callable[..., Any])
 SHORT_FLAGS = {"output": "-o"}
-RUN_DIR = click.Path(path_type=Path, file_okay=False)
+RUN_DIR = PathParam()  # a URI is refused, naming the argument (never a local folder named s3:)
+REMOTE_RUN_DIR = PathParam(remote=True)  # export: also s3://... (srdata.run.storage)
 
 EXAMPLE = """
 \b
@@ -52,7 +54,7 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     if typing.get_origin(annotation) is list:
         return str, True
     if annotation is Path:
-        return click.Path(path_type=Path), False
+        return PathParam(), False
     return annotation, False
 
 
@@ -140,11 +142,12 @@ def run_errors() -> Iterator[None]:
     """A run, column or folder that cannot be used: shown as an error (exit code 1)."""
     from srdata.curriculum.export import CurriculumError
     from srdata.run.io import FolderBusyError, IntegrityError, WriteError
+    from srdata.run.storage import StorageError
     from srdata.steps.rank import RankingError
 
     try:
         yield
-    except (CurriculumError, RankingError, FileNotFoundError, FolderBusyError, IntegrityError, WriteError) as err:
+    except (CurriculumError, RankingError, FileNotFoundError, FolderBusyError, IntegrityError, WriteError, StorageError) as err:
         raise click.ClickException(str(err)) from None
 
 
@@ -251,7 +254,7 @@ def teach_cmd(run_dir: Path, quiet: bool, **flags: Any) -> None:
 
 
 @main.command("export", epilog="Example:\n\n\b\n  srdata export runs/dolly\n  srdata export runs/dolly --stages 4 --keep 4 --layout disjoint --format jsonl --out runs/dolly/pocl")
-@click.argument("run_dir", type=RUN_DIR)
+@click.argument("run_dir", type=REMOTE_RUN_DIR)
 @config_options(ExportConfig)
 def export_cmd(run_dir: Path, **flags: Any) -> None:
     """Cut a scored run into SRD curriculum stages (easiest first).
@@ -264,6 +267,7 @@ def export_cmd(run_dir: Path, **flags: Any) -> None:
     """
     from srdata.curriculum.export import export_curriculum, plan_stages, share_check
     from srdata.curriculum.groups import GroupShareWarning
+    from srdata.run.storage import shown, use_options
     from srdata.steps.rank import parse_rank_by
 
     config: ExportConfig = build(ExportConfig, given_flags(flags))
@@ -271,7 +275,7 @@ def export_cmd(run_dir: Path, **flags: Any) -> None:
         plan_stages(config.stages, config.keep, config.fractions, config.layout)
         parse_rank_by(config.rank_by)
         share_check(config.max_share_ratio, config.min_group_rows)
-    with run_errors(), warnings.catch_warnings():
+    with run_errors(), warnings.catch_warnings(), use_options(config.storage_options):
         warnings.simplefilter("ignore", GroupShareWarning)  # echoed below from curriculum.json, formatted for the terminal
         settings = config.model_dump()
         folder = export_curriculum(run_dir, fmt=settings.pop("format"), **settings)
@@ -285,7 +289,7 @@ def export_cmd(run_dir: Path, **flags: Any) -> None:
         click.echo(f"{stage['file']}: {stage['rows']} rows ({cut})")
     click.echo(f"dropped: {summary['dropped']['rows']} hardest rows; invalid: {summary['source']['invalid_rows']} rows")
     echo_shares(summary["groups"])
-    click.echo(f"wrote {folder / 'curriculum.json'}")
+    click.echo(f"wrote {shown(folder)}/curriculum.json")  # a remote --out by its URI
 
 
 @main.command("rank", epilog="Example:\n\n\b\n  srdata rank runs/dolly --ties reference\n  srdata rank runs/dolly --rank-by rouge_l:desc,ce_loss:asc:2,output_tokens:asc")

@@ -62,6 +62,7 @@ from srdata.curriculum.groups import (
 )
 from srdata.curriculum.source import Run, check_unchanged, read_run, read_run_manifest  # noqa: F401 - read_run_manifest: re-exported
 from srdata.curriculum.output import EncodedStage, check_output_folder, publish_export
+from srdata.curriculum.remote_export import remote_capable
 from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
                                            write_parquet_stage)
@@ -118,6 +119,7 @@ def _has_ranks(run: Run) -> bool:
     return {DIFFICULTY_COLUMN, FUSED_COLUMN} <= set(pl.read_parquet_schema(run.annotated))
 
 
+@remote_capable  # RUN_DIR or --out in object storage (s3://...): srdata.curriculum.remote_export
 def export_curriculum(
     run_dir: str | os.PathLike[str],
     stages: int | None = None,

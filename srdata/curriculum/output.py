@@ -29,12 +29,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from srdata.curriculum.cut import CurriculumError
 from srdata.curriculum.load import PUBLISHING_KEY
 from srdata.run.folder import CURRICULUM_FILE
 from srdata.run.io import WriteError, is_tool_file, publish, write_json_atomic, write_problem
+
+if TYPE_CHECKING:
+    from srdata.run.storage import Location
 
 STAGE_FILE_PATTERN = re.compile(r"stage-\d+\.(parquet|jsonl)")
 LEAVING_KEY = "leaving"  # in a publishing curriculum.json: the earlier export's files that are to go
@@ -122,3 +125,59 @@ def publish_export(out_dir: Path, stages: Sequence[EncodedStage], summary: dict[
 def _listing(names: Sequence[str]) -> str:
     more = f" and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else ""
     return ", ".join(names[:SHOWN_NAMES]) + more
+
+
+def check_remote_output(out: "Location", names: Sequence[str]) -> set[str]:
+    """:func:`check_output_folder` for a remote ``--out`` (``s3://...``): the same rules on its objects; reads only.
+
+    Example:
+        >>> check_remote_output(parse_location("s3://b/cur", "--out"), ["stage-0.parquet"])   # doctest: +SKIP
+        set()
+    """
+    from srdata.run.storage import check_bucket, list_names, read_bytes
+
+    check_bucket(out)
+    present = [n for n in list_names(out) if not is_tool_file(n.rsplit("/", 1)[-1])]
+    owned: set[str] = set()
+    if CURRICULUM_FILE in present:
+        try:
+            summary = json.loads(read_bytes(out / CURRICULUM_FILE) or b"")
+            listed = [stage["file"] for stage in summary["stages"]] + list(summary.get(LEAVING_KEY, []))
+        except (ValueError, KeyError, TypeError) as err:
+            raise CurriculumError(f"{out / CURRICULUM_FILE} is not a readable srdata curriculum summary ({type(err).__name__}: "
+                                  f"{err}); nothing in {out} was changed. Export into another --out") from None
+        owned = {n for n in listed if isinstance(n, str) and STAGE_FILE_PATTERN.fullmatch(n)}
+    elif present:
+        raise CurriculumError(
+            f"output folder {out} already holds objects ({_listing(present)}) but no srdata export ({CURRICULUM_FILE}); "
+            "nothing in it was changed. Export into a new or empty folder (--out), or into the folder of an earlier export"
+        )
+    taken = sorted(n for n in names if n in present and n not in owned)
+    if taken:
+        raise CurriculumError(f"output folder {out} holds {_listing(taken)}, which its earlier export did not write; nothing in it "
+                              "was changed. Move those objects away, or export into another folder (--out)")
+    return owned
+
+
+def publish_remote_export(staged: Path, out: "Location", owned: set[str]) -> None:
+    """Publish an export written to the local folder ``staged`` into ``out``, in :func:`publish_export`'s order.
+
+    ``curriculum.json`` marked ``"publishing"`` (with the earlier export's objects that are to
+    go) first, then the stage files (each checked against the size the summary records),
+    then the removals, then ``curriculum.json`` unmarked: the commit. A kill in between
+    leaves a summary that readers refuse and that tells the next export what it may replace.
+    """
+    from srdata.run.storage import remove, upload, write_bytes
+
+    summary = json.loads((staged / CURRICULUM_FILE).read_text(encoding="utf-8"))
+    names = [stage["file"] for stage in summary["stages"]]
+    leaving = sorted(owned - set(names))
+    marked = {**summary, PUBLISHING_KEY: True, LEAVING_KEY: leaving}
+    write_bytes(out / CURRICULUM_FILE, (json.dumps(marked, indent=2) + "\n").encode())
+    for stage in summary["stages"]:
+        sent = upload(staged / stage["file"], out / stage["file"])
+        if stage.get("sha256") and sent["sha256"] != stage["sha256"]:
+            raise WriteError(f"{staged / stage['file']} changed while it was published; export again")
+    for name in leaving:
+        remove(out / name)
+    write_bytes(out / CURRICULUM_FILE, (staged / CURRICULUM_FILE).read_bytes())

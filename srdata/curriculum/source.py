@@ -13,6 +13,7 @@ from pathlib import Path
 
 from srdata.curriculum.cut import CurriculumError
 from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, read_manifest
+from srdata.run.storage import local_path
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
         >>> read_run("runs/dolly").config_hash        # doctest: +SKIP
         '5f1c...'
     """
-    path = Path(run_dir)
+    path = local_path(run_dir, "RUN_DIR")  # a remote run is read through a local copy (srdata.curriculum.remote_export)
     if not path.is_dir():
         raise CurriculumError(f"run folder {path} does not exist")
     read_at = _identities(path)

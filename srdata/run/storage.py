@@ -56,6 +56,7 @@ S3_DEFAULTS: dict[str, Any] = {"retries": 2, "config_kwargs": {"connect_timeout"
                                                                "retries": {"max_attempts": 2, "mode": "standard"}}}
 _OPTIONS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("srdata_storage_options", default={})
 STAGING_ENV = "SRDATA_STAGING"
+_PUBLISHED: dict[str, str] = {}  # local copy -> the remote location it was published to or read from
 
 
 class StorageError(ValueError):
@@ -169,8 +170,9 @@ def local_path(value: str | os.PathLike[str], setting: str) -> Path:
     """
     location = parse_location(value, setting)
     if location.is_remote:
-        raise StorageError(f"{setting} {value}: {setting} takes a local path only (remote storage is supported for "
-                           "datasets, run folders, --out of export, curricula and srd-distill's --data/--output); "
+        raise StorageError(f"{setting} {value}: this takes a local path only. Remote storage (s3://, gs://, hf://) is "
+                           "read and written by `srdata score` (DATASET, --output), `srdata export` (RUN_DIR, --out), "
+                           "load_curriculum and `srd-distill train` (--curriculum, --data, --output, --teacher-logits); "
                            "copy it to a local path first")
     return location.local
 
@@ -449,3 +451,19 @@ def staging_folder(location: Location, kind: str) -> Path:
     root = Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "srdata" / "staging")
     digest = hashlib.sha256(location.uri.encode()).hexdigest()[:16]
     return root / f"{kind}-{location.name or 'root'}-{digest}"
+
+
+def remember_published(local: Path, location: Location) -> None:
+    """Note that the local folder ``local`` is a copy of ``location`` (for :func:`shown`)."""
+    _PUBLISHED[str(Path(local).resolve())] = location.uri
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """How to name ``path`` to the user: the remote location a local copy stands for, else the path itself.
+
+    Example:
+        >>> shown("runs/a")
+        'runs/a'
+    """
+    text = os.fspath(path)
+    return _PUBLISHED.get(str(Path(text).resolve()), text) if not is_remote(text) else text
