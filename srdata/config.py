@@ -233,10 +233,7 @@ class ExportConfig(ShareCheckConfig):
         "the dropped part (not the paper's cut).",
         json_schema_extra={"metavar": "COLUMN"},
     )
-    overwrite: bool = Field(
-        default=False,
-        description="Replace an earlier export in the output folder that was cut with other settings (ranking, stages, format, run).",
-    )
+    overwrite: bool = Field(default=False, description="Replace an earlier export in --out cut with other settings (ranking, stages, format, run).")
 
     @field_validator("fractions", mode="before")
     @classmethod
