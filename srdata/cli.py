@@ -153,13 +153,15 @@ def run_errors() -> Iterator[None]:
 
 def echo_shares(shares: Sequence[dict[str, Any]], tables: bool = True) -> None:
     """Per-group share tables on stdout; the warnings and what to do about them on stderr."""
-    from srdata.curriculum.groups import SHOWN_WARNINGS, advice, format_share_table
+    from srdata.curriculum.groups import SHOWN_WARNINGS, advice, format_share_table, small_groups_text
 
     for result in shares:
         if tables:
             click.echo(f"share of each {result['column']} (! = warned):")
             for line in format_share_table(result):
                 click.echo(f"  {line}")
+        elif small_groups_text(result):
+            click.echo(small_groups_text(result))
         for message in result["warnings"][:SHOWN_WARNINGS]:
             click.echo(f"warning: {message}", err=True)
         if len(result["warnings"]) > SHOWN_WARNINGS:
@@ -202,9 +204,9 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
             if key not in settings.get(section, {}):
                 raise click.UsageError(f"{flag(key)} is required (on the command line or in --config)")
         result = run_score(settings, progress=not quiet, echo=None if quiet else click.echo)
-    except KeyboardInterrupt:
-        output = settings.get("run", {}).get("output", "the output folder")
-        click.echo(f"\ninterrupted: the finished shards are saved in {output}; run the same command again to resume", err=True)
+    except KeyboardInterrupt as stop:  # the library says what it kept (srdata.interrupt); before that, nothing was scored
+        said = str(stop) if str(stop).startswith("interrupted") else "interrupted before scoring started: no row was scored"
+        click.echo(f"\n{said}", err=True)
         sys.exit(130)
     except click.UsageError:
         raise
@@ -278,7 +280,7 @@ def export_cmd(run_dir: Path, **flags: Any) -> None:
     with run_errors(), warnings.catch_warnings(), use_options(config.storage_options):
         warnings.simplefilter("ignore", GroupShareWarning)  # echoed below from curriculum.json, formatted for the terminal
         settings = config.model_dump()
-        folder = export_curriculum(run_dir, fmt=settings.pop("format"), **settings)
+        folder = export_curriculum(run_dir, fmt=settings.pop("format"), echo=lambda line: click.echo(line, err=True), **settings)
     summary = json.loads((folder / "curriculum.json").read_text())
     for stage in summary["stages"]:
         thresholds = stage["thresholds"]
@@ -288,6 +290,10 @@ def export_cmd(run_dir: Path, **flags: Any) -> None:
             cut = f"stratified_rank <= {thresholds['max_stratified_rank']}: the easiest {stage['rows'] / summary['source']['valid_rows']:.0%} of every {config.stratify}"
         click.echo(f"{stage['file']}: {stage['rows']} rows ({cut})")
     click.echo(f"dropped: {summary['dropped']['rows']} hardest rows; invalid: {summary['source']['invalid_rows']} rows")
+    ranking = summary["rank_columns"]["stage_files"]
+    click.echo(f"ranking: {ranking['name'] or 'custom'} ({ranking['rank_by']}, rrf_k {ranking['rrf_k']}, ties {ranking['ties']})"
+               + ("; re-ranked in memory: the stage files' difficulty_rank and rrf_score are this ranking's, not annotated.parquet's"
+                  if summary["ranking"]["recomputed"] else ""))
     echo_shares(summary["groups"])
     click.echo(f"wrote {shown(folder)}/curriculum.json")  # a remote --out by its URI
 

@@ -197,7 +197,7 @@ def test_export_records_the_rrf_k_the_run_was_scored_with(tmp_path: Path):
 
 def test_reexport_removes_stale_stage_files(run: Path):
     out = export_curriculum(run, stages=4, keep=4)
-    export_curriculum(run, stages=4, keep=2)
+    export_curriculum(run, stages=4, keep=2, overwrite=True)
     assert listing(out) == ["curriculum.json", "stage-0.parquet", "stage-1.parquet"]
 
 
@@ -215,7 +215,7 @@ def test_failed_write_leaves_previous_export_intact(run: Path, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        export_curriculum(run, rrf_k=5)
+        export_curriculum(run, rrf_k=5, overwrite=True)
     assert {name: (out / name).read_bytes() for name in listing(out)} == before  # no temporary file left either
 
 

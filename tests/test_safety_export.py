@@ -187,10 +187,10 @@ def test_reexport_replaces_only_the_files_its_export_wrote(run: Path, tmp_path: 
     mine = {"notes.txt": b"my notes", "stage-9.parquet": b"my stage 9", "stage-5.jsonl": b"my jsonl", "stage-1.json": b"x"}
     for name, data in mine.items():
         (out / name).write_bytes(data)
-    export_curriculum(run, stages=4, keep=2, out=out)  # stage-2, stage-3 are the earlier export's: they go
+    export_curriculum(run, stages=4, keep=2, out=out, overwrite=True)  # stage-2, stage-3 are the earlier export's: they go
     assert sorted(contents(out)) == sorted(["curriculum.json", "stage-0.parquet", "stage-1.parquet", *mine])
     assert {name: (out / name).read_bytes() for name in mine} == mine
-    export_curriculum(run, stages=4, keep=2, fmt="jsonl", out=out)  # another format: the parquet files go
+    export_curriculum(run, stages=4, keep=2, fmt="jsonl", out=out, overwrite=True)  # another format: the parquet files go
     assert sorted(contents(out)) == sorted(["curriculum.json", "stage-0.jsonl", "stage-1.jsonl", *mine])
     # An export whose stage-5.jsonl would replace the user's is refused before anything changes.
     before = contents(out)
@@ -209,7 +209,7 @@ def test_a_crafted_curriculum_json_cannot_make_export_delete_other_files(run: Pa
     summary["stages"].append({**summary["stages"][0], "stage": 7, "file": "../victim.txt"})
     summary["stages"].append({**summary["stages"][0], "stage": 8, "file": "notes.txt"})
     (out / "curriculum.json").write_text(json.dumps(summary))
-    export_curriculum(run, stages=2, keep=1, out=out)
+    export_curriculum(run, stages=2, keep=1, out=out, overwrite=True)
     assert victim.read_text() == "keep me" and (out / "notes.txt").read_text() == "keep me too"
 
 
@@ -227,7 +227,7 @@ def test_an_export_interrupted_while_publishing_is_refused_and_reruns_clean(run:
 
     monkeypatch.setattr(output, "publish", die_after_one)
     with pytest.raises(KeyboardInterrupt):
-        export_curriculum(run, stages=4, keep=2, rrf_k=3, out=out)
+        export_curriculum(run, stages=4, keep=2, rrf_k=3, out=out, overwrite=True)
     monkeypatch.undo()
     with pytest.raises(CurriculumIntegrityError, match="interrupted while it replaced its files"):
         verified_curriculum(out)
@@ -373,7 +373,7 @@ def test_export_on_a_full_disk(run: Path, small_disk):
     assert invoke("export", run, "--out", out).exit_code == 0
     fill(disk, 24)  # room for a little, not for a second export's stage files
     before = contents(out)
-    result = invoke("export", run, "--out", out, "--format", "jsonl", "--stages", "2", "--keep", "2")
+    result = invoke("export", run, "--out", out, "--format", "jsonl", "--stages", "2", "--keep", "2", "--overwrite")
     assert_clean_error(result, "could not write", str(out), "no space left on the device")
     assert contents(out) == before  # the earlier export whole, no temp file left
     assert len(verified_stage_files(out)) == 3

@@ -37,13 +37,13 @@ Guarantees (the folder rules and the publishing order are in :mod:`srdata.curric
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import chain
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import polars as pl
 
@@ -63,60 +63,20 @@ from srdata.curriculum.groups import (
 from srdata.curriculum.source import Run, check_unchanged, read_run, read_run_manifest  # noqa: F401 - read_run_manifest: re-exported
 from srdata.curriculum.output import EncodedStage, check_output_folder, publish_export
 from srdata.curriculum.remote_export import remote_capable
+# Re-exported: they lived here before srdata.curriculum.ranking.
+from srdata.curriculum.ranking import Ranking, rank_output_columns, ranked_rows, ranks_in_file_order, rerank_run, resolve_ranking  # noqa: F401
+from srdata.curriculum.ranking_record import rank_columns_record
+from srdata.curriculum.replacing import export_decisions, replaced_export
 from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
                                            write_parquet_stage)
 from srdata.curriculum.summary import range_summaries, score_columns
-from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, write_manifest
-from srdata.run.io import FolderLock, file_sha256, publish, remove_stale_temps, temp_path
-from srdata.steps.rank import (
-    DEFAULT_RRF_K,
-    DIFFICULTY_COLUMN,
-    FUSED_COLUMN,
-    ID_COLUMN,
-    INVALID_COLUMN,
-    RankKey,
-    RankingError,
-    check_no_nan,
-    format_rank_by,
-    missing_column,
-    parse_rank_by,
-    rank,
-)
+from srdata.run.folder import CURRICULUM_FILE
+from srdata.run.io import FolderLock, file_sha256, publish, remove_stale_temps
+from srdata.steps.rank import DIFFICULTY_COLUMN, RankKey, format_rank_by
 
+log = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 32 << 20  # Arrow bytes per parquet row group: ~85k rows of 300 chars (DuckDB writes 122,880 rows)
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """The ranking settings a curriculum is cut from, and whether export recomputes them."""
-
-    keys: tuple[RankKey, ...]
-    rrf_k: int
-    ties: str
-    recompute: bool
-
-    def describe(self) -> dict[str, Any]:
-        return {"rank_by": format_rank_by(self.keys), "rrf_k": self.rrf_k, "ties": self.ties, "recomputed": self.recompute}
-
-
-def resolve_ranking(
-    run: Run,
-    rank_by: str | Sequence[RankKey] | None = None,
-    rrf_k: int | None = None,
-    ties: str | None = None,
-) -> Ranking:
-    """The run's current ranking, with any option given here overriding it (and forcing a re-rank)."""
-    current = run.manifest.ranking
-    keys = parse_rank_by(rank_by if rank_by is not None else current.get("rank_by"))
-    k = rrf_k if rrf_k is not None else current.get("rrf_k", run.manifest.config.metrics.rrf_k)
-    tie_mode = ties if ties is not None else current.get("ties", "input")
-    asked = rank_by is not None or rrf_k is not None or ties is not None
-    return Ranking(keys, k, tie_mode, recompute=asked or not _has_ranks(run))
-
-
-def _has_ranks(run: Run) -> bool:
-    return {DIFFICULTY_COLUMN, FUSED_COLUMN} <= set(pl.read_parquet_schema(run.annotated))
 
 
 @remote_capable  # RUN_DIR or --out in object storage (s3://...): srdata.curriculum.remote_export
@@ -136,6 +96,8 @@ def export_curriculum(
     stratify: str | None = None,
     max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO,
     min_group_rows: int = DEFAULT_MIN_GROUP_ROWS,
+    overwrite: bool = False,
+    echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``stage-K.parquet`` (or ``.jsonl``) and ``curriculum.json``; return the folder.
 
@@ -149,6 +111,12 @@ def export_curriculum(
     of all ranked rows (groups of at least ``min_group_rows`` rows). ``stratify`` cuts the
     stages inside each group of that column, so every group keeps its share (the stage
     files then carry ``stratified_rank``, the order they were cut from); it is also checked.
+
+    An earlier export in ``out`` cut with other settings (ranking, stages, format, ...) is
+    refused unless ``overwrite`` (:mod:`srdata.curriculum.replacing`); what is replaced is
+    said through ``echo`` (default: the log). Which ranking the stage files' rank columns
+    come from is recorded in ``curriculum.json`` and in each parquet file's metadata
+    (:mod:`srdata.curriculum.ranking_record`).
 
     Example:
         >>> out = export_curriculum("runs/dolly")               # doctest: +SKIP
@@ -177,18 +145,22 @@ def export_curriculum(
     del groups
     out_dir = Path(out) if out is not None else run.path / "curriculum"
     finals = stage_file_paths(out_dir, len(bounds), fmt)
+    decisions = export_decisions(run, plan, ranking, fmt, stratify)
     check_output_folder(out_dir, finals)  # before anything is created there: a refused folder is left as it was
+    replaced_export(out_dir, decisions, overwrite)
     prepare_output(out_dir)
     with FolderLock(out_dir, "srdata export"):
         owned = check_output_folder(out_dir, finals)  # again, now that no other export can change it
+        replacing = replaced_export(out_dir, decisions, overwrite)
         remove_stale_temps(out_dir)  # left by an earlier export that was killed
         # Summarised before the rows are streamed, so that the score columns are freed first:
         # on a VM, memory that is reused is much cheaper than memory touched for the first time.
         summary = curriculum_summary(run, plan, ranking, ranks, bounds, finals, fmt, compression, stratify=stratify, shares=shares)
-        new_columns = [*(_rank_output_columns(ranks) if ranking.recompute else []), *([STRATIFIED_COLUMN] if stratify else [])]
+        new_columns = [*(rank_output_columns(ranks) if ranking.recompute else []), *([STRATIFIED_COLUMN] if stratify else [])]
         new_ranks = ranks.select(new_columns) if new_columns else None
         del ranks
-        encoded = encode_stages(_ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position)
+        encoded = encode_stages(ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position,
+                                metadata=ranking.metadata())
         try:
             check_unchanged(run, "export", out_dir)
             for stage, file in zip(summary["stages"], encoded):
@@ -197,6 +169,8 @@ def export_curriculum(
         finally:
             for file in encoded:
                 file.temp.unlink(missing_ok=True)
+    if replacing is not None:
+        (echo or log.warning)(replacing)
     emit_warnings(summary["warnings"])
     return out_dir
 
@@ -225,51 +199,6 @@ def _group_columns(run: Run, by: str | Sequence[str] | None, stratify: str | Non
     except GroupError as err:
         raise CurriculumError(str(err)) from None
     return list(dict.fromkeys([*by_columns, *([stratify] if stratify is not None else [])]))
-
-
-def ranks_in_file_order(run: Run, ranking: Ranking) -> pl.DataFrame:
-    """Score and rank columns of every row, in the row order of ``annotated.parquet``."""
-    schema = pl.read_parquet_schema(run.annotated)
-    _check_keys_exist(schema, ranking.keys)
-    summarised = score_columns(schema, ranking.keys)
-    if not ranking.recompute:
-        rank_columns = [k.rank_column for k in ranking.keys if k.rank_column in schema]
-        wanted = [ID_COLUMN, *summarised, *rank_columns, FUSED_COLUMN, DIFFICULTY_COLUMN]
-        ranks = pl.read_parquet(run.annotated, columns=list(dict.fromkeys(wanted)))
-        ranked_rows = ranks.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
-        check_no_nan(ranked_rows, [RankKey(c, descending=False) for c in summarised])
-        return ranks
-    optional = [INVALID_COLUMN] if INVALID_COLUMN in schema else []
-    scores = pl.read_parquet(run.annotated, columns=[ID_COLUMN, *summarised, *optional])
-    ranked = rank(scores, ranking.rrf_k, rank_by=ranking.keys, ties=ranking.ties)
-    if scores[ID_COLUMN].is_sorted():
-        return ranked
-    # rank() returns srd_id order; bring it back to the file's order for a row-wise zip.
-    return scores.select(ID_COLUMN).join(ranked, on=ID_COLUMN, how="left", maintain_order="left")
-
-
-def _check_keys_exist(schema: dict[str, Any], keys: Sequence[RankKey]) -> None:
-    # Checked against the whole file so the message can list every usable column.
-    numeric = [c for c, t in schema.items() if t.is_numeric() and c != ID_COLUMN]
-    for key in keys:
-        if key.column not in schema:
-            raise missing_column(key.column, numeric)
-
-
-def _rank_output_columns(frame: pl.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.startswith("rank_") or c in (FUSED_COLUMN, DIFFICULTY_COLUMN)]
-
-
-def _ranked_rows(run: Run, new_columns: pl.DataFrame | None) -> pl.LazyFrame:
-    """The annotated rows, lazily, with every column of ``new_columns`` (fresh ranks, in file order) zipped on."""
-    rows = pl.scan_parquet(run.annotated)
-    if new_columns is None:
-        return rows
-    original = rows.collect_schema().names()
-    outputs = new_columns.columns
-    # A row-wise zip, not a join: new_columns is in file order, and a zip streams.
-    zipped = pl.concat([rows.drop(outputs, strict=False), new_columns.lazy()], how="horizontal")
-    return zipped.select([*original, *(c for c in outputs if c not in original)])
 
 
 def write_stages(
@@ -309,6 +238,7 @@ def encode_stages(
     fmt: str,
     compression: str = "zstd",
     position_column: str = DIFFICULTY_COLUMN,
+    metadata: dict[str, str] | None = None,
 ) -> list[EncodedStage]:
     """Write every stage file to a temp file beside its name and checksum it; nothing is moved into place.
 
@@ -317,7 +247,8 @@ def encode_stages(
     :mod:`srdata.curriculum.stage_files`) and checksummed on that thread once written.
     A cumulative stage's rows come part by part, in input order inside each part, so stage
     s-1 is the first part of stage s. On any failure every temp file is removed; a full disk
-    or a read-only folder is a :class:`WriteError` naming the file.
+    or a read-only folder is a :class:`WriteError` naming the file. ``metadata`` goes into
+    every parquet file's key-value metadata (which ranking its rank columns come from).
 
     Example:
         >>> [f.path.name for f in encode_stages(rows, [(0, 10), (0, 20)], Path("out"), "parquet")]   # doctest: +SKIP
@@ -331,7 +262,7 @@ def encode_stages(
     encoded: list[EncodedStage] = []
     try:
         live, stored, sinks = part_sinks(members, len(parts), scratch, part_schema(rows))
-        schema, level = stage_schema(rows), compression_level(compression)
+        schema, level = stage_schema(rows).with_metadata(metadata or {}), compression_level(compression)
 
         def write(s: int) -> EncodedStage:
             stream = live[s]
@@ -414,6 +345,8 @@ def curriculum_summary(
             "stratify": stratify,
         },
         "ranking": ranking.describe(),
+        "rank_columns": rank_columns_record(format_rank_by(ranking.keys), ranking.rrf_k, ranking.ties, run.manifest.ranking,
+                                            run.manifest.config.metrics.rrf_k),
         "stages": [
             {"stage": s, "file": f.name, **summary, "new_rows": stop - (bounds[s - 1][1] if s else 0)}
             for s, ((_, stop), f, summary) in enumerate(zip(bounds, files, stage_ranges))
@@ -424,63 +357,3 @@ def curriculum_summary(
     }
 
 
-def rerank_run(
-    run_dir: str | os.PathLike[str],
-    rank_by: str | Sequence[RankKey] | None = None,
-    rrf_k: int = DEFAULT_RRF_K,
-    ties: str = "input",
-    compression: str = "zstd",
-) -> Path:
-    """Recompute the ranks of a finished run in place (no re-scoring); return annotated.parquet.
-
-    The new settings are recorded under ``"ranking"`` in ``manifest.json`` so that a later
-    export cuts from them.
-
-    Example:
-        >>> rerank_run("runs/dolly", ties="reference")        # doctest: +SKIP
-        PosixPath('runs/dolly/annotated.parquet')
-    """
-    run = read_run(run_dir)
-    ranking = Ranking(parse_rank_by(rank_by), rrf_k, ties, recompute=True)
-    if not os.access(run.path, os.W_OK):  # EROFS holds for root too
-        raise CurriculumError(
-            f"run folder {run.path} is not writable (a read-only file system, or no permission): `srdata rank` rewrites "
-            f"{ANNOTATED_FILE} there in place. Copy the run folder somewhere writable and rank the copy, or export with "
-            "ranking options (`srdata export RUN --rank-by ...`), which re-ranks in memory and leaves the run as it is"
-        )
-    with FolderLock(run.path, "srdata rank"):  # the lock `srdata score` takes: never while it writes the run
-        run = read_run(run.path)  # again, under the lock: the run as no other command changes it now
-        remove_stale_temps(run.path)  # an earlier rank (or score) killed mid-write
-        ranks = ranks_in_file_order(run, ranking)
-        stale = _previous_rank_columns(run, ranks)
-        rows = _ranked_rows(run, ranks.select(_rank_output_columns(ranks))).drop(stale)
-        _sink_one(rows, run.annotated, compression)
-        recorded = {k: v for k, v in ranking.describe().items() if k != "recomputed"}
-        run.manifest.ranking = {**recorded, "ranked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_manifest(run.path, run.manifest)
-    return run.annotated
-
-
-def _previous_rank_columns(run: Run, new_ranks: pl.DataFrame) -> list[str]:
-    """Rank columns of a previous custom --rank-by that the new ranking does not produce."""
-    previous = run.manifest.ranking.get("rank_by")
-    if previous is None:
-        return []
-    schema = pl.read_parquet_schema(run.annotated)
-    old = [k.rank_column for k in parse_rank_by(previous)]
-    return [c for c in old if c in schema and c not in new_ranks.columns]
-
-
-def _sink_one(rows: pl.LazyFrame, final: Path, compression: str) -> None:
-    """Write ``rows`` to a marked temp file beside ``final`` and move it into place; a full disk leaves ``final`` as it was."""
-    temp = temp_path(final)
-    try:
-        rows.sink_parquet(temp, compression=compression, compression_level=compression_level(compression))
-        publish(temp, final)
-    except Exception as err:
-        failure = as_write_error(err, final)
-        if failure is None or failure is err:
-            raise
-        raise failure from err
-    finally:
-        temp.unlink(missing_ok=True)

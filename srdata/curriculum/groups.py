@@ -18,6 +18,9 @@ not flagged, because chance alone moves small counts that far: under a random ra
 group of 40 rows has 4 or fewer of them (under half its 10) in a given quarter with
 probability 1.6% (binomial), a group of 20 has 2 or fewer (under half its 5) with 9%,
 which would flag dozens of the groups of a dataset with hundreds of templates.
+Their fate is shown in aggregate instead (:func:`small_groups`): how many of them lose
+every row to the dropped part (against how many would by chance), and the share of the
+dropped part they make up together; that combined share is checked like a group's.
 
 **Stratified cut** (``srdata export --stratify COLUMN``). The ranked rows are put in one
 order that interleaves the groups in proportion to their sizes, each group's rows easiest
@@ -241,6 +244,7 @@ def group_shares(
                 "flagged": share is not None and check.flags(share, overall, row["rows"]),
             }
         table.append({"value": row["group"], "rows": row["rows"], "share": overall, "parts": shares})
+    small = small_groups(table, total, next((p for p in parts if p.name == DROPPED), None), check)
     return {
         "column": column,
         "ranked_rows": total,
@@ -248,10 +252,88 @@ def group_shares(
         "parts": [{"name": p.name, "rows": p.rows} for p in parts],
         **check.describe(),
         "table": table,
+        "small_groups": small,
         "warnings": [
             share_warning(column, entry, name) for entry in table for name, part in entry["parts"].items() if part["flagged"]
-        ],
+        ] + ([small_groups_warning(column, small)] if small is not None and small["flagged"] else []),
     }
+
+
+def small_groups(table: Sequence[Mapping[str, Any]], total: int, dropped: Part | None, check: ShareCheck) -> dict[str, Any] | None:
+    """The groups under ``check.min_rows`` ranked rows (never flagged one by one), taken together; ``None`` if there are none.
+
+    ``all_dropped_groups``: how many lose every row to the dropped part; ``expected_all_dropped``:
+    how many would under a random ranking (for a group of n rows, the chance that all n fall in
+    a dropped part of D of the N rows is D(D-1)...(D-n+1) / N(N-1)...(N-n+1)). ``share_of_dropped``:
+    the share of the dropped part they make up together, against ``share`` of all ranked rows;
+    ``flagged`` when that is out of bounds and they hold ``check.min_rows`` rows or more together.
+
+    Example:
+        >>> table = [{"rows": 2, "parts": {"dropped": {"rows": 2}}}, {"rows": 96, "parts": {"dropped": {"rows": 23}}}]
+        >>> small = small_groups(table, 98, Part("dropped", 73, 98), ShareCheck())
+        >>> small["groups"], small["all_dropped_groups"], round(small["share_of_dropped"], 2), small["flagged"]
+        (1, 1, 0.08, False)
+    """
+    small = [entry for entry in table if entry["rows"] < check.min_rows]
+    if not small:
+        return None
+    rows = sum(entry["rows"] for entry in small)
+    share = rows / total if total else 0.0
+    result: dict[str, Any] = {"min_rows": check.min_rows, "groups": len(small), "rows": rows, "share": share, "dropped_part_rows": 0,
+                              "dropped_rows": 0, "share_of_dropped": None, "ratio": None, "all_dropped_groups": 0,
+                              "all_dropped_rows": 0, "expected_all_dropped": 0.0, "flagged": False}
+    if dropped is None or not dropped.rows:
+        return result
+    held = [entry["parts"][DROPPED]["rows"] for entry in small]
+    lost = [entry["rows"] for entry, count in zip(small, held) if count == entry["rows"]]
+    share_of_dropped = sum(held) / dropped.rows
+    result.update(
+        dropped_part_rows=dropped.rows,
+        dropped_rows=sum(held),
+        share_of_dropped=share_of_dropped,
+        ratio=share_of_dropped / share if share else None,
+        all_dropped_groups=len(lost),
+        all_dropped_rows=sum(lost),
+        expected_all_dropped=sum(_chance_all_dropped(entry["rows"], dropped.rows, total) for entry in small),
+        flagged=check.flags(share_of_dropped, share, rows),
+    )
+    return result
+
+
+def _chance_all_dropped(n: int, dropped: int, total: int) -> float:
+    chance = 1.0
+    for i in range(n):
+        chance *= max(dropped - i, 0) / (total - i)
+    return chance
+
+
+def small_groups_text(result: Mapping[str, Any]) -> str | None:
+    """One sentence on the fate of the groups too small to flag, or ``None`` when there are none (or nothing is dropped).
+
+    Example:
+        >>> result = group_shares(pl.Series(range(1, 45)), pl.Series(["a"] * 40 + ["b"] * 3 + ["c"]), [Part("stage 0", 0, 33), Part("dropped", 33, 44)], "task")
+        >>> print(small_groups_text(result))
+        2 groups of task under 40 ranked rows (4 rows, 9.1% of ranked rows): 2 lose every row to the dropped part (4 rows; 0.26 expected by chance); together they are 36% of the dropped part against 9.1% of all ranked rows (4.00x their share).
+    """
+    small = result.get("small_groups")
+    if not small or small["share_of_dropped"] is None:  # none, or nothing dropped
+        return None
+    head = (f"{small['groups']} group{'s' * (small['groups'] != 1)} of {result['column']} under {small['min_rows']} ranked rows "
+            f"({small['rows']} rows, {_percent(small['share'])} of ranked rows)")
+    return (
+        f"{head}: {small['all_dropped_groups']} lose every row to the dropped part ({small['all_dropped_rows']} rows; "
+        f"{small['expected_all_dropped']:.2g} expected by chance); together they are {_percent(small['share_of_dropped'])} of the "
+        f"dropped part against {_percent(small['share'])} of all ranked rows ({small['ratio']:.2f}x their share)."
+    )
+
+
+def small_groups_warning(column: str, small: Mapping[str, Any]) -> str:
+    """The warning when the small groups together are far from their share of the dropped part."""
+    return (
+        f"the dropped part is {_percent(small['share_of_dropped'])} groups of {column} under {small['min_rows']} rows "
+        f"({small['groups']} groups, {small['dropped_rows']} of their {small['rows']} rows) against {_percent(small['share'])} of all "
+        f"ranked rows: {small['ratio']:.2f}x their share; {small['all_dropped_groups']} of them lose every row"
+    )
 
 
 def share_warning(column: str, entry: Mapping[str, Any], part: str) -> str:
@@ -325,6 +407,9 @@ def format_share_table(result: Mapping[str, Any], limit: int | None = 12) -> lis
     hidden = len(result["table"]) - len(rows)
     if hidden:
         lines.append(f"... and {hidden} smaller groups, none flagged")
+    small = small_groups_text(result)
+    if small:
+        lines.append(small)
     return lines
 
 

@@ -4,13 +4,17 @@ The report reads only the score and rank columns of a run (plus the few example 
 shows), so it stays cheap on millions of rows. It writes ``report.md``, ``report.html``
 and three PNG figures (drawn by :mod:`srdata.curriculum.plots`):
 
-- ``score_histograms.png``: ROUGE-L and cross-entropy distributions;
-- ``scores_by_stage.png``: ROUGE-L against cross-entropy, coloured by curriculum stage,
-  the dropped (hardest) part marked in grey;
+- ``score_histograms.png``: distributions of ROUGE-L, cross-entropy and every other score
+  the ranking fuses (``ifd`` and ``pmi`` for ``--rank-by noisy``);
+- ``scores_by_stage.png``: the ranking's first two scores against each other (ROUGE-L
+  against cross-entropy for the paper's), coloured by curriculum stage, the dropped
+  (hardest) part marked in grey;
 - ``stage_sizes.png``: rows per stage, dropped and invalid rows.
 
 Stages come from the run's ``curriculum/curriculum.json`` when it exists (or the one
-given), otherwise from the paper's default cut (4 stages, keep 3). With ``by`` columns the
+given), ranked as that export ranked them and checked against its stage files
+(:mod:`srdata.curriculum.report_data`: the report describes the export that exists),
+otherwise from the paper's default cut (4 stages, keep 3). With ``by`` columns the
 report also gives each group's share of every stage and of the dropped part, warns
 (:class:`~srdata.curriculum.groups.GroupShareWarning`) where a share is far from the group's share
 of all ranked rows, and writes the same tables to ``groups.json`` (empty without ``by``).
@@ -20,74 +24,37 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
 
-from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
+from srdata.curriculum.cut import CurriculumError
 from srdata.curriculum.export import Run, read_run, read_run_manifest, share_check
 from srdata.curriculum.source import check_unchanged
-from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, Manifest
+from srdata.run.folder import ANNOTATED_FILE, Manifest
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
-    STRATIFIED_COLUMN,
-    GroupError,
     advice,
-    check_group_columns,
-    curriculum_parts,
     emit_warnings,
     group_shares,
     share_table_rows,
-    stratified_ranks,
+    small_groups_text,
 )
 from srdata.curriculum.plots import plot_histograms, plot_scatter, plot_stage_sizes
-from srdata.curriculum.load import verified_curriculum
 from srdata.curriculum.render import to_html, to_markdown
+from srdata.curriculum.report_data import CONTRACT_RANKS, CONTRACT_SCORES, ReportRows, Stages, example_rows, report_rows
 from srdata.curriculum.stage_files import ScratchFiles, as_write_error, prepare_output
 from srdata.run.io import FolderLock, publish, remove_stale_temps
 from srdata.steps.rank import DIFFICULTY_COLUMN, FUSED_COLUMN, ID_COLUMN, INVALID_COLUMN
 
-SCORE_COLUMNS = ("rouge_l", "ce_loss")
-RANK_COLUMNS = ("rank_rouge_l", "rank_ce_loss")
+SCORE_COLUMNS, RANK_COLUMNS = CONTRACT_SCORES, CONTRACT_RANKS
 EXAMPLE_CHARS = 160
 GROUPS_FILE = "groups.json"
 FIGURE_FILES = ("score_histograms.png", "scores_by_stage.png", "stage_sizes.png")
 SHARE_TABLE_GROUPS = 50  # largest groups in the report's share table; flagged groups are always shown
-
-
-@dataclass(frozen=True)
-class Stages:
-    """Where the curriculum cuts the ranked rows: last position of every kept stage.
-
-    Positions are difficulty ranks, or the stratified ranks within ``stratify`` groups
-    of a stratified export.
-    """
-
-    ends: list[int]
-    layout: str
-    source: str  # "curriculum.json at ..." or "paper default"
-    stratify: str | None = None
-
-    @property
-    def position(self) -> str:
-        """The column the stages were cut from."""
-        return DIFFICULTY_COLUMN if self.stratify is None else STRATIFIED_COLUMN
-
-    def part_of(self, difficulty: pl.Expr) -> pl.Expr:
-        """Stage (part) in which a row is first trained; ``len(ends)`` means dropped."""
-        expr = pl.lit(len(self.ends), dtype=pl.Int64)
-        for stage, end in reversed(list(enumerate(self.ends))):
-            expr = pl.when(difficulty <= end).then(pl.lit(stage, dtype=pl.Int64)).otherwise(expr)
-        return expr
-
-    def parts(self, n_ranked: int) -> list:
-        """Every stage file and the dropped part as :class:`srdata.curriculum.groups.Part` ranges of positions."""
-        starts = [0] * len(self.ends) if self.layout == "cumulative" else [0, *self.ends[:-1]]
-        return curriculum_parts(list(zip(starts, self.ends)), n_ranked)
 
 
 def ranking_agreement(scores: pl.DataFrame) -> dict[str, Any]:
@@ -115,40 +82,6 @@ def ranking_agreement(scores: pl.DataFrame) -> dict[str, Any]:
     return {"spearman_rho": rho, "hardest_quarter_rows": quarter, "hardest_quarter_overlap": both / quarter, "overlap_rows": both}
 
 
-def load_stages(run: Run, n_valid: int, curriculum: str | os.PathLike[str] | None = None) -> Stages:
-    """The stage cut of the run's export (or the given one), or the paper's default cut."""
-    path = Path(curriculum) if curriculum is not None else run.path / "curriculum"
-    summary_path = path if path.name == CURRICULUM_FILE else path / CURRICULUM_FILE
-    if summary_path.is_file():
-        summary = verified_curriculum(summary_path).summary  # stage files checked: the report describes what a trainer reads
-        stratify = summary["settings"].get("stratify")
-        threshold = "max_difficulty_rank" if stratify is None else f"max_{STRATIFIED_COLUMN}"
-        ends = [stage["thresholds"][threshold] for stage in summary["stages"] if stage["rows"]]
-        # An export that re-ranked in memory cut other rows than the run's own ranking shows.
-        caveat = " (stage sizes only: that export re-ranked the rows)" if summary["ranking"].get("recomputed") else ""
-        cut = f", stratified by {stratify}" if stratify is not None else ""
-        return Stages(ends, summary["settings"]["layout"], f"{summary_path}{cut}{caveat}", stratify)
-    if curriculum is not None:
-        raise CurriculumError(f"no {CURRICULUM_FILE} at {path}")
-    bounds = stage_bounds(n_valid, plan_stages())
-    return Stages([stop for _, stop in bounds], "cumulative", "paper default (4 stages, keep 3; not exported yet)")
-
-
-def read_scores(run: Run, by: Sequence[str] = ()) -> pl.DataFrame:
-    """The score, rank and grouping columns of every row (no text)."""
-    schema = pl.read_parquet_schema(run.annotated)
-    try:
-        check_group_columns(schema, by, "--by")
-    except GroupError as err:
-        raise CurriculumError(str(err)) from None
-    needed = [ID_COLUMN, *SCORE_COLUMNS, *RANK_COLUMNS, FUSED_COLUMN, DIFFICULTY_COLUMN]
-    absent = [c for c in needed if c not in schema]
-    if absent:
-        raise CurriculumError(f"{run.annotated} lacks {', '.join(absent)}; rank it first with `srdata rank {run.path}`")
-    optional = [INVALID_COLUMN] if INVALID_COLUMN in schema else []
-    return pl.read_parquet(run.annotated, columns=list(dict.fromkeys([*needed, *optional, *by])))
-
-
 def build_report(
     run_dir: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -171,27 +104,27 @@ def build_report(
     """
     check = share_check(max_share_ratio, min_group_rows)
     run = read_run(run_dir)
-    scores = read_scores(run, by)
-    stages = load_stages(run, scores[DIFFICULTY_COLUMN].count(), curriculum)
-    scores = with_positions(run, scores, stages)
-    valid = scores.filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
-    staged = valid.with_columns(stages.part_of(pl.col(stages.position)).alias("part"))
+    rows = report_rows(run, by, curriculum)  # ranked and cut as the export was, checked against its stage files
+    scores, staged, stages = rows.scores, rows.staged, rows.stages
+    valid = staged
+    x, y = _scatter_axes(rows)
     shares = [group_shares(staged[stages.position], staged[column], stages.parts(staged.height), column, check) for column in by]
     out_dir = _writable_folder(Path(out) if out is not None else run.path / "report")
     with FolderLock(out_dir, "srdata report"):
         remove_stale_temps(out_dir)  # of a report killed mid-write
         figures = [out_dir / name for name in FIGURE_FILES]
-        blocks = _report_blocks(run, scores, staged, stages, by, examples, figures, shares)
+        blocks = _report_blocks(run, rows, by, examples, figures, shares)
         draw = {
-            FIGURE_FILES[0]: lambda path: plot_histograms(valid, SCORE_COLUMNS, path),
-            FIGURE_FILES[1]: lambda path: plot_scatter(staged, len(stages.ends), path),
+            FIGURE_FILES[0]: lambda path: plot_histograms(valid, rows.score_columns, path),
+            FIGURE_FILES[1]: lambda path: plot_scatter(staged, len(stages.ends), path, x=x, y=y),
             FIGURE_FILES[2]: lambda path: plot_stage_sizes(
                 _stage_sizes(staged, stages), _count_part(staged, len(stages.ends)), scores.height - valid.height, stages.layout, path
             ),
             "report.md": lambda path: path.write_text(to_markdown(blocks), encoding="utf-8"),
             "report.html": lambda path: path.write_text(to_html(blocks, title=f"SRD report: {run.path.name}"), encoding="utf-8"),
             GROUPS_FILE: lambda path: path.write_text(
-                json.dumps({"stages": stages.source, **check.describe(), "groups": shares}, indent=2, default=str) + "\n", encoding="utf-8"
+                json.dumps({"stages": stages.source, "ranking": rows.ranking.describe(), **check.describe(), "groups": shares},
+                           indent=2, default=str) + "\n", encoding="utf-8"
             ),
         }
         _write_all(out_dir, draw, run)
@@ -219,13 +152,11 @@ def _write_all(out_dir: Path, draw: dict[str, Callable[[Path], Any]], run: Run) 
         scratch.remove_all()
 
 
-def with_positions(run: Run, scores: pl.DataFrame, stages: Stages) -> pl.DataFrame:
-    """``scores`` with the ``stratified_rank`` a stratified export cut from (recomputed from the run), else as is."""
-    if stages.stratify is None:
-        return scores
-    column = stages.stratify
-    groups = scores[column] if column in scores.columns else pl.read_parquet(run.annotated, columns=[column])[column]
-    return scores.with_columns(stratified_ranks(scores[DIFFICULTY_COLUMN], groups).alias(STRATIFIED_COLUMN))
+def _scatter_axes(rows: ReportRows) -> tuple[tuple[str, bool], tuple[str, bool]]:
+    """The scatter's two scores and whether higher is easier: the ranking's first two (ROUGE-L, cross-entropy for the paper's)."""
+    keys = [(k.column, k.descending) for k in rows.keys if k.weight]
+    axes = [*keys, *((c, c == "rouge_l") for c in CONTRACT_SCORES if c not in dict(keys))]
+    return axes[0], axes[1]
 
 
 def _writable_folder(path: Path) -> Path:
@@ -247,31 +178,32 @@ def _stage_sizes(staged: pl.DataFrame, stages: Stages) -> list[int]:
 
 def _report_blocks(
     run: Run,
-    scores: pl.DataFrame,
-    staged: pl.DataFrame,
-    stages: Stages,
+    rows: ReportRows,
     by: Sequence[str],
     examples: int,
     figures: Sequence[Path],
     shares: Sequence[dict[str, Any]] = (),
 ) -> list[tuple]:
-    agreement = ranking_agreement(staged)
+    """The report, section by section: run, scores, agreement, curriculum, examples, invalid rows, groups."""
+    scores, staged, stages, columns = rows.scores, rows.staged, rows.stages, rows.score_columns
+    x, y = _scatter_axes(rows)
     blocks: list[tuple] = [
         ("h1", f"SRD report: {run.path}"),
         ("p", _run_line(run, scores, staged)),
+        ("p", rows.ranking_text()),
         ("h2", "Scores"),
-        ("table", ["score", "mean", "median", "min", "max"], _score_rows(staged)),
-        ("img", figures[0].name, "Histograms of ROUGE-L and cross-entropy"),
+        ("table", ["score", "mean", "median", "min", "max"], _score_rows(staged, columns)),
+        ("img", figures[0].name, f"Histograms of {', '.join(columns)}"),
         ("h2", "Agreement between the two rankings"),
-        ("p", _agreement_text(agreement)),
+        ("p", _agreement_text(ranking_agreement(staged))),
         ("h2", "Curriculum"),
         ("p", f"Stages from {stages.source}; {stages.layout} layout."),
         ("table", ["stage", "rows", "new rows", "difficulty ranks" if stages.stratify is None else "stratified ranks",
-                   "mean rouge_l", "mean ce_loss"], _stage_rows(staged, stages)),
-        ("img", figures[1].name, "ROUGE-L against cross-entropy, coloured by stage"),
+                   *(f"mean {c}" for c in columns)], _stage_rows(staged, stages, columns)),
+        ("img", figures[1].name, f"{x[0]} against {y[0]}, coloured by stage"),
         ("img", figures[2].name, "Rows per stage"),
     ]
-    blocks += _example_blocks(run, staged, examples)
+    blocks += _example_blocks(run, staged, examples, columns)
     blocks += _invalid_blocks(scores)
     for column, result in zip(by, shares):
         blocks += [("h2", f"By {column}"), ("table", *_group_table(scores, staged, stages, column))]
@@ -295,6 +227,9 @@ def _share_blocks(result: dict[str, Any]) -> list[tuple]:
         blocks.append(("p", advice(result)))
     else:
         blocks.append(("p", f"No {column} is far from its share in any stage or in the dropped part."))
+    small = small_groups_text(result)
+    if small:
+        blocks.append(("p", small))
     return blocks
 
 
@@ -312,10 +247,10 @@ def _model_name(manifest: Manifest) -> str:
     return str(getattr(model, "model", model) or "unknown model")
 
 
-def _score_rows(valid: pl.DataFrame) -> list[list[str]]:
+def _score_rows(valid: pl.DataFrame, columns: Sequence[str] = SCORE_COLUMNS) -> list[list[str]]:
     return [
         [column, *(_fmt(getattr(valid[column], stat)()) for stat in ("mean", "median", "min", "max"))]
-        for column in SCORE_COLUMNS
+        for column in columns
     ]
 
 
@@ -330,7 +265,7 @@ def _agreement_text(agreement: dict[str, Any]) -> str:
     )
 
 
-def _stage_rows(staged: pl.DataFrame, stages: Stages) -> list[list[str]]:
+def _stage_rows(staged: pl.DataFrame, stages: Stages, columns: Sequence[str] = SCORE_COLUMNS) -> list[list[str]]:
     rows = []
     sizes = _stage_sizes(staged, stages)
     for part in range(len(stages.ends) + 1):
@@ -339,15 +274,8 @@ def _stage_rows(staged: pl.DataFrame, stages: Stages) -> list[list[str]]:
         label = f"stage {part}" if part < len(stages.ends) else "dropped"
         size = sizes[part] if part < len(sizes) else own.height
         ranks = f"{in_file[stages.position].min()}-{in_file[stages.position].max()}" if in_file.height else "-"
-        rows.append([label, str(size), str(own.height), ranks, _fmt(in_file["rouge_l"].mean()), _fmt(in_file["ce_loss"].mean())])
+        rows.append([label, str(size), str(own.height), ranks, *(_fmt(in_file[c].mean()) for c in columns)])
     return rows
-
-
-def example_rows(run: Run, difficulty_ranks: Sequence[int]) -> pl.DataFrame:
-    """The full rows at the given difficulty ranks, in that order (streamed, not loaded)."""
-    order = pl.DataFrame({DIFFICULTY_COLUMN: list(difficulty_ranks)}, schema={DIFFICULTY_COLUMN: pl.Int64})
-    found = pl.scan_parquet(run.annotated).filter(pl.col(DIFFICULTY_COLUMN).is_in(list(difficulty_ranks))).collect()
-    return order.join(found, on=DIFFICULTY_COLUMN, how="inner", maintain_order="left")
 
 
 def _text_columns(run: Run) -> list[str]:
@@ -366,17 +294,17 @@ def _easiest_and_hardest(n_valid: int, examples: int) -> tuple[list[int], list[i
     return list(range(1, count + 1)), list(range(n_valid, n_valid - count, -1))
 
 
-def _example_blocks(run: Run, staged: pl.DataFrame, examples: int) -> list[tuple]:
+def _example_blocks(run: Run, staged: pl.DataFrame, examples: int, columns: Sequence[str] = SCORE_COLUMNS) -> list[tuple]:
     if examples <= 0 or staged.height == 0:
         return []
     easiest, hardest = _easiest_and_hardest(staged.height, examples)
     text_columns = _text_columns(run)
-    headers = ["difficulty", "srd_id", "rouge_l", "ce_loss", *text_columns]
+    headers = ["difficulty", "srd_id", *columns, *text_columns]
     blocks: list[tuple] = []
     for title, ranks in ((f"{len(easiest)} easiest rows", easiest), (f"{len(hardest)} hardest rows", hardest)):
-        rows = example_rows(run, ranks)
+        rows = example_rows(run, staged, ranks)
         table = [
-            [str(r[DIFFICULTY_COLUMN]), str(r[ID_COLUMN]), _fmt(r["rouge_l"]), _fmt(r["ce_loss"]), *(_clip(r[c]) for c in text_columns)]
+            [str(r[DIFFICULTY_COLUMN]), str(r[ID_COLUMN]), *(_fmt(r[c]) for c in columns), *(_clip(r[c]) for c in text_columns)]
             for r in rows.iter_rows(named=True)
         ]
         blocks += [("h2", title), ("table", headers, table)]
@@ -439,20 +367,20 @@ def inspect_run(run_dir: str | os.PathLike[str], examples: int = 5) -> str:
     if manifest.status != "complete" or not (path / ANNOTATED_FILE).is_file():
         return _progress_text(path, manifest)
     run = read_run(path)
-    scores = read_scores(run)
-    stages = load_stages(run, scores[DIFFICULTY_COLUMN].count())
-    valid = with_positions(run, scores, stages).filter(pl.col(DIFFICULTY_COLUMN).is_not_null())
-    staged = valid.with_columns(stages.part_of(pl.col(stages.position)).alias("part"))
+    rows = report_rows(run)  # ranked and cut as the export was, checked against its stage files
+    scores, staged, stages, columns = rows.scores, rows.staged, rows.stages, rows.score_columns
     position = "difficulty" if stages.stratify is None else "stratified"
     lines = [
-        f"run {path}: complete, {scores.height} rows ({valid.height} ranked, {scores.height - valid.height} invalid), "
+        f"run {path}: complete, {scores.height} rows ({staged.height} ranked, {scores.height - staged.height} invalid), "
         f"config hash {run.config_hash}",
-        *(f"  {row[0]:<8} mean {row[1]}  median {row[2]}  min {row[3]}  max {row[4]}" for row in _score_rows(valid)),
-        "agreement: " + _agreement_text(ranking_agreement(valid)),
+        rows.ranking_text(),
+        *(f"  {row[0]:<8} mean {row[1]}  median {row[2]}  min {row[3]}  max {row[4]}" for row in _score_rows(staged, columns)),
+        "agreement: " + _agreement_text(ranking_agreement(staged)),
         f"stages ({stages.source}, {stages.layout}):",
-        *(f"  {r[0]:<8} {r[1]:>8} rows  {position} {r[3]:<14} mean rouge_l {r[4]}  mean ce_loss {r[5]}" for r in _stage_rows(staged, stages)),
+        *(f"  {r[0]:<8} {r[1]:>8} rows  {position} {r[3]:<14} " + "  ".join(f"mean {c} {v}" for c, v in zip(columns, r[4:]))
+          for r in _stage_rows(staged, stages, columns)),
     ]
-    lines += _inspect_examples(run, valid.height, examples)
+    lines += _inspect_examples(run, staged, examples, columns)
     return "\n".join(lines)
 
 
@@ -467,15 +395,16 @@ def _progress_text(path: Path, manifest: Manifest) -> str:
     )
 
 
-def _inspect_examples(run: Run, n_valid: int, examples: int) -> list[str]:
-    if examples <= 0 or n_valid == 0:
+def _inspect_examples(run: Run, staged: pl.DataFrame, examples: int, columns: Sequence[str] = SCORE_COLUMNS) -> list[str]:
+    if examples <= 0 or staged.height == 0:
         return []
-    easiest, hardest = _easiest_and_hardest(n_valid, examples)
+    easiest, hardest = _easiest_and_hardest(staged.height, examples)
     lines: list[str] = []
     for title, ranks in (("easiest", easiest), ("hardest", hardest)):
         lines.append(f"{title}:")
         prompt_column = _text_columns(run)[0]
-        for r in example_rows(run, ranks).iter_rows(named=True):
+        for r in example_rows(run, staged, ranks).iter_rows(named=True):
             prompt = _clip(r.get(prompt_column))[:80]
-            lines.append(f"  #{r[DIFFICULTY_COLUMN]:<6} srd_id {r[ID_COLUMN]:<8} rouge_l {_fmt(r['rouge_l'])}  ce_loss {_fmt(r['ce_loss'])}  {prompt}")
+            values = "  ".join(f"{c} {_fmt(r[c])}" for c in columns)
+            lines.append(f"  #{r[DIFFICULTY_COLUMN]:<6} srd_id {r[ID_COLUMN]:<8} {values}  {prompt}")
     return lines
