@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,10 @@ from srdata.config import ScoreConfig, build_config, merge, nest, result_setting
 from srdata.steps.context import check_token_limits
 from srdata.steps.load import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
 from srdata.engines import ShardJob, run_shards
-from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStudent, load_tokenizer, max_positions
+from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStudent, check_model_path, load_tokenizer, max_positions
+from srdata.steps.hub import check_hub_model
+from srdata.interrupt import Kept, ScoreInterrupted, kept_partials, save_interrupted
+from srdata.steps.truncation import truncation_after, truncation_before
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
 from srdata.steps.rank import rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, check_output_location, plan_shards
@@ -71,12 +75,23 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
         # One writer per folder, from here to the end: a second command is refused at once, before
         # it loads anything (the lock is taken before the manifest is read, and dropped if killed).
         with store.lock("srdata score"):
-            return _score(config, store, say, progress, started)
+            kept = Kept(store)
+            try:
+                return _score(config, store, say, progress, started, kept)
+            except KeyboardInterrupt as stop:  # save what is finished, and say exactly that
+                raise ScoreInterrupted(save_interrupted(kept, stop)) from None
 
 
-def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float) -> ScoreResult:
+def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float, kept: Kept) -> ScoreResult:
     """The run itself, holding the folder's lock."""
-    # load
+    # the model first: a typo in its folder, or a hub id offline, fails before the (slow) data load
+    check_model_path(config.model.model)
+    note = check_hub_model(config.model.model)
+    if note:
+        say(note)
+    say(f"loading the tokenizer of {config.model.model}")
+    tokenizer = load_tokenizer(config)
+    say(f"loading {config.data.dataset}" + (f" (split {config.data.split})" if config.data.split != "train" else ""))
     dataset, data_identity = load_split_with_identity(config.data.dataset, config.data.split, config.data.limit)
     mapping = resolve_columns(dataset.column_names, config.data.prompt_column, config.data.response_column, config.data.input_column)
     clashing = [c for c in dataset.column_names if c in SCORE_COLUMNS + RANK_COLUMNS + ["stage"]]
@@ -90,7 +105,6 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
     if mapping.prompt_column is not None and mapping.prompt_column == mapping.response_column:
         say(f"warning: column '{mapping.prompt_column}' is both the prompt and the response: the student is asked "
             "to repeat its prompt; pass --prompt-column and --response-column to choose two columns")
-    tokenizer = load_tokenizer(config)
     template = resolve_template(config.prompt.template, mapping, dataset.column_names, tokenizer)
     say(describe_template(config.prompt.template, template, mapping))
     p = config.prompt
@@ -120,9 +134,14 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
             if entry.done and earlier is not None:
                 for key in {"batch_size", "token_budget", "sha256", "bytes", "rows"} & earlier.model_fields_set:
                     setattr(entry, key, getattr(earlier, key))
+    partials = kept_partials(store, manifest, pending, say)
     store.write_manifest(manifest)
+    kept.manifest = manifest
     if resumed:
-        say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done")
+        say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done"
+            + (f", {sum(f.height for f in partials.values())} rows of unfinished shards kept" if partials else ""))
+    for warning in truncation_before(dataset, mapping, template, tokenizer, config, pending):
+        say(f"warning: {warning}")
 
     # generate + score, shard by shard: in this process, or on Ray actors (--engine ray)
     work = {"seconds": 0.0, "rows": 0, "tokens": 0}
@@ -138,12 +157,17 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
         entry.done, entry.batch_size, entry.token_budget = True, config.batching.batch_size, config.batching.token_budget
         entry.sha256, entry.bytes, entry.rows = written["sha256"], written["bytes"], written["rows"]
         store.write_manifest(manifest)
+        kept.shard_done(entry)
 
     if pending:
-        job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=LoadedStudent)
+        rows = sum(s.stop - s.start for s in pending) - sum(f.height for f in partials.values())
+        say(f"loading the student {config.model.model} ({manifest.backend}, {config.engine.engine} engine), then scoring "
+            f"{rows} rows in {len(pending)} shard(s) of up to {config.batching.shard_size}")
+        job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=partial(LoadedStudent, kept=partials))
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # rank + write
+    say(f"ranking {len(dataset)} rows")
     scored = store.read_shards(manifest.shards)
     missing = [pl.lit(None, dtype).alias(name) for name, dtype in SHARD_SCHEMA.items() if name not in scored.columns]
     if missing:  # every shard was written before these columns existed
@@ -152,11 +176,14 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
         scored = scored.filter(pl.col("invalid_reason").is_null())
     original = pl.from_arrow(dataset.with_format("arrow")[:]).with_row_index("srd_id").with_columns(pl.col("srd_id").cast(pl.Int64))
     annotated = rank(original.join(scored, on="srd_id", how="inner"), rrf_k=config.metrics.rrf_k)
+    say(f"writing {store.annotated_path}")
     store.write_annotated(annotated)
 
     manifest.status, manifest.counts, manifest.timings = "complete", _counts(scored, len(dataset), invalid), _timings(work, started)
     store.write_manifest(manifest)
     say(f"wrote {store.annotated_path} ({annotated.height} rows)")
+    for warning in truncation_after(scored, tokenizer, config, template):
+        say(f"warning: {warning}")
     return ScoreResult(store.output, store.annotated_path, manifest.to_json())
 
 

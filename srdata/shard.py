@@ -41,35 +41,66 @@ SHARD_SCHEMA = {
 }
 
 
+class ShardInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a shard was scored: ``frame`` holds its rows that were finished (a subset, by srd_id)."""
+
+    def __init__(self, shard: Shard, frame: pl.DataFrame) -> None:
+        super().__init__(f"interrupted in shard {shard.index} with {frame.height} of its rows finished")
+        self.shard, self.frame = shard, frame
+
+
 def score_shard(
     rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, backend: Any,
-    config: ScoreConfig, on_progress: Callable[[int, int], None] | None = None,
+    config: ScoreConfig, on_progress: Callable[[int, int], None] | None = None, srd_ids: list[int] | None = None,
 ) -> pl.DataFrame:
-    """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L (and the asked signals)."""
-    rendered, valid, pairs = encode_shard(rows, shard, mapping, template, tokenizer, config)
+    """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L (and the asked signals).
+
+    ``srd_ids`` names the rows when they are not all of the shard's (a resumed partial shard).
+    A Ctrl-C raises :class:`ShardInterrupted` holding every row that was finished.
+    """
+    ids = list(range(shard.start, shard.stop)) if srd_ids is None else srd_ids
+    rendered, valid, pairs = encode_shard(rows, shard, mapping, template, tokenizer, config, ids)
     encoding = encoding_options(config, template, tokenizer)
     prompt_ids = [p.prompt_ids for p in pairs]
+    references = [p.reference_ids for p in pairs]
     eos_id = resolve_eos_id(tokenizer)  # the one appended to references; the model's own end ids also stop generation
     stop_ids = (eos_id, *(i for i in model_stop_ids(config.model.model) if i != eos_id))
     params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, stop_ids)
-    ce_losses, generations = backend.score_and_generate(prompt_ids, [p.reference_ids for p in pairs], params, on_progress)
-    rouge = rouge_l([g.text for g in generations], [rendered[i].reference for i in valid], tokenizer=config.metrics.rouge_tokenizer)
-    uncond_losses: list[float | None] = [None] * len(valid)
+    uncond: dict[int, float] | None = None
     if "ifd" in config.metrics.signals and valid:
-        # The same reference ids after the template's empty prompt: one more forward over
-        # a short shared prompt and the reference tokens (no generation).
+        # The same reference ids after the template's empty prompt: one more forward over a short
+        # shared prompt and the reference tokens (no generation). Before generation, so that a
+        # Ctrl-C during the long generation still keeps the rows it finished.
         uncond_ids = unconditional_prompt_ids(tokenizer, unconditional_prompt(template, mapping, tokenizer), **encoding)
-        uncond_losses = backend.score([uncond_ids] * len(pairs), [p.reference_ids for p in pairs], on_progress)
+        try:
+            uncond = dict(enumerate(backend.score([uncond_ids] * len(pairs), references, on_progress)))
+        except KeyboardInterrupt:
+            raise ShardInterrupted(shard, _frame(ids, rendered, valid, pairs, {}, {}, None, config)) from None
+    try:
+        ce_losses, generations = backend.score_and_generate(prompt_ids, references, params, on_progress)
+    except KeyboardInterrupt as stop:  # keep what the backend finished (BackendInterrupted), the invalid rows too
+        losses, done = getattr(stop, "losses", {}), getattr(stop, "generations", {})
+        raise ShardInterrupted(shard, _frame(ids, rendered, valid, pairs, losses, done, uncond, config)) from None
+    return _frame(ids, rendered, valid, pairs, dict(enumerate(ce_losses)), dict(enumerate(generations)), uncond, config)
 
-    n = shard.stop - shard.start
-    columns: dict[str, list] = {name: [None] * n for name in SHARD_SCHEMA}
-    columns["srd_id"] = list(range(shard.start, shard.stop))
+
+def _frame(
+    ids: list[int], rendered: list[Any], valid: list[int], pairs: list[Any], ce_losses: dict[int, float],
+    generations: dict[int, Any], uncond: dict[int, float] | None, config: ScoreConfig,
+) -> pl.DataFrame:
+    """The shard's table: every invalid row, and the valid rows whose work is all in (by position in ``valid``)."""
+    finished = [k for k in range(len(valid)) if k in ce_losses and k in generations and (uncond is None or k in uncond)]
+    rouge = dict(zip(finished, rouge_l([generations[k].text for k in finished], [rendered[valid[k]].reference for k in finished],
+                                       tokenizer=config.metrics.rouge_tokenizer)))
+    positions = set(range(len(rendered))) - set(valid) | {valid[k] for k in finished}
+    columns: dict[str, list] = {name: [None] * len(rendered) for name in SHARD_SCHEMA}
+    columns["srd_id"] = list(ids)
     for i, r in enumerate(rendered):
         columns["invalid_reason"][i] = r.invalid_reason
         columns["prompt_text"][i] = r.prompt_text
         columns["reference_text"][i] = r.reference
-    for k, i in enumerate(valid):
-        pair, generation = pairs[k], generations[k]
+    for k in finished:
+        i, pair, generation = valid[k], pairs[k], generations[k]
         columns["student_output"][i] = generation.text
         columns["finish_reason"][i] = generation.finish_reason
         columns["prompt_tokens"][i] = len(pair.prompt_ids)
@@ -79,15 +110,19 @@ def score_shard(
         columns["reference_truncated"][i] = pair.reference_truncated
         columns["rouge_l"][i] = rouge[k]
         columns["ce_loss"][i] = ce_losses[k]
-        if uncond_losses[k] is not None:
-            columns["ce_loss_uncond"][i] = uncond_losses[k]
-            columns["ifd"][i] = instruction_following_difficulty(ce_losses[k], uncond_losses[k])
-            columns["pmi"][i] = prompt_pmi(ce_losses[k], uncond_losses[k], len(pair.reference_ids))
-    return pl.DataFrame(columns, schema=SHARD_SCHEMA)
+        if uncond is not None:
+            columns["ce_loss_uncond"][i] = uncond[k]
+            columns["ifd"][i] = instruction_following_difficulty(ce_losses[k], uncond[k])
+            columns["pmi"][i] = prompt_pmi(ce_losses[k], uncond[k], len(pair.reference_ids))
+    frame = pl.DataFrame(columns, schema=SHARD_SCHEMA)
+    if len(positions) == len(rendered):
+        return frame
+    return frame.with_row_index("_at").filter(pl.col("_at").is_in(sorted(positions))).drop("_at")
 
 
 def encode_shard(
-    rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, config: ScoreConfig
+    rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, config: ScoreConfig,
+    srd_ids: list[int] | None = None,
 ) -> tuple[list[Any], list[int], list[Any]]:
     """Render and tokenize a shard's rows: ``(rendered rows, positions of the valid ones, their encoded pairs)``.
 
@@ -104,7 +139,8 @@ def encode_shard(
         **encoding_options(config, template, tokenizer),
     )
     if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
-        check_pair_lengths([p.prompt_ids for p in pairs], [p.reference_ids for p in pairs], [shard.start + i for i in valid], max_positions(config))
+        ids = list(range(shard.start, shard.stop)) if srd_ids is None else srd_ids
+        check_pair_lengths([p.prompt_ids for p in pairs], [p.reference_ids for p in pairs], [ids[i] for i in valid], max_positions(config))
     return rendered, valid, pairs
 
 
@@ -150,10 +186,15 @@ def encoding_options(config: ScoreConfig, template: str, tokenizer: Any) -> dict
     )
 
 
-def load_tokenizer(config: ScoreConfig) -> Any:
-    from transformers import AutoTokenizer
+def check_model_path(model: str) -> None:
+    """Refuse a ``--model`` that is a file, or a path (``./x``, ``/x``, ``a/b/c``) that does not exist: a typo, named at once.
 
-    model = config.model.model
+    Example:
+        >>> check_model_path("/no/such/model")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: model folder /no/such/model does not exist; pass a folder saved with save_pretrained or a hub id
+    """
     if Path(model).is_file():
         raise FileNotFoundError(
             f"--model {model} is a file; pass the folder that save_pretrained wrote (the one holding config.json "
@@ -161,6 +202,13 @@ def load_tokenizer(config: ScoreConfig) -> Any:
         )
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
         raise FileNotFoundError(f"model folder {model} does not exist; pass a folder saved with save_pretrained or a hub id")
+
+
+def load_tokenizer(config: ScoreConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    model = config.model.model
+    check_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except OSError as err:
@@ -194,13 +242,29 @@ class LoadedStudent:
         >>> student.close()                                         # doctest: +SKIP
     """
 
-    def __init__(self, config: ScoreConfig, mapping: ColumnMapping, template: str, tokenizer: Any = None) -> None:
+    def __init__(
+        self, config: ScoreConfig, mapping: ColumnMapping, template: str, tokenizer: Any = None, kept: dict[int, pl.DataFrame] | None = None
+    ) -> None:
         self.config, self.mapping, self.template = config, mapping, template
+        self.kept = kept or {}  # shard index -> its rows finished by an interrupted run (verified by the caller)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
         self.backend = load_backend(config, tokenizer=self.tokenizer)
 
     def __call__(self, rows: dict[str, list], shard: Shard, progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
-        return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config, progress)
+        kept = self.kept.get(shard.index)
+        if kept is None or kept.height == 0:
+            return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config, progress)
+        # Score only the rows the interrupted run had not finished, then put the shard together.
+        done = set(kept["srd_id"].to_list())
+        todo = [i for i in range(shard.stop - shard.start) if shard.start + i not in done]
+        subset = {column: [values[i] for i in todo] for column, values in rows.items()}
+        ids = [shard.start + i for i in todo]
+        kept = kept.select(list(SHARD_SCHEMA)).cast(SHARD_SCHEMA)  # type: ignore[arg-type]
+        try:
+            frame = score_shard(subset, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config, progress, ids) if todo else kept.clear()
+        except ShardInterrupted as stop:
+            raise ShardInterrupted(shard, pl.concat([kept, stop.frame]).sort("srd_id")) from None
+        return pl.concat([kept, frame]).sort("srd_id")
 
     def close(self) -> None:
         """Shut a vLLM engine down (it holds GPU or host memory and child processes until then)."""

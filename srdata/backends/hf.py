@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria
 
 from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
 from srdata.backends.batching import bucket_batches, similar_length_groups
+from srdata.backends.live import BackendInterrupted, LiveBatch, decode_watcher
 
 if TYPE_CHECKING:
     from srdata.config import ScoreConfig
@@ -144,11 +144,14 @@ class HFBackend:
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, reference_ids)]
         results: list[ReferenceScores | None] = [None] * len(lengths)
         for batch in bucket_batches(lengths, self.batch_size, self.token_budget):
-            batch_scores = self._score_batch([prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], top_k)
-            for i, scores in zip(batch, batch_scores):
-                results[i] = scores
-            if progress:
-                progress(len(batch), sum(lengths[i] for i in batch))
+            try:
+                batch_scores = self._score_batch([prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], top_k)
+                for i, scores in zip(batch, batch_scores):
+                    results[i] = scores
+                if progress:
+                    progress(len(batch), sum(lengths[i] for i in batch))
+            except KeyboardInterrupt:  # keep the rows of the finished batches
+                raise LiveBatch(None).interrupted(batch, self._decode, [r and r.nll for r in results], []) from None
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -259,24 +262,31 @@ class HFBackend:
         if self.shared_prefill is None:
             self.shared_prefill = self._shared_prefill_matches()
         if not self.shared_prefill:
-            return self.score(prompt_ids, reference_ids, progress), self.generate(prompt_ids, params, progress)
+            losses = self.score(prompt_ids, reference_ids, progress)
+            try:
+                return losses, self.generate(prompt_ids, params, progress)
+            except BackendInterrupted as stop:  # every loss is known: the rows generated are finished
+                raise BackendInterrupted(dict(enumerate(losses)), stop.generations) from None
         lengths = [len(p) for p in prompt_ids]
         losses: list[float] = [float("nan")] * len(lengths)
         results: list[Generation | None] = [None] * len(lengths)
         # Batched by prompt length, as generate(): the prompt's padding is paid at every step.
         for batch in bucket_batches(lengths, self.batch_size, self.token_budget, extra=params.max_new_tokens):
-            live = _LiveTokens(progress)
-            batch_losses, generations = self._prefill_score_generate(
-                [prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], params, live
-            )
-            for k, i in enumerate(batch):
-                losses[i], results[i] = batch_losses[k], generations[k]
-            live.finish(len(batch), sum(lengths[i] + len(reference_ids[i]) + len(results[i].token_ids) for i in batch))
+            live = LiveBatch(progress)
+            try:
+                batch_losses, generations = self._prefill_score_generate(
+                    [prompt_ids[i] for i in batch], [reference_ids[i] for i in batch], params, live
+                )
+                for k, i in enumerate(batch):
+                    losses[i], results[i] = batch_losses[k], generations[k]
+                live.finish(len(batch), sum(lengths[i] + len(reference_ids[i]) + len(results[i].token_ids) for i in batch))
+            except KeyboardInterrupt:  # keep earlier batches' rows and this batch's rows that stopped
+                raise live.interrupted(batch, self._decode, losses, results) from None
         return losses, results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _prefill_score_generate(
-        self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams, live: "_LiveTokens | None" = None
+        self, prompts: list[list[int]], references: list[list[int]], params: GenerationParams, live: LiveBatch | None = None
     ) -> tuple[list[float], list[Generation]]:
         input_ids, attention_mask = self._left_padded(prompts)
         width = input_ids.shape[1]
@@ -292,6 +302,7 @@ class HFBackend:
             for row, loss in zip(group, group_losses):
                 losses[row] = loss
         if live is not None:  # prompts and references are done: show it before decoding starts
+            live.losses = losses
             live.add(sum(len(p) + len(r) for p, r in zip(prompts, references)))
         return losses, self._generate_batch(prompts, params, cache=cache, live=live)
 
@@ -410,11 +421,15 @@ class HFBackend:
         lengths = [len(p) for p in prompt_ids]
         results: list[Generation | None] = [None] * len(lengths)
         for batch in bucket_batches(lengths, self.batch_size, self.token_budget, extra=params.max_new_tokens):
-            live = _LiveTokens(progress)
-            generations = self._generate_batch([prompt_ids[i] for i in batch], params, live=live)
-            for i, generation in zip(batch, generations):
-                results[i] = generation
-            live.finish(len(batch), sum(lengths[i] + len(results[i].token_ids) for i in batch))
+            live = LiveBatch(progress)
+            live.losses = [0.0] * len(batch)  # generation only: a stopped row is finished
+            try:
+                generations = self._generate_batch([prompt_ids[i] for i in batch], params, live=live)
+                for i, generation in zip(batch, generations):
+                    results[i] = generation
+                live.finish(len(batch), sum(lengths[i] + len(results[i].token_ids) for i in batch))
+            except KeyboardInterrupt:
+                raise live.interrupted(batch, self._decode, [], results) from None
         return results  # type: ignore[return-value]
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +444,7 @@ class HFBackend:
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: list[list[int]], params: GenerationParams, cache: Any = None, live: "_LiveTokens | None" = None
+        self, prompts: list[list[int]], params: GenerationParams, cache: Any = None, live: LiveBatch | None = None
     ) -> list[Generation]:
         """Greedy answers for one batch; ``cache`` may hold every prompt token but the last."""
         from transformers import GenerationConfig, StoppingCriteriaList
@@ -445,7 +460,7 @@ class HFBackend:
             eos_token_id=stop_ids or None,
             pad_token_id=self.pad_id,
         )
-        watchers = StoppingCriteriaList([_DecodeSteps(live, stop_ids, width)] if live is not None and live.progress else [])
+        watchers = StoppingCriteriaList([decode_watcher(live, stop_ids, width)] if live is not None else [])
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **{self.cache_kwarg: cache}, generation_config=config,
             stopping_criteria=watchers,
@@ -454,46 +469,9 @@ class HFBackend:
         for row in output[:, width:].tolist():
             stop_at = next((i for i, t in enumerate(row) if t in stop_ids), None)
             ids = row if stop_at is None else row[:stop_at]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            generations.append(Generation(ids, text, "length" if stop_at is None else "stop"))
+            generations.append(Generation(ids, self._decode(ids), "length" if stop_at is None else "stop"))
         return generations
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-class _LiveTokens:
-    """Progress of one batch while it runs: tokens as they are computed, rows when it ends.
-
-    A batch of 64 long answers can take minutes on a CPU; reporting its tokens per decode
-    step keeps the bar's tokens/s moving from the first seconds. :meth:`finish` reports
-    the rows and whatever part of the batch's exact token count was not reported yet.
-    """
-
-    def __init__(self, progress: ProgressCallback) -> None:
-        self.progress = progress
-        self.reported = 0
-
-    def add(self, tokens: int) -> None:
-        if self.progress and tokens:
-            self.reported += tokens
-            self.progress(0, tokens)
-
-    def finish(self, rows: int, tokens: int) -> None:
-        if self.progress:
-            self.progress(rows, tokens - self.reported)
-
-
-class _DecodeSteps(StoppingCriteria):
-    """Never stops generation: counts each decode step's new tokens (rows not finished yet) into ``live``."""
-
-    def __init__(self, live: _LiveTokens, stop_ids: list[int], prompt_width: int) -> None:
-        self.live, self.prompt_width = live, prompt_width
-        self.stop_ids = torch.tensor(stop_ids or [-1])
-        self.finished: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
-        last = input_ids[:, -1].cpu()
-        if input_ids.shape[1] > self.prompt_width:
-            if self.finished is None:
-                self.finished = torch.zeros(len(last), dtype=torch.bool)
-            self.live.add(int((~self.finished).sum()))
-            self.finished |= torch.isin(last, self.stop_ids)
-        return torch.zeros(len(last), dtype=torch.bool, device=input_ids.device)

@@ -12,7 +12,9 @@ from srdata.run.folder import Shard
 def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
     """One backend in this process, the shards one after the other."""
     student = job.open_student(job.config, job.mapping, job.template, job.tokenizer)
-    bar = ProgressBar(sum(s.stop - s.start for s in pending), enabled=progress)
+    # Rows an interrupted run already finished in these shards are not scored again: not counted.
+    kept = sum(frame.height for frame in getattr(student, "kept", {}).values())
+    bar = ProgressBar(sum(s.stop - s.start for s in pending) - kept, enabled=progress)
     try:
         for shard in pending:
             t0 = time.perf_counter()

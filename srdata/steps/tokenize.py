@@ -168,3 +168,34 @@ def unconditional_prompt_ids(tokenizer: Any, prompt: str, **options: Any) -> lis
 def encode_pair(tokenizer: Any, prompt: str, reference: str, **options: Any) -> EncodedPair:
     """Encode a single pair; see :func:`encode_pairs` for the rules and options."""
     return encode_pairs(tokenizer, [prompt], [reference], **options)[0]
+
+
+def full_lengths(tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool = True, eos: bool = False) -> list[int]:
+    """Tokens each text takes before any cut: a prompt (with the special tokens its encoding adds),
+    or with ``eos`` a reference (its end-of-sequence id included). What a cut setting must reach.
+
+    Example:
+        >>> full_lengths(tok, ["hello world"], add_special_tokens=False)   # doctest: +SKIP
+        [2]
+    """
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    return [len(i) + int(eos) for i in ids]
+
+
+def describe_cuts(
+    what: str, lengths: Sequence[int], limit: int | None, setting: str, total: int | None = None, sampled: bool = False
+) -> str | None:
+    """One warning line for the texts longer than ``limit`` (``None`` when none is), naming the value that keeps them all.
+
+    Example:
+        >>> describe_cuts("prompts", [300, 100, 612, 50], 256, "--max-prompt-tokens")
+        '2 of 4 prompts (50%) are longer than --max-prompt-tokens 256 and are cut; --max-prompt-tokens 612 keeps them all'
+    """
+    cut = [n for n in lengths if limit is not None and n > limit]
+    if not cut:
+        return None
+    n = total if total is not None else len(lengths)
+    scope = f"of {n} sampled rows, {len(cut)}" if sampled else f"{len(cut)} of {n}"
+    return f"{scope} {what} ({len(cut) / max(n, 1):.0%}) are longer than {setting} {limit} and are cut; {setting} {max(cut)} keeps them all"
