@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from srd_distill.testbed import ModelConfig, StudentConfig, TeacherConfig, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
+from srdata.demo.regimes import REGIME_NAMES, regime_settings  # noqa: E402
 from srdata.demo.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402
 
 ARMS = ("srd", "baseline")
@@ -68,8 +69,16 @@ ARMS = ("srd", "baseline")
 ADDED_ARMS = ("srd_stratified",)
 STRATIFY_COLUMN = "task"
 ARM_LABELS = {"srd": "SRD (score -> 4 stages keep 3 -> curriculum KD)", "baseline": "full-data KD",
-              "srd_stratified": f"SRD, stages stratified by {STRATIFY_COLUMN} (added after the first comparison)"}
-ARM_NAMES = {"srd": "SRD", "baseline": "full-data KD", "srd_stratified": "SRD stratified by task (added)"}
+              "srd_stratified": f"SRD, stages stratified by {STRATIFY_COLUMN} (added after the first comparison)",
+              "srd_teachable": "SRD ranked by --rank-by teachable (score + teach -> 4 stages keep 3 -> curriculum KD)",
+              "baseline_offline": "full-data KD from the offline teacher logits (srdata teach --top-k, srd-distill --teacher-logits)"}
+ARM_NAMES = {"srd": "SRD", "baseline": "full-data KD", "srd_stratified": "SRD stratified by task (added)",
+             "srd_teachable": "SRD teachable", "baseline_offline": "full-data KD offline"}
+# The pre-registered two-regime comparison (benchmarks/repro/PLAN.md): its arms, in the order of the plan.
+DEFAULT_ARMS = ("srd", "baseline", "srd_stratified")
+COMPARISON_ARMS = ("srd", "srd_teachable", "baseline", "baseline_offline")
+TEACH_ARMS = ("srd_teachable", "baseline_offline")  # arms that need the teacher pass
+CURRICULUM_ARMS = ("srd", "srd_stratified", "srd_teachable")
 
 
 @dataclass(frozen=True)
@@ -92,9 +101,15 @@ class Settings:
     batch_size: int = 16
     max_new_tokens: int = 24
     extra_train_flags: tuple[str, ...] = field(default_factory=tuple)
+    regime: Optional[str] = None  # srdata.demo.regimes: None = the testbed spec as given (the first comparison)
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    top_k: int = 32  # the teacher pass's top-K (arms that need it: TEACH_ARMS)
 
     def describe(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.regime is None and self.arms == DEFAULT_ARMS:  # the first comparison's record, unchanged
+            for key in ("regime", "arms", "top_k"):
+                out.pop(key)
         out["sample_pass_ratio"] = self.srd_epochs_per_stage * sum((s + 1) / self.stages for s in range(self.keep)) / self.baseline_epochs
         return out
 
@@ -117,6 +132,23 @@ QUICK = Settings(
     srd_epochs_per_stage=2,
     baseline_epochs=5,
 )
+# The pre-registered two-regime comparison (PLAN.md): sized so both regimes run in about an
+# hour of wall-clock on the 2 shared cores (load average near 10 when it was sized); the
+# teacher, student, epochs per stage and optimizer are FULL's, the distillation data is smaller.
+REGIMES_FULL = replace(
+    FULL, testbed=TestbedSpec(train_pairs=600, dev_pairs=64, test_pairs=448, teacher_pairs=40000, warmup_pairs=8000, noise_fraction=0.10, seed=0),
+    arms=COMPARISON_ARMS)
+REGIMES_QUICK = replace(QUICK, arms=COMPARISON_ARMS)
+
+
+def with_regime(settings: Settings, regime: str) -> Settings:
+    """``settings`` on the testbed of ``regime`` (its task families and reference noise).
+
+    Example:
+        >>> with_regime(REGIMES_QUICK, "paper").testbed.noise_fraction
+        0.2
+    """
+    return replace(settings, regime=regime, testbed=replace(settings.testbed, **regime_settings(regime)))
 
 
 # ======================================================================================
@@ -153,7 +185,9 @@ def run_command(args: list[str], log_file: Path, echo: Callable[[str], None]) ->
     # then a stable measure of work (no spinning OpenMP threads), and the tiny models gain
     # little from a second thread anyway.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": str(COMMAND_THREADS), "MKL_NUM_THREADS": str(COMMAND_THREADS)}
+           "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": str(COMMAND_THREADS), "MKL_NUM_THREADS": str(COMMAND_THREADS),
+           # this checkout's srdata/srd_distill, also when the installed console scripts point at another copy
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     shown = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(args))
     echo(f"    $ {shown}")
     started = time.perf_counter()
@@ -206,7 +240,7 @@ def stats(values: list[float]) -> dict[str, Any]:
 def prepare_models(settings: Settings, out: Path, echo: Callable[[str], None]) -> dict[str, Any]:
     """Testbed files and the teacher (shared by every seed)."""
     echo("[1] testbed")
-    files = build_testbed(out / "testbed", settings.testbed)
+    files = build_testbed(out / "testbed", settings.testbed, regime=settings.regime)
     echo(f"    {files.counts['train']} training pairs ({files.counts['train_noisy']} noisy), dev {files.counts['dev']}, "
          f"test {files.counts['test']}, teacher SFT {files.counts['teacher_sft']}, student warm-up {files.counts['warmup']}")
 
@@ -220,11 +254,20 @@ def prepare_models(settings: Settings, out: Path, echo: Callable[[str], None]) -
         return {"train_seconds": seconds, "parameters": model_parameters(teacher_dir),
                 "test": evaluate_model(teacher_dir, files.test, max_new_tokens=settings.max_new_tokens)}
 
-    teacher = cached(out / "records" / "teacher.json", {"testbed": asdict(settings.testbed), "teacher": settings.teacher.describe()},
+    teacher = cached(out / "records" / "teacher.json", {"testbed": teacher_data_key(settings), "teacher": settings.teacher.describe()},
                      make_teacher, echo)
     echo(f"    teacher: {teacher['parameters']:,} parameters, test exact match {teacher['test']['overall']['exact_match']:.3f}, "
          f"ROUGE-L {teacher['test']['overall']['rouge_l']:.3f}")
     return {"files": files, "teacher_dir": teacher_dir, "teacher": teacher}
+
+
+def teacher_data_key(settings: Settings) -> dict[str, Any]:
+    """What the teacher's training data depends on (the comparison: its SFT split's size, seed and cells only,
+    so a change of the distillation split's size keeps the teacher; the first comparison: the whole spec)."""
+    spec = asdict(settings.testbed)
+    if settings.regime is None:
+        return spec
+    return {k: spec[k] for k in ("teacher_pairs", "seed", "tasks", "levels")}
 
 
 def run_seed(settings: Settings, out: Path, seed: int, shared: dict[str, Any], echo: Callable[[str], None],
@@ -275,6 +318,9 @@ def run_seed(settings: Settings, out: Path, seed: int, shared: dict[str, Any], e
          f"{ranking['by_ranking']['rank_rouge_l']['noisy_recall']:.0%}, CE alone {ranking['by_ranking']['rank_ce_loss']['noisy_recall']:.0%}; "
          f"rank agreement {ranking['rank_agreement']:.2f}; Spearman(rank, level) {ranking['difficulty_rank_vs_level']:.2f}")
 
+    if settings.arms != DEFAULT_ARMS:
+        return run_seed_arms(settings, out, seed, shared, echo, student_dir, student, score_dir, curriculum_dir, score_key, scoring)
+
     echo(f"[seed {seed}] stratified curriculum: srdata export --stratify {STRATIFY_COLUMN} (arm added after the first comparison)")
     stratified_dir = seed_dir / "curriculum-stratified"
 
@@ -317,6 +363,65 @@ def run_seed(settings: Settings, out: Path, seed: int, shared: dict[str, Any], e
     return result
 
 
+def run_seed_arms(settings: Settings, out: Path, seed: int, shared: dict[str, Any], echo: Callable[[str], None], student_dir: Path,
+                  student: dict[str, Any], score_dir: Path, curriculum_dir: Path, score_key: dict[str, Any],
+                  scoring: dict[str, Any]) -> dict[str, Any]:
+    """The arms of ``settings.arms`` for every loss (the two-regime comparison), after the student and the scores.
+
+    With an arm of ``TEACH_ARMS``: ``srdata teach --top-k K`` on the scored run (once per seed,
+    its time charged in full to each arm that needs it), then for ``srd_teachable``
+    ``srdata export --rank-by teachable``.
+    """
+    seed_dir = out / f"seed-{seed}"
+    records = out / "records"
+    passes: dict[str, Any] = {}
+    if any(arm in TEACH_ARMS for arm in settings.arms):
+        echo(f"[seed {seed}] teacher pass: srdata teach --top-k {settings.top_k}")
+
+        def make_teach() -> dict[str, Any]:
+            seconds = run_command(cli("srdata") + ["teach", str(score_dir), "--teacher", str(shared["teacher_dir"]), "--top-k", str(settings.top_k),
+                                                   "--device", "cpu", "--dtype", "float32", "--overwrite", "--quiet"],
+                                  seed_dir / "logs" / "teach.log", echo)
+            return {"teach_seconds": seconds, "teach_cpu_seconds": LAST_CPU_SECONDS[0]}
+
+        passes["teach"] = cached(records / f"seed-{seed}-teach.json", {**score_key, "top_k": settings.top_k}, make_teach, echo)
+    curricula = {"srd": curriculum_dir}
+    if "srd_teachable" in settings.arms:
+        teachable_dir = seed_dir / "curriculum-teachable"
+
+        def make_teachable() -> dict[str, Any]:
+            seconds = run_command(cli("srdata") + ["export", str(score_dir), "--stages", str(settings.stages), "--keep", str(settings.keep),
+                                                   "--rank-by", "teachable", "--out", str(teachable_dir)],
+                                  seed_dir / "logs" / "export-teachable.log", echo)
+            return {"export_seconds": seconds, "task_shares": {"srd": curriculum_task_shares(curriculum_dir, score_dir),
+                                                                "srd_teachable": curriculum_task_shares(teachable_dir, score_dir)}}
+
+        passes["teachable_export"] = cached(records / f"seed-{seed}-teachable-export.json", {**score_key, "top_k": settings.top_k, "rank_by": "teachable"},
+                                            make_teachable, echo)
+        curricula["srd_teachable"] = teachable_dir
+    arms: dict[str, dict[str, Any]] = {}
+    for loss_index, loss in enumerate(settings.losses):
+        arms[loss] = {}
+        # Rotate which arm runs first, so a slow spell of a shared machine does not always land on the same arm.
+        shift = (settings.seeds.index(seed) + loss_index) % len(settings.arms)
+        for arm in settings.arms[shift:] + settings.arms[:shift]:
+            echo(f"[seed {seed}] {loss} / {ARM_LABELS[arm]}")
+            baseline_args = ["--epochs", str(settings.baseline_epochs), "--kd-ratio", str(settings.baseline_kd_ratio),
+                             "--temperature", str(settings.baseline_temperature)]
+            if arm in curricula:
+                data_args = ["--curriculum", str(curricula[arm]), "--epochs", str(settings.srd_epochs_per_stage)]
+            elif arm == "baseline":
+                data_args = ["--data", str(score_dir / "annotated.parquet"), *baseline_args]
+            elif arm == "baseline_offline":
+                data_args = ["--data", str(score_dir / "annotated.parquet"), *baseline_args, "--teacher-logits", str(score_dir)]
+            else:
+                raise ValueError(f"unknown arm {arm!r}; use some of {', '.join(COMPARISON_ARMS + DEFAULT_ARMS[2:])}")
+            arms[loss][arm] = train_arm(settings, out, seed, shared, student_dir, f"{loss}-{arm.replace('_', '-')}", loss, data_args,
+                                        score_key, echo, arm_key=arm, online=arm != "baseline_offline")
+    return {"student": student, "scoring": {k: v for k, v in scoring.items() if k != "ranking"}, "ranking": scoring["ranking"],
+            "arms": arms, **passes}
+
+
 def curriculum_task_shares(curriculum_dir: Path, score_dir: Path) -> dict[str, dict[str, float]]:
     """Share of each task in every stage file and in the dropped part, counted from the files themselves."""
     import polars as pl
@@ -336,12 +441,13 @@ def curriculum_task_shares(curriculum_dir: Path, score_dir: Path) -> dict[str, d
 
 def train_arm(settings: Settings, out: Path, seed: int, shared: dict[str, Any], student_dir: Path, name: str, loss: str,
               data_args: list[str], score_key: dict[str, Any], echo: Callable[[str], None], schedule: Optional[str] = None,
-              arm_key: Optional[str] = None) -> dict[str, Any]:
+              arm_key: Optional[str] = None, online: bool = True) -> dict[str, Any]:
     """One ``srd-distill train`` run (cached), its timings, sample passes and test evaluation."""
     files = shared["files"]
     seed_dir = out / f"seed-{seed}"
     run_dir = seed_dir / name
-    common = ["--teacher", str(shared["teacher_dir"]), "--student", str(student_dir), "--output", str(run_dir),
+    teacher = ["--teacher", str(shared["teacher_dir"])] if online else []  # offline: --teacher-logits in data_args
+    common = [*teacher, "--student", str(student_dir), "--output", str(run_dir),
               "--loss", loss, "--schedule", schedule or settings.schedule, "--lr", str(settings.lr),
               "--batch-size", str(settings.batch_size), "--seed", str(seed), "--device", "cpu",
               "--eval-file", str(files.dev), "--eval-max-new-tokens", str(settings.max_new_tokens),
@@ -418,7 +524,8 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
     out: dict[str, Any] = {"arms": {}, "paired_difference_srd_minus_baseline": {}, "ranking": {}, "student_initial": {}}
     for loss in settings.losses:
         out["arms"][loss] = {}
-        for arm in (*ARMS, *(a for a in ADDED_ARMS if all(a in per_seed[s]["arms"][loss] for s in seeds))):
+        arm_names = settings.arms if settings.arms != DEFAULT_ARMS else (*ARMS, *(a for a in ADDED_ARMS if all(a in per_seed[s]["arms"][loss] for s in seeds)))
+        for arm in arm_names:
             runs = [per_seed[s]["arms"][loss][arm] for s in seeds]
             entry = {
                 "exact_match": stats([r["test"]["overall"]["exact_match"] for r in runs]),
@@ -432,13 +539,20 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
                 "sample_passes": stats([r["sample_passes"] for r in runs]),
                 "steps": stats([r["steps"] for r in runs]),
             }
-            if arm in ("srd", "srd_stratified"):
+            if settings.arms != DEFAULT_ARMS:
+                overhead = [pass_seconds(per_seed[s], arm) for s in seeds]
+                entry["scoring_seconds"] = stats(overhead)
+                entry["train_plus_scoring_seconds"] = stats([r["train_seconds"] + o for r, o in zip(runs, overhead)])
+            elif arm in ("srd", "srd_stratified"):
                 scoring = [per_seed[s]["scoring"] for s in seeds]
                 exports = ([c["export_seconds"] for c in scoring] if arm == "srd"
                            else [per_seed[s]["stratified_export"]["export_seconds"] for s in seeds])
                 entry["scoring_seconds"] = stats([c["score_seconds"] + x for c, x in zip(scoring, exports)])
                 entry["train_plus_scoring_seconds"] = stats([r["train_seconds"] + c["score_seconds"] + x for r, c, x in zip(runs, scoring, exports)])
             out["arms"][loss][arm] = entry
+        if settings.arms != DEFAULT_ARMS:
+            out.setdefault("paired_differences", {})[loss] = paired_differences(settings, per_seed, loss)
+            continue
         diffs = {}
         for metric in ("exact_match", "rouge_l"):
             diffs[metric] = stats([per_seed[s]["arms"][loss]["srd"]["test"]["overall"][metric] - per_seed[s]["arms"][loss]["baseline"]["test"]["overall"][metric] for s in seeds])
@@ -452,6 +566,12 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
                                    - per_seed[s]["arms"][loss][other]["test"]["overall"][metric] for s in seeds])
                     for metric in ("exact_match", "rouge_l")}
                 for other in ARMS}
+    if settings.arms != DEFAULT_ARMS:
+        del out["paired_difference_srd_minus_baseline"]
+        if all("teachable_export" in per_seed[s] for s in seeds):
+            shares = [per_seed[s]["teachable_export"]["task_shares"] for s in seeds]
+            out["task_shares"] = {arm: {part: {t: stats([sh[arm][part][t] for sh in shares]) for t in shares[0][arm][part]}
+                                        for part in shares[0][arm]} for arm in shares[0]}
     rankings = [per_seed[s]["ranking"] for s in seeds]
     out["ranking"] = {
         "noisy_recall": {col: stats([r["by_ranking"][col]["noisy_recall"] for r in rankings]) for col in rankings[0]["by_ranking"]},
@@ -490,6 +610,47 @@ def aggregate(settings: Settings, per_seed: dict[int, dict[str, Any]]) -> dict[s
     return out
 
 
+def pass_seconds(seed_record: dict[str, Any], arm: str) -> float:
+    """Seconds of the data passes an arm of the comparison needs before training (0 for online full-data KD).
+
+    SRD: ``srdata score`` + ``export``; SRD teachable: score + ``teach`` + ``export --rank-by
+    teachable``; offline full-data KD: score + teach (``srdata teach`` needs a scored run). The one
+    teach pass of a seed (with top-K) is charged in full to each arm that uses it.
+    """
+    scoring = seed_record["scoring"]
+    teach = seed_record.get("teach", {}).get("teach_seconds", 0.0)
+    if arm == "srd":
+        return scoring["score_seconds"] + scoring["export_seconds"]
+    if arm == "srd_teachable":
+        return scoring["score_seconds"] + teach + seed_record["teachable_export"]["export_seconds"]
+    if arm == "baseline_offline":
+        return scoring["score_seconds"] + teach
+    return 0.0
+
+
+def paired_differences(settings: Settings, per_seed: dict[int, dict[str, Any]], loss: str) -> dict[str, Any]:
+    """Per-seed differences of every arm against online full-data KD, and of SRD teachable against SRD."""
+    seeds = sorted(per_seed)
+    pairs = [(arm, "baseline") for arm in settings.arms if arm != "baseline"]
+    if "srd" in settings.arms and "srd_teachable" in settings.arms:
+        pairs.append(("srd_teachable", "srd"))
+    out: dict[str, Any] = {}
+    for arm, other in pairs:
+        a = [per_seed[s]["arms"][loss][arm] for s in seeds]
+        b = [per_seed[s]["arms"][loss][other] for s in seeds]
+        entry = {metric: stats([x["test"]["overall"][metric] - y["test"]["overall"][metric] for x, y in zip(a, b)])
+                 for metric in ("exact_match", "rouge_l")}
+        entry["exact_match_by_task"] = {t: stats([x["test"]["by_task"][t]["exact_match"] - y["test"]["by_task"][t]["exact_match"] for x, y in zip(a, b)])
+                                        for t in settings.testbed.tasks}
+        entry["train_seconds_ratio"] = stats([x["train_seconds"] / y["train_seconds"] for x, y in zip(a, b)])
+        entry["process_cpu_seconds_ratio"] = stats([x["process_cpu_seconds"] / y["process_cpu_seconds"] for x, y in zip(a, b)])
+        entry["train_plus_passes_seconds_ratio"] = stats([(x["train_seconds"] + pass_seconds(per_seed[s], arm)) / (y["train_seconds"] + pass_seconds(per_seed[s], other))
+                                                          for s, x, y in zip(seeds, a, b)])
+        entry["sample_passes_ratio"] = stats([x["sample_passes"] / y["sample_passes"] for x, y in zip(a, b)])
+        out[f"{arm}_minus_{other}"] = entry
+    return out
+
+
 def _pm(entry: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
     if entry["mean"] is None:
         return "n/a"
@@ -503,7 +664,7 @@ def markdown_table(settings: Settings, results: dict[str, Any]) -> str:
     n = len(settings.seeds)
     lines = [
         f"Test set: {settings.testbed.test_pairs} clean pairs; mean ± standard deviation over {n} seed(s); EM = exact match (%), "
-        "ROUGE-L x100; time = `srd-distill train` stage time in seconds (SRD: + scoring/export in brackets).",
+        "ROUGE-L x100; time = `srd-distill train` stage time in seconds (in brackets: + the score/teach/export passes the arm needs).",
         "",
         "| loss | arm | EM | ROUGE-L | " + " | ".join(f"EM level {lv}" for lv in levels) + " | train time (s) | sample passes |",
         "|---|---|---|---|" + "---|" * len(levels) + "---|---|",
@@ -538,8 +699,18 @@ def markdown_table(settings: Settings, results: dict[str, Any]) -> str:
     for loss, variants in summary.get("diagnostics", {}).items():
         for name, e in variants.items():
             lines.append(f"| {loss} | diagnostic: {name} | " + " | ".join(_pm(e["exact_match_by_task"][t], 100) for t in settings.testbed.tasks) + " |")
-    lines += ["", "Paired difference SRD - full-data KD (same seed):", ""]
-    for loss in settings.losses:
+    if "paired_differences" in summary:
+        lines += ["", "Paired differences (same seed; EM and ROUGE-L in points, times as ratios; 'with passes' adds the "
+                  "score/teach/export passes each arm needs):", ""]
+        for loss, pairs in summary["paired_differences"].items():
+            for name, d in pairs.items():
+                arm, other = name.split("_minus_")
+                lines.append(f"- {loss}: {ARM_NAMES[arm]} - {ARM_NAMES[other]}: EM {_pm(d['exact_match'], 100)} "
+                             f"(per seed {', '.join(f'{v * 100:+.1f}' for v in d['exact_match']['values'])}), "
+                             f"ROUGE-L {_pm(d['rouge_l'], 100)}, training time ratio {_pm(d['train_seconds_ratio'], 1, 2)}, "
+                             f"with passes {_pm(d['train_plus_passes_seconds_ratio'], 1, 2)}, sample-pass ratio {d['sample_passes_ratio']['mean']:.2f}")
+    lines += ["", "Paired difference SRD - full-data KD (same seed):", ""] if "paired_difference_srd_minus_baseline" in summary else []
+    for loss in settings.losses if "paired_difference_srd_minus_baseline" in summary else ():
         d = summary["paired_difference_srd_minus_baseline"][loss]
         lines.append(f"- {loss}: EM {_pm(d['exact_match'], 100)} points, ROUGE-L {_pm(d['rouge_l'], 100)} points, "
                      f"training time ratio {_pm(d['train_seconds_ratio'], 1, 2)}, sample-pass ratio {d['sample_passes_ratio']['mean']:.2f}")
@@ -550,7 +721,7 @@ def markdown_table(settings: Settings, results: dict[str, Any]) -> str:
                          f"ROUGE-L {_pm(d['rouge_l'], 100)} points")
     if "task_shares" in summary:
         tasks = list(summary["task_shares"]["srd"]["stage 0"])
-        lines += ["", "Share of each task (%) in stage 0 and in the dropped part (every task is 25% of the data):", "",
+        lines += ["", f"Share of each task (%) in stage 0 and in the dropped part (every task is {100 / len(tasks):.0f}% of the data):", "",
                   "| curriculum | part | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         for arm, parts in summary["task_shares"].items():
             for part in ("stage 0", "dropped"):
@@ -575,7 +746,8 @@ def plot(settings: Settings, results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"srd": "tab:blue", "baseline": "tab:orange", "srd_stratified": "tab:green"}
+    colours = {"srd": "tab:blue", "baseline": "tab:orange", "srd_stratified": "tab:green", "srd_teachable": "tab:purple",
+               "baseline_offline": "tab:brown"}
     markers = ["o", "s", "^", "D", "v", "P"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in ((axes[0], "rouge_l", "test ROUGE-L (x100)"), (axes[1], "exact_match", "test exact match (%)")):
@@ -595,11 +767,12 @@ def plot(settings: Settings, results: dict[str, Any], path: Path) -> Path:
         student = results["summary"]["student_initial"][metric]["mean"] * 100
         ax.axhline(teacher, color="grey", linestyle="--", linewidth=1, label="teacher")
         ax.axhline(student, color="grey", linestyle=":", linewidth=1, label="student before KD")
-        ax.set_xlabel("training wall-clock (s); dotted arrow: + SRD scoring/export")
+        ax.set_xlabel("training wall-clock (s); dotted arrow: + the score/teach/export passes")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"SRD vs full-data KD on the testbed ({len(settings.seeds)} seed(s), {settings.testbed.train_pairs} training pairs, "
+    regime = f"'{settings.regime}' regime, " if settings.regime else ""
+    fig.suptitle(f"SRD vs full-data KD on the testbed ({regime}{len(settings.seeds)} seed(s), {settings.testbed.train_pairs} training pairs, "
                  f"{settings.testbed.noise_fraction:.0%} noisy; run of {results['started_at'][:10]})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -657,7 +830,12 @@ def reproduce(settings: Settings, out: Path, *, mode: str, echo: Callable[[str],
     table = markdown_table(settings, results)
     (out / "table.md").write_text(table, encoding="utf-8")
     plot(settings, results, out / "quality_vs_time.png")
-    if publish_dir is not None:
+    if publish_dir is not None and settings.regime is not None:
+        # The two-regime comparison: one record and figure per regime, never merged with the first comparison's.
+        write_json_atomic(publish_dir / f"results-{settings.regime}.json", results)
+        plot(settings, results, publish_dir / f"quality_vs_time-{settings.regime}.png")
+        (publish_dir / f"table-{settings.regime}.md").write_text(table, encoding="utf-8")
+    elif publish_dir is not None:
         published = publish_dir / "results.json"
         previous = json.loads(published.read_text(encoding="utf-8")) if published.is_file() else None
         same_settings = previous is not None and previous.get("settings") == json.loads(json.dumps(results["settings"]))
@@ -685,7 +863,7 @@ def reproduce(settings: Settings, out: Path, *, mode: str, echo: Callable[[str],
     echo(table)
     echo(format_ranking_summary(per_seed[settings.seeds[0]]["ranking"]).replace("\n", "\n  ").join(["  (seed %d) " % settings.seeds[0], ""]))
     echo(f"total wall-clock: {results['wall_seconds']:.0f}s; results: {out / 'results.json'}"
-         + (f" and {publish_dir / 'results.json'}" if publish_dir else ""))
+         + (f" and {publish_dir / (f'results-{settings.regime}.json' if settings.regime else 'results.json')}" if publish_dir else ""))
     return results
 
 
@@ -738,6 +916,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", help="work folder (default: runs/repro or runs/repro-quick)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished steps")
     parser.add_argument("--no-publish", action="store_true", help="full mode: do not write benchmarks/repro/results.json and the figure")
+    parser.add_argument("--regime", choices=REGIME_NAMES,
+                        help="the pre-registered two-regime comparison (PLAN.md) on this testbed regime: arms "
+                             f"{', '.join(COMPARISON_ARMS)}, 1,200 training pairs (quick: the quick sizes); full mode publishes "
+                             "benchmarks/repro/results-REGIME.json. Without it: the first comparison (today's testbed)")
+    parser.add_argument("--arms", help=f"comma-separated arms (default: {','.join(DEFAULT_ARMS)}; with --regime {','.join(COMPARISON_ARMS)})")
+    parser.add_argument("--top-k", type=int, help="the teacher pass's top-K for the offline arm (default 32)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also run post-hoc variants for the first loss (keep all 4 parts; kept 75%% without curriculum; SRD with the "
                              "baseline's budget) and add them to the results under 'diagnostics' (the main arms are reused when cached)")
@@ -747,12 +931,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.regime:
+        settings = with_regime(REGIMES_QUICK if args.quick else REGIMES_FULL, args.regime)
+    if args.arms:
+        arms = tuple(a.strip() for a in args.arms.split(","))
+        unknown = [a for a in arms if a not in ARM_NAMES]
+        if unknown:
+            print(f"ERROR: unknown arm(s) {', '.join(unknown)}; use some of {', '.join(ARM_NAMES)}", file=sys.stderr)
+            return 2
+        settings = replace(settings, arms=arms)
+    if args.top_k:
+        settings = replace(settings, top_k=args.top_k)
     if args.seeds:
         settings = replace(settings, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.losses:
         settings = replace(settings, losses=tuple(s.strip() for s in args.losses.split(",")))
     mode = "quick" if args.quick else "full"
-    out = Path(args.out or ("runs/repro-quick" if args.quick else "runs/repro"))
+    suffix = f"-{args.regime}" if args.regime else ""
+    out = Path(args.out or (f"runs/repro-quick{suffix}" if args.quick else f"runs/repro{suffix}"))
     if args.fresh and out.exists():
         shutil.rmtree(out)
     publish = None if (args.quick or args.no_publish) else HERE

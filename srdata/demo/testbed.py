@@ -54,9 +54,11 @@ from __future__ import annotations
 import json
 import random
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from srdata.demo.regimes import EXTRA_MAKERS, EXTRA_TASK_TABLE, regime_settings
 
 __all__ = [
     "TASKS",
@@ -128,6 +130,7 @@ TASK_MAKERS: dict[str, Callable[[int, random.Random], tuple[str, str]]] = {
     "sort": _sort,
     "shift": _shift,
     "add": _add,  # not in TASKS: too hard for the testbed's small teacher (see the module docstring)
+    **EXTRA_MAKERS,  # count, extract: the paper regime's other hard families (srdata.demo.regimes)
 }
 
 
@@ -247,14 +250,20 @@ class TestbedFiles:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def build_testbed(folder: str | Path, spec: TestbedSpec = TestbedSpec()) -> TestbedFiles:
+def build_testbed(folder: str | Path, spec: TestbedSpec = TestbedSpec(), regime: Optional[str] = None) -> TestbedFiles:
     """Write ``train/dev/test/teacher_sft/warmup.jsonl`` and ``testbed.json`` into ``folder``.
+
+    ``regime`` (``"teachable"`` or ``"paper"``, :mod:`srdata.demo.regimes`) sets the spec's
+    ``tasks`` and ``noise_fraction``; ``None`` uses the spec as given (the default spec is
+    the ``teachable`` regime, and gives the same files either way).
 
     Example:
         >>> files = build_testbed("/tmp/testbed", TestbedSpec(train_pairs=400))   # doctest: +SKIP
         >>> files.counts["train_noisy"]                                            # doctest: +SKIP
         40
     """
+    if regime is not None:
+        spec = replace(spec, **regime_settings(regime))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     seeds = spec.seeds()
@@ -272,17 +281,22 @@ def build_testbed(folder: str | Path, spec: TestbedSpec = TestbedSpec()) -> Test
     spec_file = folder / "testbed.json"
     from srdata.run.io import write_json_atomic
 
-    write_json_atomic(spec_file, {"spec": asdict(spec), "seeds": seeds, "counts": counts, "tasks": _task_table()})
+    record = {"spec": asdict(spec), "seeds": seeds, "counts": counts, "tasks": _task_table(spec.tasks)}
+    if regime is not None:
+        record["regime"] = regime
+    write_json_atomic(spec_file, record)
     return TestbedFiles(folder, paths["train"], paths["dev"], paths["test"], paths["teacher_sft"], paths["warmup"], spec_file, counts)
 
 
-def _task_table() -> dict[str, str]:
+def _task_table(tasks: Sequence[str] = TASKS) -> dict[str, str]:
+    extra = {t: EXTRA_TASK_TABLE[t] for t in tasks if t in EXTRA_TASK_TABLE}  # only when used: today's testbed.json unchanged
     return {
         "add": "add a one-digit number to a number of level+1 digits, digits written least significant first (not default)",
         "copy": "repeat level+2 letters",
         "reverse": "reverse level+2 letters",
         "sort": "sort level+2 digits ascending",
         "shift": "replace each of level+2 letters by the next letter of the alphabet (z -> a)",
+        **extra,
     }
 
 
