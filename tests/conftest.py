@@ -125,16 +125,19 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture()
 def s3(s3_server, tmp_path, monkeypatch):
-    """A fresh bucket on the session's S3 server, the AWS_* variables set for it (and for subprocesses), and
-    srdata's staging folder under tmp_path; returns ``(bucket URI, environment for a subprocess)``."""
+    """A fresh folder in a bucket of the session's S3 server, the AWS_* variables set for it (and for subprocesses),
+    and srdata's staging folder under tmp_path; returns ``(folder URI, environment for a subprocess)``."""
     import uuid
 
     import s3fs
 
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    # One bucket for the session (each bucket is a SeaweedFS collection with volumes of its own), a fresh folder per test.
+    bucket = "srdata-tests"
     env = {**s3_server.env(), "SRDATA_STAGING": str(tmp_path / "staging"), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], endpoint_url=s3_server.endpoint).mkdir(bucket)
-    return f"s3://{bucket}", {**os.environ, **env}
+    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], endpoint_url=s3_server.endpoint)
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    return f"s3://{bucket}/{uuid.uuid4().hex[:12]}", {**os.environ, **env}

@@ -54,7 +54,8 @@ def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) 
     """Load every stage of an export as a ``datasets.DatasetDict`` (``stage_0``, ``stage_1``, ...).
 
     ``path`` is the export folder, its ``curriculum.json``, or a run folder holding the
-    default ``curriculum/`` export. Every stage file is checked against ``curriculum.json``
+    default ``curriculum/`` export, local or in object storage (``s3://...``, read through a
+    verified local copy: :mod:`srdata.curriculum.remote_read`). Every stage file is checked against ``curriculum.json``
     first (:func:`verified_curriculum`): a changed, damaged or foreign file is refused.
 
     Example:
@@ -64,7 +65,9 @@ def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) 
     """
     import datasets
 
-    curriculum = verified_curriculum(path)
+    from srdata.curriculum.remote_read import local_curriculum
+
+    curriculum = verified_curriculum(local_curriculum(path))  # s3://...: a verified local copy
     builder = "parquet" if curriculum.summary["settings"]["format"] == "parquet" else "json"
     data_files = {f"{STAGE_PREFIX}{stage['stage']}": str(file) for stage, file in zip(curriculum.stages, curriculum.files)}
     return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
@@ -268,8 +271,12 @@ def add_chat_messages(dataset: "datasets.Dataset", curriculum: str | os.PathLike
     from srdata.curriculum.source import read_run_manifest
     from srdata.steps.prompts import chat_messages
 
-    folder = _curriculum_folder(Path(curriculum))
-    run_dir = Path(json.loads((folder / CURRICULUM_FILE).read_text())["source"]["run_dir"])
+    from srdata.curriculum.remote_read import local_curriculum, run_manifest_copy
+    from srdata.run.storage import is_remote
+
+    folder = _curriculum_folder(local_curriculum(curriculum))
+    source = json.loads((folder / CURRICULUM_FILE).read_text())["source"]["run_dir"]
+    run_dir = run_manifest_copy(source) if is_remote(source) else Path(source)  # a run in object storage: its manifest
     columns = read_run_manifest(run_dir).columns
     if not columns:
         raise ValueError(f"the run {run_dir} records no column mapping in its manifest; score it with this srdata version")

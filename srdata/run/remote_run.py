@@ -128,7 +128,8 @@ class RemoteRunStore(RunStore):
         for name, record in records.items():
             if not SHARD_FILE.match(name):
                 continue
-            if not download_verified(self.location / name, self.dir / name, record.sha256, record.bytes):
+            # Downloaded even when the staging copy matches: the remote object is what the manifest vouches for.
+            if not download_verified(self.location / name, self.dir / name, record.sha256, record.bytes, reuse=False):
                 _warn(f"{self.location / name} is missing or does not match the checksum in the manifest: recomputing it")
                 (self.dir / name).unlink(missing_ok=True)
 

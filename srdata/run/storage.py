@@ -265,8 +265,12 @@ def options_for(protocol: str) -> dict[str, Any]:
 
 def filesystem(location: Location) -> Any:
     """The fsspec filesystem of ``location``; missing credentials (S3) are refused before any request."""
+    import logging
+
     import fsspec
 
+    for name in ("botocore.credentials", "aiobotocore.credentials"):  # "Found credentials in environment variables"
+        logging.getLogger(name).setLevel(logging.WARNING)
     options = options_for(location.protocol or "file")
     if location.protocol in ("s3", "s3a"):
         _check_s3_credentials(location, options)
@@ -350,12 +354,15 @@ def check_bucket(location: Location) -> None:
     fs = location.fs()
     bucket = location.path.split("/", 1)[0]
     with store_errors(location, "reach"):
-        if location.protocol in ("s3", "s3a"):
-            from fsspec.asyn import sync
+        try:
+            if location.protocol in ("s3", "s3a"):
+                from fsspec.asyn import sync
 
-            sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
-        elif not fs.exists(bucket):
-            raise FileNotFoundError(f"bucket {bucket} does not exist")
+                sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
+            elif not fs.exists(bucket):
+                raise FileNotFoundError(bucket)
+        except FileNotFoundError:  # HEAD of a missing bucket: 404, without the store's words
+            raise storage_problem(FileNotFoundError("NoSuchBucket"), location, "reach") from None
 
 
 def list_names(location: Location) -> list[str]:
@@ -424,12 +431,13 @@ def download(location: Location, local: Path) -> bool:
     return True
 
 
-def download_verified(location: Location, local: Path, sha256: str | None, size: int | None) -> bool:
+def download_verified(location: Location, local: Path, sha256: str | None, size: int | None, reuse: bool = True) -> bool:
     """Make ``local`` a copy of the object, checked against its record; ``False`` when the object is missing or differs.
 
-    A local copy that already matches the record is kept (no download).
+    With ``reuse``, a local copy that already matches the record is kept (no download): right
+    for reading; a writer that vouches for the remote object itself must check that (``reuse=False``).
     """
-    if sha256 is not None and local.is_file() and (size is None or local.stat().st_size == size) and file_sha256(local) == sha256:
+    if reuse and sha256 is not None and local.is_file() and (size is None or local.stat().st_size == size) and file_sha256(local) == sha256:
         return True
     if not download(location, local):
         return False
