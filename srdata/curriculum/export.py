@@ -67,6 +67,7 @@ from srdata.curriculum.remote_export import remote_capable
 from srdata.curriculum.ranking import Ranking, rank_output_columns, ranked_rows, ranks_in_file_order, rerank_run, resolve_ranking  # noqa: F401
 from srdata.curriculum.ranking_record import rank_columns_record
 from srdata.curriculum.replacing import export_decisions, replaced_export
+from srdata.curriculum.regime import regime_of_cut, tell_regime
 from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, as_write_error, compression_level, part_batches, part_schema, part_sinks,
                                            prepare_output, split_into_parts, stage_file_paths, stage_schema, write_jsonl_stage,
                                            write_parquet_stage)
@@ -142,6 +143,7 @@ def export_curriculum(
     bounds = stage_bounds(n_valid, plan)
     parts = curriculum_parts(bounds, n_valid)
     shares = [group_shares(ranks[position], groups[c], parts, c, check) for c in group_columns] if groups is not None else []
+    regime = regime_of_cut(run.annotated, ranks[position], max(stop for _, stop in bounds))  # None without `srdata teach`
     del groups
     out_dir = Path(out) if out is not None else run.path / "curriculum"
     finals = stage_file_paths(out_dir, len(bounds), fmt)
@@ -172,6 +174,7 @@ def export_curriculum(
     if replacing is not None:
         (echo or log.warning)(replacing)
     emit_warnings(summary["warnings"])
+    tell_regime(regime, echo)
     return out_dir
 
 

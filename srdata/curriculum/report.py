@@ -44,6 +44,7 @@ from srdata.curriculum.groups import (
     small_groups_text,
 )
 from srdata.curriculum.plots import plot_histograms, plot_scatter, plot_stage_sizes
+from srdata.curriculum.regime import report_section, warn_if_teachable
 from srdata.curriculum.render import to_html, to_markdown
 from srdata.curriculum.report_data import CONTRACT_RANKS, CONTRACT_SCORES, ReportRows, Stages, example_rows, report_rows
 from srdata.curriculum.stage_files import ScratchFiles, as_write_error, prepare_output
@@ -114,6 +115,8 @@ def build_report(
         remove_stale_temps(out_dir)  # of a report killed mid-write
         figures = [out_dir / name for name in FIGURE_FILES]
         blocks = _report_blocks(run, rows, by, examples, figures, shares)
+        regime = report_section(run.annotated, staged, stages.position, max(stages.ends))  # None without `srdata teach`
+        blocks += regime.blocks if regime else []
         draw = {
             FIGURE_FILES[0]: lambda path: plot_histograms(valid, rows.score_columns, path),
             FIGURE_FILES[1]: lambda path: plot_scatter(staged, len(stages.ends), path, x=x, y=y),
@@ -126,9 +129,11 @@ def build_report(
                 json.dumps({"stages": stages.source, "ranking": rows.ranking.describe(), **check.describe(), "groups": shares},
                            indent=2, default=str) + "\n", encoding="utf-8"
             ),
+            **(regime.draw if regime else {}),
         }
         _write_all(out_dir, draw, run)
     emit_warnings([message for result in shares for message in result["warnings"]])
+    warn_if_teachable(regime.statement if regime else None, "srdata report")
     return out_dir
 
 
