@@ -30,6 +30,7 @@ import torch
 from srd_distill.errors import CurriculumFilesError, TrainingSetupError
 from srdata.run.folder import CURRICULUM_FILE, MANIFEST_FILE, RunDirError, read_manifest
 from srdata.run.io import file_sha256
+from srdata.run.storage import is_remote, shown
 
 __all__ = [
     "TEXT_COLUMN_PAIRS",
@@ -154,7 +155,11 @@ def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[st
         summary_file = path / CURRICULUM_FILE
         if summary_file.is_file():
             run_dir = (json.loads(summary_file.read_text(encoding="utf-8")).get("source") or {}).get("run_dir")
-            if run_dir:
+            if run_dir and is_remote(run_dir):  # a run in object storage: a copy of its manifest
+                from srdata.curriculum.remote_read import run_manifest_copy
+
+                run_dirs.append(run_manifest_copy(run_dir))
+            elif run_dir:
                 run_dirs.append(Path(run_dir))
     run_dirs.append(path.parent)
     for run_dir in run_dirs:
@@ -171,7 +176,7 @@ def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[st
             truncation_side=prompt.truncation_side,
             add_special_tokens=manifest.template != "chat",
             rouge_tokenizer=metrics.rouge_tokenizer,
-            source=str(run_dir / MANIFEST_FILE),
+            source=f"{shown(run_dir)}/{MANIFEST_FILE}",
         )
     defaults = PromptConfig()
     echo(f"no srdata manifest.json found for {path}; encoding with srdata's defaults "

@@ -67,9 +67,11 @@ from typing import Any, Callable, Optional, Sequence
 from srd_distill.checkpoints import MARKER_FILE, is_our_checkpoint, publish_checkpoint, remove_checkpoint, verify_checkpoint
 from srd_distill.errors import RunFolderError
 from srd_distill.inputs import diff_inputs
+from srd_distill.remote import publish_run_files, publish_stage
 from srd_distill.schedules import PRESETS
 from srdata.run import folder as run_folder
 from srdata.run.io import LOCK_FILE, FolderLock, atomic_path, is_tool_file, write_json_atomic
+from srdata.run.storage import local_path, shown
 
 __all__ = [
     "RUN_FILE",
@@ -159,6 +161,7 @@ def finish_stage(run_dir: Path, stage: int, info: dict[str, Any]) -> Path:
     write_json_atomic(partial_folder(run_dir, stage) / STAGE_INFO_FILE, info)
     done = stage_folder(run_dir, stage)
     publish_checkpoint(partial_folder(run_dir, stage), done)
+    publish_stage(run_dir, done)  # --output s3://...: uploaded, its checksum file last (srd_distill.remote)
     for _, _, folder in step_folders(run_dir, stage):
         remove_checkpoint(folder)
     return done
@@ -196,6 +199,7 @@ def write_run_record(run_dir: Path, record: dict[str, Any], status: str) -> None
     """Write ``run.json`` atomically with ``status`` (running, stopped, interrupted, complete) and the time."""
     record.update(tool=TOOL, format_version=FORMAT_VERSION, status=status, updated_at=utc_now())
     write_json_atomic(run_dir / RUN_FILE, record)
+    publish_run_files(run_dir, [METRICS_FILE, RUN_FILE])  # --output s3://...: run.json last, the commit
 
 
 @dataclass
@@ -221,6 +225,7 @@ def check_output_folder(run_dir: Path, *, overwrite: bool, locked: bool = False)
     Example:
         >>> check_output_folder(Path("runs/new-run"), overwrite=False)
     """
+    run_dir = local_path(run_dir, "--output")  # a URI that lost a slash (Path("s3://b") is "s3:/b"): refused, named
     if run_dir.is_symlink() and not run_dir.is_dir() or run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--output {run_dir} is a file, not a folder; choose a new folder (or an srd-distill run folder)")
     if not run_dir.is_dir():
@@ -441,10 +446,10 @@ def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
         {'output': '/runs/kd', 'schedule': 'paper-gpt2', 'teacher': 'hub/teacher'}
     """
     values = dict(settings)
-    values["output"] = str(Path(values["output"]).resolve())
+    values["output"] = shown(Path(values["output"]).resolve())  # a staging folder of s3://...: its URI
     for key in ("teacher", "teacher_logits", "student", "curriculum", "data", "eval_file"):
         if values.get(key) is not None and Path(values[key]).exists():
-            values[key] = str(Path(values[key]).resolve())
+            values[key] = shown(Path(values[key]).resolve())
     if values["schedule"] not in PRESETS and Path(values["schedule"]).exists():
         values["schedule"] = str(Path(values["schedule"]).resolve())
     return values

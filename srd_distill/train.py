@@ -72,6 +72,7 @@ from srd_distill.progress import StageProgress, interrupted_message, stage_banne
 from srd_distill.checkpoints import verify_checkpoint
 from srd_distill.inputs import input_fingerprints
 from srd_distill.resume import StagePosition, restore_step, save_step_checkpoint
+from srd_distill.remote import train_with_storage, uses_remote_storage
 from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, check_output_folder, finish_stage, package_versions,
                                     partial_folder, prepare_run_folder, read_run_record, read_stage_info, recorded_settings, stage_folder,
                                     step_folders, steps_done, utc_now, write_run_record)
@@ -114,6 +115,8 @@ def train(
     """
     say = echo or log.info
     s = build_settings(settings, **overrides)
+    if uses_remote_storage(s):  # s3://... (or file://) paths: trained on local copies, published (srd_distill.remote)
+        return train_with_storage(train, s, progress=progress, echo=echo)
     run_dir = Path(s.output)
     check_output_folder(run_dir, overwrite=s.overwrite)  # a file, a foreign folder: refused before anything is written
 

@@ -231,3 +231,32 @@ def test_bad_locations_are_clear_errors_in_seconds(tiny_gpt2, s3, tmp_path):
                    env={k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL"}, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert fs.exists(f"{bucket}/runs/b/annotated.parquet")
+
+
+def test_srd_distill_from_an_s3_curriculum_into_s3_equals_the_local_run_and_resumes(tiny_gpt2, s3, tmp_path):
+    from srd_distill.train import train
+
+    bucket, env = s3
+    data = write_jsonl(tmp_path / "d.jsonl", rows(8))
+    srdata.score(dataset=str(data), model=str(tiny_gpt2), output=str(tmp_path / "run"), **{**FAST, "shard_size": 8})
+    srdata.score(dataset=str(data), model=str(tiny_gpt2), output=f"{bucket}/run", **{**FAST, "shard_size": 8})
+    local_curriculum = export_curriculum(tmp_path / "run")
+    export_curriculum(f"{bucket}/run", out=f"{bucket}/cur")
+    common = dict(teacher=str(tiny_gpt2), student=str(tiny_gpt2), batch_size=2, max_steps=1, epochs="1", device="cpu",
+                  dtype="float32", log_every=1)
+    local = train(curriculum=str(local_curriculum), output=str(tmp_path / "kd"), progress=False, **common)
+    first = train(curriculum=f"{bucket}/cur", output=f"{bucket}/kd", stop_after_stage=0, progress=False, **common)
+    assert not first.complete
+    fs = bucket_fs(env)
+    assert json.loads(fs.cat_file(f"{bucket}/kd/run.json"))["status"] == "stopped" and fs.exists(f"{bucket}/kd/stage-0/srd_checksums.json")
+    messages: list[str] = []
+    second = train(curriculum=f"{bucket}/cur", output=f"{bucket}/kd", progress=False, echo=messages.append, **common)
+    assert second.complete and any("stage(s) 0 already finished" in m for m in messages)
+    record = json.loads(fs.cat_file(f"{bucket}/kd/run.json"))
+    assert record["status"] == "complete" and record["settings"]["output"] == f"{bucket}/kd"
+    assert record["settings"]["curriculum"] == f"{bucket}/cur" and record["encoding"]["source"] == f"{bucket}/run/manifest.json"
+    for stage in range(3):
+        assert fs.cat_file(f"{bucket}/kd/stage-{stage}/model.safetensors") == (tmp_path / "kd" / f"stage-{stage}" / "model.safetensors").read_bytes()
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in lines.splitlines()]  # noqa: E731
+    assert strip(fs.cat_file(f"{bucket}/kd/metrics.jsonl").decode()) == strip((tmp_path / "kd" / "metrics.jsonl").read_text())
+    assert not fs.exists(f"{bucket}/kd/.srdata.lock")

@@ -57,6 +57,7 @@ S3_DEFAULTS: dict[str, Any] = {"retries": 2, "config_kwargs": {"connect_timeout"
 _OPTIONS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("srdata_storage_options", default={})
 STAGING_ENV = "SRDATA_STAGING"
 _PUBLISHED: dict[str, str] = {}  # local copy -> the remote location it was published to or read from
+_TARGETS: dict[str, "Location"] = {}  # staging folder -> the remote location its files are published to
 
 
 class StorageError(ValueError):
@@ -461,9 +462,17 @@ def staging_folder(location: Location, kind: str) -> Path:
     return root / f"{kind}-{location.name or 'root'}-{digest}"
 
 
-def remember_published(local: Path, location: Location) -> None:
-    """Note that the local folder ``local`` is a copy of ``location`` (for :func:`shown`)."""
+def remember_published(local: Path, location: Location, publish: bool = False) -> None:
+    """Note that the local folder ``local`` is a copy of ``location`` (for :func:`shown`); with ``publish``, the
+    staging folder whose files are to be published there (for :func:`remote_of`)."""
     _PUBLISHED[str(Path(local).resolve())] = location.uri
+    if publish:
+        _TARGETS[str(Path(local).resolve())] = location
+
+
+def remote_of(local: str | os.PathLike[str]) -> Location | None:
+    """The remote location a staging folder publishes to; ``None`` for an ordinary local folder."""
+    return _TARGETS.get(str(Path(local).resolve()))
 
 
 def shown(path: str | os.PathLike[str]) -> str:
