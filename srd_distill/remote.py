@@ -38,10 +38,11 @@ LOCAL_ONLY = {"eval_file": "--eval-file", "teacher": "--teacher", "student": "--
 
 def uses_remote_storage(settings: Any) -> bool:
     """Whether any path setting is a URI (``s3://``, ``file://``, or one srd-distill must refuse by name)."""
-    from srdata.run.storage import scheme_of
+    from srdata.run.storage import MANGLED, scheme_of
 
-    return any(isinstance(getattr(settings, key, None), str) and scheme_of(getattr(settings, key)) is not None
-               for key in (*REMOTE_INPUTS, *LOCAL_ONLY))
+    values = [getattr(settings, key, None) for key in (*REMOTE_INPUTS, *LOCAL_ONLY)]
+    # "s3:/b/x" (a URI that lost a slash) too: it is refused by name there, never made a local folder
+    return any(isinstance(v, str) and (scheme_of(v) is not None or MANGLED.match(v) is not None) for v in values)
 
 
 def train_with_storage(train: Callable[..., Any], settings: Any, **kwargs: Any) -> Any:

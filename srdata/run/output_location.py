@@ -37,6 +37,8 @@ def check_output_location(dataset: str, output: str | Path) -> None:
 
     target = parse_location(output, "--output")
     parts = [p.strip() for p in dataset.split(",")]
+    for part in parts:  # an unknown scheme, a missing package or a lost slash: refused before the folder is made
+        parse_location(part, "dataset")
     if target.is_remote or any(is_remote(p) for p in parts):
         _check_remote(parts, target.uri if target.is_remote else None, str(output))
         if target.is_remote:
