@@ -16,7 +16,7 @@ from typing import Any, Callable
 import polars as pl
 
 from srdata import __version__
-from srdata.backends import check_device, select_backend
+from srdata.backends import check_device, resolve_run_dtype, select_backend
 from srdata.config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from srdata.steps.context import check_token_limits
 from srdata.steps.load import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
@@ -117,6 +117,13 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
     if uncond_text is not None:
         say(f"signals: ce_loss_uncond, ifd and pmi, from the reference after the empty prompt {uncond_text!r}")
 
+    # --dtype auto resolved once, here, where the local engine computes: every shard is scored in
+    # it and a resume checks it. (A Ray replica resolves it on its own node.)
+    requested, dtype, dtype_reason = config.model.dtype, config.model.dtype, "resolved on each Ray replica's node"
+    if config.engine.engine == "local":
+        dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device, requested)
+        say(f"dtype: {dtype} ({dtype_reason})")
+        config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
     # prepare the run folder (refuses other settings; resumes the same ones)
     settings = result_settings(config)
     settings["prompt"]["template"] = template  # what was rendered decides the values, not "auto"
@@ -126,6 +133,7 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
     pending = store.pending(shards, say)
     manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
     manifest.resumed = resumed
+    manifest.precision = {"dtype": dtype, "requested": requested, "reason": dtype_reason}
     if uncond_text is not None:
         manifest.unconditional_prompt = uncond_text
     if resumed:  # keep how the finished shards were scored, and their checksums

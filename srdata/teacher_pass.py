@@ -34,7 +34,7 @@ from typing import Any, Callable
 import polars as pl
 
 from srdata import __version__
-from srdata.backends import check_device, load_backend
+from srdata.backends import check_device, load_backend, resolve_run_dtype
 from srdata.config import TEACH_SECTIONS, ScoreConfig, TeachConfig, merge, nest, settings_hash
 from srdata.engines import ShardJob, run_shards
 from srdata.run.folder import ANNOTATED_FILE, Manifest, RunStore, Shard, ShardRecord, plan_shards, read_manifest, write_manifest
@@ -97,6 +97,14 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
                 "batching": student.batching.model_copy(update=config.batching.model_dump(exclude={"shard_size"}))}
     )
 
+    # --dtype auto: the scored run's dtype, so excess_ce_loss = ce_loss - teacher_ce_loss compares like with like.
+    requested, dtype, dtype_reason = config.model.dtype, config.model.dtype, "resolved on each Ray replica's node"
+    if config.engine.engine == "local":
+        dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device,
+                                                student.model.dtype if requested == "auto" else requested)
+        dtype_reason = "auto: the scored run's dtype" if requested == "auto" != student.model.dtype else dtype_reason
+        say(f"teacher dtype: {dtype} ({dtype_reason})")
+        teacher_config = teacher_config.model_copy(update={"model": teacher_config.model.model_copy(update={"dtype": dtype})})
     # check the teacher: the same tokenizer, every id in its output layer, the run's longest row in its context
     student_tokenizer = load_tokenizer(student)
     differences = tokenizer_differences(student_tokenizer, load_tokenizer(teacher_config))
@@ -115,6 +123,8 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
     store.check_foreign(config.teach.overwrite)
     top_k = config.teach.top_k
     teach_settings = {"teach": {"top_k": top_k}, "run": {"config_hash": run_manifest.config_hash}}
+    if dtype != "auto":  # a pass resumed in another dtype would mix precisions: refused like other settings
+        teach_settings["model"] = {"dtype": dtype}
     identity = {"teacher": model_identity(config.model.model), "dataset": data_identity, "rows": len(dataset)}
     _refuse_another_teacher(store, identity, top_k, config.teach.overwrite)
     resumed = store.prepare(teach_settings, identity, config.teach.overwrite)
@@ -126,6 +136,7 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
         columns=mapping.to_dict(), template=template, resumed=resumed,
         shards=[ShardRecord(index=s.index, file=s.file, start=s.start, stop=s.stop, done=s not in pending) for s in shards],
     )
+    manifest.precision = {"dtype": dtype, "requested": requested, "reason": dtype_reason}
     for entry in manifest.shards:  # keep the finished shards' checksums
         earlier = store.records.get(entry.file)
         if entry.done and earlier is not None:

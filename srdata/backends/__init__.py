@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "hf", "vllm")
 
-__all__ = ["Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKENDS", "select_backend", "load_backend", "check_device"]
+__all__ = ["Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKENDS", "select_backend", "load_backend", "check_device", "resolve_run_dtype"]
 
 
 def _gpu_visible() -> bool:
@@ -53,6 +53,27 @@ def select_backend(name: str) -> str:
     if importlib.util.find_spec("vllm") is not None and _gpu_visible():
         return "vllm"
     return "hf"
+
+
+def resolve_run_dtype(backend: str, device: str, dtype: str) -> tuple[str, str]:
+    """The dtype a run computes in, resolving ``auto``, and a few words on why (printed, and kept in the manifest).
+
+    vLLM: ``auto`` is bfloat16 (:func:`srdata.backends.vllm_engine.resolve_vllm_dtype`).
+    transformers: :func:`srdata.backends.dtype.resolve_dtype_with_reason` (bfloat16 on a
+    GPU and on a CPU with AMX or AVX512-BF16, float32 on other CPUs).
+
+    Example:
+        >>> resolve_run_dtype("hf", "cpu", "float32")
+        ('float32', 'as asked (--dtype float32)')
+    """
+    if select_backend(backend) == "vllm":
+        if dtype == "auto":
+            return "bfloat16", "auto: bfloat16 with vLLM"
+        return dtype, f"as asked (--dtype {dtype})"
+    from srdata.backends.dtype import resolve_device, resolve_dtype_with_reason  # imports torch: lazily
+
+    resolved, reason = resolve_dtype_with_reason(dtype, resolve_device(device))
+    return str(resolved).removeprefix("torch."), reason
 
 
 def load_backend(config: ScoreConfig, tokenizer: Any = None) -> Backend:

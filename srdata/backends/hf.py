@@ -28,23 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when a GPU is visible, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on GPUs and float32 on CPUs (CPU half precision is slow and lossy)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+# The dtype rule lives in dtype.py; imported here too, where srd_distill and older code look for it.
+from srdata.backends.dtype import DTYPES, resolve_device, resolve_dtype  # noqa: E402,F401
 
 
 def cache_keyword(model: Any) -> str:
