@@ -25,22 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS
 from srdata.curriculum.cut import Format, Layout
 from srdata.steps.rank import DEFAULT_RRF_K, TieMode
+from srdata.run.storage import STORAGE_OPTIONS_HELP  # remote storage (s3://...): options never recorded (secrets)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-
-# Remote storage (s3://, gs://, hf://): options of the fsspec filesystem; never recorded (they may hold secrets).
-STORAGE_OPTIONS_HELP = ("Remote storage options as JSON, e.g. '{\"endpoint_url\": \"http://host:8333\"}' (fsspec keyword "
-                        "arguments; credentials also from AWS_* variables and SRDATA_STORAGE_OPTIONS). Not recorded.")
-
-
-def _options_json(value: Any) -> Any:
-    """A config file may give storage options as a mapping: kept as its JSON text, like the flag's value."""
-    import json
-
-    return json.dumps(value) if isinstance(value, dict) else value
 
 
 class DataConfig(_Section):
@@ -138,11 +128,6 @@ class RunConfig(_Section):
     overwrite: bool = Field(default=False, description="Start over in an output folder that holds a run with other settings.")
     seed: int = Field(default=0, description="Random seed.")
     storage_options: Optional[str] = Field(default=None, exclude=True, description=STORAGE_OPTIONS_HELP, json_schema_extra={"metavar": "JSON"})
-
-    @field_validator("storage_options", mode="before")
-    @classmethod
-    def _options_as_json(cls, value: Any) -> Any:
-        return _options_json(value)
 
 
 class EngineConfig(_Section):

@@ -56,6 +56,8 @@ S3_DEFAULTS: dict[str, Any] = {"retries": 2, "config_kwargs": {"connect_timeout"
                                                                "retries": {"max_attempts": 2, "mode": "standard"}}}
 _OPTIONS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("srdata_storage_options", default={})
 STAGING_ENV = "SRDATA_STAGING"
+STORAGE_OPTIONS_HELP = ("Remote storage options as JSON, e.g. '{\"endpoint_url\": \"http://host:8333\"}' (fsspec keyword "
+                        "arguments; credentials also from AWS_* variables and SRDATA_STORAGE_OPTIONS). Not recorded.")
 _PUBLISHED: dict[str, str] = {}  # local copy -> the remote location it was published to or read from
 _TARGETS: dict[str, "Location"] = {}  # staging folder -> the remote location its files are published to
 
