@@ -68,7 +68,7 @@ def test_ce_and_greedy_match_single_example_transformers(request, fixture, mode)
 
 
 def test_shared_prefill_keeps_no_repeat_ngram(tiny_gpt2):
-    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu", batch_size=4)
+    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu", dtype="float32", batch_size=4)
     tok = backend.tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     pairs = encode_pairs(tok, PROMPTS, REFERENCES)
@@ -83,7 +83,7 @@ def test_models_that_cannot_share_the_prefill_use_separate_passes(tiny_gpt2, mon
         raise NotImplementedError("this cache cannot be sliced")
 
     monkeypatch.setattr(HFBackend, "_prefill_score_generate", unusual_cache)
-    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu")
+    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu", dtype="float32")
     tok = backend.tokenizer
     prompts = [tok("hello there", add_special_tokens=False)["input_ids"]]
     references = [tok("general kenobi", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
@@ -133,7 +133,7 @@ def test_bad_arguments_are_refused(tiny_gpt2):
 
 
 def test_one_token_prompts_score_and_generate_like_separate_passes(tiny_gpt2):
-    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu")
+    backend = HFBackend.from_pretrained(tiny_gpt2, device="cpu", dtype="float32")
     prompts, references = [[5], [6]], [[7, 8, 2], [9, 2]]
     params = GenerationParams(max_new_tokens=4)
     losses, generations = backend.score_and_generate(prompts, references, params)
