@@ -8,7 +8,7 @@
 * ``--output s3://...``: the run works in a local staging folder. A finished stage's
   checkpoint is uploaded when it is sealed, its checksum file (``srd_checksums.json``) last;
   ``metrics.jsonl`` and then ``run.json`` after every stage and at the end (``run.json`` is the
-  commit: :mod:`srd_distill.run_folder` publishes through :func:`publish_run_files`). A rerun
+  commit: :mod:`srd_distill.run_folder` publishes through :mod:`srd_distill.remote_publish`). A rerun
   downloads ``run.json``, ``metrics.jsonl`` and every stage folder whose checksum file is there,
   and verifies them as it verifies local ones. Step checkpoints stay in the staging folder: a
   rerun elsewhere resumes after the last finished stage. One writer: a lock object.
@@ -29,9 +29,9 @@ from srdata.run.folder import MANIFEST_FILE
 from srdata.run.io import is_tool_file
 from srdata.run.remote_lock import RemoteLock
 from srdata.run.storage import (Location, check_bucket, download, is_remote, list_names, local_path, parse_location, remember_published,
-                                remote_of, staging_folder, upload)
+                                staging_folder)
 
-CHECKSUM_FILE = "srd_checksums.json"
+from srd_distill.remote_publish import CHECKSUM_FILE
 REMOTE_INPUTS = {"curriculum": "--curriculum", "data": "--data", "teacher_logits": "--teacher-logits", "output": "--output"}
 LOCAL_ONLY = {"eval_file": "--eval-file", "teacher": "--teacher", "student": "--student"}
 
@@ -131,23 +131,3 @@ def _mirror_output(output: Location) -> Path:
             download(output / name, staged / name)
     remember_published(staged, output, publish=True)
     return staged
-
-
-def publish_run_files(run_dir: Path, names: list[str]) -> None:
-    """Upload these files of a staged run (``metrics.jsonl``, then ``run.json``: the commit) to its remote folder, if it has one."""
-    remote = remote_of(run_dir)
-    if remote is None:
-        return
-    for name in names:
-        if (run_dir / name).is_file():
-            upload(run_dir / name, remote / name)
-
-
-def publish_stage(run_dir: Path, folder: Path) -> None:
-    """Upload a sealed stage folder of a staged run, its checksum file last (a reader trusts only a folder that has it)."""
-    remote = remote_of(run_dir)
-    if remote is None:
-        return
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    for path in sorted(files, key=lambda p: p.name == CHECKSUM_FILE):
-        upload(path, remote / folder.name / path.relative_to(folder).as_posix())

@@ -67,7 +67,7 @@ from typing import Any, Callable, Optional, Sequence
 from srd_distill.checkpoints import MARKER_FILE, is_our_checkpoint, publish_checkpoint, remove_checkpoint, verify_checkpoint
 from srd_distill.errors import RunFolderError
 from srd_distill.inputs import diff_inputs
-from srd_distill.remote import publish_run_files, publish_stage
+from srd_distill.remote_publish import publish_run_files, publish_stage
 from srd_distill.schedules import PRESETS
 from srdata.run import folder as run_folder
 from srdata.run.io import LOCK_FILE, FolderLock, atomic_path, is_tool_file, write_json_atomic

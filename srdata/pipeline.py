@@ -29,6 +29,7 @@ from srdata.steps.prompts import describe_template, resolve_template, row_proble
 from srdata.steps.rank import rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, check_output_location, plan_shards
 from srdata.run.identity import model_identity, require_safetensors
+from srdata.run.remote_run import open_run_store
 from srdata.run.storage import use_options
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     require_safetensors(config.model.model)
     with use_options(config.run.storage_options):  # remote data or --output (s3://...): srdata.run.storage
         check_output_location(config.data.dataset, config.run.output)
-        store = RunStore(config.run.output)
+        store = open_run_store(config.run.output)  # s3://...: staged and published (srdata.run.remote_run)
         store.check_foreign(config.run.overwrite)
         # One writer per folder, from here to the end: a second command is refused at once, before
         # it loads anything (the lock is taken before the manifest is read, and dropped if killed).

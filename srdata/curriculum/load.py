@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from srdata.curriculum.cut import LAYOUTS
-from srdata.run.folder import CURRICULUM_FILE
+from srdata.run.names import CURRICULUM_FILE, PUBLISHING_KEY  # noqa: F401 - PUBLISHING_KEY: re-exported
 from srdata.run.io import IntegrityError, file_sha256
 from srdata.curriculum.groups import STRATIFIED_COLUMN
 from srdata.steps.rank import DIFFICULTY_COLUMN
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 STAGE_PREFIX = "stage_"
-PUBLISHING_KEY = "publishing"  # in curriculum.json while an export replaces its files (see srdata.curriculum.output)
 
 
 def load_curriculum(path: str | os.PathLike[str], cache_dir: str | None = None) -> "datasets.DatasetDict":

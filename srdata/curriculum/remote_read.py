@@ -18,7 +18,8 @@ import os
 import re
 from pathlib import Path
 
-from srdata.run.folder import CURRICULUM_FILE, MANIFEST_FILE
+from srdata.run.io import IntegrityError
+from srdata.run.names import CURRICULUM_FILE, MANIFEST_FILE, PUBLISHING_KEY
 from srdata.run.storage import Location, download, download_verified, is_remote, parse_location, read_bytes, remember_published, staging_folder
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -26,8 +27,6 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 def local_curriculum(path: str | os.PathLike[str], setting: str = "curriculum") -> Path:
     """``path`` as a local export folder: itself when local, else a verified copy of the remote export."""
-    from srdata.curriculum.load import PUBLISHING_KEY, CurriculumIntegrityError
-
     location = parse_location(path if isinstance(path, str) else Path(path), setting)
     if not location.is_remote:
         return location.local
@@ -44,18 +43,18 @@ def local_curriculum(path: str | os.PathLike[str], setting: str = "curriculum") 
         stages = summary["stages"]
         names = [stage["file"] for stage in stages]
     except (ValueError, KeyError, TypeError) as err:
-        raise CurriculumIntegrityError(f"{location / CURRICULUM_FILE} is not a readable curriculum summary ({err}); export again") from None
+        raise IntegrityError(f"{location / CURRICULUM_FILE} is not a readable curriculum summary ({err}); export again") from None
     if summary.get(PUBLISHING_KEY):
-        raise CurriculumIntegrityError(f"an export into {location} was interrupted while it published its files: run "
+        raise IntegrityError(f"an export into {location} was interrupted while it published its files: run "
                                        f"`srdata export` again into {location}")
     bad = [n for n in names if not isinstance(n, str) or not PLAIN_NAME.fullmatch(n)]
     if bad:
-        raise CurriculumIntegrityError(f"{location / CURRICULUM_FILE} lists {bad[0]!r}, which is not a file of the folder; export again")
+        raise IntegrityError(f"{location / CURRICULUM_FILE} lists {bad[0]!r}, which is not a file of the folder; export again")
     local = staging_folder(location, "curriculum")
     local.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         if not download_verified(location / stage["file"], local / stage["file"], stage.get("sha256"), stage.get("file_bytes")):
-            raise CurriculumIntegrityError(f"stage file {location / stage['file']} is missing or does not match the checksum "
+            raise IntegrityError(f"stage file {location / stage['file']} is missing or does not match the checksum "
                                            f"{CURRICULUM_FILE} records for it; run `srdata export` again into {location}")
     (local / CURRICULUM_FILE).write_bytes(data)
     remember_published(local, location)

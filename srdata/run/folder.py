@@ -45,8 +45,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from srdata.config import (SECTIONS, BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig,
                            RunConfig, validation_problems)
 
+from srdata.run.names import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, SHARD_FILE, RunDirError  # noqa: F401 - re-exported
 from srdata.run.output_location import check_output_location  # noqa: F401 - re-exported
-from srdata.run.storage import is_remote, parse_location
+from srdata.run.storage import parse_location
 from srdata.run.io import (FolderLock, IntegrityError, WriteError, atomic_path, file_sha256, is_tool_file, remove_stale_temps,
                            verify_file, write_json_atomic, write_problem)
 
@@ -63,9 +64,6 @@ def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "data": {**data, "dataset": ",".join(parts)}}
 
 
-MANIFEST_FILE = "manifest.json"
-ANNOTATED_FILE = "annotated.parquet"
-CURRICULUM_FILE = "curriculum.json"  # written by `srdata export` into its output folder
 
 
 class RecordedConfig(BaseModel):
@@ -201,12 +199,7 @@ def diff_settings(
     return [f"{k}: {filled.get(k)!r} -> {b.get(k)!r}" for k in keys if filled.get(k) != b.get(k)]
 
 
-class RunDirError(ValueError):
-    """The output folder cannot be used as asked; the message says why and what to do."""
-
-
 #: The name of every shard file srdata writes; a plan naming anything else is not followed.
-SHARD_FILE = re.compile(r"^shards/shard-\d{5,}\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -248,15 +241,8 @@ class RunStore:
         ...     resumed = store.prepare(settings, identity, overwrite=False)
     """
 
-    def __new__(cls, directory: str | Path = "") -> "RunStore":
-        if cls is RunStore and is_remote(directory):  # s3://...: staged here, published object by object
-            from srdata.run.remote_run import RemoteRunStore
-
-            return super().__new__(RemoteRunStore)
-        return super().__new__(cls)
-
     def __init__(self, directory: str | Path) -> None:
-        self.dir = parse_location(directory, "--output").local  # file:// URIs are local paths
+        self.dir = parse_location(directory, "--output").local  # file:// URIs are local paths; s3://: open_run_store
         self.manifest_path = self.dir / MANIFEST_FILE
         self.annotated_path = self.dir / ANNOTATED_FILE
         self.previous_manifest: Manifest | None = None  # what prepare() found, before this run rewrites it

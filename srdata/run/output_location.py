@@ -9,13 +9,12 @@ import fnmatch
 import glob
 from pathlib import Path
 
+from srdata.run.names import ANNOTATED_FILE, MANIFEST_FILE, SHARD_FILE, RunDirError
 from srdata.run.storage import is_remote, parse_location
 
 
 def _written_by_a_run(output: Path, path: Path) -> bool:
     """Whether ``path`` is a file that a run in ``output`` writes (manifest, annotated table, shards)."""
-    from srdata.run.folder import ANNOTATED_FILE, MANIFEST_FILE, SHARD_FILE
-
     if output not in path.parents:
         return False
     name = path.relative_to(output).as_posix()
@@ -33,8 +32,6 @@ def check_output_location(dataset: str, output: str | Path) -> None:
         >>> check_output_location("data", "data/run")   # doctest: +SKIP
         RunDirError: output folder data/run is inside the dataset folder data: ...
     """
-    from srdata.run.folder import RunDirError
-
     target = parse_location(output, "--output")
     parts = [p.strip() for p in dataset.split(",")]
     for part in parts:  # an unknown scheme, a missing package or a lost slash: refused before the folder is made
@@ -61,7 +58,6 @@ def check_output_location(dataset: str, output: str | Path) -> None:
             continue
         matches = [Path(m).resolve() for m in glob.glob(part)]
         if glob.has_magic(part) and not glob.has_magic(str(path.parent)):
-            from srdata.run.folder import ANNOTATED_FILE, MANIFEST_FILE
   # files the run will write, matched later
             parent = path.parent.resolve()
             ours = [out / MANIFEST_FILE, out / ANNOTATED_FILE, out / "shards" / "shard-00000.parquet"]
@@ -81,8 +77,6 @@ def _check_remote(parts: list[str], out: str | None, output: str) -> None:
         >>> _check_remote(["s3://b/data/d.jsonl"], "s3://b/data", "s3://b/data")   # doctest: +SKIP
         RunDirError: dataset s3://b/data/d.jsonl is inside the output folder s3://b/data: ...
     """
-    from srdata.run.folder import RunDirError
-
     if out is None:
         return
     out = out.rstrip("/")

@@ -18,13 +18,11 @@ import glob
 import shutil
 from pathlib import Path
 
-from srdata.run.storage import Location, check_bucket, download, parse_location, staging_folder, store_errors
+from srdata.run.storage import Location, StorageError, check_bucket, download, parse_location, staging_folder, store_errors
 
 
 def fetch_dataset(parts: list[str]) -> str:
     """Download every remote part (file, glob or folder) and return the local paths, comma-separated, as ``srdata score`` takes them."""
-    from srdata.steps.load import DatasetLoadError
-
     local = []
     for part in parts:
         location = parse_location(part, "dataset")
@@ -36,11 +34,11 @@ def fetch_dataset(parts: list[str]) -> str:
             if glob.has_magic(location.path):
                 found = sorted(p for p in fs.glob(location.path) if fs.isfile(p))
                 if not found:
-                    raise DatasetLoadError(f"data file not found: {part} matches no object")
+                    raise StorageError(f"data file not found: {part} matches no object")
                 names = [p.rsplit("/", 1)[-1] for p in found]
                 twice = sorted({n for n in names if names.count(n) > 1})
                 if twice:
-                    raise DatasetLoadError(f"dataset {part} matches several objects named {twice[0]}; use a narrower pattern")
+                    raise StorageError(f"dataset {part} matches several objects named {twice[0]}; use a narrower pattern")
                 for path, name in zip(found, names):
                     _get(Location(f"{location.protocol}://{path}", "dataset", location.protocol, path), folder / name)
                 local.append(str(folder / _suffix_glob(names)))
@@ -48,7 +46,7 @@ def fetch_dataset(parts: list[str]) -> str:
                 root = location.path.rstrip("/") + "/"
                 files = [p for p in fs.find(location.path) if not any(s.startswith((".", "__")) for s in p[len(root):].split("/"))]
                 if not files:
-                    raise DatasetLoadError(f"dataset folder {part} holds no files")
+                    raise StorageError(f"dataset folder {part} holds no files")
                 for path in files:
                     _get(Location(f"{location.protocol}://{path}", "dataset", location.protocol, path), folder / path[len(root):])
                 local.append(str(folder))
@@ -56,15 +54,13 @@ def fetch_dataset(parts: list[str]) -> str:
                 _get(location, folder / location.name)
                 local.append(str(folder / location.name))
             else:
-                raise DatasetLoadError(f"data file not found: {part} (no such object)")
+                raise StorageError(f"data file not found: {part} (no such object)")
     return ",".join(local)
 
 
 def _get(location: Location, local: Path) -> None:
     if not download(location, local):
-        from srdata.steps.load import DatasetLoadError
-
-        raise DatasetLoadError(f"data file not found: {location.uri} (removed while it was read)")
+        raise StorageError(f"data file not found: {location.uri} (removed while it was read)")
 
 
 def _suffix_glob(names: list[str]) -> str:

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from srdata.run.io import HOST_TAG, LOCK_FILE, FolderBusyError, _alive
+from srdata.run.io import HOST_TAG, LOCK_FILE, FolderBusyError
 from srdata.run.storage import Location, StorageError, remove, store_errors
 
 
@@ -118,6 +118,19 @@ class RemoteLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's live process counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _precondition_failed(err: BaseException) -> bool:

@@ -37,11 +37,10 @@ from typing import Any, Iterator
 
 import polars as pl
 
-from srdata.run.folder import (ANNOTATED_FILE, MANIFEST_FILE, SHARD_FILE, Manifest, RunDirError, RunStore, Shard, _some,
-                               read_manifest)
+from srdata.run.folder import ANNOTATED_FILE, MANIFEST_FILE, SHARD_FILE, Manifest, RunDirError, RunStore, Shard, read_manifest
 from srdata.run.io import FolderLock, is_tool_file
 from srdata.run.remote_lock import RemoteLock
-from srdata.run.storage import (Location, check_bucket, download, download_verified, list_names, parse_location, remove,
+from srdata.run.storage import (Location, check_bucket, download, download_verified, is_remote, list_names, parse_location, remove,
                                 staging_folder, upload)
 
 
@@ -153,6 +152,20 @@ class RemoteRunStore(RunStore):
     def write_annotated(self, frame: pl.DataFrame) -> None:
         super().write_annotated(frame)
         upload(self.annotated_path, self.location / ANNOTATED_FILE)
+
+
+def open_run_store(output: str | Path) -> RunStore:
+    """The run folder ``output``: a :class:`RemoteRunStore` for a remote location (``s3://...``), else a local one.
+
+    Example:
+        >>> type(open_run_store("runs/a")).__name__
+        'RunStore'
+    """
+    return RemoteRunStore(output) if is_remote(output) else RunStore(output)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" (and {len(names) - shown} more)" if len(names) > shown else "")
 
 
 def _warn(message: str) -> None:
