@@ -70,7 +70,8 @@ def teach(config: TeachConfig | dict[str, Any] | None = None, *, run: str | Path
     config = _as_teach_config(config, settings)
     say = echo or log.info
     run_dir = Path(run)
-    check_device(config.model.device)
+    if config.engine.engine != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
+        check_device(config.model.device)
     require_safetensors(config.model.model)
     if not (run_dir / "manifest.json").is_file():
         raise TeachError(f"{run_dir} holds no scored run (no manifest.json); run `srdata score DATASET --output {run_dir}` first")

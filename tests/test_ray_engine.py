@@ -84,7 +84,7 @@ def test_engine_ray_without_ray_names_the_extra(tiny_gpt2, data_file, tmp_path, 
     result = CliRunner().invoke(main, ["score", str(data_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run"),
                                        "--engine", "ray", "--max-new-tokens", "4", "--device", "cpu", "--on-invalid", "flag", "-q"])
     assert result.exit_code == 1, result.output
-    assert "--engine ray needs Ray Data" in result.output and "pip install 'srdata[ray]'" in result.output
+    assert "--engine ray needs Ray" in result.output and "pip install 'srdata[ray]'" in result.output
 
 
 def test_replicas_fit_the_cluster():
@@ -128,15 +128,15 @@ def test_killed_actor_is_retried_without_losing_or_duplicating_rows(ray_runtime,
     class DiesOnce(ray_engine.ShardScorer):
         """Exits the actor's process while scoring shard 1, the first time only (a marker file)."""
 
-        def __call__(self, batch):
-            if 1 in batch["shard"].to_pylist():
+        def score(self, index, start, stop, rows):
+            if index == 1:
                 try:
                     os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
                 except FileExistsError:
                     pass  # the retry, on the restarted actor
                 else:
                     os._exit(1)
-            return super().__call__(batch)
+            return super().score(index, start, stop, rows)
 
     monkeypatch.setattr(ray_engine, "ShardScorer", DiesOnce)
     out = tmp_path / "run"

@@ -18,6 +18,10 @@ OpenStudent = Callable[[ScoreConfig, ColumnMapping, str, Any], Any]
 #: Called on the driver for every finished shard: (shard, its scored frame, wall seconds it took).
 OnShard = Callable[[Shard, pl.DataFrame, float], None]
 
+#: Called on the driver when a Ray replica has started (or restarted) and passed its checks: its
+#: record (node, device, backend, model fingerprint and package versions as resolved there).
+OnReplica = Callable[[dict[str, Any]], None]
+
 
 @dataclass
 class ShardJob:
@@ -29,6 +33,9 @@ class ShardJob:
     tokenizer: Any
     config: ScoreConfig
     open_student: OpenStudent
+    #: The driver's model identity (``model_identity``): Ray replicas that see another model are refused.
+    model_identity: dict[str, Any] | None = None
+    on_replica: OnReplica | None = None
 
     def rows(self, shard: Shard) -> dict[str, list]:
         """The shard's rows as ``{column: [values]}``."""

@@ -1,0 +1,180 @@
+"""One Ray replica: an actor that checks the node it runs on, then holds one student and scores whole shards.
+
+What a replica checks before it loads anything (so a bad node fails in a second, not after
+the model has loaded): the model folder is there (the driver sends its absolute path), and
+``--device`` names a device this node has. It then records where the work really runs:
+the node, the device and backend that ``auto`` resolved to *here*, the model's content
+fingerprint as this node sees it, and the versions of the packages that compute the values.
+The driver compares these records (:func:`replica_mismatch`) and keeps them in the manifest.
+
+Example:
+    >>> record = {"replica": 0, "node_ip": "10.0.0.2", "backend": "hf", "device": "cpu", "versions": {"torch": "2.5"}}
+    >>> replica_mismatch({**record, "replica": 1, "backend": "vllm"}, record, None)[:40]
+    'replica 1 on node 10.0.0.2 (host ?) uses '
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Packages whose versions decide the values a replica computes (vLLM's only when it is the backend).
+VALUE_PACKAGES = ("srdata", "torch", "transformers", "tokenizers")
+
+
+def package_versions(backend: str) -> dict[str, str]:
+    """Installed versions of the packages that compute the values here.
+
+    Example:
+        >>> "srdata" in package_versions("hf")
+        True
+    """
+    versions = {}
+    for name in (*VALUE_PACKAGES, "vllm") if backend == "vllm" else VALUE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def node_here() -> dict[str, Any]:
+    """Where this process runs: the Ray node's IP and id (when inside Ray), the host name and pid."""
+    where: dict[str, Any] = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            where["node_id"] = context.get_node_id()
+            where["node_ip"] = ray.util.get_node_ip_address()
+            where["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001  (a record of where, never a reason to fail)
+        pass
+    return where
+
+
+def node_name(record: dict[str, Any]) -> str:
+    """``10.0.0.2 (host h, node 1a2b3c4d)``: how messages name a node."""
+    node = record.get("node_id") or ""
+    return f"{record.get('node_ip', '?')} (host {record.get('hostname', '?')}" + (f", node {node[:8]})" if node else ")")
+
+
+def check_here(config: Any, gpus_per_replica: float) -> str | None:
+    """What makes this node unable to run the replica, in words; ``None`` when it can.
+
+    Example:
+        >>> from srdata.config import build_config
+        >>> check_here(build_config(dict(dataset="d", model="/nonexistent/m", output="o")), 0)[:38]
+        'the model folder /nonexistent/m is not'
+    """
+    model = config.model.model
+    if os.path.isabs(model) and not os.path.isdir(model):
+        return (
+            f"the model folder {model} is not visible on this node: copy it to the same path on every node "
+            "(or a shared file system mounted there), or pass a hub id the nodes can download"
+        )
+    from srdata.backends import check_device
+
+    try:
+        check_device(config.model.device)
+    except ValueError as err:
+        hint = ""
+        if gpus_per_replica == 0:
+            hint = " (with --gpus-per-replica 0 Ray gives the replica no GPU: pass --gpus-per-replica 1)"
+        return f"{err}{hint}"
+    return None
+
+
+def describe_here(config: Any) -> dict[str, Any]:
+    """Device, backend, model fingerprint and package versions as resolved on this node."""
+    from srdata.backends import select_backend
+    from srdata.run.identity import model_identity
+
+    device = config.model.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = select_backend(config.model.backend)
+    return {"device": device, "backend": backend, "model": model_identity(config.model.model), "versions": package_versions(backend)}
+
+
+def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_model: dict[str, Any] | None) -> str | None:
+    """Why ``record`` must not score shards next to ``reference`` (the first replica), or ``None``.
+
+    The model's fingerprint is compared with the driver's (whose fingerprint the run folder
+    records); backend, device type and package versions with the first replica's.
+    """
+    who = f"replica {record.get('replica')} on node {node_name(record)}"
+    first = f"replica {reference.get('replica')} on node {node_name(reference)}"
+    seen, expected = (record.get("model") or {}).get("fingerprint"), (driver_model or {}).get("fingerprint")
+    if expected and seen != expected:
+        return (f"{who} sees another model at {record['model'].get('name')} (fingerprint {seen}) than the driver "
+                f"({expected}): put the same model folder on every node")
+    if record.get("backend") != reference.get("backend"):
+        return (f"{who} uses the {record.get('backend')} backend, {first} the {reference.get('backend')} backend: "
+                "pass --backend hf or --backend vllm, or make the nodes alike")
+    if str(record.get("device", "")).split(":")[0] != str(reference.get("device", "")).split(":")[0]:
+        return (f"{who} runs on {record.get('device')}, {first} on {reference.get('device')}: the values would differ; "
+                "pass --device cuda (and --gpus-per-replica) or --device cpu")
+    ours, theirs = record.get("versions") or {}, reference.get("versions") or {}
+    differ = [f"{name} {ours.get(name)} vs {theirs.get(name)}" for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+    if differ:
+        return (f"{who} and {first} have other package versions ({'; '.join(differ)}): install the same versions on "
+                "every node (one container image, or a Ray runtime_env)")
+    return None
+
+
+class ShardScorer:
+    """The Ray actor: checks this node, loads one student, scores whole shards.
+
+    ``score`` takes a shard's index, srd_id range and its input rows (Arrow IPC bytes) and
+    returns ``(index, scored frame as Arrow IPC bytes, seconds on the actor)``.
+    """
+
+    def __init__(self, config: dict[str, Any], mapping: Any, template: str, open_student: Any, gpus_per_replica: float = 0) -> None:
+        from srdata.config import ScoreConfig
+
+        started = time.perf_counter()
+        parsed = ScoreConfig.model_validate(config)
+        self.record: dict[str, Any] = node_here()
+        self.problem = check_here(parsed, gpus_per_replica)
+        self.student = None
+        if self.problem is None:  # check first: a node that cannot run the replica fails before any loading
+            self.record.update(describe_here(parsed))
+            self.student = open_student(parsed, mapping, template, None)  # its own tokenizer
+        self.record["load_seconds"] = round(time.perf_counter() - started, 3)
+
+    def info(self) -> dict[str, Any]:
+        """This replica's record, with ``problem`` set when the node cannot run it."""
+        return {**self.record, "problem": self.problem}
+
+    def score(self, index: int, start: int, stop: int, rows: bytes) -> tuple[int, bytes, float]:
+        import io
+
+        import pyarrow as pa
+
+        from srdata.run.folder import Shard
+
+        t0 = time.perf_counter()
+        frame = self.student(pa.ipc.open_stream(rows).read_all().to_pydict(), Shard(index, start, stop))
+        buffer = io.BytesIO()
+        frame.write_ipc_stream(buffer)
+        return index, buffer.getvalue(), time.perf_counter() - t0
+
+
+def absolute_model(model: str) -> str:
+    """The model as the replicas get it: an existing folder as its absolute path (a relative path
+    would be resolved against each node's own working folder), a hub id unchanged.
+
+    Example:
+        >>> absolute_model("org/some-model-id-that-is-not-a-folder")
+        'org/some-model-id-that-is-not-a-folder'
+    """
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
