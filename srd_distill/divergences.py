@@ -15,7 +15,9 @@ srkl    ``m = (1-a) p + a q``; ``sum q (log q - log m)``, a = 0.1        yes
 
 ``fkl`` and ``sfkl`` are cross-entropies, as in the reference code: they equal the
 teacher entropy ``H(p)`` (not 0) when student and teacher agree; their gradients do vanish
-there. ``b`` is ``jsd_beta`` and ``a`` is ``skew_alpha``. The T^2 column is
+there. Inside :func:`teacher_entropy_meter` every :func:`divergence` of these two also adds
+``H(p)`` of its tokens up, so a training log can show the true KL, ``value - H(p)`` (0 when
+student and teacher agree), beside the loss. ``b`` is ``jsd_beta`` and ``a`` is ``skew_alpha``. The T^2 column is
 :mod:`srd_distill.t2_scaling`'s ``"reference"`` mode.
 
 Every divergence takes the student's q and the teacher's p as :class:`Distribution` pairs
@@ -35,8 +37,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Callable, Literal, NamedTuple, get_args
+from typing import Callable, Iterator, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -53,6 +57,9 @@ __all__ = [
     "check_loss_name",
     "check_divergence_settings",
     "per_token_divergence",
+    "CROSS_ENTROPY_FORMS",
+    "TeacherEntropy",
+    "teacher_entropy_meter",
 ]
 
 KDLossName = Literal["fkl", "rkl", "jsd", "tvd", "sfkl", "srkl"]
@@ -186,6 +193,50 @@ _DIVERGENCES: dict[str, _Divergence] = {
 assert tuple(_DIVERGENCES) == LOSS_NAMES
 
 
+#: The losses whose value is a cross-entropy (``H(p)`` at agreement, not 0): their true KL is the value minus ``H(p)``.
+CROSS_ENTROPY_FORMS = ("fkl", "sfkl")
+
+
+class TeacherEntropy:
+    """The teacher entropy ``H(p)`` summed over the tokens of every cross-entropy-form divergence computed while it is active.
+
+    Example:
+        >>> z = torch.tensor([[0.0, 1.0, 2.0]])
+        >>> with teacher_entropy_meter() as meter:
+        ...     value, _ = divergence("fkl", distribution(z, torch.float64, 1.0), distribution(z, torch.float64, 1.0), False, 0.1)
+        >>> round(float(value[0]) - meter.mean, 12)  # the true KL of a student equal to its teacher
+        0.0
+    """
+
+    def __init__(self) -> None:
+        self.total: Tensor | float = 0.0  # a tensor on the loss's device: read once, at the end (no sync per chunk)
+        self.tokens = 0
+
+    def add(self, p: Distribution) -> None:
+        # One dot product over (tokens, vocab): no temporary as large as the logits.
+        self.total = self.total - torch.dot(p.prob.reshape(-1), p.log.reshape(-1)).detach()
+        self.tokens += p.prob.shape[0] if p.prob.dim() > 1 else 1
+
+    @property
+    def mean(self) -> float:
+        """Mean ``H(p)`` per token (0 when nothing was measured)."""
+        return float(self.total) / self.tokens if self.tokens else 0.0
+
+
+_METER: contextvars.ContextVar[TeacherEntropy | None] = contextvars.ContextVar("srd_teacher_entropy", default=None)
+
+
+@contextlib.contextmanager
+def teacher_entropy_meter() -> Iterator[TeacherEntropy]:
+    """Measure ``H(p)`` of the fkl / sfkl divergences computed inside (every loss path calls :func:`divergence`)."""
+    meter = TeacherEntropy()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
+
+
 def divergence(
     loss_name: str, q: Distribution, p: Distribution, need_grad: bool, coef: float
 ) -> tuple[Tensor, Tensor | None]:
@@ -199,6 +250,9 @@ def divergence(
         >>> divergence("tvd", q, q, False, 0.1)
         (tensor([0.], dtype=torch.float64), None)
     """
+    meter = _METER.get()
+    if meter is not None and loss_name in CROSS_ENTROPY_FORMS:
+        meter.add(p)
     return _DIVERGENCES[loss_name](q, p, need_grad, coef)
 
 

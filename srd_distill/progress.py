@@ -6,7 +6,12 @@ tqdm's ETA for the stage. Why both KD values: with ``--t2-scaling all`` (the def
 KD term is ``D_T x T^2``, so when the curriculum raises T from 1 to 1.5 to 2 the logged
 ``kd_loss`` jumps about 2.25x and 4x at the stage boundaries even when the student's match
 to the teacher is unchanged; ``D_T`` alone (``kd_unscaled`` in ``metrics.jsonl``) is the
-figure to compare across stages.
+figure to compare across stages. ``fkl`` and ``sfkl`` are cross-entropy forms (the teacher
+entropy at agreement, not 0): for them the bar and ``metrics.jsonl`` (``kd_kl``) also give
+the true KL, ``D_T - H(teacher)``, which reads 0 when student and teacher agree.
+
+Before a stage's first step the bar says what is happening (encoding, loading, the first
+step), so a long first step never shows as a bare ``0/N``.
 
 Example:
     >>> print(stage_banner(1, 3, rows=10, file_name="stage-1.parquet", epochs=2, steps=6,
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["StageProgress", "stage_banner", "stage_notes", "stage_done", "interrupted_message"]
+__all__ = ["StageProgress", "stage_banner", "stage_preparing", "stage_notes", "stage_done", "interrupted_message"]
 
 
 def stage_banner(
@@ -35,19 +40,39 @@ def stage_banner(
     temperature: float,
     t2_factor: float,
     notes: Sequence[str] = (),
+    epoch_steps: int | None = None,
 ) -> str:
     """The line printed when a stage starts.
+
+    ``epoch_steps``: the steps the epochs would take; when ``steps`` is fewer (``--max-steps``), the banner says so.
 
     Example:
         >>> stage_banner(0, 1, rows=5, file_name="a.jsonl", epochs=1, steps=2, kd_ratio=0.8, temperature=1.0, t2_factor=1.0)
         '=== stage 0 (1 of 1): 5 rows from a.jsonl, 1 epoch(s) = 2 steps; kd_ratio 0.8, T 1 ==='
+        >>> stage_banner(0, 1, rows=28, file_name="a.jsonl", epochs=1, steps=3, kd_ratio=0.8, temperature=1.0, t2_factor=1.0,
+        ...              epoch_steps=7).split(": ", 1)[1]
+        '28 rows from a.jsonl, 3 steps (--max-steps 3 stops 1 epoch(s) of 7 steps early); kd_ratio 0.8, T 1 ==='
     """
     scaling = f"; KD term = D_T x T^2 = D_T x {t2_factor:g}" if t2_factor != 1.0 else ""
     extra = "".join(f" ({note})" for note in notes)
+    if epoch_steps is not None and steps < epoch_steps:
+        length = f"{steps} step{'s' * (steps != 1)} (--max-steps {steps} stops {epochs} epoch(s) of {epoch_steps} steps early)"
+    else:
+        length = f"{epochs} epoch(s) = {steps} steps"
     return (
-        f"=== stage {index} ({index + 1} of {n_stages}): {rows} rows from {file_name}{extra}, {epochs} epoch(s) = "
-        f"{steps} steps; kd_ratio {kd_ratio:g}, T {temperature:g}{scaling} ==="
+        f"=== stage {index} ({index + 1} of {n_stages}): {rows} rows from {file_name}{extra}, {length}; "
+        f"kd_ratio {kd_ratio:g}, T {temperature:g}{scaling} ==="
     )
+
+
+def stage_preparing(index: int, n_stages: int, file_name: str, start_from: str | Path) -> str:
+    """The line printed before a stage's slow preparation (encoding the rows, loading the student).
+
+    Example:
+        >>> stage_preparing(1, 3, "stage-1.parquet", "runs/kd/stage-0")
+        'stage 1 (2 of 3): encoding the rows of stage-1.parquet and loading the student from runs/kd/stage-0 ...'
+    """
+    return f"stage {index} ({index + 1} of {n_stages}): encoding the rows of {file_name} and loading the student from {start_from} ..."
 
 
 def stage_notes(*, flagged: int, dropped: int, loss_source: str, gradient_checkpointing: bool) -> list[str]:
@@ -111,19 +136,24 @@ class StageProgress:
         self.t2_factor = t2_factor
         self.started = time.perf_counter()
         self.tokens = 0
-        self.postfix = ""
+        # Until the first step ends (the slowest: allocation, warm-up), the bar says that it runs.
+        self.postfix = f"running step {initial + 1} (the first is the slowest)"
         self.bar = tqdm(
             total=total_steps, initial=initial, desc=f"stage {index} ({index + 1}/{n_stages})", unit="step",
-            disable=not enabled, dynamic_ncols=True,
+            disable=not enabled, dynamic_ncols=True, postfix=self.postfix,
         )
 
-    def step(self, *, loss: float, ce_loss: float, kd_loss: float, kd_unscaled: float, tokens: int) -> None:
-        """One optimizer step done: ``tokens`` = prompt + reference tokens it trained on (padding not counted)."""
+    def step(self, *, loss: float, ce_loss: float, kd_loss: float, kd_unscaled: float, tokens: int, kd_kl: float | None = None) -> None:
+        """One optimizer step done: ``tokens`` = prompt + reference tokens it trained on (padding not counted).
+
+        ``kd_kl``: the true KL (``D_T`` minus the teacher entropy) of a cross-entropy-form loss (fkl, sfkl).
+        """
         self.tokens += tokens
         # The stage's mean rate: steady, and right from the first step.
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
         kd = f"kd {kd_loss:.3f}" if self.t2_factor == 1.0 else f"kd {kd_loss:.3f} = D_T {kd_unscaled:.3f} x {self.t2_factor:g}"
-        self.postfix = f"loss {loss:.3f} | ce {ce_loss:.3f} | {kd} | {_count(rate)} tok/s"
+        kl = f" (KL {kd_kl:.3f})" if kd_kl is not None else ""
+        self.postfix = f"loss {loss:.3f} | ce {ce_loss:.3f} | {kd}{kl} | {_count(rate)} tok/s"
         self.bar.set_postfix_str(self.postfix, refresh=False)
         self.bar.update(1)
 

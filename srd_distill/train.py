@@ -68,7 +68,8 @@ from srd_distill.losses import t2_factor
 from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, micro_batch_count,
                                 peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype)
 from srd_distill.objective import LossSpec, batch_objective, evaluate
-from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done, stage_notes
+from srd_distill.divergences import CROSS_ENTROPY_FORMS, teacher_entropy_meter
+from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done, stage_notes, stage_preparing
 from srd_distill.checkpoints import verify_checkpoint
 from srd_distill.inputs import input_fingerprints
 from srd_distill.resume import StagePosition, restore_step, save_step_checkpoint
@@ -195,6 +196,7 @@ def train(
             say(f"no teacher model: KD from the top-{cached.top_k} log-probs of {cached.teacher} cached in "
                 f"{cached.run}/teacher ({len(cached.ids)} positions of {len(cached.srd_ids)} rows in memory)")
         elif len(finished) < len(plans):
+            say(f"loading the teacher from {s.teacher} ...")
             teacher = load_model(s.teacher, device, teacher_dtype, "teacher")
             teacher.eval()
             teacher.requires_grad_(False)
@@ -256,6 +258,7 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
     torch.manual_seed(s.seed + plan.index)  # stage s uses seed + s: a resumed stage repeats exactly
     shuffle = torch.Generator().manual_seed(s.seed + plan.index)
 
+    ctx.echo(stage_preparing(plan.index, ctx.n_stages, plan.data_file.name, ctx.resume_from or start_from))
     if plan.sha256 is not None:  # the file may have changed since the run was planned (a stage starts hours later)
         verify_file(plan.data_file, plan.sha256, fix=f"it changed while the run went on; restore it, or pass --overwrite to start over")
     data, flagged = encode_file(plan.data_file, ctx.tokenizer, ctx.encoding, s.max_length, srd_ids=cached is not None)
@@ -275,7 +278,9 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
     factor = t2_factor(s.loss, plan.temperature, s.t2_scaling)
 
     n_rows = len(data.examples)
-    total_steps = min(plan.epochs * math.ceil(n_rows / s.batch_size), s.max_steps or math.inf)
+    epoch_steps = plan.epochs * math.ceil(n_rows / s.batch_size)
+    total_steps = min(epoch_steps, s.max_steps or math.inf)
+    true_kl = s.loss in CROSS_ENTROPY_FORMS  # fkl, sfkl: log value - H(teacher) too, which reads 0 at agreement
     partial = partial_folder(ctx.run_dir, plan.index)
     at = StagePosition(global_step=ctx.global_step, total_steps=total_steps, rows=n_rows)
     resumed = ctx.resume_from is not None
@@ -287,7 +292,7 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
                         gradient_checkpointing=s.gradient_checkpointing)
     ctx.echo(stage_banner(plan.index, ctx.n_stages, rows=n_rows, file_name=plan.data_file.name, epochs=plan.epochs, steps=total_steps,
                           kd_ratio=plan.kd_ratio, temperature=plan.temperature, t2_factor=factor,
-                          notes=notes + [f"resumed after step {at.step}"] * resumed))
+                          notes=notes + [f"resumed after step {at.step}"] * resumed, epoch_steps=epoch_steps))
     stage_keys = {"stage": plan.index, "temperature": plan.temperature, "kd_ratio": plan.kd_ratio, "t2_factor": factor}
     bar = StageProgress(plan.index, ctx.n_stages, total_steps=total_steps, t2_factor=factor, enabled=ctx.progress, initial=at.step)
 
@@ -305,12 +310,14 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             rows = at.order[at.next_batch : at.next_batch + s.batch_size]
             at.next_batch += s.batch_size
             step_tokens = sum(data.examples[i].scored_tokens for i in rows)
-            means = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}  # this step's token means
+            means = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "entropy": 0.0}  # this step's token means
             width = max(len(data.examples[i].input_ids) for i in rows)
             for micro_rows in split_rows(rows, max(s.grad_accum, micro_batch_count(len(rows), width, s.micro_batch_tokens))):
                 batch = collate([data.examples[i] for i in micro_rows], ctx.pad_id, ctx.device, top_k=cached)
-                out = batch_objective(student, teacher, batch, spec, precision)
+                with teacher_entropy_meter() as entropy:
+                    out = batch_objective(student, teacher, batch, spec, precision)
                 share = batch.scored_tokens / step_tokens
+                means["entropy"] += entropy.mean * share
                 scaler.scale(out.loss * share).backward()
                 for key, value in zip(("loss", "ce_loss", "kd_loss"), out):
                     means[key] += float(value.detach()) * share
@@ -320,9 +327,11 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             ctx.global_step += 1
             at.global_step, at.last_epoch = ctx.global_step, epoch
             for key, value in means.items():
-                at.window[key] += value * step_tokens
+                at.window[key] = at.window.get(key, 0.0) + value * step_tokens
             at.window["tokens"] += step_tokens
-            bar.step(**means, kd_unscaled=means["kd_loss"] / factor, tokens=sum(len(data.examples[i].input_ids) for i in rows))
+            entropy_mean = means.pop("entropy")
+            bar.step(**means, kd_unscaled=means["kd_loss"] / factor, tokens=sum(len(data.examples[i].input_ids) for i in rows),
+                     kd_kl=means["kd_loss"] / factor - entropy_mean if true_kl else None)
 
             if at.step % s.log_every == 0 or at.step == total_steps:
                 n = max(at.window["tokens"], 1)
@@ -330,8 +339,10 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
                     "event": "train", **stage_keys, "epoch": epoch, "step": at.step, "global_step": ctx.global_step,
                     "loss": at.window["loss"] / n, "kd_loss": at.window["kd_loss"] / n, "ce_loss": at.window["ce_loss"] / n,
                     "kd_unscaled": at.window["kd_loss"] / n / factor, "lr": at.lr, "grad_norm": grad_norm, "tokens": at.window["tokens"],
+                    # The true KL of a cross-entropy-form loss: 0 when student = teacher (kd_unscaled is then H(teacher)).
+                    "kd_kl": (at.window["kd_loss"] / factor - at.window.get("entropy", 0.0)) / n if true_kl else None,
                 })
-                at.window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0}
+                at.window = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "entropy": 0.0, "tokens": 0}
             if s.checkpoint_interval and at.step % s.checkpoint_interval == 0 and at.step < total_steps:
                 at.seconds += time.perf_counter() - started
                 started = time.perf_counter()
