@@ -7,9 +7,11 @@ cleanly when Ray is not installed; the missing-extra test runs everywhere.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -22,7 +24,7 @@ from srdata.pipeline import score
 
 from .conftest import DEMO_SAMPLE, write_jsonl
 
-# Ray Data's own context copies trip its deprecation warnings; nothing srdata calls.
+# Ray's own modules trip deprecation warnings; nothing srdata calls.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 
 FAST = dict(max_new_tokens=6, shard_size=5, device="cpu", dtype="float32", on_invalid="flag")
@@ -32,9 +34,7 @@ N_ROWS = 20  # 4 shards of 5 rows
 @pytest.fixture(scope="module")
 def ray_runtime():
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'srdata[ray]'")
-    pytest.importorskip("ray.data")
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
@@ -80,7 +80,6 @@ def test_engine_settings_do_not_change_the_resume_hash():
 
 def test_engine_ray_without_ray_names_the_extra(tiny_gpt2, data_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    monkeypatch.setitem(sys.modules, "ray.data", None)
     result = CliRunner().invoke(main, ["score", str(data_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "run"),
                                        "--engine", "ray", "--max-new-tokens", "4", "--device", "cpu", "--on-invalid", "flag", "-q"])
     assert result.exit_code == 1, result.output
@@ -118,6 +117,12 @@ def test_ray_output_identical_to_local(ray_runtime, tiny_gpt2, data_file, local_
     assert annotated.filter(pl.col("srd_id") == 7)["invalid_reason"].item()  # per-row failure flagged, as locally
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["engine"]["engine"] == "ray" and manifest["timings"]["rows_scored_this_call"] == N_ROWS - 1
+    replicas = manifest["replicas"]  # resolved in each actor, where the work ran
+    assert sorted(r["replica"] for r in replicas) == [0, 1]
+    for record in replicas:
+        assert record["node_id"] and record["node_ip"] and record["pid"] != os.getpid()
+        assert record["backend"] == "hf" and record["device"] == "cpu" and record["versions"]["srdata"]
+        assert record["model"] == json.loads((local_run / "manifest.json").read_text())["identity"]["model"]
 
 
 def test_killed_actor_is_retried_without_losing_or_duplicating_rows(ray_runtime, tiny_gpt2, data_file, local_run, tmp_path, monkeypatch):
@@ -163,3 +168,66 @@ def test_resume_skips_finished_shards(ray_runtime, tiny_gpt2, data_file, local_r
 
     again = ray_score(data_file, tiny_gpt2, out)  # everything done: no actor is started
     assert again.manifest["timings"]["rows_scored_this_call"] == 0
+
+
+def test_device_is_checked_on_the_replicas_not_the_driver(ray_runtime, tiny_gpt2, data_file, tmp_path):
+    """--device cuda is not refused by the driver; each replica checks its node and fails at once, naming it."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"replica \d on node .*\(host .*--device cuda: torch sees no CUDA GPU.*--gpus-per-replica 1"):
+        ray_score(data_file, tiny_gpt2, tmp_path / "run", device="cuda")
+    assert not list((tmp_path / "run" / "shards").glob("shard-*"))
+    assert time.monotonic() - started < 120  # refused by the check, not after a model load
+
+
+def test_no_node_for_a_replica_waits_visibly_then_fails(ray_runtime, tiny_gpt2, data_file, tmp_path, caplog):
+    """--gpus-per-replica 1 on a cluster without GPUs: the same wait, message and error from the API and the CLI."""
+    from srdata.engines.cluster import ResourcesUnavailableError
+
+    caplog.set_level(logging.WARNING, logger="srdata.engines.cluster")
+    started = time.monotonic()
+    with pytest.raises(ResourcesUnavailableError, match=r"no node of the Ray cluster can host a replica \(1 GPU and 1 CPU"):
+        ray_score(data_file, tiny_gpt2, tmp_path / "api", gpus_per_replica=1, wait_for_resources=2)
+    assert time.monotonic() - started >= 2  # it waited, then gave up
+    assert "waiting for a node with 1 GPU and 1 CPU to host a replica" in caplog.text and "s left of --wait-for-resources 2" in caplog.text
+
+    result = CliRunner().invoke(main, ["score", str(data_file), "--model", str(tiny_gpt2), "--output", str(tmp_path / "cli"),
+                                       "--engine", "ray", "--gpus-per-replica", "1", "--wait-for-resources", "1", "--device", "cpu",
+                                       "--on-invalid", "flag", "-q"])
+    assert result.exit_code == 1 and "no node of the Ray cluster can host a replica (1 GPU and 1 CPU" in result.output, result.output
+    assert "--wait-for-resources 1 s" in result.output and "Traceback" not in result.output
+
+
+def test_replicas_that_differ_are_refused():
+    from srdata.engines.replica import package_versions, replica_mismatch
+
+    first = {"replica": 0, "node_ip": "10.0.0.1", "hostname": "a", "node_id": "aaaa1111", "backend": "hf", "device": "cuda:0",
+             "model": {"name": "/m", "fingerprint": "f00d"}, "versions": package_versions("hf")}
+    assert replica_mismatch({**first, "replica": 1, "device": "cuda:1"}, first, {"name": "/m", "fingerprint": "f00d"}) is None
+    other = {**first, "replica": 1, "node_ip": "10.0.0.2", "hostname": "b"}
+    assert "sees another model at /m (fingerprint beef) than the driver (f00d)" in replica_mismatch(
+        {**other, "model": {"name": "/m", "fingerprint": "beef"}}, first, {"name": "/m", "fingerprint": "f00d"})
+    assert "uses the vllm backend, replica 0 on node 10.0.0.1 (host a, node aaaa1111) the hf backend" in replica_mismatch(
+        {**other, "backend": "vllm"}, first, None)
+    assert "runs on cpu" in replica_mismatch({**other, "device": "cpu"}, first, None)
+    newer = {**other, "versions": {**first["versions"], "transformers": "99.0"}}
+    assert f"transformers 99.0 vs {first['versions']['transformers']}" in replica_mismatch(newer, first, None)
+
+
+def test_relative_model_reaches_the_replicas_as_an_absolute_path(tiny_gpt2, monkeypatch):
+    from srdata.engines.replica import absolute_model, check_here
+
+    monkeypatch.chdir(tiny_gpt2.parent)
+    assert absolute_model(tiny_gpt2.name) == str(tiny_gpt2.resolve())
+    assert absolute_model("org/a-hub-id") == "org/a-hub-id"  # no such folder: the nodes download it
+    config = build_config({"dataset": "d", "model": "/nowhere/student", "output": "o", "device": "cpu"})
+    assert "the model folder /nowhere/student is not visible on this node" in check_here(config, 0)
+
+
+def test_ray_noise_is_filtered_and_real_warnings_pass():
+    from srdata.engines.noise import KnownRayNoise
+
+    def passes(message: str) -> bool:
+        return KnownRayNoise().filter(logging.LogRecord("ray", logging.WARNING, "", 0, message, None, None))
+
+    assert not passes("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    assert passes("Failed to connect to GCS at 10.0.0.1:6379")

@@ -9,8 +9,8 @@ The driver compares these records (:func:`replica_mismatch`) and keeps them in t
 
 Example:
     >>> record = {"replica": 0, "node_ip": "10.0.0.2", "backend": "hf", "device": "cpu", "versions": {"torch": "2.5"}}
-    >>> replica_mismatch({**record, "replica": 1, "backend": "vllm"}, record, None)[:40]
-    'replica 1 on node 10.0.0.2 (host ?) uses '
+    >>> replica_mismatch({**record, "replica": 1, "backend": "vllm"}, record, None)[:44]
+    'replica 1 on node 10.0.0.2 (host ?) uses the'
 """
 
 from __future__ import annotations
