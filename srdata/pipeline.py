@@ -67,7 +67,8 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     started = time.perf_counter()
     # Before any work: a GPU that is not there, pickle-only weights, an output folder that the
     # loader would read or that holds files of the user's fail now, having touched nothing.
-    check_device(config.model.device)
+    if config.engine.engine != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
+        check_device(config.model.device)
     require_safetensors(config.model.model)
     with use_options(config.run.storage_options):  # remote data or --output (s3://...): srdata.run.storage
         check_output_location(config.data.dataset, config.run.output)
@@ -172,7 +173,8 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
         rows = sum(s.stop - s.start for s in pending) - sum(f.height for f in partials.values())
         say(f"loading the student {config.model.model} ({manifest.backend}, {config.engine.engine} engine), then scoring "
             f"{rows} rows in {len(pending)} shard(s) of up to {config.batching.shard_size}")
-        job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=partial(LoadedStudent, kept=partials))
+        job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=partial(LoadedStudent, kept=partials),
+                       model_identity=identity["model"], on_replica=partial(_record_replica, manifest, store))
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # rank + write
@@ -252,6 +254,13 @@ def _manifest(config, settings, identity, mapping, template, shards, pending, to
         versions=_versions(),
         shards=[ShardRecord(index=s.index, file=s.file, start=s.start, stop=s.stop, done=s not in pending) for s in shards],
     )
+
+
+def _record_replica(manifest: Manifest, store: RunStore, record: dict[str, Any]) -> None:
+    """A Ray replica started: its node and what it resolved there (backend, device, versions) go into the manifest."""
+    manifest.replicas = [*(getattr(manifest, "replicas", None) or []), record]
+    manifest.backend = record["backend"]  # resolved where the work runs, not on the driver
+    store.write_manifest(manifest)
 
 
 def _counts(scored: pl.DataFrame, n_input: int, invalid: dict[int, str]) -> dict[str, int]:
