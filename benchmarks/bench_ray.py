@@ -52,7 +52,6 @@ def main() -> int:
         sys.exit(f"bench_ray: real data file {args.data} is absent (it ships in ../shared/data/); pass --data PATH")
     try:
         import ray
-        import ray.data
     except ImportError:
         sys.exit("bench_ray: Ray is not installed: pip install 'srdata[ray]'")
     import polars as pl
@@ -74,7 +73,6 @@ def main() -> int:
     cpus = os.cpu_count() or 1
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - t0
 
     runs = [("local", None, dict(engine="local"))] + [("ray", r, dict(engine="ray", num_replicas=r)) for r in args.replicas]
