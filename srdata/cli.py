@@ -205,7 +205,8 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
                 raise click.UsageError(f"{flag(key)} is required (on the command line or in --config)")
         result = run_score(settings, progress=not quiet, echo=None if quiet else click.echo)
     except KeyboardInterrupt as stop:  # the library says what it kept (srdata.interrupt); before that, nothing was scored
-        said = str(stop) if str(stop).startswith("interrupted") else "interrupted before scoring started: no row was scored"
+        said = str(stop) if str(stop).startswith("interrupted") else (
+            "interrupted before scoring started: this call scored no row; run the same command again to resume")
         click.echo(f"\n{said}", err=True)
         sys.exit(130)
     except click.UsageError:

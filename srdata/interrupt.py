@@ -96,7 +96,7 @@ def save_interrupted(kept: Kept, stop: BaseException) -> str:
         except ValueError:
             manifest = None
         if manifest is None or not manifest.shards:
-            return f"interrupted before scoring started: no row was scored by this call; run the same command again to start"
+            return "interrupted before scoring started: this call scored no row; run the same command again to resume"
         kept.rows_before = _rows_kept(manifest)
     return _message(store, manifest, kept.rows_before)
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
+from srdata.backends.live import BackendInterrupted
 from srdata.backends.vllm_engine import (
     check_vllm_device,
     engine_kwargs,
@@ -430,10 +431,13 @@ class VLLMBackend:
         budget = window_tokens or self.kv_cache_tokens() // 2 or None
         losses: list[float] = []
         generations: list[Generation] = []
-        for window in token_windows([len(p) + len(r) for p, r in zip(prompt_ids, reference_ids)], budget):
-            prompts = [prompt_ids[i] for i in window]
-            losses += self.score(prompts, [reference_ids[i] for i in window], progress)
-            generations += self.generate(prompts, params, progress)
+        try:
+            for window in token_windows([len(p) + len(r) for p, r in zip(prompt_ids, reference_ids)], budget):
+                prompts = [prompt_ids[i] for i in window]
+                losses += self.score(prompts, [reference_ids[i] for i in window], progress)
+                generations += self.generate(prompts, params, progress)
+        except KeyboardInterrupt:  # Ctrl-C: the finished windows' rows are kept (srdata.backends.live)
+            raise BackendInterrupted(dict(enumerate(losses[: len(generations)])), dict(enumerate(generations))) from None
         return losses, generations
 
     def kv_cache_tokens(self) -> int:
