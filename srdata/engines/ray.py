@@ -104,6 +104,7 @@ class _Pool:
         args = (config.model_dump(), job.mapping, job.template, job.open_student, settings.gpus_per_replica)
         log.debug("scoring on Ray with %d replica(s)", replicas)
         self.actors = [actor.remote(*args) for _ in range(replicas)]
+        self.arrow = job.dataset.with_format("arrow")  # memory-mapped: a shard's rows are read when it is sent
         self.ready: set[int] = set()  # replicas that reported in and are alive as far as the driver knows
         self.probes = {a.info.remote(): n for n, a in enumerate(self.actors)}
         self.running: dict[Any, tuple[int, Shard]] = {}  # score call -> (replica, shard)
@@ -121,7 +122,10 @@ class _Pool:
         try:
             while len(done) < len(pending):
                 self._feed(queue, done)
-                finished, _ = self.ray.wait([*self.running, *self.probes], num_returns=1, timeout=POLL)
+                waiting_on = [*self.running, *self.probes]
+                finished = self.ray.wait(waiting_on, num_returns=1, timeout=POLL)[0] if waiting_on else []
+                if not waiting_on:  # every replica lost and about to be asked again
+                    time.sleep(POLL)
                 self._watch()  # every turn (at most once per POLL): failing calls must not hide a cluster that is gone
                 for ref in finished:
                     if ref in self.probes:
@@ -149,7 +153,7 @@ class _Pool:
                 shard = queue.popleft()
                 if shard.index in done:
                     continue
-                rows = _table_to_ipc(self.job.dataset.with_format("arrow")[shard.start : shard.stop])
+                rows = _table_to_ipc(self.arrow[shard.start : shard.stop])
                 self.running[self.actors[n].score.remote(shard.index, shard.start, shard.stop, rows)] = (n, shard)
                 held += 1
 
