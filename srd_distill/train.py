@@ -77,6 +77,7 @@ from srd_distill.remote import train_with_storage, uses_remote_storage
 from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, check_output_folder, finish_stage, package_versions,
                                     partial_folder, prepare_run_folder, read_run_record, read_stage_info, recorded_settings, stage_folder,
                                     step_folders, steps_done, utc_now, write_run_record)
+from srdata.backends.dtype import resolve_dtype_with_reason
 from srdata.run.identity import UnsafeWeightsError, require_safetensors
 from srdata.run.io import FolderLock, remove_stale_temps, verify_file
 from srd_distill.settings import TrainSettings, build_settings
@@ -131,6 +132,7 @@ def train(
     if s.eval_file is not None and not Path(s.eval_file).is_file():
         raise TrainingSetupError(f"eval file {s.eval_file} does not exist")
     device, dtype = resolve_precision(s.device, s.dtype)
+    dtype_reason = resolve_dtype_with_reason(s.dtype, device)[1]  # auto: bfloat16 on GPUs and CPUs with AMX/AVX512-BF16
     for role, model in (("teacher", s.teacher), ("student", s.student)):
         if model is None:  # --teacher-logits: no teacher model
             continue
@@ -176,6 +178,7 @@ def train(
             "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token": tokenizer.eos_token},
             "device": str(device),
             **dtype_names,
+            "dtype_reason": dtype_reason,
             "versions": package_versions(),
         }
         defaults = {name: f.default for name, f in TrainSettings.model_fields.items()}
@@ -201,7 +204,7 @@ def train(
             teacher.eval()
             teacher.requires_grad_(False)
             say(f"teacher in {dtype_names['teacher_dtype']} ({teacher_dtype_reason}); student weights in float32, "
-                f"compute in {dtype_names['dtype']}, checkpoints in {dtype_names['save_dtype']}")
+                f"compute in {dtype_names['dtype']} ({dtype_reason}), checkpoints in {dtype_names['save_dtype']}")
             teacher_head = plan_lm_head(teacher, vocab_size, "teacher") if s.fused_head else None
         next_stage = min(set(range(len(plans))) - finished, default=-1)  # its lines before its step checkpoint are kept
         metrics = MetricsLog(run_dir / METRICS_FILE, point.elapsed, lines={next_stage: point.metrics_lines})
