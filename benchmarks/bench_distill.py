@@ -24,6 +24,14 @@ that process from ``wait4``: everything it held, models and optimizer state incl
   ``bench_kd_loss.py``. Same arms.
 * ``cli``: ``srd-distill train`` itself on the two real SmolLM2 models at the default batch
   16 (``--data`` of the same pairs, ``--max-steps 2``): peak RSS and wall time of the process.
+* ``dtype``: srd-distill's default step (``fused+micro``) on the SmolLM2 batches in float32
+  (student and teacher) and under bfloat16 autocast over float32 master weights with the
+  teacher in bfloat16 (what ``--dtype auto`` does on a CPU with AMX or AVX512-BF16; ``--dtypes``
+  picks the arms): seconds per step, GFLOP/s (``peaks.training_step_flop``: 6 x student and 2 x
+  teacher non-embedding parameters per real token, plus both LM heads per scored token) as a
+  share of the matmul peak of the dtype the arm computes in (both peaks measured at the start
+  and the end), the speed-up over float32 and both loss curves step by step.
+  ``python benchmarks/bench_distill.py --cases dtype --steps 4``
 * ``chunks``: ``fused_kd_objective`` alone (forward + backward) on random hidden states,
   2048 scored tokens, for several chunk sizes, at (vocab 49,152, hidden 576) and
   (151,936, 896): the figures behind the automatic chunk size.
@@ -45,6 +53,7 @@ import time
 from pathlib import Path
 
 from bench_kd_loss import proc_status_kib  # this folder is on sys.path when the script runs
+from peaks import best_peaks, cpu_line, matmul_peaks, training_step_flop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -129,8 +138,6 @@ def _models_and_batches(args: argparse.Namespace):
 
 
 def child_arm(args: argparse.Namespace) -> None:
-    import contextlib
-
     import torch
 
     sys.path.insert(0, str(REPO_ROOT))
@@ -138,10 +145,11 @@ def child_arm(args: argparse.Namespace) -> None:
     from srd_distill.objective import LossSpec, batch_objective
     from srd_distill.step import make_optimizer, optimizer_step
     from srd_distill.fused_head import plan_lm_head
-    from srd_distill.memory import enable_gradient_checkpointing, micro_batch_count
+    from srd_distill.memory import autocast_context, enable_gradient_checkpointing, micro_batch_count
 
     teacher, student, batches, vocab, pad_id = _models_and_batches(args)
-    teacher.eval().requires_grad_(False)
+    teacher = teacher.to(getattr(torch, args.teacher_dtype)).eval().requires_grad_(False)
+    precision = autocast_context(torch.device("cpu"), getattr(torch, args.dtype))  # student: float32 master weights
     if args.arm == "fused+ckpt":
         enable_gradient_checkpointing(student)
     student.train()
@@ -161,7 +169,7 @@ def child_arm(args: argparse.Namespace) -> None:
         loss = 0.0
         for part in split_rows(list(range(len(examples))), parts):  # as train_stage: token-weighted shares
             batch = collate([examples[i] for i in part], pad_id, torch.device("cpu"))
-            out = batch_objective(student, teacher, batch, spec, contextlib.nullcontext())
+            out = batch_objective(student, teacher, batch, spec, precision)
             share = batch.scored_tokens / step_scored
             (out.loss * share).backward()
             loss += float(out.loss.detach()) * share
@@ -173,7 +181,8 @@ def child_arm(args: argparse.Namespace) -> None:
         tokens.append(sum(len(e.input_ids) for e in examples))
     timed = times[args.warmup :]
     print(json.dumps({
-        "case": args.case, "arm": args.arm, "batch": args.batch, "widths": widths, "scored": scored, "tokens": tokens,
+        "case": args.case, "arm": args.arm, "dtype": args.dtype, "teacher_dtype": args.teacher_dtype, "batch": args.batch,
+        "widths": widths, "scored": scored, "tokens": tokens, "flop": [training_step_flop(student, teacher, t, n) for t, n in zip(tokens, scored)],
         "micro_batches": parts,
         "seconds_per_step": sum(timed) / len(timed), "step_seconds": times, "losses": losses,
         "setup_rss_mib": setup_rss / 1024, "peak_rss_mib": proc_status_kib("VmHWM") / 1024, "threads": torch.get_num_threads(),
@@ -257,6 +266,37 @@ def bench_arms(case: str, args: argparse.Namespace, work: Path, pairs: Path | No
     return rows
 
 
+def bench_dtypes(args: argparse.Namespace, work: Path, pairs: Path, peaks: dict[str, float]) -> list[dict]:
+    """srd-distill's default step (fused head, micro-batches) in float32 and under bfloat16 autocast, same batches."""
+    print(f"\n== dtype: SmolLM2 x 2, batch {args.batch}, fused+micro (srd-distill's defaults), {args.warmup} warm-up + "
+          f"{args.steps} timed step(s); float32 = student and teacher in float32; bfloat16 = autocast over float32 master "
+          "weights, teacher in bfloat16 (srd-distill's --dtype auto on a CPU with AMX/AVX512-BF16) ==")
+    rows = []
+    for dtype in args.dtypes:
+        cmd = [sys.executable, __file__, "--child", "arm", "--case", "smollm2", "--arm", "fused+micro", "--batch", str(args.batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(pairs), "--dtype", dtype, "--teacher-dtype", dtype]
+        result, _, _, tail = run_child(cmd, work / f"dtype-{dtype}.log")
+        if result is None:
+            print(f"{dtype:>9}: failed: {tail}")
+            continue
+        rows.append(result)
+    peaks = best_peaks(peaks, matmul_peaks())  # the best of before and after the arms
+    print("matmul peaks (best of before and after): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + f"; {cpu_line()}")
+    header = f"{'arm':>9} {'s/step':>8} {'GFLOP/s':>8} {'% of its dtype peak':>20} {'x float32':>10}  step losses"
+    print(header + "\n" + "-" * (len(header) + 40))
+    for result in rows:
+        timed = slice(args.warmup, None)
+        result["gflops"] = sum(result["flop"][timed]) / sum(result["step_seconds"][timed]) / 1e9
+        result["peak_share"] = result["gflops"] / peaks[result["dtype"]]
+        speedup = rows[0]["seconds_per_step"] / result["seconds_per_step"] if rows[0]["dtype"] == "float32" else float("nan")
+        print(f"{result['dtype']:>9} {result['seconds_per_step']:>8.2f} {result['gflops']:>8.1f} {100 * result['peak_share']:>19.1f}% "
+              f"{speedup:>9.2f}x  {[round(x, 4) for x in result['losses']]}")
+    if len(rows) == 2:
+        gaps = [abs(a - b) / abs(a) for a, b in zip(rows[0]["losses"], rows[1]["losses"])]
+        print(f"loss curves: largest relative gap {max(gaps):.2e} (step {gaps.index(max(gaps))}); first step {gaps[0]:.2e}")
+    return rows
+
+
 def bench_cli(args: argparse.Namespace, work: Path, pairs: Path) -> list[dict]:
     sys.path.insert(0, str(REPO_ROOT))
     from tests.real_models import build_real_model
@@ -300,8 +340,9 @@ def bench_chunks(args: argparse.Namespace, work: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["smollm2", "cli", "qwen152k", "chunks"],
-                        choices=["smollm2", "cli", "qwen152k", "chunks"])
+    parser.add_argument("--cases", nargs="+", default=["smollm2", "cli", "qwen152k", "chunks", "dtype"],
+                        choices=["smollm2", "cli", "qwen152k", "chunks", "dtype"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="compute dtypes of the dtype case (float32 first)")
     parser.add_argument("--batch", type=int, default=16, help="rows per step, SmolLM2 arms")
     parser.add_argument("--batch-152k", type=int, default=4, help="rows per step, 152k-vocabulary arms")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per arm (and --max-steps of the CLI run)")
@@ -317,6 +358,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher-dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "arm":
         child_arm(args)
@@ -328,11 +371,14 @@ def main() -> None:
     import torch
 
     print(f"srd-distill training-step benchmark: torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    print(cpu_line())
+    peaks = matmul_peaks()
+    print("matmul peaks at start (2048x2048, best of 10): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     figures: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         work = Path(tmp)
         pairs = None
-        if {"smollm2", "cli"} & set(args.cases):
+        if {"smollm2", "cli", "dtype"} & set(args.cases):
             pairs = write_smollm2_pairs(work, args.batch * (args.warmup + args.steps))
         if "smollm2" in args.cases:
             figures["smollm2"] = bench_arms("smollm2", args, work, pairs)
@@ -342,6 +388,11 @@ def main() -> None:
             figures["qwen152k"] = bench_arms("qwen152k", args, work, None)
         if "chunks" in args.cases:
             figures["chunks"] = bench_chunks(args, work)
+        if "dtype" in args.cases:
+            figures["dtype"] = bench_dtypes(args, work, pairs, peaks)
+        end = matmul_peaks()
+        print("\nmatmul peaks at end: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in end.items()) + f"; {cpu_line()}")
+        figures["peaks"] = best_peaks(peaks, end)
     print("\npeak RSS: the whole process (both models, optimizer state, activations), kernel ru_maxrss; setup RSS: "
           "before the first step; s/step: mean of the timed steps; width/tokens/scored: first batch.")
     if args.json_out:

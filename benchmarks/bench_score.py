@@ -40,8 +40,10 @@ generated for generation); srdata runs it once (its backend shares each prompt's
 between scoring and generation), so its forward tokens = prompt + reference + generated
 and its rows/s gain is partly less work, not only faster work; a second
 figure adds the LM head that is actually needed (2 x hidden x vocab per reference and
-generated token). The peak is the best of ``--peak-reps`` 2048x2048 float32
-``torch.matmul`` calls, measured at the start and the end of the run (best of both).
+generated token). Both arms compute in ``--dtype`` (``auto``: srdata's rule on this CPU,
+bfloat16 with AMX or AVX512-BF16); "% of peak" is against the peak of that dtype: the best of
+``--peak-reps`` 2048x2048 ``torch.matmul`` calls in float32 and in bfloat16, measured at the
+start and the end of the run (best of both).
 
 Models: ``small`` and ``124m`` are random-weight GPT-2s with a byte-level BPE tokenizer
 trained on the T0 text (``srdata.demo.tiny.build_tiny_model``), cached under
@@ -65,6 +67,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peaks import best_peaks, cpu_line, matmul_peaks  # noqa: E402  (this folder)
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "t0-train.parquet"
 
 MODELS = {
@@ -124,20 +128,6 @@ def build_model(name: str, cache: Path, frame) -> Path:
     build_tiny_model(path, texts, "gpt2", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads)
     print(f"  built {path} in {time.perf_counter() - t0:.1f} s (tokenizer trained on all {len(texts):,} T0 rows)")
     return path
-
-
-def matmul_peak(reps: int, size: int = 2048) -> float:
-    """Best-of-``reps`` float32 matmul throughput in GFLOP/s."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
 
 
 def param_counts(model) -> tuple[int, int, int]:
@@ -279,7 +269,7 @@ def time_backend_calls(into: dict):
         into["ce"] = into.get("both", 0.0) - into.get("generate", 0.0)
 
 
-def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, template: str, **batching):
+def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, template: str, dtype: str, **batching):
     import shutil
 
     import srdata
@@ -291,7 +281,7 @@ def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, te
     with time_backend_calls(split):
         result = srdata.score(
             dataset=str(dataset), model=str(model), output=str(output), max_new_tokens=max_new_tokens,
-            device="cpu", dtype="float32", overwrite=True, progress=False, template=template, **batching,
+            device="cpu", dtype=dtype, overwrite=True, progress=False, template=template, **batching,
         )
     wall = time.perf_counter() - t0
     split["cpu"] = time.process_time() - c0
@@ -320,7 +310,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
     n_rows = len(rows["prompt"])
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()  # both arms: one dtype
     n_nonemb, d_model, v = param_counts(model)
     print(f"  non-embedding parameters {n_nonemb / 1e6:.2f} M, all parameters {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
 
@@ -348,10 +338,11 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
         forward_tokens = prompts_run * prompt_tokens + ref_tokens_in + generated
         gflop = 2 * n_nonemb * forward_tokens / 1e9
         gflop_head = gflop + 2 * d_model * v * (ref_tokens_in + generated) / 1e9
+        decode = 2 * (n_nonemb + d_model * v) * generated / 1e9 / split["generate"] if prompts_run == 1 and split.get("generate") else None
         results.append(dict(
             model=name, arm=label, rows=n_rows, seconds=seconds, wall=wall, rows_s=n_rows / seconds,
             tok_s=tokens / seconds, gflops=gflop / seconds, gflops_head=gflop_head / seconds,
-            ce_s=split.get("ce"), gen_s=split.get("generate"), cpu_s=split.get("cpu"), padded=padded, extra=extra,
+            ce_s=split.get("ce"), gen_s=split.get("generate"), cpu_s=split.get("cpu"), padded=padded, extra=extra, gflops_decode=decode,
         ))
 
     ref_generated = sum(map(len, ref_gens))
@@ -372,7 +363,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
     lengths = [len(p.prompt_ids) + len(p.reference_ids) for p in pairs]
     plens = [len(p.prompt_ids) for p in pairs]
     for k, (label, batching) in enumerate(arms):
-        result, wall, split = run_srdata(data_path, model_path, cache / f"run-{name}-{k}", max_new, template, **batching)
+        result, wall, split = run_srdata(data_path, model_path, cache / f"run-{name}-{k}", max_new, template, args.dtype, **batching)
         timings = result.manifest["timings"]
         annotated = result.to_polars().sort("srd_id")
         generated = int(annotated["output_tokens"].sum())
@@ -406,7 +397,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
 def print_table(results: list, peak: float, notes: list) -> None:
     print("\n" + "=" * 118)
     header = (f"{'model':<6} {'arm':<52} {'rows':>5} {'sec':>7} {'rows/s':>7} {'tok/s':>8} {'x ref':>6} "
-              f"{'GF/s':>6} {'%pk':>5} {'%pk+hd':>6}")
+              f"{'GF/s':>6} {'%pk':>5} {'%pk+hd':>6} {'%pk dec':>7}")
     print(header)
     print("-" * 118)
     base = {}
@@ -416,7 +407,7 @@ def print_table(results: list, peak: float, notes: list) -> None:
         ratio = r["tok_s"] / base[r["model"]]
         print(f"{r['model']:<6} {r['arm']:<52} {r['rows']:>5} {r['seconds']:>7.1f} {r['rows_s']:>7.2f} "
               f"{r['tok_s']:>8,.0f} {ratio:>5.2f}x {r['gflops']:>6.1f} {100 * r['gflops'] / peak:>4.1f}% "
-              f"{100 * r['gflops_head'] / peak:>5.1f}%")
+              f"{100 * r['gflops_head'] / peak:>5.1f}% " + (f"{100 * r['gflops_decode'] / peak:>6.1f}%" if r["gflops_decode"] else f"{'-':>7}"))
     print("-" * 118)
     print("time split (wall s) and padding (padded = token slots in the padded batches: CE rows x width "
           "(srdata: shared prompt prefill + reference continuations; its CE time includes that prefill), "
@@ -464,6 +455,8 @@ def main() -> int:
                         help="spread: seeded random sample kept in file order (default); head: the first rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-reps", type=int, default=10)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both arms compute in it; %% of peak is against its matmul peak (auto: srdata's rule on this CPU)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/srdata-bench-score"),
                         help="models, row samples and run folders (models are reused between runs)")
     args = parser.parse_args()
@@ -487,22 +480,31 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs (shared with other work; load average "
           f"{os.getloadavg()[0]:.1f} at start), torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"transformers {version('transformers')}, srdata {version('srdata')}, Python {platform.python_version()}")
-    peak_start = matmul_peak(args.peak_reps)
-    print(f"matmul peak at start: {peak_start:.1f} GFLOP/s (best of {args.peak_reps} 2048x2048 float32 matmuls)")
+    if args.dtype == "auto":  # srdata's own rule on this CPU (srdata.backends.dtype)
+        from srdata.backends.dtype import resolve_dtype_with_reason
+
+        resolved, reason = resolve_dtype_with_reason("auto", torch.device("cpu"))
+        args.dtype = str(resolved).removeprefix("torch.")
+        print(f"--dtype auto: {args.dtype} ({reason})")
+    print(f"{cpu_line()}; both arms compute in {args.dtype}")
+    peak_start = matmul_peaks(args.peak_reps)
+    print("matmul peaks at start (best of %d 2048x2048): %s" % (args.peak_reps, ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak_start.items())))
 
     results: list = []
     notes: list = []
     for name in CHOICES.get(args.model, [args.model]):
         bench_model(name, args, frame, args.cache_dir, results, notes)
 
-    peak_end = matmul_peak(args.peak_reps)
-    peak = max(peak_start, peak_end)
-    print(f"\nmatmul peak at end: {peak_end:.1f} GFLOP/s; peak used: {peak:.1f} GFLOP/s; load average at end "
+    peak_end = matmul_peaks(args.peak_reps)
+    peak = best_peaks(peak_start, peak_end)[args.dtype]
+    print("\nmatmul peaks at end: " + ", ".join(f"{k} {v:.1f}" for k, v in peak_end.items()) + f" GFLOP/s; peak used ({args.dtype}, best of start and end): {peak:.1f} GFLOP/s; load average at end "
           f"{os.getloadavg()[0]:.1f}; total benchmark time {time.perf_counter() - started:.0f} s")
     print_table(results, peak, notes)
     print("GF/s = 2 x non-embedding params x forward tokens / s (forward tokens: reference arm prompt+reference for CE "
           "and prompt+generated for generate; srdata prompt once + reference + generated; padding not counted); %pk+hd also counts the needed LM head "
-          "(2 x hidden x vocab per reference and generated token). sec = scoring time, model load excluded.")
+          "(2 x hidden x vocab per reference and generated token); %pk dec = srdata's decode steps alone: 2 x (non-embedding params + "
+          "hidden x vocab) per generated token / time in its batched decode. %: of the matmul peak of the dtype both arms use. "
+          "sec = scoring time, model load excluded.")
     return 0
 
 
