@@ -139,7 +139,7 @@ def test_interrupted_reexport_never_pairs_old_summary_with_new_files(tmp_path, m
 
     monkeypatch.setattr(output_module, "publish", killed_on_second)
     with pytest.raises(KeyboardInterrupt):
-        export_curriculum(run, stages=5, keep=4)
+        export_curriculum(run, stages=5, keep=4, overwrite=True)
     with pytest.raises(ValueError, match="interrupted while it replaced its files"):
         load_curriculum(out)
     monkeypatch.undo()
