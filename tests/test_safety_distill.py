@@ -109,12 +109,12 @@ def test_resume_is_refused_when_an_input_changed(models, scored_run, tmp_path):
 
     # The curriculum exported again with another ranking: same names, other rows.
     before = tree(cur)
-    srdata.export_curriculum(scored_run, out=cur, rank_by="ce_loss:asc")
+    srdata.export_curriculum(scored_run, out=cur, rank_by="ce_loss:asc", overwrite=True)
     assert tree(cur) != before
     with pytest.raises(RunFolderError, match=r"(?s)other inputs:\n  curriculum .* stage \d \(stage-\d\.parquet\): its content changed.*"
                                              r"restore the run's inputs to resume it, choose another --output, or pass --overwrite"):
         train(run, progress=False)
-    srdata.export_curriculum(scored_run, out=cur)  # the run's curriculum again: it resumes
+    srdata.export_curriculum(scored_run, out=cur, overwrite=True)  # the run's curriculum again: it resumes
     train({**run, "stop_after_stage": 0}, progress=False)
 
     # The teacher's weights replaced by others of the same size (same names, same shapes).
