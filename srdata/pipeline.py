@@ -26,7 +26,8 @@ from srdata.steps.hub import check_hub_model
 from srdata.interrupt import Kept, ScoreInterrupted, kept_partials, save_interrupted
 from srdata.steps.truncation import truncation_after, truncation_before
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
-from srdata.steps.rank import rank
+from srdata.curriculum.ranking_record import ranking_metadata
+from srdata.steps.rank import DEFAULT_RANK_BY, rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, check_output_location, plan_shards
 from srdata.run.identity import model_identity, require_safetensors
 from srdata.run.remote_run import open_run_store
@@ -188,7 +189,8 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
     original = pl.from_arrow(dataset.with_format("arrow")[:]).with_row_index("srd_id").with_columns(pl.col("srd_id").cast(pl.Int64))
     annotated = rank(original.join(scored, on="srd_id", how="inner"), rrf_k=config.metrics.rrf_k)
     say(f"writing {store.annotated_path}")
-    store.write_annotated(annotated)
+    # The file says which ranking its rank columns are (the paper's here; `srdata rank` may change it later).
+    store.write_annotated(annotated, metadata=ranking_metadata(DEFAULT_RANK_BY, config.metrics.rrf_k, "input"))
 
     manifest.status, manifest.counts, manifest.timings = "complete", _counts(scored, len(dataset), invalid), _timings(work, started)
     store.write_manifest(manifest)

@@ -161,7 +161,7 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
     taught = store.read_shards(manifest.shards, columns=["srd_id", "teacher_ce_loss", "prompt_tokens", "reference_tokens"])
     annotated_path = run_dir / ANNOTATED_FILE
     annotated = _join(pl.read_parquet(annotated_path), taught, run_dir)
-    RunStore(run_dir).write_annotated(annotated)
+    RunStore(run_dir).write_annotated(annotated, metadata=_ranking_metadata_of(annotated_path))
     manifest.status = "complete"
     manifest.counts = {"rows_taught": int(taught["teacher_ce_loss"].is_not_null().sum()), "rows_input": len(dataset)}
     manifest.timings = {"total_seconds": round(time.perf_counter() - started, 3)}
@@ -263,3 +263,13 @@ class LoadedTeacher:
     def close(self) -> None:
         if hasattr(self.backend, "close"):
             self.backend.close()
+
+
+def _ranking_metadata_of(path: Path) -> dict[str, str] | None:
+    """The ``srdata.ranking`` key-value pair of a parquet file (kept when the teacher pass rewrites it), or None."""
+    import pyarrow.parquet as pq
+
+    from srdata.curriculum.ranking_record import METADATA_KEY
+
+    value = (pq.read_metadata(path).metadata or {}).get(METADATA_KEY.encode())
+    return None if value is None else {METADATA_KEY: value.decode()}

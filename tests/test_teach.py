@@ -71,6 +71,9 @@ def test_teacher_ce_and_top_k_equal_a_plain_forward_pass(scored_run, teacher_lla
     stored = teacher_shards(scored_run)
     annotated = pl.read_parquet(scored_run / "annotated.parquet")
     assert annotated.filter(pl.col("invalid_reason").is_not_null())["teacher_ce_loss"].to_list() == [None]
+    import pyarrow.parquet as pq  # the rewritten table still says which ranking its rank columns are
+
+    assert json.loads(pq.read_metadata(scored_run / "annotated.parquet").metadata[b"srdata.ranking"])["name"] == "paper"
     for row, pair in zip(rows.iter_rows(named=True), pairs):
         expected = plain_logprobs(model, pair.prompt_ids, pair.reference_ids)
         nll = -expected.gather(1, torch.tensor(pair.reference_ids)[:, None]).mean().item()

@@ -441,18 +441,19 @@ class RunStore:
     def write_manifest(self, manifest: Manifest) -> None:
         write_manifest(self.dir, manifest)
 
-    def write_annotated(self, frame: pl.DataFrame) -> None:
+    def write_annotated(self, frame: pl.DataFrame, metadata: dict[str, str] | None = None) -> None:
+        """Write ``annotated.parquet``; ``metadata``: parquet key-value pairs (which ranking its rank columns are)."""
         with atomic_path(self.annotated_path) as tmp:
-            _write_parquet(frame, tmp, self.annotated_path)
+            _write_parquet(frame, tmp, self.annotated_path, metadata)
 
 
-def _write_parquet(frame: pl.DataFrame, tmp: Path, path: Path) -> None:
+def _write_parquet(frame: pl.DataFrame, tmp: Path, path: Path, metadata: dict[str, str] | None = None) -> None:
     """``frame.write_parquet``, with a full disk or a read-only folder reported as a :class:`WriteError` naming ``path``.
 
     polars reports IO errors as ``ComputeError: ... (os error 28)``, not as ``OSError``.
     """
     try:
-        frame.write_parquet(tmp)
+        frame.write_parquet(tmp, metadata=metadata)
     except pl.exceptions.PolarsError as err:
         code = re.search(r"os error (\d+)", str(err))
         if code is None:
