@@ -153,3 +153,42 @@ def test_ranking_summary_measures_noise_and_difficulty():
 def test_ranking_summary_at_chance_when_noise_is_invisible():
     summary = ranking_summary(_annotated(noisy_last=False))
     assert summary["by_ranking"]["difficulty_rank"]["noisy_recall"] < 0.6
+
+
+def test_count_and_extract_responses_are_correct():
+    from srdata.demo.regimes import COUNT_LETTERS
+
+    rng = random.Random(5)
+    for level in LEVELS:
+        for _ in range(30):
+            prompt, response = make_pair("count", level, rng)
+            words = prompt.split()
+            assert words[0] == "count" and words[2] == ":" and len(words[3:]) == level + 3
+            assert set(words[3:]) <= set(COUNT_LETTERS) and response == str(words[3:].count(words[1]))
+            prompt, response = make_pair("extract", level, rng)
+            words = prompt.split()
+            k, letters = int(words[1]), words[3:]
+            assert len(letters) == level + 3 and 1 <= k <= len(letters) and response == letters[k - 1]
+
+
+def test_regimes_set_tasks_and_noise_and_leave_todays_files_unchanged(tmp_path):
+    from srdata.demo.regimes import HARD_TASKS, REGIMES
+
+    spec = TestbedSpec(train_pairs=280, dev_pairs=28, test_pairs=56, teacher_pairs=56, warmup_pairs=28, seed=2)
+    today = build_testbed(tmp_path / "today", spec)
+    teachable = build_testbed(tmp_path / "teachable", spec, regime="teachable")
+    for name in ("train", "dev", "test", "teacher_sft", "warmup"):  # the default spec is the teachable regime, byte for byte
+        assert getattr(today, name).read_bytes() == getattr(teachable, name).read_bytes()
+    paper = build_testbed(tmp_path / "paper", spec, regime="paper")
+    train = read_jsonl(paper.train)
+    assert sum(r["is_noisy"] for r in train) == round(REGIMES["paper"]["noise_fraction"] * 280) == 56
+    assert {r["task"] for r in train} == set(TASKS) | set(HARD_TASKS)
+    counts = pl.DataFrame(read_jsonl(paper.test)).group_by("task", "difficulty").len()
+    assert counts.height == 7 * len(LEVELS) and set(counts["len"].to_list()) == {2}
+    assert {r["task"] for r in read_jsonl(paper.teacher_sft)} == set(TASKS) | set(HARD_TASKS)
+    import json
+
+    record = json.loads(paper.spec_file.read_text())
+    assert record["regime"] == "paper" and set(record["tasks"]) >= {"count", "extract", "add"}
+    with pytest.raises(ValueError, match="unknown testbed regime 'dolly'; use one of teachable, paper"):
+        build_testbed(tmp_path / "x", spec, regime="dolly")
