@@ -209,6 +209,11 @@ def test_replicas_that_differ_are_refused():
     assert "uses the vllm backend, replica 0 on node 10.0.0.1 (host a, node aaaa1111) the hf backend" in replica_mismatch(
         {**other, "backend": "vllm"}, first, None)
     assert "runs on cpu" in replica_mismatch({**other, "device": "cpu"}, first, None)
+    # --dtype auto resolves per node: a CPU node with bf16 next to one without would mix precisions
+    cpu_bf16 = {**first, "device": "cpu", "dtype": "bfloat16", "dtype_reason": "auto: the CPU has AVX512-BF16"}
+    cpu_fp32 = {**other, "device": "cpu", "dtype": "float32", "dtype_reason": "auto: no fast bfloat16 path"}
+    assert "computes in float32 (auto: no fast bfloat16 path), replica 0 on node 10.0.0.1 (host a, node aaaa1111) in bfloat16" \
+        in replica_mismatch(cpu_fp32, cpu_bf16, None)
     newer = {**other, "versions": {**first["versions"], "transformers": "99.0"}}
     assert f"transformers 99.0 vs {first['versions']['transformers']}" in replica_mismatch(newer, first, None)
 

@@ -91,8 +91,8 @@ def check_here(config: Any, gpus_per_replica: float) -> str | None:
 
 
 def describe_here(config: Any) -> dict[str, Any]:
-    """Device, backend, model fingerprint and package versions as resolved on this node."""
-    from srdata.backends import select_backend
+    """Device, backend, dtype, model fingerprint and package versions as resolved on this node."""
+    from srdata.backends import resolve_run_dtype, select_backend
     from srdata.run.identity import model_identity
 
     device = config.model.device
@@ -101,7 +101,10 @@ def describe_here(config: Any) -> dict[str, Any]:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = select_backend(config.model.backend)
-    return {"device": device, "backend": backend, "model": model_identity(config.model.model), "versions": package_versions(backend)}
+    # --dtype auto depends on the node's hardware (bfloat16 on GPUs and bf16-capable CPUs): resolved and compared here.
+    dtype, dtype_reason = resolve_run_dtype(backend, device, config.model.dtype)
+    return {"device": device, "backend": backend, "dtype": dtype, "dtype_reason": dtype_reason,
+            "model": model_identity(config.model.model), "versions": package_versions(backend)}
 
 
 def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_model: dict[str, Any] | None) -> str | None:
@@ -122,6 +125,10 @@ def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_m
     if str(record.get("device", "")).split(":")[0] != str(reference.get("device", "")).split(":")[0]:
         return (f"{who} runs on {record.get('device')}, {first} on {reference.get('device')}: the values would differ; "
                 "pass --device cuda (and --gpus-per-replica) or --device cpu")
+    if record.get("dtype") != reference.get("dtype"):
+        return (f"{who} computes in {record.get('dtype')} ({record.get('dtype_reason')}), {first} in "
+                f"{reference.get('dtype')} ({reference.get('dtype_reason')}): the values would differ; pass --dtype float32 "
+                "or --dtype bfloat16")
     ours, theirs = record.get("versions") or {}, reference.get("versions") or {}
     differ = [f"{name} {ours.get(name)} vs {theirs.get(name)}" for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
     if differ:
