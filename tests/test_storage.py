@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 
 import srdata
+from srdata.curriculum.cut import CurriculumError
 from srdata.curriculum.export import export_curriculum
 from srdata.curriculum.load import load_curriculum
 from tests._s3 import free_port
@@ -82,6 +83,15 @@ def test_score_export_and_load_through_s3_equal_the_local_run(tiny_gpt2, s3, tmp
     loaded, expected = load_curriculum(f"{bucket}/curricula/a"), load_curriculum(out_local)
     assert list(loaded) == list(expected)
     assert all(loaded[name].to_list() == expected[name].to_list() for name in expected)
+    # a re-export cut otherwise is refused as for a local folder (nothing changed), --overwrite says what it replaces
+    before = fs.cat_file(f"{bucket}/curricula/a/curriculum.json")
+    with pytest.raises(CurriculumError, match=rf"{bucket}/curricula/a holds an earlier export cut with other settings \(.*stages 4 -> 3"):
+        export_curriculum(f"{bucket}/runs/a", out=f"{bucket}/curricula/a", stages=3, keep=2)
+    assert fs.cat_file(f"{bucket}/curricula/a/curriculum.json") == before
+    said: list[str] = []
+    export_curriculum(f"{bucket}/runs/a", out=f"{bucket}/curricula/a", stages=3, keep=2, overwrite=True, echo=said.append)
+    assert said and said[0].startswith(f"replacing the earlier export in {bucket}/curricula/a (")
+    assert json.loads(fs.cat_file(f"{bucket}/curricula/a/curriculum.json"))["settings"]["stages"] == 3
     # the default --out of a remote run is RUN/curriculum, in the bucket
     export_curriculum(f"{bucket}/runs/a")
     assert fs.exists(f"{bucket}/runs/a/curriculum/curriculum.json")

@@ -19,16 +19,21 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from srdata.curriculum.cut import CurriculumError
 from srdata.curriculum.output import check_remote_output, publish_remote_export
+from srdata.curriculum.replacing import recorded_decisions, replaced_export
 from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE
 from srdata.run.io import write_json_atomic
 from srdata.run.remote_lock import RemoteLock
 from srdata.run.storage import Location, download, is_remote, parse_location, remember_published, staging_folder
+
+log = logging.getLogger(__name__)
+
 
 def remote_capable(export: Callable[..., Path]) -> Callable[..., Path]:
     """Let ``export(run_dir, ..., out=...)`` take remote locations; local ones call it unchanged.
@@ -69,11 +74,29 @@ def _export_remote(export: Callable[..., Path], bound: inspect.BoundArguments) -
         shutil.rmtree(staged, ignore_errors=True)  # srdata's own staging copy of an earlier export
         bound.arguments.update(run_dir=local_run, out=staged)
         folder = _named_by_uri(export(*bound.args, **bound.kwargs), run)
-        names = [stage["file"] for stage in json.loads((folder / CURRICULUM_FILE).read_text(encoding="utf-8"))["stages"]]
+        summary = json.loads((folder / CURRICULUM_FILE).read_text(encoding="utf-8"))
+        # The staged export started empty, so it could not see an earlier one: the same rule, on the stored summary.
+        replacing = _replaced_remote_export(out, recorded_decisions(summary), bool(bound.arguments.get("overwrite", False)))
+        names = [stage["file"] for stage in summary["stages"]]
         owned = check_remote_output(out, names)  # again, under the lock, with the names this export writes
         publish_remote_export(folder, out, owned)
+    if replacing is not None:
+        (bound.arguments.get("echo") or log.warning)(replacing)
     remember_published(folder, out)
     return folder
+
+
+def _replaced_remote_export(out: Location, decisions: dict[str, Any], overwrite: bool) -> str | None:
+    """:func:`srdata.curriculum.replacing.replaced_export` for an export stored at ``out`` (its ``curriculum.json`` read)."""
+    earlier = staging_folder(out, "earlier")
+    shutil.rmtree(earlier, ignore_errors=True)  # srdata's own copy of the stored summary
+    if not download(out / CURRICULUM_FILE, earlier / CURRICULUM_FILE):
+        return None
+    try:
+        replacing = replaced_export(earlier, decisions, overwrite)
+    except CurriculumError as err:
+        raise CurriculumError(str(err).replace(str(earlier), out.uri)) from None
+    return None if replacing is None else replacing.replace(str(earlier), out.uri)
 
 
 def read_copy(run: Location) -> Path:

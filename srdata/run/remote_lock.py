@@ -46,13 +46,16 @@ class RemoteLock:
                            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": self.token}).encode() + b"\n"
 
     def acquire(self) -> "RemoteLock":
-        for _ in range(3):
+        for attempt in range(8):
             if self._create():
                 self.held = True
                 return self
             holder, etag = self._holder()
             if holder is None:
-                continue  # released meanwhile: try again
+                # Released meanwhile; a store may refuse the conditional put for a moment after a delete
+                # (SeaweedFS does, right after the same process released it): try again, a little later.
+                time.sleep(0.1 * (attempt + 1))
+                continue
             if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
                 if self._replace(etag):
                     self.say(f"replaced the lock of a run that no longer runs ({_describe(holder)}) in {self.folder}")
@@ -93,17 +96,27 @@ class RemoteLock:
 
     def _holder(self) -> tuple[dict[str, Any] | None, str | None]:
         fs = self.location.fs()
+        bucket, _, key = self.location.path.partition("/")
+
+        async def get() -> tuple[bytes, str | None]:
+            # One GET for the body and its ETag (no race between them). Not fs.cat_file: s3fs 2026.9
+            # answered FileNotFoundError for a lock object that HEAD and a plain GET found on SeaweedFS.
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                return await body.read(), response.get("ETag")
+
         with store_errors(self.location, "read"):
+            from fsspec.asyn import sync
+
             try:
-                info = fs.info(self.location.path, refresh=True)
-                data = fs.cat_file(self.location.path)
+                data, etag = sync(fs.loop, get)
             except FileNotFoundError:
                 return None, None
         try:
             holder = json.loads(data)
         except ValueError:
             holder = {"details": "unreadable"}
-        return holder, info.get("ETag")
+        return holder, etag
 
     def release(self) -> None:
         if not self.held:

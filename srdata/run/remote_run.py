@@ -149,8 +149,8 @@ class RemoteRunStore(RunStore):
         super().write_manifest(manifest)
         upload(self.manifest_path, self.location / MANIFEST_FILE)
 
-    def write_annotated(self, frame: pl.DataFrame) -> None:
-        super().write_annotated(frame)
+    def write_annotated(self, frame: pl.DataFrame, metadata: dict[str, str] | None = None) -> None:
+        super().write_annotated(frame, metadata)
         upload(self.annotated_path, self.location / ANNOTATED_FILE)
 
 
