@@ -132,7 +132,7 @@ def train(
     if s.eval_file is not None and not Path(s.eval_file).is_file():
         raise TrainingSetupError(f"eval file {s.eval_file} does not exist")
     device, dtype = resolve_precision(s.device, s.dtype)
-    dtype_reason = resolve_dtype_with_reason(s.dtype, device)[1]  # auto: bfloat16 on GPUs and CPUs with AMX/AVX512-BF16
+    dtype_reason = resolve_dtype_with_reason(s.dtype, device)[1]  # auto: bfloat16 on GPUs and CPUs with AMX
     for role, model in (("teacher", s.teacher), ("student", s.student)):
         if model is None:  # --teacher-logits: no teacher model
             continue

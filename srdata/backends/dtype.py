@@ -1,20 +1,25 @@
 """Which device and dtype a run computes in: ``--device auto`` and ``--dtype auto`` resolved.
 
-The rule for ``--dtype auto`` (:func:`auto_dtype`):
+The rule for ``--dtype auto`` (:func:`auto_dtype`), the same for ``srdata score``/``teach``
+and ``srd-distill`` (a student is scored and trained in one precision):
 
 * **GPU**: bfloat16 (vLLM, and transformers on CUDA).
-* **CPU with a fast bfloat16 path**: bfloat16. torch reports it with
-  ``torch.cpu._is_amx_tile_supported()`` (AMX, Intel Sapphire Rapids and later) or
-  ``torch.cpu._is_avx512_bf16_supported()`` (AVX512-BF16: Intel Cooper Lake, AMD Zen 4
-  and later); oneDNN then runs bfloat16 matmuls natively. Measured on an AMD EPYC with
-  AVX512-BF16 and no AMX, 2048x2048 matmul: 95 vs 205 GFLOP/s (one core), 141 vs
-  407 GFLOP/s (two cores) in float32 vs bfloat16; the issue measured 177 vs 1,270 on one
-  core of an AMX Xeon. On real rows (SmolLM2-135M-Instruct, held-out T0 rows,
-  ``benchmarks/bench_dtype.py``), the rankings agree with float32 closely (Spearman of
-  ce_loss >= 0.99, difficulty_rank >= 0.95; see benchmarks/README.md), while greedy outputs
-  differ on many rows: pass ``--dtype float32`` for outputs comparable with a float32 run.
-* **Any other CPU**: float32. Without those instructions bfloat16 matmuls are emulated
-  (converted to float32 and back), slower than float32 and less exact.
+* **CPU with AMX** (``torch.cpu._is_amx_tile_supported()``: Intel Sapphire Rapids and later):
+  bfloat16. Measured in issue 28 on one core of an AMX Xeon: 2048x2048 matmul 177 vs
+  1,270 GFLOP/s, decode-shaped linear 151 vs 568 GFLOP/s (float32 vs bfloat16); scoring
+  with generation 2.37x faster end to end.
+* **Any other CPU**: float32, including CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5,
+  Intel Cooper Lake). Measured on an AMD EPYC with AVX512-BF16 (benchmarks/README.md):
+  bfloat16 matmuls run ~2x float32 (2048x2048: 95 vs 205 GFLOP/s on one core) and
+  teacher-forced scoring 2-3x, but srdata's generation ran slower in bfloat16, so scoring
+  with 32 new tokens was 0.9x end to end: float32 is the faster default there. Pass
+  ``--dtype bfloat16`` to choose it (srd-distill's training step: ~1.9x there). Without
+  AVX512-BF16 bfloat16 matmuls are emulated: slower than float32 and less exact.
+
+What bfloat16 changes (SmolLM2-135M-Instruct, 128 held-out rows, ``benchmarks/bench_dtype.py``):
+Spearman of ce_loss 0.999, difficulty_rank 0.96 (``paper``) / 0.999 (``noisy``), dropped
+quarter 30/32 and 32/32 rows shared, greedy outputs identical on 78 of 128 rows: pass
+``--dtype float32`` where outputs must match a float32 run.
 
 Example:
     >>> auto_dtype("cpu", CpuBfloat16(amx=False, avx512_bf16=False))[0]
@@ -71,16 +76,18 @@ def auto_dtype(device_type: str, cpu: CpuBfloat16) -> tuple[torch.dtype, str]:
     A pure function of its inputs, so the rule is testable for any CPU.
 
     Example:
-        >>> auto_dtype("cpu", CpuBfloat16(amx=False, avx512_bf16=True))
-        (torch.bfloat16, 'auto: this CPU runs bfloat16 matmuls natively (AVX512-BF16); pass --dtype float32 for float32-exact values')
+        >>> auto_dtype("cpu", CpuBfloat16(amx=True, avx512_bf16=True))
+        (torch.bfloat16, 'auto: this CPU has AMX (fast bfloat16 matmuls); pass --dtype float32 for float32-exact values')
     """
     if device_type == "cuda":
         return torch.bfloat16, "auto: bfloat16 on a GPU"
     if device_type != "cpu":
         return torch.float32, f"auto: float32 on {device_type}"
-    if cpu.fast():
-        path = "AMX" if cpu.amx else "AVX512-BF16"
-        return torch.bfloat16, f"auto: this CPU runs bfloat16 matmuls natively ({path}); pass --dtype float32 for float32-exact values"
+    if cpu.amx:
+        return torch.bfloat16, "auto: this CPU has AMX (fast bfloat16 matmuls); pass --dtype float32 for float32-exact values"
+    if cpu.avx512_bf16:
+        return torch.float32, ("auto: this CPU has AVX512-BF16 but no AMX, where generation measured slower in bfloat16; "
+                               "--dtype bfloat16 speeds up teacher-forced passes and training")
     return torch.float32, "auto: this CPU has no native bfloat16 matmuls (no AMX or AVX512-BF16), so float32 is faster"
 
 
@@ -111,7 +118,7 @@ def resolve_dtype_with_reason(dtype: str, device: torch.device, cpu: CpuBfloat16
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on GPUs and on CPUs with native bfloat16 matmuls, else float32.
+    """``auto`` is bfloat16 on GPUs and on CPUs with AMX, else float32 (:func:`auto_dtype`).
 
     Example:
         >>> resolve_dtype("bfloat16", torch.device("cpu"))
