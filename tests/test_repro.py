@@ -91,3 +91,59 @@ def test_quick_reproduction_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing" in again.stdout
     assert json.loads((out / "results.json").read_text())["summary"]["arms"] == results["summary"]["arms"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regime", ["teachable", "paper"])
+def test_quick_two_regime_comparison(tmp_path, regime):
+    """`run.py --quick --regime R`: the four arms of the pre-registered comparison (PLAN.md) through the real CLIs."""
+    pytest.importorskip("matplotlib")
+    if not RUN.is_file():
+        pytest.skip(f"{RUN} is absent")
+    from srdata.curriculum.regime import regime_of_cut
+    from srdata.demo.regimes import REGIMES
+
+    out = tmp_path / f"repro-{regime}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, str(RUN), "--quick", "--regime", regime, "--out", str(out)], capture_output=True, text=True,
+                               env=env, cwd=REPO, timeout=1800)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    settings = results["settings"]
+    assert settings["regime"] == regime and settings["arms"] == ["srd", "srd_teachable", "baseline", "baseline_offline"]
+    assert settings["testbed"]["tasks"] == list(REGIMES[regime]["tasks"])
+    assert settings["testbed"]["noise_fraction"] == REGIMES[regime]["noise_fraction"]
+    train = [json.loads(line) for line in (out / "testbed" / "train.jsonl").read_text().splitlines()]
+    assert sum(r["is_noisy"] for r in train) == round(REGIMES[regime]["noise_fraction"] * len(train))
+    assert {r["task"] for r in train} == set(REGIMES[regime]["tasks"])
+    arms = results["summary"]["arms"]["fkl"]
+    n_train = settings["testbed"]["train_pairs"]
+    assert arms["baseline"]["sample_passes"]["mean"] == arms["baseline_offline"]["sample_passes"]["mean"] == n_train * settings["baseline_epochs"]
+    assert arms["srd"]["sample_passes"]["mean"] == arms["srd_teachable"]["sample_passes"]["mean"] == settings["srd_epochs_per_stage"] * 6 * (n_train // 4)
+    for arm in ("srd", "srd_teachable", "baseline", "baseline_offline"):
+        assert set(arms[arm]["exact_match_by_task"]) == set(REGIMES[regime]["tasks"])
+        # time including the passes each arm needs: SRD score + export, teachable + teach, offline score + teach, online nothing
+        assert (arms[arm]["train_plus_scoring_seconds"]["mean"] > arms[arm]["train_seconds"]["mean"]) is (arm != "baseline")
+    seed = results["seeds"]["0"]
+    assert arms["srd_teachable"]["scoring_seconds"]["mean"] > arms["srd"]["scoring_seconds"]["mean"]  # + the teach pass
+    pairs = results["summary"]["paired_differences"]["fkl"]
+    assert set(pairs) == {"srd_minus_baseline", "srd_teachable_minus_baseline", "baseline_offline_minus_baseline", "srd_teachable_minus_srd"}
+    assert pairs["srd_minus_baseline"]["exact_match"]["values"] == [
+        seed["arms"]["fkl"]["srd"]["test"]["overall"]["exact_match"] - seed["arms"]["fkl"]["baseline"]["test"]["overall"]["exact_match"]]
+    # Each arm ran through the real CLIs: the offline arm loaded no teacher, the teachable arm's stages were ranked by teachable.
+    offline = json.loads((out / "seed-0" / "fkl-baseline-offline" / "run.json").read_text())
+    assert offline["mode"] == "baseline" and offline["settings"]["teacher"] is None
+    assert offline["settings"]["teacher_logits"] == str(out / "seed-0" / "score")
+    teachable = json.loads((out / "seed-0" / "curriculum-teachable" / "curriculum.json").read_text())
+    assert teachable["rank_columns"]["stage_files"]["name"] == "teachable"
+    for name in ("results.json", "table.md", "quality_vs_time.png"):
+        assert (out / name).stat().st_size > 0
+    # What `srdata report`/`export` tell a user of this run (the paper ranking's cut of the scored and taught run).
+    import polars as pl
+
+    annotated = out / "seed-0" / "score" / "annotated.parquet"
+    ranks = pl.read_parquet(annotated, columns=["difficulty_rank"])["difficulty_rank"]
+    statement = regime_of_cut(annotated, ranks, 3 * (ranks.count() // 4))
+    assert statement is not None and 0.0 <= statement["teachable_share"] <= 1.0
+    if regime == "teachable":  # today's testbed: the teacher does what the student finds hardest
+        assert statement["mostly_teachable"], statement

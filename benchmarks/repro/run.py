@@ -138,7 +138,10 @@ QUICK = Settings(
 REGIMES_FULL = replace(
     FULL, testbed=TestbedSpec(train_pairs=600, dev_pairs=64, test_pairs=448, teacher_pairs=40000, warmup_pairs=8000, noise_fraction=0.10, seed=0),
     arms=COMPARISON_ARMS)
-REGIMES_QUICK = replace(QUICK, arms=COMPARISON_ARMS)
+# The quick version of both regimes (tests/test_repro.py): about a minute each on an idle machine.
+REGIMES_QUICK = replace(
+    QUICK, testbed=TestbedSpec(train_pairs=240, dev_pairs=28, test_pairs=56, teacher_pairs=8000, warmup_pairs=4000, noise_fraction=0.10, seed=0),
+    arms=COMPARISON_ARMS)
 
 
 def with_regime(settings: Settings, regime: str) -> Settings:
@@ -952,6 +955,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     publish = None if (args.quick or args.no_publish) else HERE
+    if args.regime:
+        # The comparison trains its teacher and students in this process too: one intra-op thread, as its
+        # commands, so that a shared machine does not lose most of its time to spinning threads.
+        import torch
+
+        torch.set_num_threads(COMMAND_THREADS)
     from srdata.demo.tiny import quiet_transformers
 
     try:
