@@ -95,7 +95,7 @@ class TrainSettings(BaseModel):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N. Example: --device cuda:1")
     dtype: DtypeName = Field(
         default="auto",
-        description="Compute precision (autocast; float32 master weights); auto = bfloat16 on a GPU and on a CPU with AMX, else float32 (on AVX512-BF16 CPUs --dtype bfloat16 trains faster). Example: --dtype float32",
+        description="Compute precision (autocast; float32 master weights); auto = bfloat16 on a GPU and on a CPU with AMX, else float32. Example: --dtype float32",
     )
     teacher_dtype: DtypeName = Field(
         default="auto",

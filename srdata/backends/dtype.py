@@ -13,7 +13,7 @@ and ``srd-distill`` (a student is scored and trained in one precision):
   bfloat16 matmuls run ~2x float32 (2048x2048: 95 vs 205 GFLOP/s on one core) and
   teacher-forced scoring 2-3x, but srdata's generation ran slower in bfloat16, so scoring
   with 32 new tokens was 0.9x end to end: float32 is the faster default there. Pass
-  ``--dtype bfloat16`` to choose it (srd-distill's training step: ~1.9x there). Without
+  ``--dtype bfloat16`` to choose it (e.g. for ``srdata teach``, which does not generate). Without
   AVX512-BF16 bfloat16 matmuls are emulated: slower than float32 and less exact.
 
 What bfloat16 changes (SmolLM2-135M-Instruct, 128 held-out rows, ``benchmarks/bench_dtype.py``):
@@ -87,7 +87,7 @@ def auto_dtype(device_type: str, cpu: CpuBfloat16) -> tuple[torch.dtype, str]:
         return torch.bfloat16, "auto: this CPU has AMX (fast bfloat16 matmuls); pass --dtype float32 for float32-exact values"
     if cpu.avx512_bf16:
         return torch.float32, ("auto: this CPU has AVX512-BF16 but no AMX, where generation measured slower in bfloat16; "
-                               "--dtype bfloat16 speeds up teacher-forced passes and training")
+                               "--dtype bfloat16 speeds up passes without generation")
     return torch.float32, "auto: this CPU has no native bfloat16 matmuls (no AMX or AVX512-BF16), so float32 is faster"
 
 
