@@ -22,7 +22,7 @@ from srdata.steps.context import check_token_limits
 from srdata.steps.load import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
 from srdata.engines import ShardJob, run_shards
 from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStudent, check_model_path, load_tokenizer, max_positions
-from srdata.steps.hub import check_hub_model
+from srdata.steps.hub import check_hub_model, hub_offline
 from srdata.interrupt import Kept, ScoreInterrupted, kept_partials, save_interrupted
 from srdata.steps.truncation import truncation_after, truncation_before
 from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
@@ -92,6 +92,12 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
     note = check_hub_model(config.model.model)
     if note:
         say(note)
+    with hub_offline(note is not None):
+        return _score_checked(config, store, say, progress, started, kept)
+
+
+def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float, kept: Kept) -> ScoreResult:
+    """The run, once the model is known to be reachable (or cached while offline)."""
     say(f"loading the tokenizer of {config.model.model}")
     tokenizer = load_tokenizer(config)
     say(f"loading {config.data.dataset}" + (f" (split {config.data.split})" if config.data.split != "train" else ""))

@@ -228,3 +228,18 @@ def test_model_errors_come_before_the_data_is_opened(tmp_path, model, env, messa
     assert done.returncode == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert f"loading {data}" not in done.stdout
+
+
+def test_offline_mode_for_a_cached_hub_model_ends_with_the_run(monkeypatch):
+    # A library call must not leave the whole process offline (later loads and engines in it would change).
+    import huggingface_hub.constants as constants
+
+    from srdata.steps.hub import hub_offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with hub_offline(True):
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+    with hub_offline(False):
+        assert "HF_HUB_OFFLINE" not in os.environ

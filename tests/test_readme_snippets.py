@@ -4,15 +4,19 @@
 ``trl-sft``: the one-run-per-stage TRL ``SFTTrainer`` loop. It runs on the CPU, in a folder holding a
 real export at ``runs/dolly/curriculum`` and a tiny GPT-2 saved as ``./gpt2`` (the snippet's
 ``model = "gpt2"`` then loads it from disk: no network), one optimizer step per stage (the only
-change: ``SFTConfig`` is given ``max_steps=1``), two stages: two steps. A missing marker fails
+change: ``SFTConfig`` is given ``max_steps=1``), two stages: two steps, in a process of its own. A missing marker fails
 (the test must not pass by finding nothing); a machine without ``trl`` skips, saying so.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -63,29 +67,46 @@ def scored_run(root: Path) -> Path:
     return root
 
 
-def test_trl_sft_snippet_runs_on_cpu(tiny_gpt2: Path, tmp_path: Path, monkeypatch):
+def test_trl_sft_snippet_runs_on_cpu(tiny_gpt2: Path, tmp_path: Path):
     snippets = readme_snippets(README.read_text(encoding="utf-8"))
     assert "trl-sft" in snippets, (
         "README.md has no snippet marked `<!-- snippet: trl-sft -->` (the line before the ```python block of the TRL "
         f"SFTTrainer loop); marked snippets found: {sorted(snippets) or 'none'}"
     )
-    trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl): the README's TRL snippet cannot run here")
+    if importlib.util.find_spec("trl") is None:  # not imported here: the snippet runs in a process of its own
+        pytest.skip("trl is not installed (pip install trl): the README's TRL snippet cannot run here")
     import srdata
 
     srdata.export_curriculum(scored_run(tmp_path / "runs" / "dolly"), stages=3, keep=2)  # runs/dolly/curriculum: 2 stages
     shutil.copytree(tiny_gpt2, tmp_path / "gpt2")
-    monkeypatch.chdir(tmp_path)
-
-    real_config = trl.SFTConfig
-
-    def one_step(*args, **kwargs):
-        """The snippet's settings, one optimizer step per stage (a real SFTConfig: the trainer saves it with pickle)."""
-        return real_config(*args, **{**kwargs, "max_steps": 1, "report_to": "none"})
-
-    monkeypatch.setattr(trl, "SFTConfig", one_step)
-    namespace: dict = {}
-    exec(compile(snippets["trl-sft"], "README.md (trl-sft)", "exec"), namespace)
-    assert namespace["trainer"].state.global_step == 1
+    (tmp_path / "snippet.py").write_text(snippets["trl-sft"], encoding="utf-8")
+    # In its own process, as a user runs it: importing TRL changes transformers/vLLM state for the rest
+    # of a process (vLLM's chat-template warm-up behaved differently in later tests of the suite).
+    runner = tmp_path / "run_snippet.py"
+    runner.write_text(RUNNER, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(runner)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"global_step": 1, "model": "out/stage_1"}
     for stage in ("stage_0", "stage_1"):
         assert (tmp_path / "out" / stage / "model.safetensors").is_file()
-    assert namespace["model"] == "out/stage_1"
+
+
+# The snippet's settings, one optimizer step per stage (a real SFTConfig: the trainer saves it with pickle).
+RUNNER = """
+import json
+import trl
+
+real_config = trl.SFTConfig
+
+
+def one_step(*args, **kwargs):
+    return real_config(*args, **{**kwargs, "max_steps": 1, "report_to": "none"})
+
+
+trl.SFTConfig = one_step
+namespace = {}
+exec(compile(open("snippet.py", encoding="utf-8").read(), "README.md (trl-sft)", "exec"), namespace)
+print(json.dumps({"global_step": namespace["trainer"].state.global_step, "model": namespace["model"]}))
+"""

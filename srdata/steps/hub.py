@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 TRUE = {"1", "on", "yes", "true"}
@@ -55,8 +57,8 @@ def _cached(model: str) -> bool:
 def check_hub_model(model: str) -> str | None:
     """For a ``--model`` that is no local folder: fail now when offline and not cached; returns a note to show, or ``None``.
 
-    Offline with the model cached, huggingface_hub is switched to offline mode for this
-    process, so the later loads read the cache without retrying the network.
+    Offline with the model cached, the caller runs the rest inside :func:`hub_offline`, so the
+    later loads read the cache without retrying the network.
     """
     if Path(model).expanduser().exists():
         return None
@@ -69,8 +71,30 @@ def check_hub_model(model: str) -> str | None:
             "Hugging Face cache. Pass a "
             "folder saved with save_pretrained (check the path for a typo), or download the model where there is a network"
         )
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    return f"{reason}: using the cached copy of {model}"
+
+
+@contextmanager
+def hub_offline(active: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode while the block runs (when ``active``), as it was afterwards.
+
+    The later loads of a run then read the cache without retrying the network. Restored on
+    exit: a library call must not leave the whole process offline (a later engine or load
+    in the same process would behave differently).
+    """
+    if not active:
+        yield
+        return
     import huggingface_hub.constants as constants
 
-    constants.HF_HUB_OFFLINE = True  # read by is_offline_mode(): the later loads use the cache, no retries
-    return f"{reason}: using the cached copy of {model}"
+    before_env, before_constant = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read by is_offline_mode()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before_constant
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
