@@ -92,11 +92,14 @@ def saved_dtype(name: str | Path) -> torch.dtype:
 
 
 def cpu_has_native_bfloat16() -> bool:
-    """True when oneDNN runs bfloat16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """True when oneDNN runs bfloat16 matmuls natively on this CPU (AVX512-BF16 or AMX).
+
+    The one rule srdata uses (:func:`srdata.backends.dtype.cpu_bfloat16`): oneDNN's own
+    ``_is_mkldnn_bf16_supported`` is true on any AVX512 CPU, where bfloat16 is emulated.
+    """
+    from srdata.backends.dtype import cpu_bfloat16
+
+    return cpu_bfloat16().fast()
 
 
 def resolve_teacher_dtype(
