@@ -46,16 +46,13 @@ class RemoteLock:
                            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": self.token}).encode() + b"\n"
 
     def acquire(self) -> "RemoteLock":
-        for attempt in range(8):
+        for _ in range(3):
             if self._create():
                 self.held = True
                 return self
             holder, etag = self._holder()
             if holder is None:
-                # Released meanwhile; a store may refuse the conditional put for a moment after a delete
-                # (SeaweedFS does, right after the same process released it): try again, a little later.
-                time.sleep(0.1 * (attempt + 1))
-                continue
+                continue  # released meanwhile: try again
             if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
                 if self._replace(etag):
                     self.say(f"replaced the lock of a run that no longer runs ({_describe(holder)}) in {self.folder}")
