@@ -259,6 +259,7 @@ class TeacherConfig(_Section):
         "`srd-distill --teacher-logits` (0 = teacher_ce_loss only; 64 is a good start).",
     )
     overwrite: bool = Field(default=False, description="Replace an earlier teach pass of another teacher or top-K.")
+    storage_options: Optional[str] = Field(default=None, exclude=True, description=STORAGE_OPTIONS_HELP, json_schema_extra={"metavar": "JSON"})
 
 
 class TeachConfig(_Section):
