@@ -46,7 +46,7 @@ import torch
 from srd_distill.data import EncodedData, EncodingSettings, Example, encode_file, read_pairs
 from srd_distill.errors import TrainingSetupError
 from srdata.run.folder import MANIFEST_FILE, Manifest, RunDirError, ShardRecord, read_manifest
-from srdata.run.io import IntegrityError, verify_file
+from srdata.run.io import IntegrityError, read_shard_rows, verify_file
 from srdata.steps.teacher import TEACHER_FOLDER
 
 __all__ = ["TEACHER_FOLDER", "TeacherLogits", "open_teacher_logits", "cached_teacher_for", "teach_command"]
@@ -219,14 +219,9 @@ def _read_rows(folder: Path, shards: list[ShardRecord], wanted: np.ndarray, top_
             raise TrainingSetupError(f"{path} has no checksum in {folder / MANIFEST_FILE}; {fix}")
         try:
             verify_file(path, record.sha256, record.bytes, fix=fix)
+            frame = read_shard_rows(path, record.start, record.stop, COLUMNS, fix=fix)
         except IntegrityError as err:
             raise TrainingSetupError(str(err)) from None
-        try:
-            frame = pl.read_parquet(path, columns=COLUMNS)
-        except Exception as err:  # bytes as recorded, yet unreadable: refuse rather than guess
-            raise TrainingSetupError(f"{path} cannot be read ({type(err).__name__}: {err}); {fix}") from None
-        if frame["srd_id"].to_list() != list(range(record.start, record.stop)):
-            raise TrainingSetupError(f"{path} does not hold exactly rows {record.start}..{record.stop - 1}; {fix}")
         frame = frame.filter(pl.Series(np.isin(frame["srd_id"].to_numpy(), wanted[lo:hi])))
         expected = pl.col("reference_tokens") * top_k
         wrong = frame.filter(pl.col("token_ids_sha256").is_not_null() & (

@@ -49,7 +49,7 @@ from srdata.run.names import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, SHA
 from srdata.run.output_location import check_output_location  # noqa: F401 - re-exported
 from srdata.run.storage import parse_location
 from srdata.run.io import (FolderLock, IntegrityError, WriteError, atomic_path, file_sha256, is_tool_file, remove_stale_temps,
-                           verify_file, write_json_atomic, write_problem)
+                           read_shard_rows, verify_file, write_json_atomic, write_problem)
 
 log = logging.getLogger(__name__)
 
@@ -409,13 +409,7 @@ class RunStore:
             verify_file(path, record.sha256, record.bytes)
         except IntegrityError:
             raise IntegrityError(f"{path} does not match its checksum (the file was changed or damaged)") from None
-        try:
-            frame = pl.read_parquet(path, columns=columns)
-        except Exception as err:  # bytes as recorded, yet unreadable: refuse rather than guess
-            raise IntegrityError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
-        if frame["srd_id"].to_list() != list(range(record.start, record.stop)):
-            raise IntegrityError(f"{path} does not hold exactly rows {record.start}..{record.stop - 1} in its srd_id column")
-        return frame
+        return read_shard_rows(path, record.start, record.stop, columns)
 
     def write_shard(self, shard: Shard, frame: pl.DataFrame) -> dict[str, Any]:
         """Write a shard atomically; returns what its record must hold (``sha256``, ``bytes``, ``rows``)."""

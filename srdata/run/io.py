@@ -34,7 +34,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import polars as pl
 
 TEMP_PREFIX = ".tmp-srdata-"
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -216,6 +219,28 @@ def verify_file(path: str | Path, sha256: str | None, size: int | None = None, f
         raise IntegrityError(f"{path} has {path.stat().st_size} bytes, {size} were written: the file was changed or damaged{hint}")
     if sha256 is not None and file_sha256(path) != sha256:
         raise IntegrityError(f"{path} does not match the checksum recorded when it was written: the file was changed or damaged{hint}")
+
+
+def read_shard_rows(path: str | Path, start: int, stop: int, columns: list[str] | None = None, fix: str = "") -> pl.DataFrame:
+    """A shard's parquet table, refused unless it reads and its ``srd_id`` column is rows start..stop-1.
+
+    Check its bytes against its record first with :func:`verify_file`; this checks what the bytes hold.
+    Raises :class:`IntegrityError` naming the file (and ``fix``). ``columns`` must include ``srd_id``.
+
+    Example:
+        >>> read_shard_rows("run/shards/shard-00001.parquet", 4, 8, ["srd_id"]).height   # doctest: +SKIP
+        4
+    """
+    import polars as pl  # only the readers of shards need it (the lock and the temps do not)
+
+    hint = f"; {fix}" if fix else ""
+    try:
+        frame = pl.read_parquet(path, columns=columns)
+    except Exception as err:  # bytes as recorded, yet unreadable: refuse rather than guess
+        raise IntegrityError(f"{path} cannot be read ({type(err).__name__}: {err}){hint}") from None
+    if frame["srd_id"].to_list() != list(range(start, stop)):
+        raise IntegrityError(f"{path} does not hold exactly rows {start}..{stop - 1} in its srd_id column{hint}")
+    return frame
 
 
 class FolderLock:
