@@ -32,6 +32,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+#: ``json_schema_extra`` of a setting that changes speed, memory or logging but no output value:
+#: a run may be resumed with another value of it (a smaller batch after running out of memory).
+#: :func:`resumable_settings` lists them, for srdata's ScoreConfig and srd-distill's TrainSettings alike.
+RESUMABLE: dict[str, Any] = {"resumable": True}
+
 
 class DataConfig(_Section):
     dataset: str = Field(description="hub id, save_to_disk folder, or .jsonl/.json/.parquet/.csv file(s)")
@@ -62,11 +67,13 @@ class ModelConfig(_Section):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto = bfloat16 on a GPU and on a CPU with AMX, else float32 (srdata.backends.dtype).")
     gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for the engine (on a CPU build: of host RAM)."
+        default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for the engine (on a CPU build: of host RAM).",
+        json_schema_extra=RESUMABLE,
     )
     max_model_len: Optional[int] = Field(default=None, ge=1, description="vLLM: context length of the engine.")
     max_num_batched_tokens: Optional[int] = Field(
-        default=None, ge=1, description="vLLM: tokens per engine step (lower it if prompt log-probs run out of memory)."
+        default=None, ge=1, description="vLLM: tokens per engine step (lower it if prompt log-probs run out of memory).",
+        json_schema_extra=RESUMABLE,
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM: GPUs per model replica.")
 
@@ -77,8 +84,8 @@ class GenerationConfig(_Section):
 
 
 class BatchingConfig(_Section):
-    batch_size: int = Field(default=64, ge=1, description="Most rows decoded together (prompts are prefilled in chunks).")
-    token_budget: int = Field(default=16384, ge=1, description="Most padded tokens per forward pass.")
+    batch_size: int = Field(default=64, ge=1, description="Most rows decoded together (prompts are prefilled in chunks).", json_schema_extra=RESUMABLE)
+    token_budget: int = Field(default=16384, ge=1, description="Most padded tokens per forward pass.", json_schema_extra=RESUMABLE)
     shard_size: int = Field(default=1000, ge=1, description="Rows per resumable shard.")
 
 
@@ -121,11 +128,11 @@ class MetricsConfig(_Section):
 
 
 class RunConfig(_Section):
-    output: str = Field(description="Run folder for annotated.parquet, manifest.json and shards/.")
+    output: str = Field(description="Run folder for annotated.parquet, manifest.json and shards/.", json_schema_extra=RESUMABLE)
     on_invalid: Literal["error", "skip", "flag"] = Field(
         default="error", description="What to do with rows that cannot be scored (null or empty prompt, ...)."
     )
-    overwrite: bool = Field(default=False, description="Start over in an output folder that holds a run with other settings.")
+    overwrite: bool = Field(default=False, description="Start over in an output folder that holds a run with other settings.", json_schema_extra=RESUMABLE)
     seed: int = Field(default=0, description="Random seed.")
     storage_options: Optional[str] = Field(default=None, exclude=True, description=STORAGE_OPTIONS_HELP, json_schema_extra={"metavar": "JSON"})
 
@@ -134,20 +141,23 @@ class EngineConfig(_Section):
     """Where the shards are scored: in this process, or by a pool of Ray actors (``srdata[ray]``)."""
 
     engine: Literal["local", "ray"] = Field(
-        default="local", description="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way."
+        default="local", description="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way.",
+        json_schema_extra=RESUMABLE,
     )
     ray_address: Optional[str] = Field(
         default=None,
         description="Ray: cluster to join (auto, HOST:6379, ray://HOST:10001). Default: RAY_ADDRESS, else a Ray already "
         "running on this machine, else a new local one.",
+        json_schema_extra=RESUMABLE,
     )
-    num_replicas: Optional[int] = Field(default=None, ge=1, description="Ray: scoring actors, each holding one model. Default: as many as the cluster fits.")
-    gpus_per_replica: float = Field(default=0, ge=0, description="Ray: GPUs per actor (vLLM: the tensor-parallel size).")
-    cpus_per_replica: float = Field(default=1, gt=0, description="Ray: CPUs reserved per actor.")
+    num_replicas: Optional[int] = Field(default=None, ge=1, description="Ray: scoring actors, each holding one model. Default: as many as the cluster fits.", json_schema_extra=RESUMABLE)
+    gpus_per_replica: float = Field(default=0, ge=0, description="Ray: GPUs per actor (vLLM: the tensor-parallel size).", json_schema_extra=RESUMABLE)
+    cpus_per_replica: float = Field(default=1, gt=0, description="Ray: CPUs reserved per actor.", json_schema_extra=RESUMABLE)
     wait_for_resources: Optional[float] = Field(
         default=None, ge=0,
         description="Ray: seconds to wait for a node able to host a replica (an autoscaler adding one, a lost node "
         "coming back) before failing. Default: 300 on a cluster srdata joins, 0 on a Ray it starts itself.",
+        json_schema_extra=RESUMABLE,
     )
 
 
@@ -288,22 +298,28 @@ SECTIONS: dict[str, type[_Section]] = {
 TEACH_SECTIONS: dict[str, type[_Section]] = {
     name: field.annotation for name, field in TeachConfig.model_fields.items()  # type: ignore[misc]
 }
+
+
+def resumable_settings(model: type[BaseModel]) -> frozenset[tuple[str, ...]]:
+    """The path of every setting of ``model`` marked :data:`RESUMABLE`, nested sections included.
+
+    Example:
+        >>> sorted(resumable_settings(BatchingConfig))
+        [('batch_size',), ('token_budget',)]
+    """
+    paths: set[tuple[str, ...]] = set()
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("resumable"):
+            paths.add((name,))
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            paths |= {(name, *path) for path in resumable_settings(field.annotation)}
+    return frozenset(paths)
+
+
 # Settings that change speed or memory but not a single output value: a run may be
 # resumed with other values of these (for example a smaller batch after running out of memory).
-PERFORMANCE_ONLY = {
-    ("batching", "batch_size"),
-    ("batching", "token_budget"),
-    ("model", "gpu_memory_utilization"),
-    ("model", "max_num_batched_tokens"),
-    ("run", "overwrite"),
-    ("run", "output"),
-    ("engine", "engine"),
-    ("engine", "ray_address"),
-    ("engine", "num_replicas"),
-    ("engine", "gpus_per_replica"),
-    ("engine", "cpus_per_replica"),
-    ("engine", "wait_for_resources"),
-}
+PERFORMANCE_ONLY = resumable_settings(ScoreConfig)
 
 
 def nest(flat: dict[str, Any], sections: dict[str, type[_Section]] | None = None) -> dict[str, dict[str, Any]]:
