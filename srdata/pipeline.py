@@ -102,7 +102,8 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
     tokenizer = load_tokenizer(config)
     say(f"loading {config.data.dataset}" + (f" (split {config.data.split})" if config.data.split != "train" else ""))
     dataset, data_identity = load_split_with_identity(config.data.dataset, config.data.split, config.data.limit)
-    mapping = resolve_columns(dataset.column_names, config.data.prompt_column, config.data.response_column, config.data.input_column)
+    d = config.data
+    mapping = resolve_columns(dataset.column_names, d.prompt_column, d.response_column, d.input_column, d.messages_column)
     clashing = [c for c in dataset.column_names if c in SCORE_COLUMNS + RANK_COLUMNS + ["stage"]]
     if clashing:
         raise ValueError(f"the dataset already has column(s) {', '.join(clashing)} that srdata writes; rename or drop them first")

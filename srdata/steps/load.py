@@ -54,6 +54,20 @@ class ColumnMapping:
         return asdict(self)
 
 
+def column_mapping(config: Any) -> ColumnMapping:
+    """The columns a resolved :class:`~srdata.config.ScoreConfig` names (``srdata.pipeline.score`` writes them
+    into its ``data`` section once): what shards, engines and Ray replicas read the rows with.
+
+    Example:
+        >>> from srdata.config import build_config
+        >>> config = build_config(dict(dataset="d.jsonl", model="m", output="o", prompt_column="q", response_column="a"))
+        >>> column_mapping(config).describe()
+        "prompt='q', response='a' (given)"
+    """
+    data = config.data
+    return ColumnMapping(data.prompt_column, data.response_column, data.input_column, data.messages_column)
+
+
 class DatasetLoadError(ValueError):
     """The dataset could not be found or read; the message says why and what to do."""
 
@@ -365,6 +379,7 @@ def resolve_columns(
     prompt_column: str | None = None,
     response_column: str | None = None,
     input_column: str | None = None,
+    messages_column: str | None = None,
 ) -> ColumnMapping:
     """Use the given column names, or detect a common layout when they are not given.
 
@@ -373,9 +388,16 @@ def resolve_columns(
         "prompt='instruction', response='output', input='input' (auto-detected)"
     """
     available = ", ".join(column_names) or "(none)"
-    for role, name in (("--prompt-column", prompt_column), ("--response-column", response_column), ("--input-column", input_column)):
+    given = (("--prompt-column", prompt_column), ("--response-column", response_column), ("--input-column", input_column),
+             ("--messages-column", messages_column))
+    for role, name in given:
         if name is not None and name not in column_names:
             raise DatasetLoadError(f"{role} '{name}' is not a column of the dataset; available columns: {available}")
+    if messages_column is not None:
+        if prompt_column or response_column or input_column:
+            raise DatasetLoadError("--messages-column holds the whole conversation: pass it alone, or --prompt-column and "
+                                   "--response-column (and --input-column) instead")
+        return ColumnMapping(messages_column=messages_column)
     if prompt_column and response_column:
         return ColumnMapping(prompt_column, response_column, input_column)
     if (prompt_column is None) != (response_column is None):
