@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS
-from srdata.curriculum.cut import Format, Layout
-from srdata.steps.rank import DEFAULT_RRF_K, TieMode
+from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS, GroupError, ShareCheck
+from srdata.curriculum.cut import FORMATS, LAYOUTS, CurriculumError, Format, Layout, plan_stages
+from srdata.steps.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, RankKey, TieMode, parse_rank_by
 from srdata.run.storage import STORAGE_OPTIONS_HELP  # remote storage (s3://...): options never recorded (secrets)
 
 
@@ -183,6 +184,18 @@ RANK_BY_HELP = (
 TIES_HELP = "input: ties by srd_id; reference: the authors' tools/rank.py order."
 
 
+def _known(value: Any, choices: tuple[str, ...], what: str, error: type[ValueError]) -> Any:
+    """The library's own message for a value outside a ``Literal`` (the CLI's choices refuse it first)."""
+    if isinstance(value, str) and value not in choices:
+        raise error(f"unknown {what} {value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def _columns(value: Any) -> Any:
+    """``by="template"`` is one column (a list of them stays as it is)."""
+    return [value] if isinstance(value, str) else value
+
+
 class ShareCheckConfig(_Section):
     """When a group's share of a stage or of the dropped part is warned about (``--by``, ``--stratify``)."""
 
@@ -195,6 +208,13 @@ class ShareCheckConfig(_Section):
         default=DEFAULT_MIN_GROUP_ROWS,
         description="Groups with fewer ranked rows are listed but never warned about (chance moves small counts a lot).",
     )
+
+    def share_check(self) -> ShareCheck:
+        """The share-check settings, checked (a :class:`CurriculumError` names the bad one)."""
+        try:
+            return ShareCheck(self.max_share_ratio, self.min_group_rows)
+        except GroupError as err:
+            raise CurriculumError(str(err)) from None
 
 
 class ExportConfig(ShareCheckConfig):
@@ -211,7 +231,9 @@ class ExportConfig(ShareCheckConfig):
     out: Optional[str] = Field(default=None, description="Output folder (or s3://..., gs://...). Default: RUN_DIR/curriculum.")
     storage_options: Optional[str] = Field(default=None, exclude=True, description=STORAGE_OPTIONS_HELP, json_schema_extra={"metavar": "JSON"})
     format: Format = Field(default="parquet", description="Stage file format.")
-    rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: the run's ranking (paper).", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
+    rank_by: Optional[str | tuple[RankKey, ...]] = Field(
+        default=None, description=RANK_BY_HELP + " Default: the run's ranking (paper).", json_schema_extra={"metavar": "COL:asc|desc[:W],..."}
+    )
     rrf_k: Optional[int] = Field(default=None, ge=0, description=f"RRF constant k (re-ranks in memory). Default: the run's, {DEFAULT_RRF_K}.")
     ties: Optional[TieMode] = Field(default=None, description=TIES_HELP + " Default: the run's.")
     compression: Literal["zstd", "lz4", "snappy", "gzip", "uncompressed"] = Field(default="zstd", description="Parquet compression (zstd at level 1).")
@@ -240,13 +262,58 @@ class ExportConfig(ShareCheckConfig):
         except ValueError:
             raise ValueError(f"expected comma-separated numbers such as 0.25,0.5,0.75, got {value!r}") from None
 
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _known_layout(cls, value: Any) -> Any:
+        return _known(value, LAYOUTS, "layout", CurriculumError)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _known_format(cls, value: Any) -> Any:
+        return _known(value, FORMATS, "format", CurriculumError)
+
+    @field_validator("ties", mode="before")
+    @classmethod
+    def _known_ties(cls, value: Any) -> Any:
+        return _known(value, TIE_MODES, "ties mode", RankingError)
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _path_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _by_columns(cls, value: Any) -> Any:
+        return _columns(value)
+
+    @model_validator(mode="after")
+    def _usable(self) -> "ExportConfig":
+        """The stages, the ranking and the share check, checked before any file is read (what ``srdata export`` says)."""
+        plan_stages(self.stages, self.keep, self.fractions, self.layout)
+        parse_rank_by(self.rank_by)
+        self.share_check()
+        return self
+
 
 class RankConfig(_Section):
     """``srdata rank``: the ranking written into a finished run."""
 
-    rank_by: Optional[str] = Field(default=None, description=RANK_BY_HELP + " Default: paper.", json_schema_extra={"metavar": "COL:asc|desc[:W],..."})
+    rank_by: Optional[str | tuple[RankKey, ...]] = Field(
+        default=None, description=RANK_BY_HELP + " Default: paper.", json_schema_extra={"metavar": "COL:asc|desc[:W],..."}
+    )
     rrf_k: int = Field(default=DEFAULT_RRF_K, ge=0, description="RRF constant k.")
     ties: TieMode = Field(default="input", description=TIES_HELP)
+
+    @field_validator("ties", mode="before")
+    @classmethod
+    def _known_ties(cls, value: Any) -> Any:
+        return _known(value, TIE_MODES, "ties mode", RankingError)
+
+    @model_validator(mode="after")
+    def _usable(self) -> "RankConfig":
+        parse_rank_by(self.rank_by)  # before the run is read: what ``srdata rank`` says
+        return self
 
 
 class ReportConfig(ShareCheckConfig):
@@ -260,6 +327,40 @@ class ReportConfig(ShareCheckConfig):
         default=None, description="Export whose stages to show. Default: RUN_DIR/curriculum if present, else the paper's cut."
     )
     examples: int = Field(default=5, ge=0, description="Easiest and hardest rows shown.")
+
+    @field_validator("by", mode="before")
+    @classmethod
+    def _by_columns(cls, value: Any) -> Any:
+        return _columns(value)
+
+    @model_validator(mode="after")
+    def _usable(self) -> "ReportConfig":
+        self.share_check()
+        return self
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def command_settings(model: type[M], config: M | dict[str, Any] | None, overrides: dict[str, Any], error: type[ValueError]) -> M:
+    """``config`` (a ``model``, a dict or None) with keyword ``overrides``, validated once: what a command's function runs with.
+
+    A problem a validator found (a :class:`CurriculumError`, a :class:`RankingError`) is raised
+    as itself, with the message the CLI shows; any other is an ``error`` naming every setting.
+
+    Example:
+        >>> command_settings(RankConfig, RankConfig(ties="reference"), {"rrf_k": 10}, ValueError).rrf_k
+        10
+    """
+    values = {name: getattr(config, name) for name in model.model_fields} if isinstance(config, model) else dict(config or {})
+    try:
+        return model.model_validate({**values, **overrides})
+    except ValidationError as err:
+        for problem in err.errors():
+            cause = (problem.get("ctx") or {}).get("error")
+            if isinstance(cause, ValueError) and type(cause) is not ValueError:
+                raise cause from None
+        raise error("invalid settings: " + "; ".join(validation_problems(err, plain_bounds=True))) from None
 
 
 class TeacherConfig(_Section):
