@@ -58,16 +58,8 @@ import torch
 from torch import Tensor
 
 from srd_distill.divergences import KDLossName
-from srd_distill.kd_chunks import (
-    MAX_AUTO_CHUNK_TOKENS,
-    ChunkLossSettings,
-    ChunkTerms,
-    PassResult,
-    check_chunk_size,
-    chunk_terms,
-    loss_with_forward_gradients,
-    objective_settings,
-)
+from srd_distill.kd_chunks import MAX_AUTO_CHUNK_TOKENS, ChunkLossSettings, ChunkTerms, PassResult, check_chunk_size, chunk_terms
+from srd_distill.kd_chunks import loss_with_forward_gradients, objective_settings
 from srd_distill.logit_postprocess import LogitPostprocess
 from srd_distill.losses import KDObjectiveOutput
 from srd_distill.t2_scaling import DEFAULT_T2_SCALING, T2Scaling
@@ -374,20 +366,9 @@ def _check_fused_inputs(h_s: Tensor, head_s: HeadWeights, h_t: Tensor, head_t: H
 
 
 def fused_kd_objective(
-    student_hidden: Tensor,
-    student_head: HeadWeights,
-    teacher_hidden: Tensor,
-    teacher_head: HeadWeights,
-    targets: Tensor,
-    loss_name: KDLossName,
-    temperature: float,
-    kd_ratio: float,
-    t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
-    vocab_size: Optional[int] = None,
-    chunk_size: Optional[int] = None,
-    *,
-    jsd_beta: float = 0.1,
-    skew_alpha: float = 0.1,
+    student_hidden: Tensor, student_head: HeadWeights, teacher_hidden: Tensor, teacher_head: HeadWeights, targets: Tensor,
+    loss_name: KDLossName, temperature: float, kd_ratio: float, t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
+    vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, *, jsd_beta: float = 0.1, skew_alpha: float = 0.1,
 ) -> KDObjectiveOutput:
     """:func:`srd_distill.losses.kd_objective` from the hidden states of the scored positions.
 

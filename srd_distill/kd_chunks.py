@@ -127,19 +127,8 @@ class ChunkTerms(NamedTuple):
 
 
 def chunk_terms(
-    z_student: Tensor,
-    z_teacher: Tensor,
-    y: Tensor | None,
-    *,
-    cdtype: torch.dtype,
-    n_scored: int,
-    need_grad: bool,
-    loss_name: str,
-    temperature: float,
-    factor: float,
-    ce_weight: float,
-    kd_weight: float,
-    coef: float,
+    z_student: Tensor, z_teacher: Tensor, y: Tensor | None, *, cdtype: torch.dtype, n_scored: int, need_grad: bool,
+    loss_name: str, temperature: float, factor: float, ce_weight: float, kd_weight: float, coef: float,
 ) -> ChunkTerms:
     """Values and logit gradient of one chunk of scored tokens: the math of every loss path.
 

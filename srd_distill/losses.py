@@ -63,23 +63,9 @@ import torch
 from torch import Tensor
 
 from srd_distill.divergences import LOSS_FORMULAS, LOSS_NAMES, KDLossName, per_token_divergence
-from srd_distill.kd_chunks import (
-    MAX_AUTO_CHUNK_TOKENS,
-    ChunkLossSettings,
-    ChunkTerms,
-    PassResult,
-    check_chunk_size,
-    chunk_terms,
-    loss_with_forward_gradients,
-    objective_settings,
-)
-from srd_distill.t2_scaling import (
-    DEFAULT_T2_SCALING,
-    REFERENCE_T2_LOSSES,
-    T2_SCALING_MODES,
-    T2Scaling,
-    t2_factor,
-)
+from srd_distill.kd_chunks import MAX_AUTO_CHUNK_TOKENS, ChunkLossSettings, ChunkTerms, PassResult, check_chunk_size, chunk_terms
+from srd_distill.kd_chunks import loss_with_forward_gradients, objective_settings
+from srd_distill.t2_scaling import DEFAULT_T2_SCALING, REFERENCE_T2_LOSSES, T2_SCALING_MODES, T2Scaling, t2_factor
 
 __all__ = [
     "KDLossName",
@@ -291,16 +277,9 @@ def _objective(
 
 
 def kd_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    loss_name: KDLossName = "fkl",
-    temperature: float = 1.0,
-    t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
-    chunk_size: int | None = None,
-    *,
-    jsd_beta: float = 0.1,
-    skew_alpha: float = 0.1,
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+    loss_name: KDLossName = "fkl", temperature: float = 1.0, t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
+    chunk_size: int | None = None, *, jsd_beta: float = 0.1, skew_alpha: float = 0.1,
 ) -> Tensor:
     """``D_T(teacher || student)``: mean over scored tokens of the per-token divergence.
 
@@ -343,18 +322,9 @@ class KDObjectiveOutput(NamedTuple):
 
 
 def kd_objective(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    loss_name: KDLossName,
-    temperature: float,
-    kd_ratio: float,
-    t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
-    chunk_size: int | None = None,
-    *,
-    jsd_beta: float = 0.1,
-    skew_alpha: float = 0.1,
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, mask: Tensor,
+    loss_name: KDLossName, temperature: float, kd_ratio: float, t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
+    chunk_size: int | None = None, *, jsd_beta: float = 0.1, skew_alpha: float = 0.1,
 ) -> KDObjectiveOutput:
     """The SRD stage-2 loss ``(1 - kd_ratio) * CE(student, targets) + kd_ratio * D_T``.
 

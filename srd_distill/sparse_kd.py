@@ -114,20 +114,8 @@ def bucket_distributions(
 
 
 def sparse_chunk_terms(
-    z_student: Tensor,
-    ids: Tensor,
-    logprobs: Tensor,
-    y: Optional[Tensor],
-    *,
-    cdtype: torch.dtype,
-    n_scored: int,
-    need_grad: bool,
-    loss_name: str,
-    temperature: float,
-    factor: float,
-    ce_weight: float,
-    kd_weight: float,
-    coef: float,
+    z_student: Tensor, ids: Tensor, logprobs: Tensor, y: Optional[Tensor], *, cdtype: torch.dtype, n_scored: int, need_grad: bool,
+    loss_name: str, temperature: float, factor: float, ce_weight: float, kd_weight: float, coef: float,
 ) -> ChunkTerms:
     """:func:`srd_distill.kd_chunks.chunk_terms` with the teacher given as its top-K: values and logit gradient of a chunk.
 
@@ -176,19 +164,9 @@ def _check_top_k(ids: Tensor, logprobs: Tensor, n: int) -> None:
 
 
 def sparse_kd_objective(
-    student_logits: Tensor,
-    top_ids: Tensor,
-    top_logprobs: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    loss_name: KDLossName,
-    temperature: float,
-    kd_ratio: float,
-    t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
-    chunk_size: Optional[int] = None,
-    *,
-    jsd_beta: float = 0.1,
-    skew_alpha: float = 0.1,
+    student_logits: Tensor, top_ids: Tensor, top_logprobs: Tensor, targets: Tensor, mask: Tensor,
+    loss_name: KDLossName, temperature: float, kd_ratio: float, t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
+    chunk_size: Optional[int] = None, *, jsd_beta: float = 0.1, skew_alpha: float = 0.1,
 ) -> KDObjectiveOutput:
     """:func:`srd_distill.losses.kd_objective` with the teacher given as its top-K at the scored positions.
 
@@ -229,20 +207,9 @@ def sparse_kd_objective(
 
 
 def fused_sparse_kd_objective(
-    student_hidden: Tensor,
-    student_head: HeadWeights,
-    top_ids: Tensor,
-    top_logprobs: Tensor,
-    targets: Tensor,
-    loss_name: KDLossName,
-    temperature: float,
-    kd_ratio: float,
-    t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
-    vocab_size: Optional[int] = None,
-    chunk_size: Optional[int] = None,
-    *,
-    jsd_beta: float = 0.1,
-    skew_alpha: float = 0.1,
+    student_hidden: Tensor, student_head: HeadWeights, top_ids: Tensor, top_logprobs: Tensor, targets: Tensor,
+    loss_name: KDLossName, temperature: float, kd_ratio: float, t2_scaling: T2Scaling = DEFAULT_T2_SCALING,
+    vocab_size: Optional[int] = None, chunk_size: Optional[int] = None, *, jsd_beta: float = 0.1, skew_alpha: float = 0.1,
 ) -> KDObjectiveOutput:
     """:func:`sparse_kd_objective` from the student's hidden states at the scored positions (no full logits).
 
