@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from srdata.curriculum.regime import KEPT_QUANTILE, REGIME_FIGURE, WARN_SHARE, RegimeWarning, regime_statement
+from tests._threads import single_torch_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::srdata.curriculum.groups.GroupShareWarning")
 
@@ -40,11 +41,9 @@ def test_statement_counts_dropped_rows_within_the_kept_quantile():
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: these tiny models gain nothing from more, and a shared machine loses a lot to spinning threads."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    pytest.importorskip("torch")
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,34 +11,21 @@ import json
 import re
 from pathlib import Path
 
-import click
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from srdata.cli import COMMANDS
 from srdata.curriculum.export import CurriculumError, export_curriculum
 from srdata.curriculum.report import build_report, inspect_run
 from srdata.steps.rank import rank
+from tests._cli import invoke
 from tests._runs import annotated_frame, make_run
 
 NOISY = "ifd:asc:2,ce_loss:asc,pmi:desc"
 PAPER = "rouge_l:desc,ce_loss:asc"
 COLUMNS = ("rouge_l", "ce_loss", "ifd", "pmi")
-
-
-def cli() -> click.Group:
-    group = click.Group("srdata")
-    for command in COMMANDS:
-        group.add_command(command)
-    return group
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(cli(), [str(a) for a in args])
 
 
 def with_signals(frame: pl.DataFrame, seed: int = 1) -> pl.DataFrame:

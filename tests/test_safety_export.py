@@ -13,17 +13,17 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-import click
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from srdata.cli import COMMANDS
 from srdata.curriculum.export import CurriculumError, export_curriculum, rerank_run
 from srdata.curriculum.load import CurriculumIntegrityError, load_curriculum, verified_curriculum, verified_stage_files
 from srdata.run.io import HOST_TAG, LOCK_FILE, file_sha256
+from tests._cli import invoke
 from tests._runs import make_run
 
 # Imported before the start line, so that both processes of a pair start their command together.
@@ -47,17 +47,6 @@ def run(tmp_path_factory) -> Path:
 def big_run(tmp_path_factory) -> Path:
     """Enough rows that an export takes a while: two started together overlap."""
     return make_run(tmp_path_factory.mktemp("safety-big") / "run", 30_000, shard_size=30_000)
-
-
-def cli() -> click.Group:
-    group = click.Group("srdata")
-    for command in COMMANDS:
-        group.add_command(command)
-    return group
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli(), [str(a) for a in args])
 
 
 def assert_clean_error(result, *fragments: str) -> None:
@@ -315,38 +304,36 @@ def test_kill_one_of_two_exports_started_together(big_run: Path, tmp_path: Path,
     assert_one_export(out, *SETTINGS[1 - victim])
 
 
-def test_rank_is_refused_while_score_holds_the_run(tmp_path: Path):
-    run = make_run(tmp_path / "run", 42)
+@contextmanager
+def held_by_another_process(folder: Path, command: str) -> Iterator[subprocess.Popen]:
+    """A real second process holding ``folder``'s lock as ``command`` while the block runs; killed after it."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from srdata.run.io import FolderLock\n"
-         f"with FolderLock({str(run)!r}, 'srdata score'):\n    print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "import time; from srdata.run.io import FolderLock\n"
+         f"with FolderLock({str(folder)!r}, {command!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        before = contents(run)
-        assert_clean_error(invoke("rank", run, "--ties", "reference"), f"{run} is in use by another process (srdata score, PID {holder.pid}")
-        assert contents(run) == before
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_rank_is_refused_while_score_holds_the_run(tmp_path: Path):
+    run = make_run(tmp_path / "run", 42)
+    with held_by_another_process(run, "srdata score") as holder:
+        before = contents(run)
+        assert_clean_error(invoke("rank", run, "--ties", "reference"), f"{run} is in use by another process (srdata score, PID {holder.pid}")
+        assert contents(run) == before
     assert invoke("rank", run, "--ties", "reference").exit_code == 0  # the kernel dropped the killed holder's lock
 
 
 def test_report_locks_its_folder(run: Path, tmp_path: Path):
     report = tmp_path / "report"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from srdata.run.io import FolderLock\n"
-         f"with FolderLock({str(report)!r}, 'srdata report'):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(report, "srdata report"):
         assert_clean_error(invoke("report", run, "--out", report), f"{report} is in use by another process (srdata report")
         assert contents(report) == {}
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_rank_removes_the_temp_file_of_a_killed_rank(tmp_path: Path):
