@@ -26,7 +26,6 @@ Printed, bfloat16 against float32:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_noise  # noqa: E402  (this folder: its row sets, corruptions, rescoring and recall)
+from _common import finish  # noqa: E402  (this folder)
 from bench_noise import DATA, REPO_ROOT  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -117,17 +117,9 @@ def noise_recall(clean: pl.DataFrame, rescorer: DtypeRescorer, plan: dict, cache
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows-t0", type=int, default=96)
-    parser.add_argument("--rows-selfinst", type=int, default=32)
-    parser.add_argument("--row-set", type=int, default=1, help="bench_noise's disjoint row set (1: held out from the noisy preset)")
-    parser.add_argument("--share", type=float, default=0.1, help="share of rows corrupted per seed and variant")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", choices=bench_noise.VARIANTS, default=list(bench_noise.VARIANTS))
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser = bench_noise.row_arguments(__doc__, (96, 32), (1, "bench_noise's disjoint row set (1: held out from the noisy preset)"),
+                                       [0, 1], (1, "torch threads (1: steadier on a shared machine)"))
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "srdata-bench-dtype")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"real data folder {DATA} is absent")
@@ -181,9 +173,7 @@ def main() -> None:
     print(f"scoring: float32 {t['float32']['rows_per_second']:.2f} rows/s, bfloat16 {t['bfloat16']['rows_per_second']:.2f} rows/s "
           f"({t['bfloat16']['rows_per_second'] / t['float32']['rows_per_second']:.2f}x; {args.threads} threads, not under a quiet machine's "
           f"conditions unless the load says so)")
-    print(f"{cpu_line()}; total {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    finish(started, args.json, figures, prefix=f"{cpu_line()}; ")
 
 
 if __name__ == "__main__":

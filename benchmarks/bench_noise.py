@@ -57,6 +57,8 @@ DATA = REPO_ROOT.parent / "shared" / "data"
 import numpy as np
 import polars as pl
 
+from _common import finish  # this folder
+
 VARIANTS = ("swap", "truncate", "shuffle", "mixed")
 DROP_SHARES = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)  # the hardest share of rows left out, for "how much to drop"
 # name -> --rank-by text; what each ranking is in the README's table.
@@ -435,19 +437,28 @@ def signal_cost(rows: list[dict], work: Path, model: Path, n: int, max_new_token
     return seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows-t0", type=int, default=400)
-    parser.add_argument("--rows-selfinst", type=int, default=100)
-    parser.add_argument("--row-set", type=int, default=0, help="which disjoint set of rows (0: the one the preset was chosen on)")
+def row_arguments(description: str, rows: tuple[int, int], row_set: tuple[int, str], seeds: list[int],
+                  threads: tuple[int, str]) -> argparse.ArgumentParser:
+    """The options this benchmark and bench_dtype.py share (which rows, how many corrupted, seeds, variants, threads,
+    ``--json``), with each one's defaults; ``row_set`` and ``threads`` are ``(default, help)``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows-t0", type=int, default=rows[0])
+    parser.add_argument("--rows-selfinst", type=int, default=rows[1])
+    parser.add_argument("--row-set", type=int, default=row_set[0], help=row_set[1])
     parser.add_argument("--share", type=float, default=0.1, help="share of rows corrupted per seed and variant")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=threads[0], help=threads[1] or None)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    return parser
+
+
+def main() -> None:
+    parser = row_arguments(__doc__, (400, 100), (0, "which disjoint set of rows (0: the one the preset was chosen on)"),
+                           [0, 1, 2, 3, 4], (2, ""))
     parser.add_argument("--cost-rows", type=int, default=128, help="rows scored twice to time --signals ifd (0: skip)")
     parser.add_argument("--work", type=Path, default=None, help="cache of the runs [default: $TMPDIR/srdata-bench-noise-ROW_SET]")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"real data folder {DATA} is absent")
@@ -481,9 +492,7 @@ def main() -> None:
         results["cost"] = cost
         print(f"\n--signals ifd cost on {args.cost_rows} rows: scoring {cost['none']:.1f} s without, {cost['ifd']:.1f} s with: "
               f"+{cost['extra'] * 100:.0f}%")
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    finish(started, args.json, results)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from srd_distill.testbed import StudentConfig, TeacherConfig, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
-from srdata.demo.testbed import TestbedSpec, build_testbed  # noqa: E402
+from _common import testbed_models  # noqa: E402  (this folder)
+from srd_distill.testbed import StudentConfig, TeacherConfig, evaluate_model, model_parameters  # noqa: E402
+from srdata.demo.testbed import TestbedSpec  # noqa: E402
 
 SPEC = TestbedSpec(train_pairs=800, dev_pairs=32, test_pairs=160, teacher_pairs=12000, warmup_pairs=4000, noise_fraction=0.10)
 TEACHER = TeacherConfig(steps=1000)
@@ -58,13 +59,7 @@ def cli(name: str) -> list[str]:
 
 
 def run_seed(out: Path, seed: int, top_k: int, epochs: int) -> dict:
-    files = build_testbed(out / "testbed", SPEC)
-    teacher = out / "teacher"
-    if not (teacher / "config.json").is_file():
-        train_teacher(teacher, files.teacher_sft, TEACHER, seed=0)
-    student = out / f"student-{seed}"
-    if not (student / "config.json").is_file():
-        warm_up_student(student, files.warmup, STUDENT, seed=seed)
+    files, teacher, student = testbed_models(out, SPEC, TEACHER, STUDENT, seed)
     run, logs = out / f"run-{seed}", out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if not (run / "annotated.parquet").is_file():

@@ -43,8 +43,9 @@ sys.path.insert(0, str(HERE.parent))
 import polars as pl  # noqa: E402
 
 import srdata  # noqa: E402
-from srd_distill.testbed import StudentConfig, TeacherConfig, train_teacher, warm_up_student  # noqa: E402
-from srdata.demo.testbed import TestbedSpec, build_testbed  # noqa: E402
+from _common import testbed_models  # noqa: E402  (this folder)
+from srd_distill.testbed import StudentConfig, TeacherConfig  # noqa: E402
+from srdata.demo.testbed import TestbedSpec  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
 
 CANDIDATES = {
@@ -91,13 +92,7 @@ def evaluate(annotated: pl.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 def run_seed(out: Path, seed: int) -> dict[str, dict[str, Any]]:
-    files = build_testbed(out / "testbed", SPEC)
-    teacher = out / "teacher"
-    if not (teacher / "config.json").is_file():
-        train_teacher(teacher, files.teacher_sft, TEACHER, seed=0)
-    student = out / f"student-{seed}"
-    if not (student / "config.json").is_file():
-        warm_up_student(student, files.warmup, STUDENT, seed=seed)
+    files, teacher, student = testbed_models(out, SPEC, TEACHER, STUDENT, seed)
     run = out / f"run-{seed}"
     srdata.score(dataset=str(files.train), model=str(student), output=str(run), device="cpu", dtype="float32",
                  max_new_tokens=24, max_prompt_tokens=64, max_reference_tokens=32, progress=False)
