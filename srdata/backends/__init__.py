@@ -1,22 +1,36 @@
-"""Backends behind one protocol (``generate`` + ``score``); heavy imports stay lazy.
+"""Backends behind one protocol (:class:`Backend`), registered by name; heavy imports stay lazy.
 
 Nothing outside this package imports torch- or vLLM-specific code, so ``import srdata``
-stays light and works without vLLM installed.
+stays light and works without vLLM installed. The backends are registered in
+:mod:`srdata.backends.registry`; their classes are imported when a run uses them.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback
+from srdata.backends.registry import AUTO, BACKEND_CHOICES, BACKENDS as REGISTERED, unknown_backend
 
 if TYPE_CHECKING:
     from srdata.config import ScoreConfig
 
-BACKENDS = ("auto", "hf", "vllm")
+__all__ = [
+    "Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKEND_CHOICES", "select_backend", "backend_class",
+    "backend_packages", "load_backend", "check_device", "resolve_run_dtype",
+]
 
-__all__ = ["Backend", "Generation", "GenerationParams", "ProgressCallback", "BACKENDS", "select_backend", "load_backend", "check_device", "resolve_run_dtype"]
+
+def __getattr__(name: str) -> Any:
+    if name == "BACKENDS":  # the old tuple of names: the registry holds them now
+        warnings.warn(
+            "srdata.backends.BACKENDS is deprecated; use srdata.backends.registry.BACKEND_CHOICES", DeprecationWarning, stacklevel=2
+        )
+        return BACKEND_CHOICES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _gpu_visible() -> bool:
@@ -45,10 +59,15 @@ def check_device(device: str) -> None:
 
 
 def select_backend(name: str) -> str:
-    """Resolve ``auto``: vLLM when it is importable and a GPU is visible, else transformers."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name != "auto":
+    """The registered backend a name stands for, resolving ``auto``: vLLM when it is importable and a GPU is visible, else transformers.
+
+    Example:
+        >>> select_backend("hf")
+        'hf'
+    """
+    if name != AUTO and name not in REGISTERED:
+        raise unknown_backend(name)
+    if name != AUTO:
         return name
     if importlib.util.find_spec("vllm") is not None and _gpu_visible():
         return "vllm"
@@ -76,6 +95,31 @@ def resolve_run_dtype(backend: str, device: str, dtype: str) -> tuple[str, str]:
     return str(resolved).removeprefix("torch."), reason
 
 
+def backend_class(name: str) -> type[Backend]:
+    """The class of a registered backend (``auto`` resolved here), imported now.
+
+    Example:
+        >>> backend_class("hf").__name__
+        'HFBackend'
+    """
+    module, _, cls = REGISTERED[select_backend(name)].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def backend_packages(name: str | None = None) -> tuple[str, ...]:
+    """The packages whose versions decide one backend's values, or (no name) every registered backend's.
+
+    Each backend declares them (:attr:`Backend.packages`); the manifest and the Ray replicas
+    record their versions.
+
+    Example:
+        >>> backend_packages("vllm")
+        ('torch', 'transformers', 'vllm')
+    """
+    names = list(REGISTERED) if name is None else [name]
+    return tuple(dict.fromkeys(package for each in names for package in backend_class(each).packages))
+
+
 def load_backend(config: ScoreConfig, tokenizer: Any = None) -> Backend:
     """Build the backend a scoring run asks for (``config.model.backend``) from the run's settings.
 
@@ -87,10 +131,4 @@ def load_backend(config: ScoreConfig, tokenizer: Any = None) -> Backend:
         >>> backend = load_backend(config)                                                                      # doctest: +SKIP
     """
     check_device(config.model.device)
-    if select_backend(config.model.backend) == "vllm":
-        from srdata.backends.vllm import VLLMBackend  # imported lazily: vLLM is an optional extra
-
-        return VLLMBackend.from_config(config, tokenizer=tokenizer)
-    from srdata.backends.hf import HFBackend
-
-    return HFBackend.from_config(config, tokenizer=tokenizer)
+    return backend_class(config.model.backend).from_config(config, tokenizer=tokenizer)

@@ -8,12 +8,28 @@ device placement are the backend's own business.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from srdata.config import ScoreConfig
+
 # Called by a backend as work finishes: (rows finished, tokens processed) since the last call.
 ProgressCallback = Optional[Callable[[int, int], None]]
+Rows = Sequence[list[int]]  # token ids, one list per row
+
+
+def check_pairs(prompt_ids: Rows, reference_ids: Rows) -> None:
+    """Refuse prompts and references of different counts: scores would be paired with the wrong rows.
+
+    Example:
+        >>> check_pairs([[1]], [[2], [3]])
+        Traceback (most recent call last):
+        ValueError: got 1 prompts but 2 references
+    """
+    if len(prompt_ids) != len(reference_ids):
+        raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
 
 
 def tokens_only(progress: ProgressCallback) -> ProgressCallback:
@@ -55,7 +71,12 @@ class ReferenceScores:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Generate answers and score references for a list of prompts.
+    """Generate answers and score references for a list of prompts: what every caller uses.
+
+    A backend is registered by name in :mod:`srdata.backends.registry` and built with
+    :meth:`from_config`. Backends subclass this protocol to inherit its shared parts
+    (:meth:`score` from :meth:`score_top_k`, :meth:`context_length` from the model's config,
+    a :meth:`close` that has nothing to release).
 
     Example:
         >>> backend = HFBackend.from_pretrained("path/to/student")      # doctest: +SKIP
@@ -63,30 +84,46 @@ class Backend(Protocol):
         [5.91]
     """
 
-    def generate(
-        self, prompt_ids: Sequence[list[int]], params: GenerationParams, progress: ProgressCallback = None
-    ) -> list[Generation]:
+    #: Packages whose versions decide the values this backend computes: recorded in the
+    #: manifest and compared between Ray replicas (:func:`srdata.backends.backend_packages`).
+    packages: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_config(cls, config: ScoreConfig, tokenizer: Any = None) -> Backend:
+        """The backend for a scoring run: it reads the settings it uses from ``config`` itself."""
+        ...
+
+    @classmethod
+    def context_length(cls, config: ScoreConfig) -> int | None:
+        """The most tokens one sequence may hold, as this backend sees the run's model (None: unknown).
+
+        Known before the model loads, so a run checks its token limits first. Default: the
+        positions of the model's config (:func:`srdata.steps.context.model_max_positions`).
+
+        Example:
+            >>> HFBackend.context_length(config)       # doctest: +SKIP
+            2048
+        """
+        from srdata.steps.context import model_max_positions  # reads the model's config.json
+
+        return model_max_positions(config.model.model)
+
+    def generate(self, prompt_ids: Rows, params: GenerationParams, progress: ProgressCallback = None) -> list[Generation]:
         """Greedy-decode an answer for every prompt, in input order."""
         ...
 
-    def score(
-        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
-    ) -> list[float]:
-        """Mean negative log-likelihood (nats) of each reference given its prompt, teacher-forced."""
-        ...
+    def score(self, prompt_ids: Rows, reference_ids: Rows, progress: ProgressCallback = None) -> list[float]:
+        """Mean NLL (nats) of each reference given its prompt, end-of-sequence included, teacher-forced."""
+        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, tokens_only(progress))]
 
     def score_top_k(
-        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
+        self, prompt_ids: Rows, reference_ids: Rows, top_k: int, progress: ProgressCallback = None
     ) -> list[ReferenceScores]:
         """:meth:`score` plus the top-``top_k`` log-probabilities at every reference position (a teacher pass)."""
         ...
 
     def score_and_generate(
-        self,
-        prompt_ids: Sequence[list[int]],
-        reference_ids: Sequence[list[int]],
-        params: GenerationParams,
-        progress: ProgressCallback = None,
+        self, prompt_ids: Rows, reference_ids: Rows, params: GenerationParams, progress: ProgressCallback = None
     ) -> tuple[list[float], list[Generation]]:
         """Both of the above for the same prompts, in input order; what a scoring run calls.
 
@@ -94,3 +131,6 @@ class Backend(Protocol):
         shared prompt cache, or a prefix cache that is still warm).
         """
         ...
+
+    def close(self) -> None:
+        """Release what the backend holds (an engine, its memory, child processes); a second call does nothing."""

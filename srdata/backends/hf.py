@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
+from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback, ReferenceScores, Rows, check_pairs
 from srdata.backends.batching import bucket_batches, similar_length_groups
 from srdata.backends.live import BackendInterrupted, LiveBatch, decode_watcher
 
@@ -47,14 +47,19 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class HFBackend:
+class HFBackend(Backend):
     """Generate and score with a ``transformers`` causal LM.
+
+    ``score``, ``context_length`` (the model's positions) and ``close`` (nothing to shut
+    down) are the protocol's (:class:`srdata.backends.base.Backend`).
 
     Example:
         >>> backend = HFBackend.from_pretrained("path/to/student", device="cpu")  # doctest: +SKIP
         >>> backend.score([[5, 6, 7]], [[8, 2]])                                    # doctest: +SKIP
         [6.2]
     """
+
+    packages = ("torch", "transformers")
 
     def __init__(
         self,
@@ -101,15 +106,7 @@ class HFBackend:
         return cls(model, tokenizer, **options)
 
     # ------------------------------------------------------------------ scoring
-    def score(
-        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
-    ) -> list[float]:
-        """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
-        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, tokens_only(progress))]
-
-    def score_top_k(
-        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
-    ) -> list[ReferenceScores]:
+    def score_top_k(self, prompt_ids: Rows, reference_ids: Rows, top_k: int, progress: ProgressCallback = None) -> list[ReferenceScores]:
         """Mean NLL of each reference and, with ``top_k > 0``, the top-K log-probs at each of its positions.
 
         Example:
@@ -117,8 +114,7 @@ class HFBackend:
             >>> scores[0].top_ids.shape
             (2, 4)
         """
-        if len(prompt_ids) != len(reference_ids):
-            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        check_pairs(prompt_ids, reference_ids)
         for i, ref in enumerate(reference_ids):
             if not ref:
                 raise ValueError(f"reference {i} has no tokens; it must at least hold the end-of-sequence id")
@@ -219,11 +215,7 @@ class HFBackend:
 
     # ------------------------------------------------------------------ both
     def score_and_generate(
-        self,
-        prompt_ids: Sequence[list[int]],
-        reference_ids: Sequence[list[int]],
-        params: GenerationParams,
-        progress: ProgressCallback = None,
+        self, prompt_ids: Rows, reference_ids: Rows, params: GenerationParams, progress: ProgressCallback = None
     ) -> tuple[list[float], list[Generation]]:
         """Cross-entropy of every reference and a greedy answer to every prompt, in input order.
 
@@ -237,8 +229,7 @@ class HFBackend:
         Example:
             >>> losses, answers = backend.score_and_generate([[5, 6, 7]], [[8, 2]], GenerationParams(16))  # doctest: +SKIP
         """
-        if len(prompt_ids) != len(reference_ids):
-            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        check_pairs(prompt_ids, reference_ids)
         for i, ref in enumerate(reference_ids):
             if not ref:
                 raise ValueError(f"reference {i} has no tokens; it must at least hold the end-of-sequence id")

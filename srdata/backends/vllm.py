@@ -38,7 +38,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from srdata.backends.base import Generation, GenerationParams, ProgressCallback, ReferenceScores, tokens_only
+from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback, ReferenceScores, Rows, check_pairs
 from srdata.backends.live import BackendInterrupted
 from srdata.backends.vllm_engine import (
     check_vllm_device,
@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Prompt = dict[str, list[int]]  # a vLLM TokensPrompt
-Rows = Sequence[list[int]]  # token ids per row
 
 
 # ------------------------------------------------------------------- request building
@@ -165,14 +164,18 @@ def _engine_attr(llm: Any, *path: str) -> Any:
     return None
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     """Generate and score with a vLLM engine (see the module docstring for the design).
+
+    ``score`` is the protocol's (:class:`srdata.backends.base.Backend`), from :meth:`score_top_k`.
 
     Example:
         >>> backend = VLLMBackend.from_pretrained("path/to/student", max_model_len=1024)  # doctest: +SKIP
         >>> backend.score([[5, 6, 7]], [[8, 2]])                                             # doctest: +SKIP
         [6.2]
     """
+
+    packages = ("torch", "transformers", "vllm")
 
     def __init__(
         self,
@@ -219,6 +222,13 @@ class VLLMBackend:
             # vLLM has no such sampling parameter: the engine registers a logits processor for it.
             no_repeat_ngram_size=config.generation.no_repeat_ngram_size, device=m.device,
         )
+
+    @classmethod
+    def context_length(cls, config: ScoreConfig) -> int | None:
+        """The model's positions, lowered by ``--max-model-len`` (the engine's context length) when it is set."""
+        from srdata.steps.context import model_max_positions  # reads the model's config.json
+
+        return model_max_positions(config.model.model, config.model.max_model_len)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, tokenizer: Any = None, device: str = "auto", **engine: Any) -> "VLLMBackend":
@@ -318,18 +328,9 @@ class VLLMBackend:
             log.warning("vLLM does not score reference rows on this engine (%s): scoring every prompt position", err)
             self.scoring, self.top_k_from_reference = ALL_POSITIONS, False
 
-    def score(
-        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], progress: ProgressCallback = None
-    ) -> list[float]:
-        """Mean NLL (nats) of each reference given its prompt, end-of-sequence included."""
-        return [scores.nll for scores in self.score_top_k(prompt_ids, reference_ids, 0, tokens_only(progress))]
-
-    def score_top_k(
-        self, prompt_ids: Sequence[list[int]], reference_ids: Sequence[list[int]], top_k: int, progress: ProgressCallback = None
-    ) -> list[ReferenceScores]:
+    def score_top_k(self, prompt_ids: Rows, reference_ids: Rows, top_k: int, progress: ProgressCallback = None) -> list[ReferenceScores]:
         """Mean NLL of each reference and, with ``top_k > 0``, the top-K log-probs at each of its positions."""
-        if len(prompt_ids) != len(reference_ids):
-            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        check_pairs(prompt_ids, reference_ids)
         results: list[ReferenceScores] = []
         for rows in _chunks(len(prompt_ids), self.score_chunk_rows):
             prompts = [scoring_prompt(prompt_ids[i], reference_ids[i]) for i in rows]
@@ -377,9 +378,7 @@ class VLLMBackend:
         return results
 
     # --------------------------------------------------------------- generation
-    def generate(
-        self, prompt_ids: Sequence[list[int]], params: GenerationParams, progress: ProgressCallback = None
-    ) -> list[Generation]:
+    def generate(self, prompt_ids: Rows, params: GenerationParams, progress: ProgressCallback = None) -> list[Generation]:
         """Greedy answers for every prompt, in input order."""
         if params.no_repeat_ngram_size and not self.ngram_processor:
             raise ValueError(
@@ -410,13 +409,7 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ both
     def score_and_generate(
-        self,
-        prompt_ids: Sequence[list[int]],
-        reference_ids: Sequence[list[int]],
-        params: GenerationParams,
-        progress: ProgressCallback = None,
-        *,
-        window_tokens: int | None = None,
+        self, prompt_ids: Rows, reference_ids: Rows, params: GenerationParams, progress: ProgressCallback = None, *, window_tokens: int | None = None
     ) -> tuple[list[float], list[Generation]]:
         """Score, then generate, window by window, so each window's prompts are still cached.
 
@@ -426,8 +419,7 @@ class VLLMBackend:
         tokens (default: half the KV cache, when the engine reports its size; else the
         whole batch) keep the reuse.
         """
-        if len(prompt_ids) != len(reference_ids):
-            raise ValueError(f"got {len(prompt_ids)} prompts but {len(reference_ids)} references")
+        check_pairs(prompt_ids, reference_ids)
         budget = window_tokens or self.kv_cache_tokens() // 2 or None
         losses: list[float] = []
         generations: list[Generation] = []
