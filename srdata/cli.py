@@ -29,7 +29,7 @@ from srdata.config import SECTIONS, TEACH_SECTIONS, ExportConfig, RankConfig, Re
 F = TypeVar("F", bound=Callable[..., Any])
 SHORT_FLAGS = {"output": "-o"}
 RUN_DIR = PathParam()  # a URI is refused, naming the argument (never a local folder named s3:)
-REMOTE_RUN_DIR = PathParam(remote=True)  # export: also s3://... (srdata.run.storage)
+REMOTE_RUN_DIR = PathParam(remote=True)  # export, teach: also s3://... (srdata.run.storage)
 
 EXAMPLE = """
 \b
@@ -126,18 +126,6 @@ def silence_library_progress() -> None:
 
 
 @contextlib.contextmanager
-def usage_errors() -> Iterator[None]:
-    """Option values the library refuses: shown as usage errors (exit code 2)."""
-    from srdata.curriculum.export import CurriculumError
-    from srdata.steps.rank import RankingError
-
-    try:
-        yield
-    except (CurriculumError, RankingError) as err:
-        raise click.UsageError(str(err)) from None
-
-
-@contextlib.contextmanager
 def run_errors() -> Iterator[None]:
     """A run, column or folder that cannot be used: shown as an error (exit code 1)."""
     from srdata.curriculum.export import CurriculumError
@@ -224,7 +212,7 @@ def score(dataset: str, config_file: str | None, quiet: bool, **flags: Any) -> N
 
 
 @main.command("teach", epilog="Example:\n\n\b\n  srdata teach runs/dolly --teacher ./teacher\n  srdata teach runs/dolly --teacher ./teacher --top-k 64 --device cpu")
-@click.argument("run_dir", type=RUN_DIR)
+@click.argument("run_dir", type=REMOTE_RUN_DIR)
 @config_options(*TEACH_SECTIONS.values(), skip=("model", "shard_size"))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
 def teach_cmd(run_dir: Path, quiet: bool, **flags: Any) -> None:
@@ -247,7 +235,7 @@ def teach_cmd(run_dir: Path, quiet: bool, **flags: Any) -> None:
         with run_errors():
             result = teach(nest(given, TEACH_SECTIONS), run=run_dir, progress=not quiet, echo=None if quiet else click.echo)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: the finished shards are saved in {run_dir / 'teacher'}; run the same command again to resume", err=True)
+        click.echo(f"\ninterrupted: the finished shards are saved in {run_dir}/teacher; run the same command again to resume", err=True)
         sys.exit(130)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from err
@@ -268,20 +256,14 @@ def export_cmd(run_dir: Path, **flags: Any) -> None:
     of a stage or of the dropped part is far from their overall share are warned about
     on stderr and listed in curriculum.json.
     """
-    from srdata.curriculum.export import export_curriculum, plan_stages, share_check
+    from srdata.curriculum.export import export_curriculum
     from srdata.curriculum.groups import GroupShareWarning
-    from srdata.run.storage import shown, use_options
-    from srdata.steps.rank import parse_rank_by
+    from srdata.run.storage import shown
 
-    config: ExportConfig = build(ExportConfig, given_flags(flags))
-    with usage_errors():
-        plan_stages(config.stages, config.keep, config.fractions, config.layout)
-        parse_rank_by(config.rank_by)
-        share_check(config.max_share_ratio, config.min_group_rows)
-    with run_errors(), warnings.catch_warnings(), use_options(config.storage_options):
+    config: ExportConfig = build(ExportConfig, given_flags(flags))  # stages, ranking and share check: ExportConfig's validator
+    with run_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore", GroupShareWarning)  # echoed below from curriculum.json, formatted for the terminal
-        settings = config.model_dump()
-        folder = export_curriculum(run_dir, fmt=settings.pop("format"), echo=lambda line: click.echo(line, err=True), **settings)
+        folder = export_curriculum(run_dir, config, echo=lambda line: click.echo(line, err=True))
     summary = json.loads((folder / "curriculum.json").read_text())
     for stage in summary["stages"]:
         thresholds = stage["thresholds"]
@@ -308,14 +290,11 @@ def rank_cmd(run_dir: Path, **flags: Any) -> None:
     Rewrites RUN_DIR/annotated.parquet in place (atomically) and records the ranking
     settings in manifest.json, so a later `srdata export` cuts from them.
     """
-    from srdata.curriculum.export import rerank_run
-    from srdata.steps.rank import parse_rank_by
+    from srdata.curriculum.ranking import rerank_run
 
-    config: RankConfig = build(RankConfig, given_flags(flags))
-    with usage_errors():
-        parse_rank_by(config.rank_by)
+    config: RankConfig = build(RankConfig, given_flags(flags))  # the ranking: RankConfig's validator
     with run_errors():
-        path = rerank_run(run_dir, **config.model_dump())
+        path = rerank_run(run_dir, config)
     click.echo(f"re-ranked {path} (rank_by {config.rank_by or 'rouge_l:desc,ce_loss:asc'}, rrf_k {config.rrf_k}, ties {config.ties})")
 
 
@@ -331,16 +310,13 @@ def report_cmd(run_dir: Path, **flags: Any) -> None:
     group's share of every stage and of the dropped part (far-off shares are warned about
     on stderr).
     """
-    from srdata.curriculum.export import share_check
     from srdata.curriculum.groups import GroupShareWarning
     from srdata.curriculum.report import build_report
 
-    config: ReportConfig = build(ReportConfig, given_flags(flags))
-    with usage_errors():
-        share_check(config.max_share_ratio, config.min_group_rows)
+    config: ReportConfig = build(ReportConfig, given_flags(flags))  # the share check: ReportConfig's validator
     with run_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore", GroupShareWarning)  # echoed below, formatted for the terminal
-        folder = build_report(run_dir, **config.model_dump())
+        folder = build_report(run_dir, config)
     figures = sorted(p.name for p in folder.glob("*.png"))
     click.echo(f"wrote {folder / 'report.md'} and {folder / 'report.html'}" + (f", figures in {folder}: {', '.join(figures)}" if figures else ""))
     echo_shares(json.loads((folder / "groups.json").read_text())["groups"], tables=False)
@@ -377,8 +353,6 @@ def demo(output: str, rows: int, warmup_steps: int, seed: int) -> None:
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from err
 
-
-COMMANDS = (export_cmd, rank_cmd, report_cmd, inspect_cmd)
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)

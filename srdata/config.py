@@ -17,16 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tomllib
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypeVar
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from srdata.backends.registry import BackendName  # the registered backends' names (imports no backend)
+from srdata.engines import EngineName  # the registered engines' names (imports no engine)
 from srdata.curriculum.groups import DEFAULT_MAX_SHARE_RATIO, DEFAULT_MIN_GROUP_ROWS, GroupError, ShareCheck
 from srdata.curriculum.cut import FORMATS, LAYOUTS, CurriculumError, Format, Layout, plan_stages
 from srdata.steps.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, RankKey, TieMode, parse_rank_by
 from srdata.run.storage import STORAGE_OPTIONS_HELP  # remote storage (s3://...): options never recorded (secrets)
+# Re-exported: settings files, readable validation errors and a command's settings are srdata.config_io's.
+from srdata.config_io import BOUNDS, ConfigFileError, command_settings, parse_config_file, validation_problems  # noqa: F401
 
 
 class _Section(BaseModel):
@@ -67,7 +70,7 @@ class PromptConfig(_Section):
 
 class ModelConfig(_Section):
     model: str = Field(description="The student: a folder saved with save_pretrained, or a hub id.")
-    backend: Literal["auto", "hf", "vllm"] = Field(default="auto", description="auto = vllm when importable and a GPU is visible, else hf.")
+    backend: BackendName = Field(default="auto", description="auto = vllm when importable and a GPU is visible, else hf.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto = bfloat16 on a GPU and on a CPU with AMX, else float32 (srdata.backends.dtype).")
     gpu_memory_utilization: float = Field(
@@ -144,7 +147,7 @@ class RunConfig(_Section):
 class EngineConfig(_Section):
     """Where the shards are scored: in this process, or by a pool of Ray actors (``srdata[ray]``)."""
 
-    engine: Literal["local", "ray"] = Field(
+    engine: EngineName = Field(
         default="local", description="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way.",
         json_schema_extra=RESUMABLE,
     )
@@ -339,30 +342,6 @@ class ReportConfig(ShareCheckConfig):
         return self
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def command_settings(model: type[M], config: M | dict[str, Any] | None, overrides: dict[str, Any], error: type[ValueError]) -> M:
-    """``config`` (a ``model``, a dict or None) with keyword ``overrides``, validated once: what a command's function runs with.
-
-    A problem a validator found (a :class:`CurriculumError`, a :class:`RankingError`) is raised
-    as itself, with the message the CLI shows; any other is an ``error`` naming every setting.
-
-    Example:
-        >>> command_settings(RankConfig, RankConfig(ties="reference"), {"rrf_k": 10}, ValueError).rrf_k
-        10
-    """
-    values = {name: getattr(config, name) for name in model.model_fields} if isinstance(config, model) else dict(config or {})
-    try:
-        return model.model_validate({**values, **overrides})
-    except ValidationError as err:
-        for problem in err.errors():
-            cause = (problem.get("ctx") or {}).get("error")
-            if isinstance(cause, ValueError) and type(cause) is not ValueError:
-                raise cause from None
-        raise error("invalid settings: " + "; ".join(validation_problems(err, plain_bounds=True))) from None
-
-
 class TeacherConfig(_Section):
     """``srdata teach``: the teacher, and what its pass stores."""
 
@@ -426,7 +405,7 @@ def resumable_settings(model: type[BaseModel]) -> frozenset[tuple[str, ...]]:
 PERFORMANCE_ONLY = resumable_settings(ScoreConfig)
 
 
-def nest(flat: dict[str, Any], sections: dict[str, type[_Section]] | None = None) -> dict[str, dict[str, Any]]:
+def nest(flat: dict[str, Any], sections: dict[str, type[BaseModel]] | None = None) -> dict[str, dict[str, Any]]:
     """Place flat keys (``max_new_tokens``, ``max-new-tokens``) in the section that owns them.
 
     A setting given twice (flat and inside its section, or as ``max_new_tokens`` and
@@ -461,61 +440,8 @@ def nest(flat: dict[str, Any], sections: dict[str, type[_Section]] | None = None
     return nested
 
 
-class ConfigFileError(ValueError):
-    """A ``--config`` file that cannot be read; the message names the file, the line and the problem."""
-
-
-def _line_of(text: str, key: str, occurrence: int) -> int | None:
-    """The line of the ``occurrence``-th (0-based) ``"key":`` in a JSON text, for an error message."""
-    import re
-
-    hits = [m.start() for m in re.finditer(rf'"{re.escape(key)}"\s*:', text)]
-    return text.count("\n", 0, hits[occurrence]) + 1 if len(hits) > occurrence else None
-
-
-def _parse_json(text: str, path: Path) -> Any:
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        twice = next((k for k in keys if keys.count(k) > 1), None)
-        if twice is not None:
-            line = _line_of(text, twice, 1)
-            raise ConfigFileError(f"config file {path}{f' line {line}' if line else ''}: key {twice!r} appears twice in one object; keep one")
-        return dict(pairs)
-
-    try:
-        return json.loads(text, object_pairs_hook=unique)
-    except json.JSONDecodeError as err:
-        raise ConfigFileError(f"config file {path} line {err.lineno} column {err.colno}: {err.msg} (not valid JSON)") from None
-
-
-def _parse_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    class UniqueKeys(yaml.SafeLoader):
-        """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one)."""
-
-        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            seen = set()
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # merged keys (<<: *defaults) may be overridden: YAML's rule
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.MarkedYAMLError(None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    try:
-        return yaml.load(text, Loader=UniqueKeys) or {}  # a SafeLoader: builds plain data only, runs no code
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigFileError(f"config file {path}{where}: {problem} (not valid YAML)") from None
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON config file into nested sections.
+def read_config_file(path: str | Path, sections: dict[str, type[BaseModel]] | None = None) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON config file into nested sections (``sections``: default, ScoreConfig's).
 
     Syntax errors, a key given twice and a setting given both flat and inside its section
     are :class:`ConfigFileError` naming the file (and the line where the parser knows it).
@@ -524,30 +450,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         >>> read_config_file("score.yaml")     # doctest: +SKIP
         {'generation': {'max_new_tokens': 128}, 'model': {'model': './student'}}
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    raw = parse_config_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ConfigFileError(f"config file {path} line {line} is not UTF-8 text") from None
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            raw = tomllib.loads(text)  # a key given twice is a TOML error already
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigFileError(f"config file {path}: {err} (not valid TOML)") from None
-    elif suffix == ".json":
-        raw = _parse_json(text, path)
-    elif suffix in (".yaml", ".yml"):
-        raw = _parse_yaml(text, path)
-    else:
-        raise ConfigFileError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    if not isinstance(raw, dict):
-        raise ConfigFileError(f"config file {path} must hold a mapping of settings, got {type(raw).__name__}")
-    try:
-        return nest(raw)
+        return nest(raw, sections)
     except ValueError as err:
         raise ConfigFileError(f"config file {path}: {err}") from None
 
@@ -558,37 +463,6 @@ def merge(base: dict[str, dict[str, Any]], overrides: dict[str, dict[str, Any]])
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
     return merged
-
-
-BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-
-
-def validation_problems(
-    err: ValidationError, name: Callable[[tuple[Any, ...]], str] = lambda loc: ".".join(map(str, loc)), plain_bounds: bool = False
-) -> list[str]:
-    """One line per problem of a pydantic ``ValidationError``: where, what, and the value given.
-
-    ``name`` turns a location into what the user knows it by (``generation.max_new_tokens``,
-    ``--max-new-tokens``); ``plain_bounds`` words a bound as ``must be >= 1, got 0``. Used by
-    every settings model (score, export, srd-distill), the CLI and the manifest reader.
-
-    Example:
-        >>> try:
-        ...     GenerationConfig(max_new_tokens=0)
-        ... except ValidationError as err:
-        ...     validation_problems(err, plain_bounds=True)
-        ['max_new_tokens must be >= 1, got 0']
-    """
-    lines = []
-    for e in err.errors():
-        if not e["loc"]:  # a rule about several settings together: its message says it all
-            lines.append(e["msg"].removeprefix("Value error, "))
-        elif plain_bounds and e["type"] in BOUNDS:
-            lines.append(f"{name(e['loc'])} must be {BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, got {e['input']}")
-        else:
-            got = "" if e["type"] == "missing" else f" (got {repr(e['input'])[:80]})"
-            lines.append(f"{name(e['loc'])}: {e['msg']}{got}")
-    return lines
 
 
 def build_config(values: dict[str, Any]) -> ScoreConfig:

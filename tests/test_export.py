@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests._runs import annotated_frame, make_run
-from srdata.cli import COMMANDS
+from srdata.cli import export_cmd, inspect_cmd, rank_cmd, report_cmd
 from srdata.curriculum.export import CurriculumError, export_curriculum, plan_stages, rerank_run, stage_bounds, write_stages
 from srdata.run.io import LOCK_FILE
 from srdata.steps.rank import RankingError, rank
@@ -48,7 +48,7 @@ def summary(out: Path) -> dict:
 
 def cli() -> click.Group:
     group = click.Group("srdata")
-    for command in COMMANDS:
+    for command in (export_cmd, rank_cmd, report_cmd, inspect_cmd):
         group.add_command(command)
     return group
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from srdata.cli import COMMANDS
+from srdata.cli import export_cmd, inspect_cmd, rank_cmd, report_cmd
 from srdata.curriculum.export import CurriculumError, export_curriculum
 from srdata.curriculum.report import build_report, inspect_run, ranking_agreement
 from srdata.run.io import LOCK_FILE
@@ -24,7 +24,7 @@ def run(tmp_path_factory) -> Path:
 
 def cli() -> click.Group:
     group = click.Group("srdata")
-    for command in COMMANDS:
+    for command in (export_cmd, rank_cmd, report_cmd, inspect_cmd):
         group.add_command(command)
     return group
 

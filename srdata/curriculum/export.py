@@ -47,7 +47,8 @@ from typing import Any, Callable, Sequence
 
 import polars as pl
 
-from srdata.curriculum.cut import FORMATS, CurriculumError, Format, Layout, StagePlan, plan_stages, stage_bounds, stage_parts
+from srdata.config import ExportConfig, ShareCheckConfig, command_settings
+from srdata.curriculum.cut import CurriculumError, StagePlan, plan_stages, stage_bounds, stage_parts
 from srdata.curriculum.groups import (
     DEFAULT_MAX_SHARE_RATIO,
     DEFAULT_MIN_GROUP_ROWS,
@@ -74,33 +75,25 @@ from srdata.curriculum.stage_files import (STAGE_COLUMN, ScratchFiles, as_write_
 from srdata.curriculum.summary import range_summaries, score_columns
 from srdata.run.folder import CURRICULUM_FILE
 from srdata.run.io import FolderLock, file_sha256, publish, remove_stale_temps
-from srdata.steps.rank import DIFFICULTY_COLUMN, RankKey, format_rank_by
+from srdata.run.storage import use_options
+from srdata.steps.rank import DIFFICULTY_COLUMN, format_rank_by
 
 log = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 32 << 20  # Arrow bytes per parquet row group: ~85k rows of 300 chars (DuckDB writes 122,880 rows)
 
 
-@remote_capable  # RUN_DIR or --out in object storage (s3://...): srdata.curriculum.remote_export
 def export_curriculum(
     run_dir: str | os.PathLike[str],
-    stages: int | None = None,
-    keep: int | None = None,
-    layout: Layout = "cumulative",
-    fractions: Sequence[float] | None = None,
-    out: str | os.PathLike[str] | None = None,
-    fmt: Format = "parquet",
-    rank_by: str | Sequence[RankKey] | None = None,
-    rrf_k: int | None = None,
-    ties: str | None = None,
-    compression: str = "zstd",
-    by: str | Sequence[str] | None = None,
-    stratify: str | None = None,
-    max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO,
-    min_group_rows: int = DEFAULT_MIN_GROUP_ROWS,
-    overwrite: bool = False,
+    config: ExportConfig | dict[str, Any] | None = None,
+    *,
     echo: Callable[[str], None] | None = None,
+    **settings: Any,
 ) -> Path:
     """Write ``stage-K.parquet`` (or ``.jsonl``) and ``curriculum.json``; return the folder.
+
+    Settings are an :class:`~srdata.config.ExportConfig` (what ``srdata export`` builds from
+    its flags), a dict, keyword arguments named like its fields (``fmt`` for ``format``), or
+    a mix (keywords win); they are validated by the model, with the CLI's messages.
 
     Defaults follow the paper: 4 stages, keep the easiest 3, cumulative. Ranking options
     (``rank_by``, ``rrf_k``, ``ties``) re-rank in memory without touching the run.
@@ -117,21 +110,39 @@ def export_curriculum(
     refused unless ``overwrite`` (:mod:`srdata.curriculum.replacing`); what is replaced is
     said through ``echo`` (default: the log). Which ranking the stage files' rank columns
     come from is recorded in ``curriculum.json`` and in each parquet file's metadata
-    (:mod:`srdata.curriculum.ranking_record`).
+    (:mod:`srdata.curriculum.ranking_record`). ``storage_options`` are used for a remote
+    run or ``out`` (``s3://...``).
 
     Example:
         >>> out = export_curriculum("runs/dolly")               # doctest: +SKIP
         >>> sorted(p.name for p in out.iterdir())               # doctest: +SKIP
         ['curriculum.json', 'stage-0.parquet', 'stage-1.parquet', 'stage-2.parquet']
-        >>> out = export_curriculum("runs/t0", by="template", stratify="template")   # doctest: +SKIP
+        >>> out = export_curriculum("runs/t0", ExportConfig(by=["template"], stratify="template"))   # doctest: +SKIP
+        >>> out = export_curriculum("runs/t0", by="template", stages=3, keep=2)                     # doctest: +SKIP
     """
-    if fmt not in FORMATS:
-        raise CurriculumError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    plan = plan_stages(stages, keep, fractions, layout)
-    check = share_check(max_share_ratio, min_group_rows)
+    if "fmt" in settings:  # the keyword's name before ExportConfig
+        settings["format"] = settings.pop("fmt")
+    config = command_settings(ExportConfig, config, settings, CurriculumError)
+    with use_options(config.storage_options):
+        return _export_at(run_dir, config, out=config.out, overwrite=config.overwrite, echo=echo)
+
+
+# remote_capable reads run_dir, out, overwrite and echo by name, and swaps a remote out for a local staging folder.
+@remote_capable  # RUN_DIR or --out in object storage (s3://...): srdata.curriculum.remote_export
+def _export_at(
+    run_dir: str | os.PathLike[str],
+    config: ExportConfig,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
+    """:func:`export_curriculum` into the local folder ``out`` (default: RUN_DIR/curriculum) of a local run."""
+    fmt, stratify = config.format, config.stratify
+    plan = plan_stages(config.stages, config.keep, config.fractions, config.layout)  # checked by ExportConfig already
+    check = config.share_check()
     run = read_run(run_dir)
-    group_columns = _group_columns(run, by, stratify)
-    ranking = resolve_ranking(run, rank_by, rrf_k, ties)
+    group_columns = _group_columns(run, config.by, stratify)
+    ranking = resolve_ranking(run, config.rank_by, config.rrf_k, config.ties)
     ranks = ranks_in_file_order(run, ranking)
     groups = pl.read_parquet(run.annotated, columns=group_columns) if group_columns else None  # file order, as ranks
     position = DIFFICULTY_COLUMN
@@ -157,11 +168,11 @@ def export_curriculum(
         remove_stale_temps(out_dir)  # left by an earlier export that was killed
         # Summarised before the rows are streamed, so that the score columns are freed first:
         # on a VM, memory that is reused is much cheaper than memory touched for the first time.
-        summary = curriculum_summary(run, plan, ranking, ranks, bounds, finals, fmt, compression, stratify=stratify, shares=shares)
+        summary = curriculum_summary(run, plan, ranking, ranks, bounds, finals, fmt, config.compression, stratify=stratify, shares=shares)
         new_columns = [*(rank_output_columns(ranks) if ranking.recompute else []), *([STRATIFIED_COLUMN] if stratify else [])]
         new_ranks = ranks.select(new_columns) if new_columns else None
         del ranks
-        encoded = encode_stages(ranked_rows(run, new_ranks), bounds, out_dir, fmt, compression, position_column=position,
+        encoded = encode_stages(ranked_rows(run, new_ranks), bounds, out_dir, fmt, config.compression, position_column=position,
                                 metadata=ranking.metadata())
         try:
             check_unchanged(run, "export", out_dir)
@@ -185,10 +196,7 @@ def share_check(max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO, min_group_rows
         >>> share_check(3.0).describe()
         {'max_share_ratio': 3.0, 'min_group_rows': 40}
     """
-    try:
-        return ShareCheck(max_share_ratio, min_group_rows)
-    except GroupError as err:
-        raise CurriculumError(str(err)) from None
+    return ShareCheckConfig.model_construct(max_share_ratio=max_share_ratio, min_group_rows=min_group_rows).share_check()
 
 
 def _group_columns(run: Run, by: str | Sequence[str] | None, stratify: str | None) -> list[str]:

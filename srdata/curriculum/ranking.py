@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from srdata.config import RankConfig, command_settings
 from srdata.curriculum.cut import CurriculumError
 from srdata.curriculum.ranking_record import ranking_metadata
 from srdata.curriculum.source import Run, read_run
@@ -31,11 +32,11 @@ from srdata.curriculum.summary import score_columns
 from srdata.run.folder import ANNOTATED_FILE, write_manifest
 from srdata.run.io import FolderLock, publish, remove_stale_temps, temp_path
 from srdata.steps.rank import (
-    DEFAULT_RRF_K,
     DIFFICULTY_COLUMN,
     FUSED_COLUMN,
     ID_COLUMN,
     INVALID_COLUMN,
+    RankingError,
     RankKey,
     check_no_nan,
     format_rank_by,
@@ -129,22 +130,27 @@ def ranked_rows(run: Run, new_columns: pl.DataFrame | None) -> pl.LazyFrame:
 
 def rerank_run(
     run_dir: str | os.PathLike[str],
-    rank_by: str | Sequence[RankKey] | None = None,
-    rrf_k: int = DEFAULT_RRF_K,
-    ties: str = "input",
+    config: RankConfig | dict[str, Any] | None = None,
+    *,
     compression: str = "zstd",
+    **settings: Any,
 ) -> Path:
     """Recompute the ranks of a finished run in place (no re-scoring); return annotated.parquet.
 
-    The new settings are recorded under ``"ranking"`` in ``manifest.json`` so that a later
+    Settings are a :class:`~srdata.config.RankConfig` (what ``srdata rank`` builds from its
+    flags), a dict, keyword arguments named like its fields, or a mix (keywords win). The
+    new settings are recorded under ``"ranking"`` in ``manifest.json`` so that a later
     export cuts from them.
 
     Example:
         >>> rerank_run("runs/dolly", ties="reference")        # doctest: +SKIP
         PosixPath('runs/dolly/annotated.parquet')
+        >>> rerank_run("runs/dolly", RankConfig(rank_by="noisy", rrf_k=10))   # doctest: +SKIP
+        PosixPath('runs/dolly/annotated.parquet')
     """
+    config = command_settings(RankConfig, config, settings, RankingError)
     run = read_run(run_dir)
-    ranking = Ranking(parse_rank_by(rank_by), rrf_k, ties, recompute=True)
+    ranking = Ranking(parse_rank_by(config.rank_by), config.rrf_k, config.ties, recompute=True)
     if not os.access(run.path, os.W_OK):  # EROFS holds for root too
         raise CurriculumError(
             f"run folder {run.path} is not writable (a read-only file system, or no permission): `srdata rank` rewrites "

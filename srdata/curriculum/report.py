@@ -31,12 +31,11 @@ import numpy as np
 import polars as pl
 
 from srdata.curriculum.cut import CurriculumError
-from srdata.curriculum.export import Run, read_run, read_run_manifest, share_check
+from srdata.config import ReportConfig, command_settings
+from srdata.curriculum.export import Run, read_run, read_run_manifest
 from srdata.curriculum.source import check_unchanged
 from srdata.run.folder import ANNOTATED_FILE, Manifest
 from srdata.curriculum.groups import (
-    DEFAULT_MAX_SHARE_RATIO,
-    DEFAULT_MIN_GROUP_ROWS,
     advice,
     emit_warnings,
     group_shares,
@@ -83,17 +82,11 @@ def ranking_agreement(scores: pl.DataFrame) -> dict[str, Any]:
     return {"spearman_rho": rho, "hardest_quarter_rows": quarter, "hardest_quarter_overlap": both / quarter, "overlap_rows": both}
 
 
-def build_report(
-    run_dir: str | os.PathLike[str],
-    out: str | os.PathLike[str] | None = None,
-    by: Sequence[str] = (),
-    curriculum: str | os.PathLike[str] | None = None,
-    examples: int = 5,
-    max_share_ratio: float = DEFAULT_MAX_SHARE_RATIO,
-    min_group_rows: int = DEFAULT_MIN_GROUP_ROWS,
-) -> Path:
+def build_report(run_dir: str | os.PathLike[str], config: ReportConfig | dict[str, Any] | None = None, **settings: Any) -> Path:
     """Write ``report.md``, ``report.html``, the PNG figures and ``groups.json``; return the report folder.
 
+    Settings are a :class:`~srdata.config.ReportConfig` (what ``srdata report`` builds from
+    its flags), a dict, keyword arguments named like its fields, or a mix (keywords win).
     For every ``by`` column the report holds each group's share of all ranked rows, of
     every stage and of the dropped part, and a :class:`~srdata.curriculum.groups.GroupShareWarning`
     is raised for each share more than ``max_share_ratio`` times, or less than
@@ -102,10 +95,14 @@ def build_report(
     Example:
         >>> build_report("runs/dolly", by=["category"])       # doctest: +SKIP
         PosixPath('runs/dolly/report')
+        >>> build_report("runs/dolly", ReportConfig(curriculum="runs/dolly/pocl", examples=10))   # doctest: +SKIP
+        PosixPath('runs/dolly/report')
     """
-    check = share_check(max_share_ratio, min_group_rows)
+    config = command_settings(ReportConfig, config, settings, CurriculumError)
+    by, out, examples = config.by, config.out, config.examples
+    check = config.share_check()
     run = read_run(run_dir)
-    rows = report_rows(run, by, curriculum)  # ranked and cut as the export was, checked against its stage files
+    rows = report_rows(run, by, config.curriculum)  # ranked and cut as the export was, checked against its stage files
     scores, staged, stages = rows.scores, rows.staged, rows.stages
     valid = staged
     x, y = _scatter_axes(rows)
