@@ -239,8 +239,10 @@ def _check_rows(dataset: Any, mapping: ColumnMapping, policy: str) -> dict[int, 
 
 
 def _versions() -> dict[str, str]:
+    from srdata.backends import backend_packages  # every registered backend's packages (it declares them)
+
     versions = {"srdata": __version__}
-    for name in ("torch", "transformers", "datasets", "polars", "rapidfuzz", "nltk", "vllm"):
+    for name in ("torch", "transformers", "datasets", "polars", "rapidfuzz", "nltk", *backend_packages()):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

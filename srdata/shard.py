@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import polars as pl
 
-from srdata.backends import GenerationParams, load_backend, select_backend
+from srdata.backends import GenerationParams, backend_class, load_backend
 from srdata.config import ScoreConfig
-from srdata.steps.context import check_pair_lengths, model_stop_ids, model_max_positions
+from srdata.steps.context import check_pair_lengths, model_stop_ids
 from srdata.steps.load import ColumnMapping
 from srdata.steps.prompts import chat_affixes, render_rows, unconditional_prompt
 from srdata.steps.rouge import rouge_l
@@ -225,9 +225,8 @@ def load_tokenizer(config: ScoreConfig) -> Any:
 
 
 def max_positions(config: ScoreConfig) -> int | None:
-    """The model's positions; vLLM's ``--max-model-len`` lowers them (the transformers backend ignores it)."""
-    vllm = select_backend(config.model.backend) == "vllm"
-    return model_max_positions(config.model.model, config.model.max_model_len if vllm else None)
+    """The model's positions as the run's backend sees them (vLLM's ``--max-model-len`` lowers them; transformers ignores it)."""
+    return backend_class(config.model.backend).context_length(config)
 
 
 class LoadedStudent:
@@ -267,6 +266,5 @@ class LoadedStudent:
         return pl.concat([kept, frame]).sort("srd_id")
 
     def close(self) -> None:
-        """Shut a vLLM engine down (it holds GPU or host memory and child processes until then)."""
-        if hasattr(self.backend, "close"):
-            self.backend.close()
+        """Release the backend (a vLLM engine holds GPU or host memory and child processes until then)."""
+        self.backend.close()

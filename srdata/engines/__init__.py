@@ -6,6 +6,10 @@ shard on exactly the shard's rows; each finished shard goes to ``on_shard`` (whi
 the shard file and the manifest on the driver). Engines import no scoring code, and the
 output does not depend on the engine: only where and how fast the shards are scored does.
 
+Engines are registered by name in :data:`ENGINES` (the one place an engine is added, and
+where ``--engine``'s choices come from); an engine's module is imported when a run uses it.
+This module imports nothing else: :mod:`srdata.config` reads the names from it.
+
 Example:
     >>> job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=LoadedStudent)   # doctest: +SKIP
     >>> run_shards("ray", job, pending, on_shard=save)                       # doctest: +SKIP
@@ -13,22 +17,35 @@ Example:
 
 from __future__ import annotations
 
-from srdata.engines.job import OnShard, ShardJob
-from srdata.run.folder import Shard
+import importlib
+from typing import Any, Literal
 
-ENGINES = ("local", "ray")
-__all__ = ["ENGINES", "OnShard", "ShardJob", "run_shards"]
+#: name -> "module:function" that runs a job's pending shards, imported lazily.
+ENGINES: dict[str, str] = {
+    "local": "srdata.engines.local:run_local",  # this process; loads the backends only when a run starts
+    "ray": "srdata.engines.ray:run_ray",  # Ray is an optional extra: imported only when asked for
+}
+
+#: The type of ``EngineConfig.engine``: pydantic refuses any other name, listing these.
+EngineName = Literal[tuple(ENGINES)]  # type: ignore[valid-type]  # built from the registry, not written twice
+
+__all__ = ["ENGINES", "EngineName", "OnShard", "ShardJob", "run_shards", "unknown_engine"]
+
+# Imported when first used: they need srdata.config, which reads ENGINES from here.
+_LAZY = {"OnShard": "srdata.engines.job", "ShardJob": "srdata.engines.job", "run_shards": "srdata.engines.dispatch"}
 
 
-def run_shards(engine: str, job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
-    """Score ``pending`` with the named engine; ``on_shard`` gets each shard once, when it is done."""
-    if engine == "local":
-        from srdata.engines.local import run_local  # loads the backends: only when a run starts
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        run_local(job, pending, on_shard, progress=progress)
-    elif engine == "ray":
-        from srdata.engines.ray import run_ray  # Ray is an optional extra: imported only when asked for
 
-        run_ray(job, pending, on_shard, progress=progress)
-    else:
-        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+def unknown_engine(name: str) -> ValueError:
+    """The error for an engine name that is not registered, naming the ones that are.
+
+    Example:
+        >>> str(unknown_engine("slurm"))
+        "unknown engine 'slurm'; use one of local, ray"
+    """
+    return ValueError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-#: Packages whose versions decide the values a replica computes (vLLM's only when it is the backend).
+#: Packages whose versions decide the values a replica computes, with its backend's own (``Backend.packages``).
 VALUE_PACKAGES = ("srdata", "torch", "transformers", "tokenizers")
 
 
@@ -33,8 +33,10 @@ def package_versions(backend: str) -> dict[str, str]:
         >>> "srdata" in package_versions("hf")
         True
     """
+    from srdata.backends import backend_packages
+
     versions = {}
-    for name in (*VALUE_PACKAGES, "vllm") if backend == "vllm" else VALUE_PACKAGES:
+    for name in dict.fromkeys((*VALUE_PACKAGES, *backend_packages(backend))):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
