@@ -8,6 +8,7 @@ Every ``checkpoint_interval`` optimizer steps (:class:`~srd_distill.settings.Tra
     rng.safetensors         torch's CPU (and CUDA) RNG, the stage's shuffling generator, this epoch's row order
     state.json              epoch, next batch, steps, the log window, best eval so far, the learning rate,
                             AdamW's param groups, the float16 loss scaler, metrics lines written in the stage
+                            (:class:`~srd_distill.records.StepState`)
     best/                   the best-epoch weights so far (``.stage-N.partial``'s files, hard links)
 
 It follows the rules of every checkpoint here (:mod:`srd_distill.checkpoints`): written as
@@ -24,43 +25,20 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from srd_distill.checkpoints import (MARKER_FILE, CHECKSUM_FILE, CheckpointError, is_our_checkpoint, publish_checkpoint,
                                      remove_checkpoint, save_error, start_checkpoint)
+from srd_distill.records import StagePosition, StepState
 from srd_distill.run_folder import STEP_STATE_FILE, step_folder, step_folders
 from srdata.run.io import write_json_atomic
 
 __all__ = ["StagePosition", "save_step_checkpoint", "restore_step"]
-
-STATE_KEYS = ("epoch", "next_batch", "step", "global_step", "window", "best_rouge", "best_epoch", "last_epoch", "lr",
-              "seconds", "total_steps", "rows")
-
-
-@dataclass
-class StagePosition:
-    """Where a stage is: what :func:`save_step_checkpoint` records besides tensors."""
-
-    epoch: int = 0
-    next_batch: int = 0  # index into ``order`` of the next batch's first row
-    step: int = 0  # optimizer steps done in the stage
-    global_step: int = 0
-    order: list[int] = field(default_factory=list)  # this epoch's shuffled rows
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "tokens": 0})
-    best_rouge: Optional[float] = None
-    best_epoch: Optional[int] = None
-    last_epoch: int = 0  # the last epoch that trained at least one step
-    lr: float = 0.0  # of the last step (an eval row reports it)
-    seconds: float = 0.0  # of the stage's training before this process
-    total_steps: int = 0
-    rows: int = 0
 
 
 def save_step_checkpoint(
@@ -93,9 +71,9 @@ def save_step_checkpoint(
         save_file(_rng_tensors(shuffle, position.order), str(tmp / "rng.safetensors"))
         if is_our_checkpoint(partial):
             _snapshot(partial, tmp / "best")
-        state = {k: v for k, v in asdict(position).items() if k in STATE_KEYS}
-        write_json_atomic(tmp / STEP_STATE_FILE, {"stage": stage, **state, "metrics_lines": metrics_lines,
-                                                   "param_groups": groups, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        state = StepState(stage=stage, **position.model_dump(), metrics_lines=metrics_lines, param_groups=groups,
+                          scaler=scaler.state_dict() if scaler.is_enabled() else None)
+        write_json_atomic(tmp / STEP_STATE_FILE, state.to_json())
         publish_checkpoint(tmp, final)
     except Exception as err:
         problem = save_error(err, tmp, f"stage {stage}'s step checkpoint")
@@ -131,29 +109,29 @@ def restore_step(
     """
     from safetensors.torch import load_file, load_model
 
-    state = json.loads((folder / STEP_STATE_FILE).read_text(encoding="utf-8"))
-    if (state["total_steps"], state["rows"]) != (expected.total_steps, expected.rows):
+    state = StepState.read(folder / STEP_STATE_FILE)  # one written as best_epoch reads as kept_epoch
+    if (state.total_steps, state.rows) != (expected.total_steps, expected.rows):
         raise CheckpointError(
-            f"{folder} was saved for a stage of {state['total_steps']} steps on {state['rows']} rows, but this stage has "
+            f"{folder} was saved for a stage of {state.total_steps} steps on {state.rows} rows, but this stage has "
             f"{expected.total_steps} steps on {expected.rows} rows; move it away to restart the stage from its beginning"
         )
     device = next(student.parameters()).device
     load_model(student, str(folder / "student.safetensors"), strict=True, device=str(device))
-    _load_optimizer_state(optimizer, load_file(str(folder / "optimizer.safetensors")), state["param_groups"])
+    _load_optimizer_state(optimizer, load_file(str(folder / "optimizer.safetensors")), state.param_groups)
     rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     shuffle.set_state(rng["shuffle"])
     cuda = sorted(int(key.removeprefix("cuda_")) for key in rng if key.startswith("cuda_"))
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() >= len(cuda):
         torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in cuda])
-    if state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
+    if state.scaler and scaler.is_enabled():
+        scaler.load_state_dict(state.scaler)
     if (folder / "best").is_dir():
         start_checkpoint(partial)
         _snapshot(folder / "best", partial)
     elif partial.exists():
         remove_checkpoint(partial)
-    position = StagePosition(**{k: state[k] for k in STATE_KEYS})
+    position = state.position()
     position.order = rng["order"].tolist()
     return position
 

@@ -67,6 +67,7 @@ from typing import Any, Callable, Optional, Sequence
 from srd_distill.checkpoints import MARKER_FILE, is_our_checkpoint, publish_checkpoint, remove_checkpoint, verify_checkpoint
 from srd_distill.errors import RunFolderError
 from srd_distill.inputs import diff_inputs
+from srd_distill.records import RunRecord, StageRecord, StepState
 from srd_distill.remote_publish import publish_run_files, publish_stage
 from srd_distill.schedules import PRESETS
 from srdata.run import folder as run_folder
@@ -90,7 +91,7 @@ __all__ = [
     "MetricsLog",
     "recorded_settings",
     "finish_stage",
-    "read_stage_info",
+    "read_stage_record",
     "read_run_record",
     "write_run_record",
     "steps_done",
@@ -153,12 +154,12 @@ def is_finished(run_dir: Path, stage: int) -> bool:
     return stage_folder(run_dir, stage).is_dir()
 
 
-def finish_stage(run_dir: Path, stage: int, info: dict[str, Any]) -> Path:
+def finish_stage(run_dir: Path, stage: int, record: StageRecord) -> Path:
     """Write ``srd_stage.json`` into the partial checkpoint, seal it and rename it to ``stage-N``; return that folder.
 
     The stage is finished the moment the rename lands; its step checkpoints are then removed.
     """
-    write_json_atomic(partial_folder(run_dir, stage) / STAGE_INFO_FILE, info)
+    write_json_atomic(partial_folder(run_dir, stage) / STAGE_INFO_FILE, record.to_json())
     done = stage_folder(run_dir, stage)
     publish_checkpoint(partial_folder(run_dir, stage), done)
     publish_stage(run_dir, done)  # --output s3://...: uploaded, its checksum file last (srd_distill.remote)
@@ -167,18 +168,27 @@ def finish_stage(run_dir: Path, stage: int, info: dict[str, Any]) -> Path:
     return done
 
 
-def read_stage_info(run_dir: Path, stage: int) -> dict[str, Any]:
+def read_stage_record(run_dir: Path, stage: int) -> StageRecord:
     """The ``srd_stage.json`` of a finished stage (verified with its checkpoint before it is read)."""
-    return json.loads((stage_folder(run_dir, stage) / STAGE_INFO_FILE).read_text(encoding="utf-8"))
+    return StageRecord.read(stage_folder(run_dir, stage) / STAGE_INFO_FILE)
 
 
-def read_run_record(run_dir: Path) -> dict[str, Any]:
-    """The run's ``run.json`` as a dict; empty when there is none yet; a damaged one is refused, named.
+def read_run_record(run_dir: Path) -> Optional[RunRecord]:
+    """The run's ``run.json``; None when there is none yet; a damaged one is refused, named.
 
     Example:
-        >>> read_run_record(Path("no/such/run"))
-        {}
+        >>> read_run_record(Path("no/such/run")) is None
+        True
     """
+    raw = read_run_json(run_dir)
+    try:
+        return RunRecord.model_validate(raw) if raw else None
+    except ValueError as err:  # pydantic's ValidationError: a field of another type than srd-distill writes
+        raise _damaged(run_dir / RUN_FILE, err) from None
+
+
+def read_run_json(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` as a plain dict (empty when there is none), before it is judged to be srd-distill's."""
     path = run_dir / RUN_FILE
     if not path.is_file():
         return {}
@@ -187,18 +197,22 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise TypeError(f"a JSON {type(record).__name__}, not an object")
     except (ValueError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RunFolderError(
-            f"{path} is not readable ({type(err).__name__}: {err}): it was cut short or damaged, so the run cannot be "
-            f"resumed safely; pass --overwrite to start over (it removes only what srd-distill wrote there) or choose "
-            "another --output"
-        ) from None
+        raise _damaged(path, err) from None
     return record
 
 
-def write_run_record(run_dir: Path, record: dict[str, Any], status: str) -> None:
+def _damaged(path: Path, err: Exception) -> RunFolderError:
+    return RunFolderError(
+        f"{path} is not readable ({type(err).__name__}: {err}): it was cut short or damaged, so the run cannot be "
+        f"resumed safely; pass --overwrite to start over (it removes only what srd-distill wrote there) or choose "
+        "another --output"
+    )
+
+
+def write_run_record(run_dir: Path, record: RunRecord, status: str) -> None:
     """Write ``run.json`` atomically with ``status`` (running, stopped, interrupted, complete) and the time."""
-    record.update(tool=TOOL, format_version=FORMAT_VERSION, status=status, updated_at=utc_now())
-    write_json_atomic(run_dir / RUN_FILE, record)
+    record.tool, record.format_version, record.status, record.updated_at = TOOL, FORMAT_VERSION, status, utc_now()
+    write_json_atomic(run_dir / RUN_FILE, record.to_json())
     publish_run_files(run_dir, [METRICS_FILE, RUN_FILE])  # --output s3://...: run.json last, the commit
 
 
@@ -234,7 +248,7 @@ def check_output_folder(run_dir: Path, *, overwrite: bool, locked: bool = False)
         # Another train may be changing the folder right now: ask its lock first (it adds no file).
         FolderLock(run_dir, f"{TOOL} train").acquire().release()
     try:
-        record: Optional[dict[str, Any]] = read_run_record(run_dir)
+        record: Optional[dict[str, Any]] = read_run_json(run_dir)
         damaged = None
     except RunFolderError as err:
         record, damaged = None, err
@@ -333,15 +347,15 @@ def prepare_run_folder(
         for name in (RUN_FILE, METRICS_FILE):
             (run_dir / name).unlink(missing_ok=True)
     previous = read_run_record(run_dir)
-    if previous:
-        differences = run_folder.diff_settings(previous.get("settings", {}), settings, ignore=RESUMABLE_WITH_OTHER_VALUES,
+    if previous is not None:
+        differences = run_folder.diff_settings(previous.settings, settings, ignore=RESUMABLE_WITH_OTHER_VALUES,
                                                defaults=defaults)
         if differences:
             raise RunFolderError(
                 f"{run_dir} holds a run with other settings:\n  " + "\n  ".join(differences)
                 + "\nrerun with the same settings to resume it, choose another --output, or pass --overwrite to start over"
             )
-        changed = diff_inputs(previous.get("inputs", {}), inputs)
+        changed = diff_inputs(previous.inputs, inputs)
         if changed:
             raise RunFolderError(
                 f"{run_dir} holds a run trained on other inputs:\n  " + "\n  ".join(changed)
@@ -368,7 +382,7 @@ def prepare_run_folder(
             remove_checkpoint(folder)
     lines = 0
     if resume_from is not None:
-        lines = int(json.loads((resume_from / STEP_STATE_FILE).read_text(encoding="utf-8"))["metrics_lines"])
+        lines = StepState.read(resume_from / STEP_STATE_FILE).metrics_lines
     elapsed = keep_metrics_of(run_dir / METRICS_FILE, finished, first_unfinished, lines)
     if finished:
         echo(f"resuming {run_dir}: stage(s) {', '.join(map(str, sorted(finished)))} already finished")
@@ -455,9 +469,9 @@ def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def steps_done(records: Sequence[dict[str, Any]]) -> int:
+def steps_done(records: Sequence[StageRecord]) -> int:
     """Optimizer steps of the finished stages (``run.json``'s ``stages_finished``)."""
-    return sum(int(r.get("steps", 0)) for r in records)
+    return sum(r.steps for r in records)
 
 
 def utc_now() -> str:

@@ -21,16 +21,21 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["ModelConfig", "TeacherConfig", "StudentConfig", "train_teacher", "warm_up_student", "evaluate_model", "summarise"]
+__all__ = ["TinyModelRecipe", "TeacherConfig", "StudentConfig", "train_teacher", "warm_up_student", "evaluate_model", "summarise"]
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Architecture and supervised training of one character-level model."""
+class TinyModelRecipe:
+    """Architecture and supervised training of one character-level testbed model.
+
+    (Not srdata's :class:`srdata.config.ModelConfig`, the scoring model's settings; this was
+    called ``ModelConfig`` before, a name still importable with a DeprecationWarning.)
+    """
 
     hidden_size: int
     num_layers: int
@@ -45,24 +50,24 @@ class ModelConfig:
         return asdict(self)
 
 
-def TeacherConfig(**overrides: Any) -> ModelConfig:
+def TeacherConfig(**overrides: Any) -> TinyModelRecipe:
     """The testbed teacher: Llama, 4 layers, hidden 128 (about 1.1M parameters), 1,000 steps of 64 pairs.
 
     Example:
         >>> TeacherConfig(steps=100).num_layers
         4
     """
-    return ModelConfig(**{**dict(hidden_size=128, num_layers=4, num_heads=4, steps=1000, batch_size=64, lr=2e-3, warmup_steps=100), **overrides})
+    return TinyModelRecipe(**{**dict(hidden_size=128, num_layers=4, num_heads=4, steps=1000, batch_size=64, lr=2e-3, warmup_steps=100), **overrides})
 
 
-def StudentConfig(**overrides: Any) -> ModelConfig:
+def StudentConfig(**overrides: Any) -> TinyModelRecipe:
     """The testbed student: Llama, 2 layers, hidden 64 (about 0.1M parameters), a 300-step warm-up.
 
     Example:
         >>> StudentConfig().hidden_size
         64
     """
-    return ModelConfig(**{**dict(hidden_size=64, num_layers=2, num_heads=4, steps=300, batch_size=64, lr=3e-3, warmup_steps=50), **overrides})
+    return TinyModelRecipe(**{**dict(hidden_size=64, num_layers=2, num_heads=4, steps=300, batch_size=64, lr=3e-3, warmup_steps=50), **overrides})
 
 
 def _read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
@@ -72,7 +77,7 @@ def _read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
     return [r["prompt"] for r in rows], [r["response"] for r in rows]
 
 
-def _fit(path: Path, data_file: str | Path, config: ModelConfig, seed: int, echo: Callable[[str], None]) -> float:
+def _fit(path: Path, data_file: str | Path, config: TinyModelRecipe, seed: int, echo: Callable[[str], None]) -> float:
     from srdata.demo.tiny import build_char_model, train_on_pairs
 
     started = time.perf_counter()
@@ -84,7 +89,7 @@ def _fit(path: Path, data_file: str | Path, config: ModelConfig, seed: int, echo
     return time.perf_counter() - started
 
 
-def train_teacher(path: str | Path, data_file: str | Path, config: ModelConfig, seed: int = 0,
+def train_teacher(path: str | Path, data_file: str | Path, config: TinyModelRecipe, seed: int = 0,
                   echo: Callable[[str], None] = print) -> Path:
     """Build and fine-tune the teacher at ``path`` on the clean pairs of ``data_file``.
 
@@ -98,7 +103,7 @@ def train_teacher(path: str | Path, data_file: str | Path, config: ModelConfig, 
     return path
 
 
-def warm_up_student(path: str | Path, data_file: str | Path, config: ModelConfig, seed: int = 0,
+def warm_up_student(path: str | Path, data_file: str | Path, config: TinyModelRecipe, seed: int = 0,
                     echo: Callable[[str], None] = print) -> Path:
     """Build the student at ``path`` (initialised with ``seed``) and give it a short warm-up on ``data_file``.
 
@@ -205,3 +210,12 @@ def model_parameters(model_dir: str | Path) -> Optional[int]:
             count *= dim
         total += count
     return total
+
+
+def __getattr__(name: str) -> Any:
+    """``ModelConfig``, the old name of :class:`TinyModelRecipe` (it clashed with :class:`srdata.config.ModelConfig`)."""
+    if name == "ModelConfig":
+        warnings.warn("srd_distill.testbed.ModelConfig is deprecated; use srd_distill.testbed.TinyModelRecipe",
+                      DeprecationWarning, stacklevel=2)
+        return TinyModelRecipe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,8 +5,9 @@ teacher, the stages in order), then :func:`train_stage`, the loop itself. The se
 one pydantic model, :class:`~srd_distill.settings.TrainSettings` (the CLI is generated from it). No
 trainer framework and no callbacks: everything that happens in a step is written out there.
 Elsewhere: reading data (:mod:`~srd_distill.data`), checks (:mod:`~srd_distill.checks`), the
-run folder (:mod:`~srd_distill.run_folder`), stage plans (:mod:`~srd_distill.stages`), the
-loss and evaluation (:mod:`~srd_distill.objective`), the optimizer step (:mod:`~srd_distill.step`).
+run folder (:mod:`~srd_distill.run_folder`) and its records (:mod:`~srd_distill.records`), the stages to
+train (:mod:`~srd_distill.stages`), the loss and evaluation (:mod:`~srd_distill.objective`), the optimizer
+step (:mod:`~srd_distill.step`).
 
 What a run does (``docs/SRD-METHOD.md``, Stage 2):
 
@@ -50,19 +51,20 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from srd_distill.checks import check_context, check_same_tokenizer, shared_tokenizer, student_tokenizer
-from srd_distill.data import (EncodedData, EncodingSettings, Example, collate, curriculum_stage_files, encode_data, encode_file,
-                              find_encoding_settings, read_pairs, split_rows)
-from srd_distill.errors import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingInterrupted, TrainingSetupError
+from srd_distill.checks import check_context, shared_tokenizer, student_tokenizer
+from srd_distill.data import EncodedData, EncodingSettings, collate, encode_file, find_encoding_settings, read_pairs, split_rows
+from srd_distill.errors import TrainingInterrupted, TrainingSetupError
 from srd_distill.fused_head import HeadPlan, plan_lm_head
 from srd_distill.losses import t2_factor
 from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, micro_batch_count,
@@ -74,25 +76,19 @@ from srd_distill.checkpoints import verify_checkpoint
 from srd_distill.inputs import input_fingerprints
 from srd_distill.resume import StagePosition, restore_step, save_step_checkpoint
 from srd_distill.remote import train_with_storage, uses_remote_storage
+from srd_distill.records import PlannedStage, RunRecord, ScheduleRecord, StageRecord
 from srd_distill.run_folder import (METRICS_FILE, RUN_FILE, MetricsLog, check_output_folder, finish_stage, package_versions,
-                                    partial_folder, prepare_run_folder, read_run_record, read_stage_info, recorded_settings, stage_folder,
-                                    step_folders, steps_done, utc_now, write_run_record)
+                                    partial_folder, prepare_run_folder, read_run_record, read_stage_record, recorded_settings,
+                                    stage_folder, step_folders, steps_done, utc_now, write_run_record)
 from srdata.backends.dtype import resolve_dtype_with_reason
 from srdata.run.identity import UnsafeWeightsError, require_safetensors
 from srdata.run.io import FolderLock, remove_stale_temps, verify_file
-from srd_distill.settings import TrainSettings, build_settings
-from srd_distill.stages import BASELINE_EPOCHS, StagePlan, StageResult, TrainResult, plan_stages
+from srd_distill.settings import TrainSettings, build_settings, setting_defaults
+from srd_distill.stages import StageResult, TrainingStage, TrainResult, plan_training
 from srd_distill.step import learning_rate, make_optimizer, optimizer_step
 from srd_distill.teacher_logits import TeacherLogits, cached_teacher_for
 
-__all__ = [
-    "TrainSettings", "TrainResult", "StageResult", "train", "train_stage", "build_settings", "BASELINE_EPOCHS",
-    "TrainingSetupError", "TokenizerMismatchError", "CurriculumFilesError", "RunFolderError",
-    # The pieces the loop uses, importable from here as before they moved to their own modules.
-    "EncodingSettings", "Example", "read_pairs", "find_encoding_settings", "encode_data", "collate", "split_rows",
-    "curriculum_stage_files", "check_same_tokenizer", "check_context", "LossSpec", "batch_objective", "evaluate",
-    "learning_rate", "make_optimizer", "save_checkpoint", "StagePlan", "plan_stages",
-]
+__all__ = ["train", "train_stage", "RunContext", "TrainSettings", "TrainResult", "StageResult"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +119,7 @@ def train(
     check_output_folder(run_dir, overwrite=s.overwrite)  # a file, a foreign folder: refused before anything is written
 
     # 1. Plan: stages, files, encoding. Everything that can fail without a model fails here.
-    plans, schedule = plan_stages(s.schedule, curriculum=s.curriculum, epochs=s.epochs, data=s.data,
+    plans, schedule = plan_training(s.schedule, curriculum=s.curriculum, epochs=s.epochs, data=s.data,
                                   kd_ratio=s.kd_ratio, temperature=s.temperature)
     encoding = find_encoding_settings(s.curriculum if s.curriculum is not None else s.data,  # type: ignore[arg-type]
                                       echo=say if s.teacher_logits is None else lambda _: None)
@@ -156,7 +152,7 @@ def train(
     save_dtype = DTYPES[s.save_dtype] if s.save_dtype != "auto" else saved_dtype(s.student)
     eval_data = encode_file(s.eval_file, tokenizer, encoding, s.max_length)[0] if s.eval_file is not None else None
     # What the run trains on, by content (run.json records it; a resume on other inputs is refused).
-    inputs = input_fingerprints(s.model_dump(), [(p.index, p.data_file, p.sha256) for p in plans], encoding.describe(),
+    inputs = input_fingerprints(s.flat(), [(p.index, p.data_file, p.sha256) for p in plans], encoding.describe(),
                                 cached.fingerprint if cached is not None else None)
     if "data" in inputs:
         plans = [replace(plans[0], sha256=inputs["data"]["sha256"])]
@@ -166,30 +162,30 @@ def train(
         remove_stale_temps(run_dir)
         dtype_names = {name: None if value is None else str(value).removeprefix("torch.") for name, value in
                        (("dtype", dtype), ("teacher_dtype", teacher_dtype), ("save_dtype", save_dtype))}
-        run_record: dict[str, Any] = {
-            "mode": "curriculum" if s.curriculum is not None else "baseline",
-            "settings": recorded_settings(s.model_dump()),
-            "inputs": inputs,
-            "schedule": {"name": schedule.name, "stages": [
-                {"stage": p.index, "file": str(p.data_file), "epochs": p.epochs, "kd_ratio": p.kd_ratio, "temperature": p.temperature}
+        run_record = RunRecord(
+            mode="curriculum" if s.curriculum is not None else "baseline",
+            settings=recorded_settings(s.flat()),
+            inputs=inputs,
+            schedule=ScheduleRecord(name=schedule.name, stages=[
+                PlannedStage(stage=p.index, file=str(p.data_file), epochs=p.epochs, kd_ratio=p.kd_ratio, temperature=p.temperature)
                 for p in plans
-            ]},
-            "encoding": encoding.describe(),
-            "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token": tokenizer.eos_token},
-            "device": str(device),
+            ]),
+            encoding=encoding.describe(),
+            tokenizer={"class": type(tokenizer).__name__, "vocab_size": vocab_size, "eos_token": tokenizer.eos_token},
+            device=str(device),
             **dtype_names,
-            "dtype_reason": dtype_reason,
-            "versions": package_versions(),
-        }
-        defaults = {name: f.default for name, f in TrainSettings.model_fields.items()}
-        point = prepare_run_folder(run_dir, run_record["settings"], inputs, len(plans), overwrite=s.overwrite,
+            dtype_reason=dtype_reason,
+            versions=package_versions(),
+        )
+        defaults = setting_defaults()
+        point = prepare_run_folder(run_dir, run_record.settings, inputs, len(plans), overwrite=s.overwrite,
                                    defaults=defaults, echo=say)
         finished = point.finished
         previous = read_run_record(run_dir)
-        run_record["created_at"] = previous.get("created_at") or utc_now()
+        run_record.created_at = previous.created_at if previous is not None and previous.created_at else utc_now()
         # From the (verified) stage folders themselves: a kill between a stage's rename and the
         # run.json that lists it must not lose its record.
-        run_record["stages_finished"] = [read_stage_info(run_dir, stage) for stage in sorted(finished)]
+        run_record.stages_finished = [read_stage_record(run_dir, stage) for stage in sorted(finished)]
         write_run_record(run_dir, run_record, "running")
 
         # 4. The teacher, once and frozen (not at all when every stage is done); the student
@@ -209,7 +205,7 @@ def train(
         next_stage = min(set(range(len(plans))) - finished, default=-1)  # its lines before its step checkpoint are kept
         metrics = MetricsLog(run_dir / METRICS_FILE, point.elapsed, lines={next_stage: point.metrics_lines})
         ctx = RunContext(s, run_dir, teacher, tokenizer, vocab_size, pad_id, device, dtype, encoding, eval_data, metrics, progress, say,
-                         len(plans), teacher_head, save_dtype, global_step=steps_done(run_record["stages_finished"]),
+                         len(plans), teacher_head, save_dtype, global_step=steps_done(run_record.stages_finished),
                          resume_from=point.step_checkpoint, teacher_logits=cached)
 
         # 5. The stages, in order.
@@ -232,8 +228,7 @@ def train(
                 current = plan.index
                 results.append(train_stage(ctx, plan, start_from))
                 current = None
-                run_record["stages_finished"] += ctx.stage_records
-                ctx.stage_records = []
+                run_record.stages_finished.append(results[-1].record)
                 write_run_record(run_dir, run_record, "running")
         except KeyboardInterrupt as interrupt:
             write_run_record(run_dir, run_record, "interrupted")
@@ -249,11 +244,13 @@ def train(
 # --- One stage: the training loop -----------------------------------------------------------------
 
 
-def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> StageResult:
-    """Train one stage from ``start_from`` (or from ``ctx.resume_from``, its step checkpoint) and save ``RUN/stage-N`` atomically.
+def train_stage(ctx: RunContext, plan: TrainingStage, start_from: str | Path) -> StageResult:
+    """Train one stage from ``start_from`` (or from ``ctx.resume_from``, its step checkpoint), save ``RUN/stage-N``
+    atomically, and return its record (``srd_stage.json``) and checkpoint.
 
     Example:
-        >>> train_stage(ctx, StagePlan(0, Path("stage-0.parquet"), 8, 0.8, 1.0), "./student")   # doctest: +SKIP
+        >>> train_stage(ctx, TrainingStage(0, Path("stage-0.parquet"), 8, 0.8, 1.0), "./student").record.kept_epoch  # doctest: +SKIP
+        7
     """
     s, teacher, cached = ctx.settings, ctx.teacher, ctx.teacher_logits
     assert teacher is not None or cached is not None, "train() loads the teacher whenever a stage is left to train"
@@ -370,26 +367,25 @@ def train_stage(ctx: RunContext, plan: StagePlan, start_from: str | Path) -> Sta
             bar.write(f"stage {plan.index} epoch {epoch}: eval ROUGE-L {scores['eval_rouge_l']:.4f}, "
                       f"{loss_text}" + (" (best so far)" if improved else ""), ctx.echo)
             if improved:
-                at.best_rouge, at.best_epoch = scores["eval_rouge_l"], epoch
+                at.best_rouge, at.kept_epoch = scores["eval_rouge_l"], epoch
                 save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
     bar.close()
 
     if ctx.eval_data is None:  # no eval file: keep the last weights
-        at.best_epoch = at.last_epoch
+        at.kept_epoch = at.last_epoch
         save_checkpoint(student, ctx.tokenizer, partial, dtype=ctx.save_dtype)
     seconds = round(at.seconds + time.perf_counter() - started, 3)
-    info = {
-        "stage": plan.index, "data_file": str(plan.data_file), "rows": n_rows, "flagged_rows_left_out": flagged,
-        "rows_without_reference_room": data.dropped_rows, "rows_cut_to_max_length": data.cut_rows,
-        "epochs": plan.epochs, "steps": at.step, "kd_ratio": plan.kd_ratio, "temperature": plan.temperature,
-        "loss": s.loss, "t2_scaling": s.t2_scaling, "started_from": str(start_from), "kept_epoch": at.best_epoch,
-        "best_eval_rouge_l": at.best_rouge, "seconds": seconds, "fused_head": spec.fused,
-    }
-    checkpoint = finish_stage(ctx.run_dir, plan.index, info)
+    record = StageRecord(
+        stage=plan.index, data_file=str(plan.data_file), rows=n_rows, flagged_rows_left_out=flagged,
+        rows_without_reference_room=data.dropped_rows, rows_cut_to_max_length=data.cut_rows,
+        epochs=plan.epochs, steps=at.step, kd_ratio=plan.kd_ratio, temperature=plan.temperature,
+        loss=s.loss, t2_scaling=s.t2_scaling, started_from=str(start_from), kept_epoch=at.kept_epoch,
+        best_eval_rouge_l=at.best_rouge, seconds=seconds, fused_head=spec.fused,
+    )
+    checkpoint = finish_stage(ctx.run_dir, plan.index, record)
     ctx.echo(stage_done(plan.index, at.step, seconds, checkpoint, peak_memory_text(ctx.device)))
-    ctx.stage_records.append(info)
     del student, optimizer
-    return StageResult(plan.index, checkpoint, n_rows, at.step, at.best_epoch, at.best_rouge, seconds)
+    return StageResult(record, checkpoint)
 
 
 # --- What every stage shares ----------------------------------------------------------------------
@@ -416,6 +412,26 @@ class RunContext:
     teacher_head: Optional[HeadPlan] = None  # None: the fused head is off (--no-fused-head)
     save_dtype: Optional[torch.dtype] = None  # checkpoints are written in it (the student's saved dtype)
     global_step: int = 0
-    stage_records: list[dict[str, Any]] = field(default_factory=list)
     resume_from: Optional[Path] = None  # the verified step checkpoint the first stage to train continues from
     teacher_logits: Optional[TeacherLogits] = None  # --teacher-logits: the cached top-K instead of a teacher model
+
+
+# --- Old imports ------------------------------------------------------------------------------------
+
+# Names this module re-exported (without using them) before they lived in their own modules: still
+# importable from here, with a DeprecationWarning naming where they are.
+_MOVED = {
+    "Example": "srd_distill.data", "encode_data": "srd_distill.data", "curriculum_stage_files": "srd_distill.data",
+    "CurriculumFilesError": "srd_distill.errors", "RunFolderError": "srd_distill.errors",
+    "TokenizerMismatchError": "srd_distill.errors", "check_same_tokenizer": "srd_distill.checks",
+    "BASELINE_EPOCHS": "srd_distill.stages",
+}
+_RENAMED = {"StagePlan": ("srd_distill.stages", "TrainingStage"), "plan_stages": ("srd_distill.stages", "plan_training")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED or name in _RENAMED:
+        module, new = _RENAMED.get(name, (_MOVED.get(name), name))
+        warnings.warn(f"importing {name} from srd_distill.train is deprecated; use {module}.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), new)  # type: ignore[arg-type]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

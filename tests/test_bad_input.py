@@ -118,7 +118,8 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_gpt2, instruct_file, tm
 
 
 def test_export_and_distill_point_to_the_folder_that_exists(tmp_path):
-    from srd_distill.train import CurriculumFilesError, curriculum_stage_files
+    from srd_distill.data import curriculum_stage_files
+    from srd_distill.errors import CurriculumFilesError
     from srdata.curriculum.export import CurriculumError, export_curriculum
     from tests._runs import make_run
 

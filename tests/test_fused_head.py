@@ -33,7 +33,8 @@ import srd_distill.memory as memory
 import srd_distill.progress as progress
 from srd_distill.fused_head import HeadWeights, LogitPostprocess, fused_kd_objective, head_weights, plan_lm_head
 from srd_distill.losses import LOSS_NAMES, shift_for_next_token
-from srd_distill.train import Example, LossSpec, batch_objective, collate
+from srd_distill.data import Example, collate
+from srd_distill.objective import LossSpec, batch_objective
 
 from .test_losses import ref_ce, ref_kd
 

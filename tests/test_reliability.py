@@ -196,7 +196,7 @@ def test_batch_settings_move_ce_only_in_the_last_digits_and_are_recorded_per_sha
 def test_distill_checkpoints_follow_the_umask(tiny_gpt2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from srd_distill.train import save_checkpoint
+    from srd_distill.memory import save_checkpoint
 
     folder = tmp_path / "stage-0"
     save_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2), folder)

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 import srd_distill.train as train_module
 from srd_distill.cli import main
 from srd_distill.schedules import PRESETS, ScheduleError, load_schedule, with_epochs
-from srd_distill.train import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingSetupError, train
+from srd_distill.errors import CurriculumFilesError, RunFolderError, TokenizerMismatchError, TrainingSetupError
+from srd_distill.train import train
 from srdata.steps.prompts import ALPACA
 from srdata.steps.tokenize import encode_pairs
 

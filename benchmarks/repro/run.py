@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from srd_distill.testbed import ModelConfig, StudentConfig, TeacherConfig, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
+from srd_distill.testbed import TinyModelRecipe, StudentConfig, TeacherConfig, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
 from srdata.demo.regimes import REGIME_NAMES, regime_settings  # noqa: E402
 from srdata.demo.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402
@@ -86,8 +86,8 @@ class Settings:
     """Everything that defines a reproduction run (recorded in results.json)."""
 
     testbed: TestbedSpec
-    teacher: ModelConfig
-    student: ModelConfig
+    teacher: TinyModelRecipe
+    student: TinyModelRecipe
     seeds: tuple[int, ...]
     losses: tuple[str, ...]
     srd_epochs_per_stage: int

@@ -76,6 +76,15 @@ class CurriculumIntegrityError(IntegrityError):
     """A curriculum folder does not hold what its ``curriculum.json`` records; the message names the file and the fix."""
 
 
+class MissingStageFilesError(FileNotFoundError):
+    """``curriculum.json`` lists stage files that are not there; ``files`` are all it lists (checked to lie inside
+    ``folder``), stage 0 first, so a caller can name the missing ones its own way (srd-distill's schedule hint)."""
+
+    def __init__(self, message: str, folder: Path, files: list[Path]) -> None:
+        super().__init__(message)
+        self.folder, self.files = folder, files
+
+
 @dataclass(frozen=True)
 class VerifiedCurriculum:
     """An export whose stage files were checked against its ``curriculum.json``.
@@ -134,7 +143,8 @@ def verified_curriculum(path: str | os.PathLike[str]) -> VerifiedCurriculum:
     files = [_stage_path(folder, stage) for stage in stages]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"curriculum in {folder} lists stage files that are missing: {', '.join(missing)}; export again")
+        raise MissingStageFilesError(f"curriculum in {folder} lists stage files that are missing: {', '.join(missing)}; export again",
+                                     folder, files)
     unchecked = [f.name for f, stage in zip(files, stages) if not stage.get("sha256")]
     if unchecked:
         logger.warning("%s records no checksum of %s (exported by an older srdata): checked by size and rows only; "
