@@ -37,12 +37,15 @@ from srdata import __version__
 from srdata.backends import check_device, load_backend, resolve_run_dtype
 from srdata.config import TEACH_SECTIONS, ScoreConfig, TeachConfig, merge, nest, settings_hash
 from srdata.engines import ShardJob, run_shards
-from srdata.run.folder import ANNOTATED_FILE, Manifest, RunStore, Shard, ShardRecord, plan_shards, read_manifest, write_manifest
+from srdata.run.folder import ANNOTATED_FILE, MANIFEST_FILE, Manifest, RunStore, Shard, ShardRecord, plan_shards, read_manifest
 from srdata.run.identity import model_identity, require_safetensors
 from srdata.run.io import FolderLock
+from srdata.run.remote_run import RemoteRunStore, staged_run
+from srdata.run.storage import Location, check_bucket, exists, parse_location, use_options
 from srdata.shard import encode_shard, load_tokenizer
 from srdata.steps.context import model_max_positions
 from srdata.steps.load import ColumnMapping, load_split_with_identity
+from srdata.steps.prompts import resolved_config
 from srdata.steps.teacher import TEACHER_COLUMNS, TEACHER_FOLDER, padded_vocabulary_note, teacher_frame, tokenizer_differences
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,8 @@ class TeachError(ValueError):
 class TeachResult:
     """Where the teacher pass wrote, and its manifest."""
 
-    run: Path
-    teacher_dir: Path
+    run: Path | str  # a remote run (s3://...) is named by its URI
+    teacher_dir: Path | str
     manifest: dict[str, Any]
 
 
@@ -69,27 +72,62 @@ def teach(config: TeachConfig | dict[str, Any] | None = None, *, run: str | Path
     """
     config = _as_teach_config(config, settings)
     say = echo or log.info
-    run_dir = Path(run)
     if config.engine.engine != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
         check_device(config.model.device)
     require_safetensors(config.model.model)
-    if not (run_dir / "manifest.json").is_file():
-        raise TeachError(f"{run_dir} holds no scored run (no manifest.json); run `srdata score DATASET --output {run_dir}` first")
-    with FolderLock(run_dir, "srdata teach"):  # it rewrites the run's annotated table and manifest
-        return _teach(config, run_dir, say, progress)
+    with use_options(config.teach.storage_options):  # a run in object storage (s3://...): srdata.run.storage
+        location = parse_location(run if isinstance(run, str) else Path(run), "RUN_DIR")
+        if location.is_remote:
+            return _teach_remote(config, location, say, progress)
+        run_dir = location.local
+        _require_run(run_dir, run_dir)
+        with FolderLock(run_dir, "srdata teach"):  # it rewrites the run's annotated table and manifest
+            return _teach(config, run_dir, say, progress, (RunStore(run_dir), RunStore(run_dir / TEACHER_FOLDER)))
 
 
-def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progress: bool) -> TeachResult:
+def _teach_remote(config: TeachConfig, location: Location, say: Callable[[str], None], progress: bool) -> TeachResult:
+    """The pass on a run in object storage: staged locally, published as ``srdata score`` publishes (srdata.run.remote_run).
+
+    Under the run's lock object: the run's manifest and annotated table (and the teacher
+    folder's manifest) are downloaded afresh; every finished teacher shard the stored teacher
+    manifest records is downloaded and checked against its SHA-256 before it is trusted
+    (:meth:`RemoteRunStore.prepare`); each new shard is uploaded before the teacher manifest
+    that records it; ``annotated.parquet`` before the run's ``manifest.json``, which is last.
+    """
+    check_bucket(location)
+    if not exists(location / MANIFEST_FILE):  # before the lock: a wrong location is refused having written nothing
+        raise _no_run(location.uri)
+    names = [MANIFEST_FILE, ANNOTATED_FILE, f"{TEACHER_FOLDER}/{MANIFEST_FILE}"]
+    with staged_run(location, "srdata teach", names) as run_dir:
+        _require_run(run_dir, location.uri)
+        stores = (RemoteRunStore(location, staging=run_dir), RemoteRunStore(location / TEACHER_FOLDER, staging=run_dir / TEACHER_FOLDER))
+        return _teach(config, run_dir, say, progress, stores)
+
+
+def _require_run(run_dir: Path, shown_as: Path | str) -> None:
+    if not (run_dir / MANIFEST_FILE).is_file():
+        raise _no_run(shown_as)
+
+
+def _no_run(shown_as: Path | str) -> TeachError:
+    return TeachError(f"{shown_as} holds no scored run (no manifest.json); run `srdata score DATASET --output {shown_as}` first")
+
+
+def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progress: bool,
+           stores: tuple[RunStore, RunStore]) -> TeachResult:
+    """The pass, holding the run's lock; ``stores``: the run folder's and its teacher folder's (local or remote)."""
     started = time.perf_counter()
+    run_store, store = stores
+    label = run_store.output  # the run as the user named it (its URI for a remote run, whose run_dir is a local copy)
     # read the run: its settings decide the encoding, its dataset must still hold what it scored
     run_manifest = read_manifest(run_dir)
     if run_manifest is None or run_manifest.status != "complete" or not (run_dir / ANNOTATED_FILE).is_file():
-        raise TeachError(f"{run_dir} has no finished scores; finish `srdata score` into it (re-run the same command) first")
+        raise TeachError(f"{label} has no finished scores; finish `srdata score` into it (re-run the same command) first")
     student = ScoreConfig.model_validate(run_manifest.config.model_dump())
     dataset, data_identity = load_split_with_identity(student.data.dataset, student.data.split, student.data.limit)
     if data_identity != run_manifest.identity.get("dataset"):
         raise TeachError(
-            f"the dataset {student.data.dataset} no longer holds the content {run_dir} scored (it was edited or replaced); "
+            f"the dataset {student.data.dataset} no longer holds the content {label} scored (it was edited or replaced); "
             "score it again, or restore the data the run scored"
         )
     mapping, template = ColumnMapping(**run_manifest.columns), run_manifest.template
@@ -120,14 +158,13 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
     _check_context(run_dir, teacher_config)
 
     # prepare RUN/teacher (resumes the same pass; another teacher or K is refused unless --overwrite)
-    store = RunStore(run_dir / TEACHER_FOLDER)
     store.check_foreign(config.teach.overwrite)
     top_k = config.teach.top_k
     teach_settings = {"teach": {"top_k": top_k}, "run": {"config_hash": run_manifest.config_hash}}
     if dtype != "auto":  # a pass resumed in another dtype would mix precisions: refused like other settings
         teach_settings["model"] = {"dtype": dtype}
     identity = {"teacher": model_identity(config.model.model), "dataset": data_identity, "rows": len(dataset)}
-    _refuse_another_teacher(store, identity, top_k, config.teach.overwrite)
+    _refuse_another_teacher(store, identity, top_k, config.teach.overwrite, label)
     resumed = store.prepare(teach_settings, identity, config.teach.overwrite)
     shards = plan_shards(len(dataset), student.batching.shard_size)
     pending = store.pending(shards, say)
@@ -154,22 +191,24 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
         store.write_manifest(manifest)
 
     if pending:
-        job = ShardJob(dataset, mapping, template, student_tokenizer, teacher_config, open_student=functools.partial(LoadedTeacher, top_k=top_k))
+        # the run's template and columns in the config (a run scored before srdata resolved its config recorded them apart)
+        job = ShardJob(dataset, resolved_config(teacher_config, mapping, template), student_tokenizer,
+                       open_student=functools.partial(LoadedTeacher, top_k=top_k))
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # join into the run's annotated table, checked row by row against the scoring run's token counts
     taught = store.read_shards(manifest.shards, columns=["srd_id", "teacher_ce_loss", "prompt_tokens", "reference_tokens"])
     annotated_path = run_dir / ANNOTATED_FILE
-    annotated = _join(pl.read_parquet(annotated_path), taught, run_dir)
-    RunStore(run_dir).write_annotated(annotated, metadata=_ranking_metadata_of(annotated_path))
+    annotated = _join(pl.read_parquet(annotated_path), taught, label)
+    run_store.write_annotated(annotated, metadata=_ranking_metadata_of(annotated_path))
     manifest.status = "complete"
     manifest.counts = {"rows_taught": int(taught["teacher_ce_loss"].is_not_null().sum()), "rows_input": len(dataset)}
     manifest.timings = {"total_seconds": round(time.perf_counter() - started, 3)}
     store.write_manifest(manifest)
     record = {"model": identity["teacher"], "top_k": top_k, "folder": TEACHER_FOLDER, "vocabulary": vocabulary}
-    write_manifest(run_dir, Manifest.model_validate({**run_manifest.to_json(), "teacher": record}))
-    say(f"wrote teacher_ce_loss and excess_ce_loss into {annotated_path}" + (f"; top-{top_k} log-probs in {store.dir}/shards" if top_k else ""))
-    return TeachResult(run_dir, store.dir, manifest.to_json())
+    run_store.write_manifest(Manifest.model_validate({**run_manifest.to_json(), "teacher": record}))  # the commit, last
+    say(f"wrote teacher_ce_loss and excess_ce_loss into {label}/{ANNOTATED_FILE}" + (f"; top-{top_k} log-probs in {store.output}/shards" if top_k else ""))
+    return TeachResult(label, store.output, manifest.to_json())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -203,7 +242,7 @@ def _check_context(run_dir: Path, config: ScoreConfig) -> None:
         )
 
 
-def _refuse_another_teacher(store: RunStore, identity: dict[str, Any], top_k: int, overwrite: bool) -> None:
+def _refuse_another_teacher(store: RunStore, identity: dict[str, Any], top_k: int, overwrite: bool, label: Path | str) -> None:
     """Two teachers' passes never mix: a pass of another teacher (or K) is replaced only with --overwrite."""
     previous = read_manifest(store.dir)
     if previous is None or overwrite:
@@ -211,17 +250,17 @@ def _refuse_another_teacher(store: RunStore, identity: dict[str, Any], top_k: in
     before = previous.identity.get("teacher", {})
     if before != identity["teacher"]:
         raise TeachError(
-            f"{store.dir.parent} already holds the teach pass of {before.get('name')} (fingerprint {before.get('fingerprint')}); "
+            f"{label} already holds the teach pass of {before.get('name')} (fingerprint {before.get('fingerprint')}); "
             f"pass --overwrite to replace it with {identity['teacher'].get('name')}"
         )
     if previous.settings.get("teach", {}).get("top_k") != top_k:
         raise TeachError(
-            f"{store.dir.parent} holds a teach pass with --top-k {previous.settings.get('teach', {}).get('top_k')}; "
+            f"{label} holds a teach pass with --top-k {previous.settings.get('teach', {}).get('top_k')}; "
             f"run it again with that value to resume, or pass --overwrite to redo it with --top-k {top_k}"
         )
 
 
-def _join(annotated: pl.DataFrame, taught: pl.DataFrame, run_dir: Path) -> pl.DataFrame:
+def _join(annotated: pl.DataFrame, taught: pl.DataFrame, run_dir: Path | str) -> pl.DataFrame:
     """The run's rows with the teacher columns (replacing earlier ones); refuses rows encoded otherwise."""
     both = annotated.select("srd_id", "prompt_tokens", "reference_tokens").join(taught, on="srd_id", how="inner", suffix="_teacher")
     differ = both.filter(
@@ -244,17 +283,17 @@ class LoadedTeacher:
     """The teacher loaded once, scoring whole shards of the run's encoded pairs: what every engine calls.
 
     Example:
-        >>> teacher = LoadedTeacher(config, mapping, "chat", tokenizer, top_k=64)   # doctest: +SKIP
+        >>> teacher = LoadedTeacher(config, tokenizer, top_k=64)   # doctest: +SKIP
         >>> frame = teacher(rows, Shard(0, 0, 100))                                  # doctest: +SKIP
     """
 
-    def __init__(self, config: ScoreConfig, mapping: ColumnMapping, template: str, tokenizer: Any = None, *, top_k: int = 0) -> None:
-        self.config, self.mapping, self.template, self.top_k = config, mapping, template, top_k
+    def __init__(self, config: ScoreConfig, tokenizer: Any = None, *, top_k: int = 0) -> None:
+        self.config, self.top_k = config, top_k
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
         self.backend = load_backend(config, tokenizer=self.tokenizer)
 
     def __call__(self, rows: dict[str, list], shard: Shard, progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
-        rendered, valid, pairs = encode_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.config)
+        rendered, valid, pairs = encode_shard(rows, shard, self.tokenizer, self.config)
         prompts, references = [p.prompt_ids for p in pairs], [p.reference_ids for p in pairs]
         scores = self.backend.score_top_k(prompts, references, self.top_k, progress) if pairs else []
         invalid = [shard.start + i for i in range(len(rendered)) if i not in set(valid)]

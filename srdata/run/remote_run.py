@@ -40,16 +40,16 @@ import polars as pl
 from srdata.run.folder import ANNOTATED_FILE, MANIFEST_FILE, SHARD_FILE, Manifest, RunDirError, RunStore, Shard, read_manifest
 from srdata.run.io import FolderLock, is_tool_file
 from srdata.run.remote_lock import RemoteLock
-from srdata.run.storage import (Location, check_bucket, download, download_verified, is_remote, list_names, parse_location, remove,
-                                staging_folder, upload)
+from srdata.run.storage import (Location, check_bucket, download, download_verified, is_remote, list_names, parse_location,
+                                remember_published, remove, staging_folder, upload)
 
 
 class RemoteRunStore(RunStore):
     """A :class:`~srdata.run.folder.RunStore` whose folder is a remote location (see the module docstring)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path | Location, staging: Path | None = None) -> None:
         self.location: Location = parse_location(str(directory), "--output")
-        super().__init__(staging_folder(self.location, "run"))
+        super().__init__(staging if staging is not None else staging_folder(self.location, "run"))
         self.say: Any = None
 
     @property
@@ -152,6 +152,31 @@ class RemoteRunStore(RunStore):
     def write_annotated(self, frame: pl.DataFrame, metadata: dict[str, str] | None = None) -> None:
         super().write_annotated(frame, metadata)
         upload(self.annotated_path, self.location / ANNOTATED_FILE)
+
+
+@contextlib.contextmanager
+def staged_run(run: Location, command: str, names: list[str]) -> Iterator[Path]:
+    """A local copy of these files of the remote run ``run``, made and used holding the run's lock (remote and local).
+
+    For a command that rewrites a finished run (``srdata teach``): one writer on the remote
+    folder (its lock object, as ``srdata score`` takes), every named file downloaded afresh
+    (one the store lacks is absent from the copy: the remote folder is the truth), the copy
+    named by the run's URI in messages (:func:`srdata.run.storage.shown`). Publish through
+    :class:`RemoteRunStore` objects whose ``staging`` is the copy (or a folder inside it).
+
+    Example:
+        >>> with staged_run(parse_location("s3://b/runs/a", "RUN_DIR"), "srdata teach", ["manifest.json"]) as local:   # doctest: +SKIP
+        ...     read_manifest(local).status
+        'complete'
+    """
+    check_bucket(run)  # a missing bucket or an endpoint that does not answer: said so before anything is written
+    staged = staging_folder(run, "staged")
+    with RemoteLock(run, command, say=_warn), FolderLock(staged, command):
+        for name in names:
+            (staged / name).unlink(missing_ok=True)
+            download(run / name, staged / name)
+        remember_published(staged, run)
+        yield staged
 
 
 def open_run_store(output: str | Path) -> RunStore:

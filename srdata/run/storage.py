@@ -174,7 +174,7 @@ def local_path(value: str | os.PathLike[str], setting: str) -> Path:
     location = parse_location(value, setting)
     if location.is_remote:
         raise StorageError(f"{setting} {value}: this takes a local path only. Remote storage (s3://, gs://, hf://) is "
-                           "read and written by `srdata score` (DATASET, --output), `srdata export` (RUN_DIR, --out), "
+                           "read and written by `srdata score` (DATASET, --output), `srdata teach` (RUN_DIR), `srdata export` (RUN_DIR, --out), "
                            "load_curriculum and `srd-distill train` (--curriculum, --data, --output, --teacher-logits); "
                            "copy it to a local path first")
     return location.local
@@ -421,16 +421,23 @@ def remove(location: Location) -> None:
             pass
 
 
+class _NoObject(Exception):
+    """Raised inside :func:`download`'s atomic write so that no file is published for a missing object."""
+
+
 def download(location: Location, local: Path) -> bool:
-    """Copy one object to ``local`` atomically; ``False`` when there is no such object."""
+    """Copy one object to ``local`` atomically; ``False`` when there is no such object (``local`` is then left as it was)."""
     fs = location.fs()
-    with store_errors(location, "read"), atomic_path(local) as tmp:
-        try:
-            fs.get_file(location.path, str(tmp))
-        except FileNotFoundError as err:
-            if "bucket" in str(err).lower():
-                raise
-            return False
+    try:
+        with store_errors(location, "read"), atomic_path(local) as tmp:
+            try:
+                fs.get_file(location.path, str(tmp))
+            except FileNotFoundError as err:
+                if "bucket" in str(err).lower():
+                    raise
+                raise _NoObject() from None  # not a return: that would publish the empty temp file as ``local``
+    except _NoObject:
+        return False
     return True
 
 
