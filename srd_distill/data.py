@@ -335,15 +335,16 @@ def checked_curriculum(curriculum_dir: Path, n_stages: int, schedule_name: str) 
     """The stage files a schedule of ``n_stages`` stages trains on and their SHA-256, checked.
 
     The names come from ``curriculum.json`` (as ``srdata export`` writes it), and every file
-    must match what it records (bytes, rows, checksum; no path outside the folder:
-    :func:`srdata.curriculum.load.verified_curriculum`); without it, ``stage-K.parquet`` /
-    ``stage-K.jsonl`` files are looked up directly (a hand-made curriculum: nothing to check
+    must match what it records (bytes, rows, checksum; no path outside the folder): srdata's
+    one curriculum reader checks it (:func:`srdata.curriculum.load.verified_curriculum`, as
+    for ``load_curriculum``); only the messages here add what the schedule needs. Without
+    it, ``stage-K.parquet`` / ``stage-K.jsonl`` files are looked up directly (a hand-made curriculum: nothing to check
     them against, their checksums are recorded in the run all the same).
 
     Example:
         >>> files, digests = checked_curriculum(Path("runs/dolly/curriculum"), 3, "paper-gpt2")   # doctest: +SKIP
     """
-    from srdata.curriculum.load import verified_curriculum
+    from srdata.curriculum.load import MissingStageFilesError, verified_curriculum
 
     if not curriculum_dir.is_dir():
         raise CurriculumFilesError(
@@ -360,9 +361,8 @@ def checked_curriculum(curriculum_dir: Path, n_stages: int, schedule_name: str) 
         try:
             verified = verified_curriculum(curriculum_dir)
             listed, digests = verified.files, verified.sha256
-        except FileNotFoundError:  # the paths were checked to lie inside the folder before this is raised
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-            listed = [curriculum_dir / s["file"] for s in sorted(summary.get("stages", []), key=lambda s: s["stage"])]
+        except MissingStageFilesError as err:  # named below, with what the schedule needs
+            listed = err.files
         except ValueError as err:  # CurriculumIntegrityError: it names the file and says to export again
             raise CurriculumFilesError(str(err)) from None
         source = f"listed in {summary_path}"

@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from srd_distill.checkpoints import MARKER_FILE, verify_checkpoint
 from srd_distill.cli import main
-from srd_distill.train import RunFolderError, train
+from srd_distill.errors import RunFolderError
+from srd_distill.train import train
 from srdata.run.io import LOCK_FILE
 
 from .conftest import corpus
