@@ -125,3 +125,96 @@ def test_heavy_libraries_are_imported_at_module_top_only_in_backends(package):
             if target.split(".")[0] in HEAVY or target.split(".")[0] == "srd_distill":
                 offenders.append(f"{path.relative_to(ROOT)}:{line} imports {target} at module top")
     assert not offenders, "\n".join(offenders)
+
+
+# ---------------------------------------------------------------- registries (issue 26, item 3)
+REGISTRY_MODULES = {"srdata.backends.registry", "srdata.engines"}
+
+
+def registered_names() -> dict[str, set[str]]:
+    from srdata.backends.registry import BACKEND_CHOICES
+    from srdata.engines import ENGINES
+
+    return {"backend": set(BACKEND_CHOICES), "engine": set(ENGINES)}
+
+
+def test_backend_and_engine_names_come_only_from_their_registries():
+    """No Literal, tuple, list, set or dict of backend (or engine) names outside the registry that holds them."""
+    import typing
+
+    from srdata.backends.registry import BACKEND_CHOICES
+    from srdata.config import EngineConfig, ModelConfig
+    from srdata.engines import ENGINES
+
+    assert typing.get_args(ModelConfig.model_fields["backend"].annotation) == BACKEND_CHOICES
+    assert typing.get_args(EngineConfig.model_fields["engine"].annotation) == tuple(ENGINES)
+    offenders = []
+    for name, path in SOURCES.items():
+        if name in REGISTRY_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                elements = node.elts
+            elif isinstance(node, ast.Dict):
+                elements = [key for key in node.keys if key is not None]
+            else:
+                continue
+            strings = {e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            for kind, names in registered_names().items():
+                if len(strings & names) >= 2:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} lists {kind} names {sorted(strings & names)}")
+    assert not offenders, "name them in the registry only (srdata/backends/registry.py, srdata/engines/__init__.py):\n" + "\n".join(offenders)
+
+
+def test_no_vllm_special_case_outside_backends():
+    """``== "vllm"``, ``in (..., "vllm")`` or a list naming it belongs in srdata/backends; elsewhere ask the backend (its protocol)."""
+
+    def is_vllm(node: ast.AST) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(is_vllm(e) for e in node.elts)
+        return isinstance(node, ast.Constant) and node.value == "vllm"
+
+    offenders = []
+    for name, path in SOURCES.items():
+        if name.startswith("srdata.backends"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare) and any(is_vllm(side) for side in [node.left, *node.comparators]):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with 'vllm'")
+            elif isinstance(node, (ast.Tuple, ast.List, ast.Set)) and is_vllm(node):  # e.g. a package list: Backend.packages
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} lists 'vllm'")
+    assert not offenders, "\n".join(offenders)
+
+
+PROTOCOL_METHODS = ("from_config", "context_length", "close", "generate", "score", "score_top_k", "score_and_generate")
+
+
+@pytest.mark.parametrize("name", sorted(__import__("srdata.backends.registry", fromlist=["BACKENDS"]).BACKENDS))
+def test_every_registered_backend_satisfies_the_protocol(name):
+    import inspect
+
+    from srdata.backends import Backend, backend_class
+
+    cls = backend_class(name)  # imports the module, never the optional engine (vLLM is imported when one starts)
+    for method in PROTOCOL_METHODS:
+        assert callable(getattr(cls, method, None)), f"{cls.__name__} has no {method}"
+        expected = list(inspect.signature(getattr(Backend, method)).parameters)
+        got = list(inspect.signature(getattr(cls, method)).parameters)
+        assert got[: len(expected)] == expected, f"{cls.__name__}.{method}{got} does not take the protocol's {expected}"
+    for method in ("from_config", "context_length"):  # asked before any instance exists
+        assert isinstance(inspect.getattr_static(cls, method), classmethod), f"{cls.__name__}.{method} is not a classmethod"
+    assert cls.packages and all(isinstance(p, str) for p in cls.packages), f"{cls.__name__}.packages names no package"
+
+
+def test_the_registries_import_no_backend_or_engine():
+    """Reading the names (srdata.config does) imports no backend and no engine module: they load when a run uses them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, srdata.config, srdata.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'ray') or m in "
+        "('srdata.backends.hf', 'srdata.backends.vllm', 'srdata.engines.local', 'srdata.engines.ray')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
