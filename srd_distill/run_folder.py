@@ -9,6 +9,8 @@ Layout::
     RUN/.stage-N.step-K/         the resumable state of stage N after K optimizer steps (only the latest is kept)
     RUN/.srdata.lock             the lock of the one writer (see below)
 
+``run.json`` and each stage's ``srd_stage.json`` are typed records (:mod:`srd_distill.records`).
+
 Guarantees:
 
 * **One writer per folder.** ``srd-distill train`` holds ``FolderLock(RUN)`` from before it
@@ -58,6 +60,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -70,33 +73,17 @@ from srd_distill.inputs import diff_inputs
 from srd_distill.records import RunRecord, StageRecord, StepState
 from srd_distill.remote_publish import publish_run_files, publish_stage
 from srd_distill.schedules import PRESETS
+from srd_distill.settings import TrainSettings
+from srdata.config import resumable_settings
 from srdata.run import folder as run_folder
 from srdata.run.io import LOCK_FILE, FolderLock, atomic_path, is_tool_file, write_json_atomic
 from srdata.run.storage import local_path, shown
 
 __all__ = [
-    "RUN_FILE",
-    "METRICS_FILE",
-    "STAGE_INFO_FILE",
-    "RESUMABLE_WITH_OTHER_VALUES",
-    "STEP_STATE_FILE",
-    "stage_folder",
-    "partial_folder",
-    "step_folder",
-    "step_folders",
-    "is_finished",
-    "ResumePoint",
-    "check_output_folder",
-    "prepare_run_folder",
-    "MetricsLog",
-    "recorded_settings",
-    "finish_stage",
-    "read_stage_record",
-    "read_run_record",
-    "write_run_record",
-    "steps_done",
-    "utc_now",
-    "package_versions",
+    "RUN_FILE", "METRICS_FILE", "STAGE_INFO_FILE", "RESUMABLE_WITH_OTHER_VALUES", "STEP_STATE_FILE", "stage_folder",
+    "partial_folder", "step_folder", "step_folders", "is_finished", "ResumePoint", "check_output_folder",
+    "prepare_run_folder", "MetricsLog", "recorded_settings", "finish_stage", "read_stage_record", "read_run_record",
+    "write_run_record", "steps_done", "utc_now", "package_versions",
 ]
 
 RUN_FILE = "run.json"
@@ -105,14 +92,9 @@ STAGE_INFO_FILE = "srd_stage.json"
 STEP_STATE_FILE = "state.json"  # in a step checkpoint: position, counters, metrics lines so far
 TOOL = "srd-distill"
 FORMAT_VERSION = 2  # 2: checksummed checkpoints, input fingerprints, step checkpoints
-# Settings that change speed, memory or logging but not the trained weights: a run may be
-# resumed with other values of these. (grad_accum only splits a step into micro-batches;
-# the loss of a step is the same token mean either way.)
-# fused_head and gradient_checkpointing likewise change the arithmetic's order, not the step.
-RESUMABLE_WITH_OTHER_VALUES = frozenset({"device", "grad_accum", "log_every", "stop_after_stage", "overwrite", "output",
-                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens", "checkpoint_interval",
-                                         # the cache must hold exactly the K asked; run.json's inputs record it
-                                         "teacher_top_k"})
+# Settings that change speed, memory or logging but not the trained weights, so that a run may be
+# resumed with other values of them: declared on TrainSettings' fields (srdata.config.RESUMABLE).
+RESUMABLE_WITH_OTHER_VALUES = frozenset(path[-1] for path in resumable_settings(TrainSettings))  # run.json: flat names
 STAGE_FOLDER_PATTERN = re.compile(r"stage-\d+")
 STEP_FOLDER_PATTERN = re.compile(r"\.stage-(?P<stage>\d+)\.step-(?P<step>\d+)")
 # Every checkpoint folder name this tool writes (finished, partial, step, step being written).
@@ -488,3 +470,11 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def __getattr__(name: str) -> Any:
+    if name == "read_stage_info":  # the old reader, returning the record as a dict
+        warnings.warn("srd_distill.run_folder.read_stage_info is deprecated; use read_stage_record (a StageRecord)",
+                      DeprecationWarning, stacklevel=2)
+        return lambda run_dir, stage: read_stage_record(run_dir, stage).to_json()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

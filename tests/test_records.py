@@ -63,6 +63,10 @@ def test_an_older_step_checkpoint_that_says_best_epoch_resumes_with_the_same_kep
     assert json.loads((out / "run.json").read_text())["stages_finished"] == [got_info]
     with pytest.warns(DeprecationWarning, match="kept_epoch"):
         assert result.stages[0].best_epoch == got_info["kept_epoch"]
+    import srd_distill.run_folder as run_folder
+
+    with pytest.warns(DeprecationWarning, match="read_stage_record"):
+        assert run_folder.read_stage_info(out, 0) == got_info
 
 
 def test_records_read_old_names_and_keep_unknown_keys():

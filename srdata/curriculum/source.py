@@ -1,5 +1,9 @@
 """The scored run an export (or a re-rank, or a report) reads: a finished ``srdata score`` folder.
 
+A run folder is read through :class:`~srdata.run.folder.RunStore` (its files, its manifest);
+this module adds what a reader of a *finished* run needs: the refusal of an unfinished or
+missing run, named, and the check that it was not replaced while it was read.
+
 Example:
     >>> read_run("runs/dolly").annotated          # doctest: +SKIP
     PosixPath('runs/dolly/annotated.parquet')
@@ -12,21 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srdata.curriculum.cut import CurriculumError
-from srdata.run.folder import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, Manifest, read_manifest
+from srdata.run.folder import CURRICULUM_FILE, MANIFEST_FILE, Manifest, RunStore
 from srdata.run.storage import local_path
 
 
 @dataclass(frozen=True)
 class Run:
-    """A finished ``srdata score`` folder."""
+    """A finished ``srdata score`` folder, as :func:`read_run` found it."""
 
     path: Path
     manifest: Manifest
     read_at: tuple[tuple[int, ...] | None, ...] = ()  # annotated.parquet and manifest.json as read_run found them
 
     @property
+    def store(self) -> RunStore:
+        """The folder's store: every file of the run is found through it."""
+        return RunStore(self.path)
+
+    @property
     def annotated(self) -> Path:
-        return self.path / ANNOTATED_FILE
+        return self.store.annotated_path
 
     @property
     def config_hash(self) -> str | None:
@@ -43,13 +52,14 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
     path = local_path(run_dir, "RUN_DIR")  # a remote run is read through a local copy (srdata.curriculum.remote_export)
     if not path.is_dir():
         raise CurriculumError(f"run folder {path} does not exist")
-    read_at = _identities(path)
+    store = RunStore(path)
+    read_at = _identities(store)
     manifest = read_run_manifest(path)
     if manifest.status != "complete":
         raise CurriculumError(_unfinished_message(path, manifest))
-    if not (path / ANNOTATED_FILE).is_file():
+    if not store.annotated_path.is_file():
         raise CurriculumError(
-            f"{path / ANNOTATED_FILE} is missing although the manifest says the run is complete; "
+            f"{store.annotated_path} is missing although the manifest says the run is complete; "
             "rerun the same `srdata score` command into this folder to rebuild it"
         )
     return Run(path, manifest, read_at)
@@ -58,7 +68,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> Run:
 def read_run_manifest(path: Path) -> Manifest:
     """The manifest of a run folder, whatever its status; a folder without one is explained."""
     try:
-        manifest = read_manifest(path)
+        manifest = RunStore(path).read_manifest()
     except ValueError as err:  # RunDirError (an unreadable manifest) is one
         raise CurriculumError(str(err)) from None
     if manifest is None:
@@ -106,8 +116,8 @@ def file_identity(path: Path) -> tuple[int, ...] | None:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def _identities(run_dir: Path) -> tuple[tuple[int, ...] | None, ...]:
-    return file_identity(run_dir / ANNOTATED_FILE), file_identity(run_dir / MANIFEST_FILE)
+def _identities(store: RunStore) -> tuple[tuple[int, ...] | None, ...]:
+    return file_identity(store.annotated_path), file_identity(store.manifest_path)
 
 
 def check_unchanged(run: Run, command: str, out_dir: Path) -> None:
@@ -115,7 +125,7 @@ def check_unchanged(run: Run, command: str, out_dir: Path) -> None:
 
     Both ``annotated.parquet`` and ``manifest.json`` (the ranking settings) are compared.
     """
-    if _identities(run.path) != run.read_at:
+    if _identities(run.store) != run.read_at:
         raise CurriculumError(
             f"{run.annotated} was replaced while this {command} read it (by `srdata rank` or `srdata score`); "
             f"nothing in {out_dir} was changed: run `srdata {command}` again"

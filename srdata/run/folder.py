@@ -234,6 +234,10 @@ def _planned_files(manifest: Manifest) -> set[str]:
 class RunStore:
     """Reads and writes one run folder, touching only files srdata provably wrote.
 
+    The one reader of a run folder: ``srdata score`` resumes through it, and the commands that
+    read a finished run (export, rank, report: :func:`srdata.curriculum.source.read_run`) find
+    its manifest and table through it.
+
     Example:
         >>> store = RunStore("runs/student-a")                           # doctest: +SKIP
         >>> store.check_foreign(overwrite=False)                         # doctest: +SKIP
@@ -254,6 +258,10 @@ class RunStore:
         """Where the run is, as the user gave it: the folder, or the remote location (``s3://...``)."""
         return self.dir
 
+    def read_manifest(self) -> Manifest | None:
+        """The folder's ``manifest.json`` (:func:`read_manifest`); ``None`` when it holds none."""
+        return read_manifest(self.dir)
+
     def lock(self, command: str = "srdata score") -> Any:
         """The folder's lock (one writer): take it after :meth:`check_foreign`, before :meth:`prepare`."""
         return FolderLock(self.dir, command)
@@ -273,7 +281,7 @@ class RunStore:
             raise RunDirError(f"output {self.dir} is a file, not a folder; choose another --output")
         if not self.dir.is_dir():
             return
-        manifest = read_manifest(self.dir)
+        manifest = self.read_manifest()
         if manifest is not None:
             if manifest.srdata_version is None:
                 raise RunDirError(f"{self.manifest_path} was not written by `srdata score`; choose another --output")
@@ -317,7 +325,7 @@ class RunStore:
         for folder in (self.dir, self.dir / "shards"):
             remove_stale_temps(folder)
         self.check_foreign(overwrite)
-        previous = self.previous_manifest = read_manifest(self.dir)
+        previous = self.previous_manifest = self.read_manifest()
         if previous is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             return False
