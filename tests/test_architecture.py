@@ -218,3 +218,19 @@ def test_the_registries_import_no_backend_or_engine():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_public_name_means_two_things_across_srdata_and_srd_distill():
+    """A class or function defined at the top of a module in both packages is one concept or a trap (issue 26 item 7:
+    StagePlan/plan_stages, ModelConfig, TeacherConfig were). The few left are the same job on each side."""
+    import ast
+
+    same_job = {"main", "check_output_folder", "load_tokenizer", "package_versions"}  # each package's CLI / own folder
+    where: dict[str, set[str]] = {}
+    for package in ("srdata", "srd_distill"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not node.name.startswith("_"):
+                    where.setdefault(node.name, set()).add(package)
+    twice = {name for name, packages in where.items() if len(packages) == 2} - same_job
+    assert not twice, f"defined in both srdata and srd_distill: {sorted(twice)}; rename one (keep the old name deprecated)"
