@@ -44,7 +44,7 @@ import polars as pl  # noqa: E402
 
 import srdata  # noqa: E402
 from _common import testbed_models  # noqa: E402  (this folder)
-from srd_distill.testbed import StudentConfig, TeacherConfig  # noqa: E402
+from srd_distill.testbed import student_recipe, teacher_recipe  # noqa: E402
 from srdata.demo.testbed import TestbedSpec  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
 
@@ -55,8 +55,8 @@ CANDIDATES = {
     "teach-3": "teacher_ce_loss:asc:3,rouge_l:desc,ce_loss:asc",
 }
 SPEC = TestbedSpec(train_pairs=800, dev_pairs=32, test_pairs=160, teacher_pairs=8000, warmup_pairs=4000, noise_fraction=0.10)
-TEACHER = TeacherConfig(hidden_size=96, num_layers=3, steps=200)
-STUDENT = StudentConfig(steps=150)
+TEACHER = teacher_recipe(hidden_size=96, num_layers=3, steps=200)
+STUDENT = student_recipe(steps=150)
 
 
 def dropped_after(frame: pl.DataFrame, stages: int = 4, keep: int = 3) -> int:

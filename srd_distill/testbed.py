@@ -13,7 +13,7 @@
 Example:
     >>> from srdata.demo.testbed import build_testbed, TestbedSpec
     >>> files = build_testbed("/tmp/tb", TestbedSpec(train_pairs=400))                  # doctest: +SKIP
-    >>> teacher = train_teacher("/tmp/tb/teacher", files.teacher_sft, TeacherConfig())   # doctest: +SKIP
+    >>> teacher = train_teacher("/tmp/tb/teacher", files.teacher_sft, teacher_recipe())   # doctest: +SKIP
     >>> evaluate_model(teacher, files.test)["overall"]["exact_match"]                   # doctest: +SKIP
     0.97
 """
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["TinyModelRecipe", "TeacherConfig", "StudentConfig", "train_teacher", "warm_up_student", "evaluate_model", "summarise"]
+__all__ = ["TinyModelRecipe", "teacher_recipe", "student_recipe", "train_teacher", "warm_up_student", "evaluate_model", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,21 @@ class TinyModelRecipe:
         return asdict(self)
 
 
-def TeacherConfig(**overrides: Any) -> TinyModelRecipe:
+def teacher_recipe(**overrides: Any) -> TinyModelRecipe:
     """The testbed teacher: Llama, 4 layers, hidden 128 (about 1.1M parameters), 1,000 steps of 64 pairs.
 
     Example:
-        >>> TeacherConfig(steps=100).num_layers
+        >>> teacher_recipe(steps=100).num_layers
         4
     """
     return TinyModelRecipe(**{**dict(hidden_size=128, num_layers=4, num_heads=4, steps=1000, batch_size=64, lr=2e-3, warmup_steps=100), **overrides})
 
 
-def StudentConfig(**overrides: Any) -> TinyModelRecipe:
+def student_recipe(**overrides: Any) -> TinyModelRecipe:
     """The testbed student: Llama, 2 layers, hidden 64 (about 0.1M parameters), a 300-step warm-up.
 
     Example:
-        >>> StudentConfig().hidden_size
+        >>> student_recipe().hidden_size
         64
     """
     return TinyModelRecipe(**{**dict(hidden_size=64, num_layers=2, num_heads=4, steps=300, batch_size=64, lr=3e-3, warmup_steps=50), **overrides})
@@ -94,7 +94,7 @@ def train_teacher(path: str | Path, data_file: str | Path, config: TinyModelReci
     """Build and fine-tune the teacher at ``path`` on the clean pairs of ``data_file``.
 
     Example:
-        >>> train_teacher("/tmp/tb/teacher", "/tmp/tb/teacher_sft.jsonl", TeacherConfig(steps=50))   # doctest: +SKIP
+        >>> train_teacher("/tmp/tb/teacher", "/tmp/tb/teacher_sft.jsonl", teacher_recipe(steps=50))   # doctest: +SKIP
         PosixPath('/tmp/tb/teacher')
     """
     path = Path(path)
@@ -108,7 +108,7 @@ def warm_up_student(path: str | Path, data_file: str | Path, config: TinyModelRe
     """Build the student at ``path`` (initialised with ``seed``) and give it a short warm-up on ``data_file``.
 
     Example:
-        >>> warm_up_student("/tmp/tb/student", "/tmp/tb/warmup.jsonl", StudentConfig(), seed=1)   # doctest: +SKIP
+        >>> warm_up_student("/tmp/tb/student", "/tmp/tb/warmup.jsonl", student_recipe(), seed=1)   # doctest: +SKIP
         PosixPath('/tmp/tb/student')
     """
     path = Path(path)
@@ -212,10 +212,14 @@ def model_parameters(model_dir: str | Path) -> Optional[int]:
     return total
 
 
+# Old names: ModelConfig and TeacherConfig clashed with srdata.config's settings models (StudentConfig went with them).
+_RENAMED = {"ModelConfig": "TinyModelRecipe", "TeacherConfig": "teacher_recipe", "StudentConfig": "student_recipe"}
+
+
 def __getattr__(name: str) -> Any:
-    """``ModelConfig``, the old name of :class:`TinyModelRecipe` (it clashed with :class:`srdata.config.ModelConfig`)."""
-    if name == "ModelConfig":
-        warnings.warn("srd_distill.testbed.ModelConfig is deprecated; use srd_distill.testbed.TinyModelRecipe",
+    """The old names of :class:`TinyModelRecipe`, :func:`teacher_recipe` and :func:`student_recipe`."""
+    if name in _RENAMED:
+        warnings.warn(f"srd_distill.testbed.{name} is deprecated; use srd_distill.testbed.{_RENAMED[name]}",
                       DeprecationWarning, stacklevel=2)
-        return TinyModelRecipe
+        return globals()[_RENAMED[name]]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

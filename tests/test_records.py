@@ -97,6 +97,8 @@ def test_renamed_names_keep_a_deprecation_path():
         assert train_module.Example is Example
     with pytest.warns(DeprecationWarning, match="TinyModelRecipe"):
         assert testbed.ModelConfig is testbed.TinyModelRecipe
+    with pytest.warns(DeprecationWarning, match="teacher_recipe"):
+        assert testbed.TeacherConfig(steps=3) == testbed.teacher_recipe(steps=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the names train.py uses itself are its own, no warning
         assert train_module.train_stage and train_module.evaluate

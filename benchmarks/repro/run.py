@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from srd_distill.testbed import TinyModelRecipe, StudentConfig, TeacherConfig, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
+from srd_distill.testbed import TinyModelRecipe, student_recipe, teacher_recipe, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
 from srdata.demo.regimes import REGIME_NAMES, regime_settings  # noqa: E402
 from srdata.demo.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402
@@ -116,8 +116,8 @@ class Settings:
 
 FULL = Settings(
     testbed=TestbedSpec(train_pairs=2000, dev_pairs=96, test_pairs=640, teacher_pairs=40000, warmup_pairs=8000, noise_fraction=0.10, seed=0),
-    teacher=TeacherConfig(steps=1000),  # Llama 4 x 128, 1,000 steps x 64 clean pairs
-    student=StudentConfig(),  # Llama 2 x 64, 300 warm-up steps x 64 clean pairs
+    teacher=teacher_recipe(steps=1000),  # Llama 4 x 128, 1,000 steps x 64 clean pairs
+    student=student_recipe(),  # Llama 2 x 64, 300 warm-up steps x 64 clean pairs
     seeds=(0, 1, 2),
     losses=("fkl", "rkl"),
     srd_epochs_per_stage=4,   # SRD: 4 x (0.25 + 0.5 + 0.75) N = 6 N sample passes
@@ -125,8 +125,8 @@ FULL = Settings(
 )
 QUICK = Settings(
     testbed=TestbedSpec(train_pairs=400, dev_pairs=32, test_pairs=160, teacher_pairs=8000, warmup_pairs=4000, noise_fraction=0.10, seed=0),
-    teacher=TeacherConfig(hidden_size=96, num_layers=3, steps=200),
-    student=StudentConfig(steps=150),
+    teacher=teacher_recipe(hidden_size=96, num_layers=3, steps=200),
+    student=student_recipe(steps=150),
     seeds=(0,),
     losses=("fkl",),
     srd_epochs_per_stage=2,
