@@ -1,6 +1,8 @@
 """The ``srd-distill`` command line: it parses arguments and calls :func:`srd_distill.train.train`.
 
-Every option of ``train`` is generated from a field of :class:`~srd_distill.settings.TrainSettings`.
+Every option of ``train`` is generated from a field of :class:`~srd_distill.settings.TrainSettings`'s
+sections, as ``srdata score``'s from :class:`~srdata.config.ScoreConfig`; ``--config FILE`` holds
+the same settings (YAML, TOML or JSON; flat or in sections) and flags override it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Any
 import click
 
 from srd_distill.errors import TrainingInterrupted
-from srd_distill.settings import TrainSettings
+from srd_distill.settings import TRAIN_SECTIONS
 from srd_distill.train import train as run_training
-from srdata.cli import config_options, given_flags
+from srdata.cli import config_options, flag, given_flags
+from srdata.config import merge, nest, read_config_file
 
 EXAMPLE = """
 \b
@@ -32,6 +35,10 @@ Examples:
   srdata teach runs/dolly --teacher ./gpt2-xl-sft --top-k 64
   srd-distill train --teacher-logits runs/dolly --student ./gpt2 \\
       --curriculum runs/dolly/curriculum --output runs/kd-rkl-offline --loss rkl
+\b
+  # the settings in a file (flat keys or sections: models, inputs, objective, optimisation,
+  # compute, evaluation, run); flags override it
+  srd-distill train --config kd.yaml --lr 5e-5
 \b
   # a smoke run: 2 steps per stage, small batches, messages and the bar show what happens
   srd-distill train --teacher T --student S --curriculum OUT --output /tmp/smoke \\
@@ -55,16 +62,26 @@ def main() -> None:
 
 
 @main.command(epilog=EXAMPLE)
-@config_options(TrainSettings, require=True)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML/TOML/JSON file with the same settings; flags override it.")
+@config_options(*TRAIN_SECTIONS.values())
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
-def train(quiet: bool, **flags: Any) -> None:
+def train(config_file: str | None, quiet: bool, **flags: Any) -> None:
     """Distil TEACHER (or its cached top-K, --teacher-logits) into STUDENT stage by stage on an SRD curriculum, or on --data.
 
     Each stage starts from the previous stage's checkpoint with a fresh AdamW and cosine
     schedule. Rerunning the same command resumes after the last finished stage, from the
     next stage's last step checkpoint (--checkpoint-interval). One train per --output at a time.
     """
-    if (flags.get("teacher") is None) == (flags.get("teacher_logits") is None):  # one of the two, as a usage error
+    try:
+        settings = merge(read_config_file(config_file, TRAIN_SECTIONS), nest(given_flags(flags), TRAIN_SECTIONS)) if config_file \
+            else nest(given_flags(flags), TRAIN_SECTIONS)
+    except (ValueError, OSError) as err:  # a config file that cannot be read, or a setting given twice in it
+        raise click.ClickException(str(err)) from err
+    models = settings.get("models", {})
+    for section, key in (("models", "student"), ("run", "output")):
+        if key not in settings.get(section, {}):
+            raise click.UsageError(f"{flag(key)} is required (on the command line or in --config)")
+    if (models.get("teacher") is None) == (models.get("teacher_logits") is None):  # one of the two, as a usage error
         raise click.UsageError("give --teacher MODEL (run at every step) or --teacher-logits RUN (its top-K cached by "
                                "`srdata teach RUN --teacher MODEL --top-k K`), not both or neither")
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
@@ -73,10 +90,10 @@ def train(quiet: bool, **flags: Any) -> None:
 
         silence_library_progress()
     try:
-        result = run_training(given_flags(flags), progress=not quiet, echo=echo)
+        result = run_training(settings, progress=not quiet, echo=echo)
     except KeyboardInterrupt as interrupt:
         message = str(interrupt) if isinstance(interrupt, TrainingInterrupted) else (
-            f"interrupted: finished stages are saved in {flags.get('output')}; run the same command again to "
+            f"interrupted: finished stages are saved in {settings['run']['output']}; run the same command again to "
             "resume after the last finished stage")
         click.echo(f"\n{message}", err=True)
         sys.exit(130)

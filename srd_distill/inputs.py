@@ -41,12 +41,12 @@ def input_fingerprints(
 ) -> dict[str, Any]:
     """The content fingerprints of every input of a run, as ``run.json`` records them under ``"inputs"``.
 
-    ``settings``: the run's settings (``TrainSettings.model_dump()``); ``stage_files``: each
+    ``settings``: the run's settings (``TrainSettings.flat()``); ``stage_files``: each
     stage's (index, file, SHA-256 when already computed); ``encoding``: the encoding read from
     the source run; ``teacher_logits``: the cache's fingerprint when the teacher is cached.
 
     Example:
-        >>> inputs = input_fingerprints(s.model_dump(), [(p.index, p.data_file, p.sha256) for p in plans], {})   # doctest: +SKIP
+        >>> inputs = input_fingerprints(s.flat(), [(p.index, p.data_file, p.sha256) for p in plans], {})   # doctest: +SKIP
         >>> sorted(inputs)                                                                                    # doctest: +SKIP
         ['curriculum', 'encoding', 'student', 'teacher']
     """

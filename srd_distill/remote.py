@@ -62,12 +62,12 @@ def train_with_storage(train: Callable[..., Any], settings: Any, **kwargs: Any) 
         updates["teacher_logits"] = str(_local_teacher_logits(settings.teacher_logits))
     output = parse_location(settings.output, "--output")
     if not output.is_remote:
-        return train(settings.model_copy(update={**updates, "output": str(output.local)}), **kwargs)
+        return train(settings.replace(**{**updates, "output": str(output.local)}), **kwargs)
     check_bucket(output)
     _check_remote_output(output)
     with RemoteLock(output, "srd-distill train", say=kwargs.get("echo") or (lambda message: None)):
         staged = _mirror_output(output)
-        return train(settings.model_copy(update={**updates, "output": str(staged)}), **kwargs)
+        return train(settings.replace(**{**updates, "output": str(staged)}), **kwargs)
 
 
 def _is_hub_id(value: str) -> bool:

@@ -73,6 +73,8 @@ from srd_distill.inputs import diff_inputs
 from srd_distill.records import RunRecord, StageRecord, StepState
 from srd_distill.remote_publish import publish_run_files, publish_stage
 from srd_distill.schedules import PRESETS
+from srd_distill.settings import TrainSettings
+from srdata.config import resumable_settings
 from srdata.run import folder as run_folder
 from srdata.run.io import LOCK_FILE, FolderLock, atomic_path, is_tool_file, write_json_atomic
 from srdata.run.storage import local_path, shown
@@ -90,14 +92,9 @@ STAGE_INFO_FILE = "srd_stage.json"
 STEP_STATE_FILE = "state.json"  # in a step checkpoint: position, counters, metrics lines so far
 TOOL = "srd-distill"
 FORMAT_VERSION = 2  # 2: checksummed checkpoints, input fingerprints, step checkpoints
-# Settings that change speed, memory or logging but not the trained weights: a run may be
-# resumed with other values of these. (grad_accum only splits a step into micro-batches;
-# the loss of a step is the same token mean either way.)
-# fused_head and gradient_checkpointing likewise change the arithmetic's order, not the step.
-RESUMABLE_WITH_OTHER_VALUES = frozenset({"device", "grad_accum", "log_every", "stop_after_stage", "overwrite", "output",
-                                         "fused_head", "gradient_checkpointing", "micro_batch_tokens", "checkpoint_interval",
-                                         # the cache must hold exactly the K asked; run.json's inputs record it
-                                         "teacher_top_k"})
+# Settings that change speed, memory or logging but not the trained weights, so that a run may be
+# resumed with other values of them: declared on TrainSettings' fields (srdata.config.RESUMABLE).
+RESUMABLE_WITH_OTHER_VALUES = frozenset(path[-1] for path in resumable_settings(TrainSettings))  # run.json: flat names
 STAGE_FOLDER_PATTERN = re.compile(r"stage-\d+")
 STEP_FOLDER_PATTERN = re.compile(r"\.stage-(?P<stage>\d+)\.step-(?P<step>\d+)")
 # Every checkpoint folder name this tool writes (finished, partial, step, step being written).

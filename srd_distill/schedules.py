@@ -40,7 +40,9 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["Stage", "Schedule", "PRESETS", "ScheduleError", "load_schedule", "with_epochs", "parse_epochs"]
+__all__ = ["Stage", "Schedule", "PRESETS", "ScheduleError", "load_schedule", "with_epochs", "parse_epochs", "BASELINE_EPOCHS"]
+
+BASELINE_EPOCHS = 20  # the method's full-data KD baseline (SRD-METHOD.md, "Why it saves time")
 
 
 class ScheduleError(ValueError):
