@@ -43,7 +43,7 @@ BASELINE_COMMIT = "96e7b16"
 class TrivialStudent:
     """Scores nothing: the shard's srd_ids and prompt text in the shard schema (what the engine ships back)."""
 
-    def __init__(self, config, mapping, template, tokenizer) -> None:  # the open_student signature
+    def __init__(self, config, tokenizer) -> None:  # the open_student signature
         pass
 
     def __call__(self, rows, shard, progress=None):
@@ -95,7 +95,7 @@ def measure(engine: str, data: Path, shard_size: int) -> dict:
     dataset = datasets.Dataset.from_file(str(data))  # memory-mapped, as srdata score reads its input
     config = build_config({"dataset": str(data), "model": "none", "output": "none", "engine": "ray", "num_replicas": 2,
                            "shard_size": shard_size})
-    job = ShardJob(dataset, None, "raw", None, config, open_student=TrivialStudent)
+    job = ShardJob(dataset, config, None, open_student=TrivialStudent)
     pending = plan_shards(len(dataset), shard_size)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     if engine == "baseline":

@@ -19,13 +19,14 @@ from srdata import __version__
 from srdata.backends import check_device, resolve_run_dtype, select_backend
 from srdata.config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from srdata.steps.context import check_token_limits
+from srdata.steps.columns import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA
 from srdata.steps.load import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
 from srdata.engines import ShardJob, run_shards
-from srdata.shard import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA, LoadedStudent, check_model_path, load_tokenizer, max_positions
+from srdata.shard import StudentScorer, check_model_path, load_tokenizer, max_positions
 from srdata.steps.hub import check_hub_model, hub_offline
 from srdata.interrupt import Kept, ScoreInterrupted, kept_partials, save_interrupted
 from srdata.steps.truncation import truncation_after, truncation_before
-from srdata.steps.prompts import describe_template, resolve_template, row_problem, unconditional_prompt
+from srdata.steps.prompts import describe_template, resolve_template, resolved_config, row_problem, unconditional_prompt
 from srdata.curriculum.ranking_record import ranking_metadata
 from srdata.steps.rank import DEFAULT_RANK_BY, rank
 from srdata.run.folder import Manifest, RunStore, Shard, ShardRecord, check_output_location, plan_shards
@@ -35,7 +36,6 @@ from srdata.run.storage import use_options
 
 log = logging.getLogger(__name__)
 
-#: Columns srdata adds to every row (the public contract), in output order.
 class InvalidRowError(ValueError):
     """A row cannot be scored and the policy is ``--on-invalid error``."""
 
@@ -134,14 +134,19 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
         dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device, requested)
         say(f"dtype: {dtype} ({dtype_reason})")
         config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
-    # prepare the run folder (refuses other settings; resumes the same ones)
+    # prepare the run folder (refuses other settings; resumes the same ones). The resume settings
+    # are the user's as given (columns auto-detected stay None, as runs before recorded them),
+    # with the template that was rendered: what decides the values, not "auto".
     settings = result_settings(config)
-    settings["prompt"]["template"] = template  # what was rendered decides the values, not "auto"
+    settings["prompt"]["template"] = template
+    # From here on the template and the columns are in the config, resolved once: shards,
+    # engines, Ray replicas and the manifest read them there.
+    config = resolved_config(config, mapping, template)
     identity = {"model": model_identity(config.model.model), "dataset": data_identity, "rows": len(dataset)}
     resumed = store.prepare(settings, identity, config.run.overwrite)
     shards = plan_shards(len(dataset), config.batching.shard_size)
     pending = store.pending(shards, say)
-    manifest = _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer)
+    manifest = _manifest(config, settings, identity, mapping, shards, pending, tokenizer)
     manifest.resumed = resumed
     manifest.precision = {"dtype": dtype, "requested": requested, "reason": dtype_reason}
     if uncond_text is not None:
@@ -158,7 +163,7 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
     if resumed:
         say(f"resuming {store.dir}: {len(shards) - len(pending)} of {len(shards)} shards already done"
             + (f", {sum(f.height for f in partials.values())} rows of unfinished shards kept" if partials else ""))
-    for warning in truncation_before(dataset, mapping, template, tokenizer, config, pending):
+    for warning in truncation_before(dataset, tokenizer, config, pending):
         say(f"warning: {warning}")
 
     # generate + score, shard by shard: in this process, or on Ray actors (--engine ray)
@@ -181,7 +186,7 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
         rows = sum(s.stop - s.start for s in pending) - sum(f.height for f in partials.values())
         say(f"loading the student {config.model.model} ({manifest.backend}, {config.engine.engine} engine), then scoring "
             f"{rows} rows in {len(pending)} shard(s) of up to {config.batching.shard_size}")
-        job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=partial(LoadedStudent, kept=partials),
+        job = ShardJob(dataset, config, tokenizer, open_student=partial(StudentScorer, kept=partials),
                        model_identity=identity["model"], on_replica=partial(_record_replica, manifest, store))
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
@@ -202,7 +207,7 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
     manifest.status, manifest.counts, manifest.timings = "complete", _counts(scored, len(dataset), invalid), _timings(work, started)
     store.write_manifest(manifest)
     say(f"wrote {store.annotated_path} ({annotated.height} rows)")
-    for warning in truncation_after(scored, tokenizer, config, template):
+    for warning in truncation_after(scored, tokenizer, config):
         say(f"warning: {warning}")
     return ScoreResult(store.output, store.annotated_path, manifest.to_json())
 
@@ -250,7 +255,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _manifest(config, settings, identity, mapping, template, shards, pending, tokenizer) -> Manifest:
+def _manifest(config, settings, identity, mapping, shards, pending, tokenizer) -> Manifest:
+    """The run's manifest: ``config`` is resolved, so it records the rendered template (once, in ``config.prompt.template``)."""
     return Manifest(
         srdata_version=__version__,
         status="running",
@@ -261,7 +267,6 @@ def _manifest(config, settings, identity, mapping, template, shards, pending, to
         backend=select_backend(config.model.backend),
         tokenizer={"class": type(tokenizer).__name__, "vocab_size": len(tokenizer), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
         columns=mapping.to_dict(),
-        template=template,
         versions=_versions(),
         shards=[ShardRecord(index=s.index, file=s.file, start=s.start, stop=s.stop, done=s not in pending) for s in shards],
     )

@@ -3,14 +3,20 @@
 What every engine runs on its rows (in this process or on a Ray actor), with the
 tokenizer and the student backend this module also knows how to load. It does not
 know who calls it: :func:`srdata.pipeline.score` plans the shards and writes them.
+The config it receives is resolved (:func:`srdata.steps.prompts.resolved_config`): its
+``prompt.template`` and ``data`` columns are the run's concrete ones.
+
+The output schema lives in :mod:`srdata.steps.columns`, the IFD/PMI formulas in
+:mod:`srdata.steps.signals` (both importable from here as before).
 
 Example:
-    >>> frame = score_shard(rows, shard, mapping, "chat", tokenizer, backend, config)  # doctest: +SKIP
+    >>> frame = score_shard(rows, shard, tokenizer, backend, config)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,27 +24,16 @@ import polars as pl
 
 from srdata.backends import GenerationParams, backend_class, load_backend
 from srdata.config import ScoreConfig
+from srdata.steps.columns import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA  # noqa: F401 - re-exported (srdata.shard held them)
 from srdata.steps.context import check_pair_lengths, model_stop_ids
-from srdata.steps.load import ColumnMapping
-from srdata.steps.prompts import chat_affixes, render_rows, unconditional_prompt
+from srdata.steps.load import ColumnMapping, column_mapping
+from srdata.steps.prompts import render_rows, resolved_config, unconditional_prompt
 from srdata.steps.rouge import rouge_l
+from srdata.steps.signals import instruction_following_difficulty, prompt_pmi  # noqa: F401 - re-exported as well
 from srdata.run.folder import Shard
-from srdata.steps.tokenize import encode_pairs, resolve_eos_id, unconditional_prompt_ids
+from srdata.steps.tokenize import encode_pairs, prompt_encoding, resolve_eos_id, unconditional_prompt_ids
 
 log = logging.getLogger(__name__)
-
-#: Columns srdata adds to every row (the public contract), in output order.
-SCORE_COLUMNS = [
-    "srd_id", "prompt_text", "reference_text", "student_output", "finish_reason", "prompt_tokens", "reference_tokens",
-    "output_tokens", "prompt_truncated", "reference_truncated", "rouge_l", "ce_loss", "ce_loss_uncond", "ifd", "pmi", "invalid_reason",
-]
-RANK_COLUMNS = ["rank_rouge_l", "rank_ce_loss", "rrf_score", "difficulty_rank"]
-SHARD_SCHEMA = {
-    "srd_id": pl.Int64, "prompt_text": pl.String, "reference_text": pl.String, "student_output": pl.String, "finish_reason": pl.String,
-    "prompt_tokens": pl.Int64, "reference_tokens": pl.Int64, "output_tokens": pl.Int64,
-    "prompt_truncated": pl.Boolean, "reference_truncated": pl.Boolean, "rouge_l": pl.Float64,
-    "ce_loss": pl.Float64, "ce_loss_uncond": pl.Float64, "ifd": pl.Float64, "pmi": pl.Float64, "invalid_reason": pl.String,
-}
 
 
 class ShardInterrupted(KeyboardInterrupt):
@@ -50,17 +45,17 @@ class ShardInterrupted(KeyboardInterrupt):
 
 
 def score_shard(
-    rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, backend: Any,
-    config: ScoreConfig, on_progress: Callable[[int, int], None] | None = None, srd_ids: list[int] | None = None,
+    rows: dict[str, list], shard: Shard, tokenizer: Any, backend: Any, config: ScoreConfig,
+    on_progress: Callable[[int, int], None] | None = None, srd_ids: list[int] | None = None,
 ) -> pl.DataFrame:
     """Score one shard's rows: render, tokenize, score references, generate, ROUGE-L (and the asked signals).
 
-    ``srd_ids`` names the rows when they are not all of the shard's (a resumed partial shard).
-    A Ctrl-C raises :class:`ShardInterrupted` holding every row that was finished.
+    ``config`` is the run's resolved config (its template and columns). ``srd_ids`` names the
+    rows when they are not all of the shard's (a resumed partial shard). A Ctrl-C raises
+    :class:`ShardInterrupted` holding every row that was finished.
     """
     ids = list(range(shard.start, shard.stop)) if srd_ids is None else srd_ids
-    rendered, valid, pairs = encode_shard(rows, shard, mapping, template, tokenizer, config, ids)
-    encoding = encoding_options(config, template, tokenizer)
+    rendered, valid, pairs = encode_shard(rows, shard, tokenizer, config, ids)
     prompt_ids = [p.prompt_ids for p in pairs]
     references = [p.reference_ids for p in pairs]
     eos_id = resolve_eos_id(tokenizer)  # the one appended to references; the model's own end ids also stop generation
@@ -71,7 +66,8 @@ def score_shard(
         # The same reference ids after the template's empty prompt: one more forward over a short
         # shared prompt and the reference tokens (no generation). Before generation, so that a
         # Ctrl-C during the long generation still keeps the rows it finished.
-        uncond_ids = unconditional_prompt_ids(tokenizer, unconditional_prompt(template, mapping, tokenizer), **encoding)
+        empty_prompt = unconditional_prompt(config.prompt.template, column_mapping(config), tokenizer)
+        uncond_ids = unconditional_prompt_ids(tokenizer, empty_prompt, **_prompt_encoding(config, tokenizer))
         try:
             uncond = dict(enumerate(backend.score([uncond_ids] * len(pairs), references, on_progress)))
         except KeyboardInterrupt:
@@ -121,22 +117,22 @@ def _frame(
 
 
 def encode_shard(
-    rows: dict[str, list], shard: Shard, mapping: ColumnMapping, template: str, tokenizer: Any, config: ScoreConfig,
-    srd_ids: list[int] | None = None,
+    rows: dict[str, list], shard: Shard, tokenizer: Any, config: ScoreConfig, srd_ids: list[int] | None = None,
 ) -> tuple[list[Any], list[int], list[Any]]:
     """Render and tokenize a shard's rows: ``(rendered rows, positions of the valid ones, their encoded pairs)``.
 
     The one encoding of a run: the scoring pass and the teacher pass both call it, so the
-    teacher sees exactly the ids the student was scored on.
+    teacher sees exactly the ids the student was scored on (``config`` is resolved: its
+    template and columns are the run's).
     """
-    rendered = render_rows(rows, mapping, template, tokenizer)
+    rendered = render_rows(rows, column_mapping(config), config.prompt.template, tokenizer)
     valid = [i for i, r in enumerate(rendered) if r.invalid_reason is None]
     pairs = encode_pairs(
         tokenizer,
         [rendered[i].prompt_text for i in valid],
         [rendered[i].reference for i in valid],
         max_reference_tokens=config.prompt.max_reference_tokens,
-        **encoding_options(config, template, tokenizer),
+        **_prompt_encoding(config, tokenizer),
     )
     if config.prompt.max_reference_tokens is None:  # uncapped references: check each row's length
         ids = list(range(shard.start, shard.stop)) if srd_ids is None else srd_ids
@@ -144,46 +140,10 @@ def encode_shard(
     return rendered, valid, pairs
 
 
-def instruction_following_difficulty(ce_loss: float, ce_loss_uncond: float) -> float:
-    """IFD = ce_loss / ce_loss_uncond: above 1 when the prompt makes the reference *less* likely.
-
-    A zero unconditional loss (the reference is certain without any prompt) gives 1 when
-    the conditional loss is zero too (the prompt changes nothing) and infinity otherwise
-    (the prompt only hurts), so that every scored row keeps a rankable value.
-
-    Example:
-        >>> instruction_following_difficulty(1.5, 3.0)
-        0.5
-    """
-    if ce_loss_uncond == 0:
-        return 1.0 if ce_loss == 0 else float("inf")
-    return ce_loss / ce_loss_uncond
-
-
-def prompt_pmi(ce_loss: float, ce_loss_uncond: float, reference_tokens: int) -> float:
-    """Nats the prompt saves on the whole reference: log p(reference | prompt) - log p(reference | empty prompt).
-
-    The pointwise mutual information of prompt and reference under the student, summed
-    over the reference tokens (end-of-sequence included): high when the reference answers
-    *this* prompt, near zero or negative when it could follow any prompt (a swapped or
-    misaligned answer). Unlike ``ifd``, a ratio of per-token means, it is not divided by
-    the length, so a short label that any question makes likelier keeps a small value.
-
-    Example:
-        >>> prompt_pmi(1.5, 3.0, reference_tokens=4)
-        6.0
-    """
-    return (ce_loss_uncond - ce_loss) * reference_tokens
-
-
-def encoding_options(config: ScoreConfig, template: str, tokenizer: Any) -> dict[str, Any]:
-    """How every prompt of the run is encoded (the rows' and the unconditional one)."""
-    return dict(
-        max_prompt_tokens=config.prompt.max_prompt_tokens,
-        truncation_side=config.prompt.truncation_side,
-        add_special_tokens=template != "chat",  # chat templates write their own special tokens
-        keep=chat_affixes(tokenizer) if template == "chat" else ("", ""),  # truncation never cuts the turn markers
-    )
+def _prompt_encoding(config: ScoreConfig, tokenizer: Any) -> dict[str, Any]:
+    """How every prompt of the run is encoded (the rows' and the unconditional one): srdata's one rule."""
+    p = config.prompt
+    return prompt_encoding(p.template, tokenizer, max_prompt_tokens=p.max_prompt_tokens, truncation_side=p.truncation_side)
 
 
 def check_model_path(model: str) -> None:
@@ -229,22 +189,22 @@ def max_positions(config: ScoreConfig) -> int | None:
     return backend_class(config.model.backend).context_length(config)
 
 
-class LoadedStudent:
+class StudentScorer:
     """The student loaded once (tokenizer + backend), scoring whole shards: what every engine calls.
 
     Engines receive this class (``ShardJob.open_student``) and call it where they run: in
     this process, or once per Ray actor; they never import the scoring code themselves.
+    ``config`` is the run's resolved config (:func:`srdata.steps.prompts.resolved_config`).
+    (Called ``LoadedStudent`` before; that name still works, with a DeprecationWarning.)
 
     Example:
-        >>> student = LoadedStudent(config, mapping, "alpaca")      # doctest: +SKIP
+        >>> student = StudentScorer(config)                         # doctest: +SKIP
         >>> frame = student(rows, Shard(0, 0, 100))                 # doctest: +SKIP
         >>> student.close()                                         # doctest: +SKIP
     """
 
-    def __init__(
-        self, config: ScoreConfig, mapping: ColumnMapping, template: str, tokenizer: Any = None, kept: dict[int, pl.DataFrame] | None = None
-    ) -> None:
-        self.config, self.mapping, self.template = config, mapping, template
+    def __init__(self, config: ScoreConfig, tokenizer: Any = None, kept: dict[int, pl.DataFrame] | None = None) -> None:
+        self.config = config
         self.kept = kept or {}  # shard index -> its rows finished by an interrupted run (verified by the caller)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
         self.backend = load_backend(config, tokenizer=self.tokenizer)
@@ -252,7 +212,7 @@ class LoadedStudent:
     def __call__(self, rows: dict[str, list], shard: Shard, progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
         kept = self.kept.get(shard.index)
         if kept is None or kept.height == 0:
-            return score_shard(rows, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config, progress)
+            return score_shard(rows, shard, self.tokenizer, self.backend, self.config, progress)
         # Score only the rows the interrupted run had not finished, then put the shard together.
         done = set(kept["srd_id"].to_list())
         todo = [i for i in range(shard.stop - shard.start) if shard.start + i not in done]
@@ -260,7 +220,7 @@ class LoadedStudent:
         ids = [shard.start + i for i in todo]
         kept = kept.select(list(SHARD_SCHEMA)).cast(SHARD_SCHEMA)  # type: ignore[arg-type]
         try:
-            frame = score_shard(subset, shard, self.mapping, self.template, self.tokenizer, self.backend, self.config, progress, ids) if todo else kept.clear()
+            frame = score_shard(subset, shard, self.tokenizer, self.backend, self.config, progress, ids) if todo else kept.clear()
         except ShardInterrupted as stop:
             raise ShardInterrupted(shard, pl.concat([kept, stop.frame]).sort("srd_id")) from None
         return pl.concat([kept, frame]).sort("srd_id")
@@ -268,3 +228,21 @@ class LoadedStudent:
     def close(self) -> None:
         """Release the backend (a vLLM engine holds GPU or host memory and child processes until then)."""
         self.backend.close()
+
+
+class _LoadedStudent(StudentScorer):
+    """``LoadedStudent(config, mapping, template, tokenizer, kept)``: the old signature, resolved into the config."""
+
+    def __init__(
+        self, config: ScoreConfig, mapping: ColumnMapping, template: str, tokenizer: Any = None, kept: dict[int, pl.DataFrame] | None = None
+    ) -> None:
+        super().__init__(resolved_config(config, mapping, template), tokenizer, kept)
+
+
+def __getattr__(name: str) -> Any:
+    """Old names that still work: ``LoadedStudent`` is :class:`StudentScorer` (with a DeprecationWarning)."""
+    if name == "LoadedStudent":
+        warnings.warn("srdata.shard.LoadedStudent is renamed srdata.shard.StudentScorer, which takes the resolved config "
+                      "(srdata.steps.prompts.resolved_config) instead of config, mapping, template", DeprecationWarning, stacklevel=2)
+        return _LoadedStudent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -94,7 +94,7 @@ def test_auto_template_is_chat_when_the_tokenizer_has_one(chat_llama, tiny_llama
         assert result.exit_code == 0, result.output
         assert f"template: {expected} (auto: the tokenizer {why}" in result.output
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["template"] == expected and manifest["config"]["prompt"]["template"] == "auto"
+        assert manifest["config"]["prompt"]["template"] == expected and "template" not in manifest  # recorded once, resolved
     chat_prompt = srdata.score(dataset=str(data), model=str(chat_llama), output=str(tmp_path / "chat"), progress=False,
                                device="cpu", dtype="float32", max_new_tokens=4).to_polars()["prompt_text"][0]
     assert chat_prompt.startswith("<|user|>\n") and chat_prompt.endswith("<|assistant|>\n")
@@ -176,6 +176,7 @@ def test_generation_stops_at_every_end_id_the_model_lists(tiny_llama, tmp_path):
     from srdata.steps.context import model_stop_ids
     from srdata.steps.load import ColumnMapping
     from srdata.shard import score_shard
+    from srdata.steps.prompts import resolved_config
     from srdata.run.folder import Shard
 
     model = tmp_path / "llama"
@@ -196,5 +197,5 @@ def test_generation_stops_at_every_end_id_the_model_lists(tiny_llama, tmp_path):
 
     config = build_config({"dataset": "unused", "model": str(model), "output": str(tmp_path / "run")})
     rows = {"instruction": ["Say hi."], "output": ["hi"]}
-    score_shard(rows, Shard(0, 0, 1), ColumnMapping("instruction", "output"), "alpaca", tokenizer, Spy(), config)
+    score_shard(rows, Shard(0, 0, 1), tokenizer, Spy(), resolved_config(config, ColumnMapping("instruction", "output"), "alpaca"))
     assert seen["stop"] == (tokenizer.eos_token_id, 7, 9)  # the reference's EOS first, then the model's others

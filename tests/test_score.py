@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import srdata
 from srdata.cli import main
 from srdata.pipeline import InvalidRowError, score
-from srdata.steps.tokenize import encode_pair
+from tests._encode import encode_pair
 
 from .conftest import write_jsonl
 
@@ -192,7 +192,7 @@ def test_chat_messages_layout(tiny_gpt2, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
     result = run(write_jsonl(tmp_path / "m.jsonl", rows), chat_model, tmp_path / "r")
     assert result.to_polars()["prompt_text"].to_list() == ["<|user|>Hi\n<|assistant|>"]
-    assert result.manifest["template"] == "chat"
+    assert result.manifest["config"]["prompt"]["template"] == "chat"
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from srdata.steps.tokenize import encode_pair, encode_pairs
+from srdata.steps.tokenize import encode_pairs
+from tests._encode import encode_pair
 
 
 def test_gpt2_style_prompt_has_no_bos_and_reference_ends_with_eos(tiny_gpt2):

@@ -1,9 +1,10 @@
 """Engines run the pending shards of a scoring run: here (``local``) or on Ray (``ray``).
 
 Engines receive what they run: ``job.open_student`` loads the student where the engine
-runs (:class:`srdata.shard.LoadedStudent`, once per process or Ray actor) and scores a
+runs (:class:`srdata.shard.StudentScorer`, once per process or Ray actor) and scores a
 shard on exactly the shard's rows; each finished shard goes to ``on_shard`` (which writes
-the shard file and the manifest on the driver). Engines import no scoring code, and the
+the shard file and the manifest on the driver). ``job.config`` is the run's resolved
+config: the template and the columns travel in it. Engines import no scoring code, and the
 output does not depend on the engine: only where and how fast the shards are scored does.
 
 Engines are registered by name in :data:`ENGINES` (the one place an engine is added, and
@@ -11,7 +12,7 @@ where ``--engine``'s choices come from); an engine's module is imported when a r
 This module imports nothing else: :mod:`srdata.config` reads the names from it.
 
 Example:
-    >>> job = ShardJob(dataset, mapping, template, tokenizer, config, open_student=LoadedStudent)   # doctest: +SKIP
+    >>> job = ShardJob(dataset, config, tokenizer, open_student=StudentScorer)   # doctest: +SKIP
     >>> run_shards("ray", job, pending, on_shard=save)                       # doctest: +SKIP
 """
 

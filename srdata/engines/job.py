@@ -9,11 +9,10 @@ import polars as pl
 
 from srdata.config import ScoreConfig
 from srdata.run.folder import Shard
-from srdata.steps.load import ColumnMapping
 
-#: Loads the student where an engine runs: (config, mapping, template, tokenizer or None) -> a
-#: callable ``(rows, shard, progress) -> scored frame`` with ``close()`` (srdata.shard.LoadedStudent).
-OpenStudent = Callable[[ScoreConfig, ColumnMapping, str, Any], Any]
+#: Loads the student where an engine runs: (resolved config, tokenizer or None) -> a callable
+#: ``(rows, shard, progress) -> scored frame`` with ``close()`` (srdata.shard.StudentScorer).
+OpenStudent = Callable[[ScoreConfig, Any], Any]
 
 #: Called on the driver for every finished shard: (shard, its scored frame, wall seconds it took).
 OnShard = Callable[[Shard, pl.DataFrame, float], None]
@@ -25,13 +24,18 @@ OnReplica = Callable[[dict[str, Any]], None]
 
 @dataclass
 class ShardJob:
-    """What every shard of one run is scored with."""
+    """What every shard of one run is scored with.
+
+    ``config`` is the run's resolved config (:func:`srdata.steps.prompts.resolved_config`):
+    the template and the columns are in it, not beside it.
+
+    Example:
+        >>> job = ShardJob(dataset, config, tokenizer, open_student=StudentScorer)   # doctest: +SKIP
+    """
 
     dataset: Any  # a datasets.Dataset; srd_id = row position
-    mapping: ColumnMapping
-    template: str
-    tokenizer: Any
     config: ScoreConfig
+    tokenizer: Any
     open_student: OpenStudent
     #: The driver's model identity (``model_identity``): Ray replicas that see another model are refused.
     model_identity: dict[str, Any] | None = None

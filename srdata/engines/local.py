@@ -11,7 +11,7 @@ from srdata.run.folder import Shard
 
 def run_local(job: ShardJob, pending: list[Shard], on_shard: OnShard, *, progress: bool = True) -> None:
     """One backend in this process, the shards one after the other."""
-    student = job.open_student(job.config, job.mapping, job.template, job.tokenizer)
+    student = job.open_student(job.config, job.tokenizer)
     # Rows an interrupted run already finished in these shards are not scored again: not counted.
     kept = sum(frame.height for frame in getattr(student, "kept", {}).values())
     bar = ProgressBar(sum(s.stop - s.start for s in pending) - kept, enabled=progress)

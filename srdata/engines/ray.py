@@ -101,7 +101,7 @@ class _Pool:
         actor = ray.remote(ShardScorer).options(
             num_cpus=settings.cpus_per_replica, num_gpus=settings.gpus_per_replica, max_restarts=-1, max_task_retries=0
         )
-        args = (config.model_dump(), job.mapping, job.template, job.open_student, settings.gpus_per_replica)
+        args = (config.model_dump(), job.open_student, settings.gpus_per_replica)
         log.debug("scoring on Ray with %d replica(s)", replicas)
         self.actors = [actor.remote(*args) for _ in range(replicas)]
         self.arrow = job.dataset.with_format("arrow")  # memory-mapped: a shard's rows are read when it is sent

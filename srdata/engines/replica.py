@@ -142,11 +142,12 @@ def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_m
 class ShardScorer:
     """The Ray actor: checks this node, loads one student, scores whole shards.
 
+    ``config`` is the run's resolved config as a dict (template and columns in it).
     ``score`` takes a shard's index, srd_id range and its input rows (Arrow IPC bytes) and
     returns ``(index, scored frame as Arrow IPC bytes, seconds on the actor)``.
     """
 
-    def __init__(self, config: dict[str, Any], mapping: Any, template: str, open_student: Any, gpus_per_replica: float = 0) -> None:
+    def __init__(self, config: dict[str, Any], open_student: Any, gpus_per_replica: float = 0) -> None:
         from srdata.config import ScoreConfig
 
         started = time.perf_counter()
@@ -156,7 +157,7 @@ class ShardScorer:
         self.student = None
         if self.problem is None:  # check first: a node that cannot run the replica fails before any loading
             self.record.update(describe_here(parsed))
-            self.student = open_student(parsed, mapping, template, None)  # its own tokenizer
+            self.student = open_student(parsed, None)  # the resolved config (template, columns); its own tokenizer
         self.record["load_seconds"] = round(time.perf_counter() - started, 3)
 
     def info(self) -> dict[str, Any]:

@@ -128,7 +128,6 @@ class Manifest(BaseModel):
     backend: Optional[str] = None
     tokenizer: dict[str, Any] = {}
     columns: dict[str, Any] = {}
-    template: Optional[str] = None
     versions: dict[str, str] = {}
     shards: list[ShardRecord] = []
     resumed: bool = False
@@ -140,6 +139,24 @@ class Manifest(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``manifest.json`` (fields never set are left out)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def template(self) -> Optional[str]:
+        """The template the run's prompts were rendered with: ``config.prompt.template``, where the run records it.
+
+        Manifests written before srdata resolved the config recorded it apart, as a top-level
+        ``template``, with ``auto`` (or nothing, before ``auto``) in the config: read there.
+
+        Example:
+            >>> Manifest.model_validate({"config": {"prompt": {"template": "chat"}}}).template
+            'chat'
+            >>> Manifest.model_validate({"config": {"prompt": {"template": "auto"}}, "template": "alpaca"}).template
+            'alpaca'
+        """
+        recorded = self.config.prompt.template
+        if recorded not in (None, "auto"):
+            return recorded
+        return (self.model_extra or {}).get("template")
 
 
 def read_manifest(run_dir: str | Path) -> Manifest | None:

@@ -110,6 +110,26 @@ def describe_template(requested: str | None, resolved: str, mapping: ColumnMappi
     return f"template: {resolved} (auto: {why}; --template chooses another)"
 
 
+def resolved_config(config: Any, mapping: ColumnMapping, template: str) -> Any:
+    """``config`` (a :class:`~srdata.config.ScoreConfig`) with the run's concrete template and columns in it.
+
+    ``srdata.pipeline.score`` resolves ``--template auto`` and the auto-detected columns once
+    and passes this config on: shards, engines, Ray replicas and the manifest read the
+    template from ``config.prompt.template`` and the columns with
+    :func:`srdata.steps.load.column_mapping`, never from a separate argument.
+
+    Example:
+        >>> from srdata.config import build_config
+        >>> config = build_config(dict(dataset="d.jsonl", model="m", output="o"))
+        >>> resolved_config(config, ColumnMapping("instruction", "output"), "alpaca").prompt.template
+        'alpaca'
+    """
+    columns = {"prompt_column": mapping.prompt_column, "response_column": mapping.response_column,
+               "input_column": mapping.input_column, "messages_column": mapping.messages_column}
+    return config.model_copy(update={"data": config.data.model_copy(update=columns),
+                                     "prompt": config.prompt.model_copy(update={"template": template})})
+
+
 CHAT_SENTINEL = "SRDATA-CONTENT-7f3a9c"
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from srdata.steps.prompts import chat_affixes
+
 TruncationSide = Literal["left", "right"]
 
 
@@ -54,6 +56,40 @@ def resolve_eos_id(tokenizer: Any) -> int:
             "with --eos-token TOKEN (an existing token of the vocabulary, e.g. '</s>')"
         )
     return int(eos_id)
+
+
+def prompt_encoding(
+    template: str | None, tokenizer: Any = None, *, max_prompt_tokens: int = 256, truncation_side: TruncationSide = "left"
+) -> dict[str, Any]:
+    """How prompts rendered with ``template`` are encoded: the options of :func:`encode_pairs` for them.
+
+    The one rule for both packages: ``srdata score`` encodes every row (and the unconditional
+    prompt) with it, the teacher pass through the same shard encoding, and ``srd-distill``
+    encodes its training rows with it, so training sees the ids that were scored. A chat
+    template writes its own special tokens (``add_special_tokens=False``) and its own text
+    around the user's content, which truncation keeps whole (``keep``, from a ``tokenizer``
+    that has a chat template; :func:`srdata.steps.prompts.chat_affixes`). Every other template
+    gets the tokenizer's special tokens (BOS) and may be cut anywhere.
+
+    Example:
+        >>> prompt_encoding("alpaca")
+        {'max_prompt_tokens': 256, 'truncation_side': 'left', 'add_special_tokens': True, 'keep': ('', '')}
+        >>> prompt_encoding("chat", max_prompt_tokens=64)["add_special_tokens"]
+        False
+    """
+    chat = template == "chat"  # chat templates write their own special tokens
+    keep = chat_affixes(tokenizer) if chat and getattr(tokenizer, "chat_template", None) else ("", "")  # never cut the turn markers
+    return dict(max_prompt_tokens=max_prompt_tokens, truncation_side=truncation_side, add_special_tokens=not chat, keep=keep)
+
+
+def prompt_lengths(tokenizer: Any, prompts: Sequence[str], template: str | None) -> list[int]:
+    """Tokens each prompt rendered with ``template`` takes before any cut (the special tokens its encoding adds included).
+
+    Example:
+        >>> prompt_lengths(tok, ["hello world"], "raw")   # doctest: +SKIP
+        [3]
+    """
+    return full_lengths(tokenizer, prompts, add_special_tokens=prompt_encoding(template)["add_special_tokens"])
 
 
 def _special_affixes(tokenizer: Any, with_specials: list[int], plain: list[int]) -> tuple[list[int], list[int]]:
@@ -163,11 +199,6 @@ def unconditional_prompt_ids(tokenizer: Any, prompt: str, **options: Any) -> lis
         return ids
     bos = getattr(tokenizer, "bos_token_id", None)
     return [int(bos) if bos is not None else resolve_eos_id(tokenizer)]
-
-
-def encode_pair(tokenizer: Any, prompt: str, reference: str, **options: Any) -> EncodedPair:
-    """Encode a single pair; see :func:`encode_pairs` for the rules and options."""
-    return encode_pairs(tokenizer, [prompt], [reference], **options)[0]
 
 
 def full_lengths(tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool = True, eos: bool = False) -> list[int]:

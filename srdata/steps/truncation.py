@@ -9,7 +9,7 @@ that would keep every text whole:
     and are cut; --max-prompt-tokens 612 keeps them all
 
 Example:
-    >>> for line in truncation_before(dataset, mapping, template, tokenizer, config, pending): print(line)  # doctest: +SKIP
+    >>> for line in truncation_before(dataset, tokenizer, config, pending): print(line)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ import polars as pl
 
 from srdata.config import ScoreConfig
 from srdata.run.folder import Shard
-from srdata.steps.load import ColumnMapping
+from srdata.steps.load import column_mapping
 from srdata.steps.prompts import render_rows
-from srdata.steps.tokenize import describe_cuts, full_lengths
+from srdata.steps.tokenize import describe_cuts, full_lengths, prompt_lengths
 
 #: Rows tokenized before the run to foresee the cuts (tokenizing is fast, but not free on millions).
 SAMPLE_ROWS = 2000
 
 
-def truncation_before(
-    dataset: Any, mapping: ColumnMapping, template: str, tokenizer: Any, config: ScoreConfig, pending: list[Shard]
-) -> list[str]:
-    """Warnings for the prompts and references the run will cut, from the first ``SAMPLE_ROWS`` pending rows."""
+def truncation_before(dataset: Any, tokenizer: Any, config: ScoreConfig, pending: list[Shard]) -> list[str]:
+    """Warnings for the prompts and references the run will cut, from the first ``SAMPLE_ROWS`` pending rows.
+
+    ``config`` is the run's resolved config (its template and columns).
+    """
     rows_to_score = sum(s.stop - s.start for s in pending)
     indices: list[int] = []
     for shard in pending:
@@ -40,9 +41,10 @@ def truncation_before(
             break
     if not indices:
         return []
-    rendered = [r for r in render_rows(dataset.select(indices)[:], mapping, template, tokenizer) if r.invalid_reason is None]
+    template = config.prompt.template
+    rendered = [r for r in render_rows(dataset.select(indices)[:], column_mapping(config), template, tokenizer) if r.invalid_reason is None]
     sampled = len(indices) < rows_to_score
-    prompts = full_lengths(tokenizer, [r.prompt_text for r in rendered], add_special_tokens=template != "chat")
+    prompts = prompt_lengths(tokenizer, [r.prompt_text for r in rendered], template)
     references = full_lengths(tokenizer, [r.reference for r in rendered], add_special_tokens=False, eos=True)
     p = config.prompt
     lines = [
@@ -52,7 +54,7 @@ def truncation_before(
     return [line for line in lines if line]
 
 
-def truncation_after(scored: pl.DataFrame, tokenizer: Any, config: ScoreConfig, template: str) -> list[str]:
+def truncation_after(scored: pl.DataFrame, tokenizer: Any, config: ScoreConfig) -> list[str]:
     """Warnings for the prompts and references this run cut (every scored row), with the setting that keeps them."""
     valid = scored.filter(pl.col("invalid_reason").is_null() & pl.col("ce_loss").is_not_null())
     lines = []
@@ -62,7 +64,7 @@ def truncation_after(scored: pl.DataFrame, tokenizer: Any, config: ScoreConfig, 
     ):
         texts = valid.filter(pl.col(flag).fill_null(False))[column].to_list()
         if what == "prompts":
-            lengths = full_lengths(tokenizer, texts, add_special_tokens=template != "chat")
+            lengths = prompt_lengths(tokenizer, texts, config.prompt.template)
         else:
             lengths = full_lengths(tokenizer, texts, add_special_tokens=False, eos=True)
         line = describe_cuts(what, lengths, limit, setting, total=valid.height)
