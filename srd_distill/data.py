@@ -122,17 +122,34 @@ def read_json_rows(path: Path) -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class EncodingSettings:
-    """The prompt/reference encoding of the source run (see :func:`srdata.encode_pairs`)."""
+    """The prompt/reference encoding of the source run (see :func:`srdata.encode_pairs`).
+
+    The prompts are encoded by srdata's one rule for the run's template
+    (:func:`srdata.steps.tokenize.prompt_encoding`), so training sees the ids that were scored.
+    """
 
     max_prompt_tokens: int
     max_reference_tokens: Optional[int]
     truncation_side: str
-    add_special_tokens: bool  # False for chat-template prompts, which carry their own
+    add_special_tokens: bool  # prompt_encoding(template)'s: False for chat-template prompts, which carry their own
     rouge_tokenizer: str
     source: str  # the manifest it came from, or "srdata defaults"
+    template: Optional[str] = None  # the template the source run rendered its prompts with (None: not known)
 
     def describe(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """What ``run.json`` records (the template is left out: it decides ``add_special_tokens``, recorded as before)."""
+        return {k: v for k, v in self.__dict__.items() if k != "template"}
+
+    def prompt_options(self, tokenizer: Any) -> dict[str, Any]:
+        """The :func:`srdata.steps.tokenize.encode_pairs` options for the prompts: srdata's rule for the run's template.
+
+        Settings made without a template (by hand) name the chat case by ``add_special_tokens=False``.
+        """
+        from srdata.steps.tokenize import prompt_encoding
+
+        template = self.template if self.template is not None else (None if self.add_special_tokens else "chat")
+        return prompt_encoding(template, tokenizer, max_prompt_tokens=self.max_prompt_tokens,
+                               truncation_side=self.truncation_side)  # type: ignore[arg-type]
 
 
 def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[str], None] = log.info) -> EncodingSettings:
@@ -148,6 +165,7 @@ def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[st
         'left'
     """
     from srdata.config import MetricsConfig, PromptConfig
+    from srdata.steps.tokenize import prompt_encoding
 
     path = Path(data_path)
     run_dirs: list[Path] = []
@@ -174,17 +192,18 @@ def find_encoding_settings(data_path: str | os.PathLike[str], echo: Callable[[st
             max_prompt_tokens=prompt.max_prompt_tokens,
             max_reference_tokens=prompt.max_reference_tokens,
             truncation_side=prompt.truncation_side,
-            add_special_tokens=manifest.template != "chat",
+            add_special_tokens=prompt_encoding(manifest.template)["add_special_tokens"],
             rouge_tokenizer=metrics.rouge_tokenizer,
             source=f"{shown(run_dir)}/{MANIFEST_FILE}",
+            template=manifest.template,
         )
     defaults = PromptConfig()
     echo(f"no srdata manifest.json found for {path}; encoding with srdata's defaults "
          f"(max_prompt_tokens={defaults.max_prompt_tokens}, max_reference_tokens={defaults.max_reference_tokens}, "
          f"truncation_side={defaults.truncation_side})")
     return EncodingSettings(
-        defaults.max_prompt_tokens, defaults.max_reference_tokens, defaults.truncation_side, True,
-        MetricsConfig().rouge_tokenizer, "srdata defaults",
+        defaults.max_prompt_tokens, defaults.max_reference_tokens, defaults.truncation_side,
+        prompt_encoding(None)["add_special_tokens"], MetricsConfig().rouge_tokenizer, "srdata defaults",
     )
 
 
@@ -222,23 +241,19 @@ def encode_data(pairs: pl.DataFrame, tokenizer: Any, encoding: EncodingSettings,
     When ``pairs`` has an ``srd_id`` column, each kept row's id and the digest of its ids
     (:func:`srdata.steps.teacher.token_ids_digest`) are recorded too.
     """
-    from srdata.steps.prompts import chat_affixes
     from srdata.steps.teacher import token_ids_digest
     from srdata.steps.tokenize import encode_pairs
 
     prompts, references = pairs["prompt_text"].to_list(), pairs["reference_text"].to_list()
-    keep = ("", "") if encoding.add_special_tokens or not getattr(tokenizer, "chat_template", None) else chat_affixes(tokenizer)
+    options = encoding.prompt_options(tokenizer)
     encoded = []
     for start in range(0, len(prompts), 4096):  # bounded tokenizer batches for large files
         encoded += encode_pairs(
             tokenizer,
             prompts[start : start + 4096],
             references[start : start + 4096],
-            max_prompt_tokens=encoding.max_prompt_tokens,
             max_reference_tokens=encoding.max_reference_tokens,
-            truncation_side=encoding.truncation_side,  # type: ignore[arg-type]
-            add_special_tokens=encoding.add_special_tokens,
-            keep=keep,
+            **options,
         )
     data = EncodedData([], [], [], 0, 0)
     srd_ids = pairs["srd_id"].to_list() if "srd_id" in pairs.columns else None

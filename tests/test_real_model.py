@@ -190,7 +190,7 @@ def test_selfinst_chat_ce_and_greedy_match_plain_transformers(selfinst_run, self
     frame, manifest, _ = selfinst_run
     model, tokenizer = plain
     assert frame.height == len(selfinst_rows) and manifest["counts"]["rows_scored"] == len(selfinst_rows)
-    assert manifest["template"] == "chat" and manifest["backend"] == "hf"
+    assert manifest["config"]["prompt"]["template"] == "chat" and manifest["backend"] == "hf"
 
     prompts = []
     for row, source in zip(frame.iter_rows(named=True), selfinst_rows):
