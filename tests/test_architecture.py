@@ -234,3 +234,45 @@ def test_no_public_name_means_two_things_across_srdata_and_srd_distill():
                     where.setdefault(node.name, set()).add(package)
     twice = {name for name, packages in where.items() if len(packages) == 2} - same_job
     assert not twice, f"defined in both srdata and srd_distill: {sorted(twice)}; rename one (keep the old name deprecated)"
+
+
+def test_adding_a_backend_touches_only_the_registry(tmp_path):
+    """One line in a copy of srdata/backends/registry.py makes a new backend a --backend choice that
+    load_backend builds, whose context length and packages callers use."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "srdata", tmp_path / "srdata", ignore=shutil.ignore_patterns("__pycache__"))
+    registry = tmp_path / "srdata" / "backends" / "registry.py"
+    line = '    "vllm": "srdata.backends.vllm:VLLMBackend",'
+    text = registry.read_text(encoding="utf-8")
+    assert text.count(line) == 1
+    registry.write_text(text.replace(line, line + '\n    "toy": "toy_backend:ToyBackend",'), encoding="utf-8")
+    (tmp_path / "toy_backend.py").write_text(
+        "from srdata.backends.base import Backend\n\n\n"
+        "class ToyBackend(Backend):\n"
+        "    packages = ('toy-package',)\n\n"
+        "    @classmethod\n"
+        "    def from_config(cls, config, tokenizer=None):\n"
+        "        return cls()\n\n"
+        "    @classmethod\n"
+        "    def context_length(cls, config):\n"
+        "        return 77\n",
+        encoding="utf-8",
+    )
+    code = (
+        "import srdata, srdata.cli\n"
+        "from srdata.backends import backend_class, backend_packages, load_backend\n"
+        "from srdata.config import build_config\n"
+        "assert srdata.__file__.startswith(r'%s'), srdata.__file__\n"
+        "option = next(p for p in srdata.cli.main.commands['score'].params if p.name == 'backend')\n"
+        "config = build_config(dict(dataset='d.jsonl', model='m', output='o', device='cpu', backend='toy'))\n"
+        "backend = load_backend(config)\n"
+        "print(list(option.type.choices), type(backend).__name__, backend_class('toy').context_length(config), backend_packages()[-1])\n"
+        "backend.close()\n"
+    ) % tmp_path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["['auto',", "'hf',", "'vllm',", "'toy']", "ToyBackend", "77", "toy-package"], out.stdout

@@ -1,4 +1,4 @@
-"""The backend protocol: the two operations SRD needs from a student model.
+"""The backend protocol: what every caller needs from a model (build, context length, generate, score, close).
 
 A backend receives token ids (never text), so every backend sees exactly the same
 inputs, built once by :func:`srdata.steps.tokenize.encode_pair`. Batching, padding and
