@@ -220,3 +220,26 @@ def test_grouped_decode_attention_matches_transformers_sdpa(tiny_llama):
         got, _ = grouped_decode_sdpa(module, query, key, value, attention_mask, scaling=module.scaling)
         expected, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=module.scaling)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_prefill_runs_each_chunk_at_its_own_width(tiny_llama):
+    # One long prompt and three short ones: the short ones' prefill must not be padded to the long one's width.
+    backend = HFBackend.from_pretrained(tiny_llama, device="cpu", dtype="float32", prefill_chunk_tokens=64)
+    prompts = [list(range(3, 43)), [5, 6, 7, 8, 9], [7, 8, 9, 10], [9, 10, 11, 12, 13]]
+    fed: list[tuple[int, int]] = []
+    hook = backend.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        with torch.inference_mode():
+            ids, mask = backend._left_padded(prompts)
+            backend._prefill(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), ids.shape[1] + 4)
+    finally:
+        hook.remove()
+    assert sorted(fed) == [(1, 39), (3, 4)]
+    # ... and the shared prefill still scores and generates like the separate passes.
+    params = GenerationParams(max_new_tokens=6)
+    references = [[4, 5], [6], [7, 8, 9], [10]]
+    losses, generations = backend.score_and_generate(prompts, references, params)
+    assert losses == pytest.approx(backend.score(prompts, references), rel=1e-5)
+    assert [g.token_ids for g in generations] == [g.token_ids for g in backend.generate(prompts, params)]

@@ -21,7 +21,7 @@ import torch
 
 from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback, ReferenceScores, Rows, check_pairs
 from srdata.backends.attention import use_grouped_decode_attention
-from srdata.backends.batching import bucket_batches, similar_length_groups
+from srdata.backends.batching import bucket_batches, prefill_chunks, similar_length_groups
 from srdata.backends.live import BackendInterrupted, LiveBatch, decode_watcher
 
 if TYPE_CHECKING:
@@ -315,25 +315,35 @@ class HFBackend(Backend):
         cache at every step (61% of decode time, measured on CPU). Prompts run in chunks
         of about ``prefill_chunk_tokens``: decoding wants many rows per step, but one
         forward over all of them is slower per token (activations fall out of the caches).
+        Each chunk groups rows of similar length and runs at its own width (prompts are
+        left padded, so its tokens are the batch's last columns); the columns left of it
+        stay zero and masked.
         """
         from transformers import DynamicCache, StaticCache
 
         rows, width = input_ids.shape[0], input_ids.shape[1] - 1
-        step = max(1, self.prefill_chunk_tokens // width)
-        chunks = []
-        for start in range(0, rows, step):
-            chunk = slice(start, start + step)
+        lengths = attention_mask[:, :-1].sum(-1).tolist()
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for chunk in prefill_chunks(lengths, self.prefill_chunk_tokens):
+            chunk_width = max(lengths[r] for r in chunk)
+            if chunk_width == 0:  # one-token prompts: nothing to cache
+                continue
+            index, columns = torch.tensor(chunk, device=self.device), slice(width - chunk_width, width)
             chunk_cache = DynamicCache(config=self.model.config)
             self.model.base_model(
-                input_ids=input_ids[chunk, :-1], attention_mask=attention_mask[chunk, :-1],
-                position_ids=positions[chunk, :-1], **{self.cache_kwarg: chunk_cache}, use_cache=True,
+                input_ids=input_ids[index, columns], attention_mask=attention_mask[index, columns],
+                position_ids=positions[index, columns], **{self.cache_kwarg: chunk_cache}, use_cache=True,
             )
-            chunks.append(chunk_cache)
+            for layer_idx, layer in enumerate(chunk_cache.layers):
+                if len(keys) <= layer_idx:  # [rows, heads, width, head_dim], zero where nothing is cached
+                    keys.append(layer.keys.new_zeros((rows, layer.keys.shape[1], width, layer.keys.shape[3])))
+                    values.append(layer.values.new_zeros((rows, layer.values.shape[1], width, layer.values.shape[3])))
+                keys[layer_idx][index, :, columns] = layer.keys
+                values[layer_idx][index, :, columns] = layer.values
         cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
-        for layer_idx in range(len(chunks[0].layers)):
-            keys = torch.cat([c.layers[layer_idx].keys for c in chunks])
-            values = torch.cat([c.layers[layer_idx].values for c in chunks])
-            cache.update(keys, values, layer_idx)
+        for layer_idx, (layer_keys, layer_values) in enumerate(zip(keys, values)):
+            cache.update(layer_keys, layer_values, layer_idx)
         return cache
 
     def _score_continuation(
