@@ -236,6 +236,32 @@ def test_no_public_name_means_two_things_across_srdata_and_srd_distill():
     assert not twice, f"defined in both srdata and srd_distill: {sorted(twice)}; rename one (keep the old name deprecated)"
 
 
+def test_one_encoding_rule_for_srdata_and_srd_distill():
+    """Issue 26 item 2: the chat encoding decisions (``add_special_tokens``, what truncation keeps whole) are made by
+    ``srdata.steps.tokenize.prompt_encoding`` alone; srdata's shard encoding and srd-distill's data reading call it."""
+    rule = ROOT / "srdata" / "steps" / "tokenize.py"
+    simple = (ast.Constant, ast.Name, ast.Attribute, ast.Subscript)  # a value passed on, not a decision made here
+    callers, problems = set(), []
+    for path in SOURCES.values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name == "prompt_encoding":
+                callers.add(path.relative_to(ROOT).as_posix())
+            if path == rule:
+                continue
+            if name == "chat_affixes":
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno} calls chat_affixes")
+            for keyword in node.keywords:
+                encodes = name in ("encode_pairs", "unconditional_prompt_ids")
+                decided = keyword.arg == "add_special_tokens" or (keyword.arg == "keep" and encodes)
+                if decided and not isinstance(keyword.value, simple):
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} decides {keyword.arg}= itself")
+    assert not problems, "encoding decisions outside srdata.steps.tokenize.prompt_encoding: " + "; ".join(problems)
+    assert {"srdata/shard.py", "srd_distill/data.py"} <= callers, f"prompt_encoding is called from {sorted(callers)} only"
+
+
 def test_adding_a_backend_touches_only_the_registry(tmp_path):
     """One line in a copy of srdata/backends/registry.py makes a new backend a --backend choice that
     load_backend builds, whose context length and packages callers use."""
