@@ -40,6 +40,7 @@ from srd_distill.teacher_logits import cached_teacher_for
 from srd_distill.train import train
 
 from .conftest import DEMO_SAMPLE, corpus, write_jsonl
+from ._threads import single_torch_thread
 
 SCORE = dict(device="cpu", dtype="float32", max_new_tokens=2, progress=False, max_prompt_tokens=40, max_reference_tokens=12)
 TEACH = dict(device="cpu", dtype="float32", progress=False)
@@ -50,11 +51,8 @@ VOCAB = 512  # the tiny tokenizers' size
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """One torch thread here and in the processes started: runs compare bit for bit, and tiny models run faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread(monkeypatch):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from srdata.cli import main
 
 from ._warnings import deprecation_notices
 from .conftest import write_jsonl
+from ._threads import single_torch_thread
 
 MAX_NEW_TOKENS = 16
 T0_MAX_PROMPT_TOKENS = 128
@@ -66,10 +67,8 @@ def one_torch_thread():
     and 57-60 s with one, back to back under a load of 2-4. srdata and the plain reference
     both run under this setting.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from srdata.run.io import LOCK_FILE
 
 from .conftest import corpus
 from .test_train import curriculum, eval_file, scored_run  # noqa: F401  (module fixtures: a real export)
+from ._threads import single_torch_thread
 
 FAST = dict(device="cpu", dtype="float32", batch_size=1, lr=3e-3, log_every=1, eval_max_new_tokens=2)
 
@@ -39,11 +40,8 @@ FAST = dict(device="cpu", dtype="float32", batch_size=1, lr=3e-3, log_every=1, e
 def one_thread(monkeypatch):
     """One torch thread here and in the processes these tests start: tiny models run several times faster so
     on a busy machine, and the in-process reference run computes exactly as the CLI processes do."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread(monkeypatch):
+        yield
 
 
 @pytest.fixture(scope="module")

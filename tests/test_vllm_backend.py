@@ -30,7 +30,7 @@ from srdata.backends import vllm_runner as vr
 from srdata.backends.hf import HFBackend
 from srdata.config import build_config
 from srdata.demo.tiny import build_tiny_model
-from srdata.steps.tokenize import encode_pairs
+from tests._hf_reference import hf_reference
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -100,26 +100,15 @@ def as_prompt_logprobs(sequence: list[int], token_logprobs: list[float], flat: b
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", TEXTS, arch="llama", vocab_size=300)
-    hf = HFBackend.from_pretrained(path, device="cpu", dtype="float32", batch_size=4, token_budget=4096)
-    pairs = encode_pairs(hf.tokenizer, PROMPTS, REFERENCES)
-    prompts, references = [p.prompt_ids for p in pairs], [p.reference_ids for p in pairs]
-    eos = hf.tokenizer.eos_token_id
+    ref = hf_reference(path, PROMPTS, REFERENCES, batch_size=4, token_budget=4096)
     # A random model rarely says EOS; a token it does produce is made a stop id so that
     # both finish reasons occur.
-    frequent = hf.generate(prompts[:1], GenerationParams(max_new_tokens=3))[0].token_ids[-1]
-    params = GenerationParams(max_new_tokens=6, stop_token_ids=(eos, frequent))
-    expected = hf.generate(prompts, params)
-    assert {g.finish_reason for g in expected} == {"stop", "length"}
-    return SimpleNamespace(
-        path=path,
-        hf=hf,
-        prompts=prompts,
-        references=references,
-        eos=eos,
-        params=params,
-        expected_scores=hf.score(prompts, references),
-        expected_generations=expected,
-    )
+    frequent = ref.hf.generate(ref.prompts[:1], GenerationParams(max_new_tokens=3))[0].token_ids[-1]
+    ref.params = GenerationParams(max_new_tokens=6, stop_token_ids=(ref.eos, frequent))
+    ref.expected_generations = ref.hf.generate(ref.prompts, ref.params)
+    assert {g.finish_reason for g in ref.expected_generations} == {"stop", "length"}
+    ref.expected_scores = ref.hf.score(ref.prompts, ref.references)
+    return ref
 
 
 @torch.inference_mode()

@@ -56,6 +56,7 @@ from srdata.backends import vllm as vb
 from srdata.backends import vllm_engine as ve
 from srdata.demo.tiny import build_tiny_model
 from srdata.steps.tokenize import encode_pairs
+from tests._hf_reference import hf_reference
 from tests.conftest import corpus, write_jsonl
 from tests.real_models import unavailable
 
@@ -119,30 +120,15 @@ def assert_ce_parity(got: list[float], expected: list[float], what: str) -> None
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, shared_data_dir):
     """A tiny random Llama (head size 32), real rows encoded with its tokenizer, HF's answers."""
-    from srdata.backends.hf import HFBackend
-
     path = build_tiny_model(tmp_path_factory.mktemp("vllm-engine") / "llama", corpus(), arch="llama", num_heads=2)
-    hf = HFBackend.from_pretrained(path, device="cpu", dtype="float32", batch_size=16)
     rows = t0_rows(shared_data_dir, 8, seed=0, max_chars=1200) + selfinst_rows(shared_data_dir, 4)
-    pairs = encode_pairs(
-        hf.tokenizer, [p for p, _ in rows], [r for _, r in rows], max_prompt_tokens=384, max_reference_tokens=48
-    )
-    prompts, references = [p.prompt_ids for p in pairs], [p.reference_ids for p in pairs]
-    eos = hf.tokenizer.eos_token_id
-    params = GenerationParams(max_new_tokens=48, stop_token_ids=(eos,))
-    ngram = GenerationParams(max_new_tokens=48, no_repeat_ngram_size=3, stop_token_ids=(eos,))
-    scores, generations = hf.score_and_generate(prompts, references, params)
-    return SimpleNamespace(
-        path=path,
-        hf=hf,
-        prompts=prompts,
-        references=references,
-        params=params,
-        ngram=ngram,
-        scores=scores,
-        generations=generations,
-        banned=hf.generate(prompts, ngram),
-    )
+    ref = hf_reference(path, [p for p, _ in rows], [r for _, r in rows], batch_size=16, max_prompt_tokens=384,
+                       max_reference_tokens=48)
+    ref.params = GenerationParams(max_new_tokens=48, stop_token_ids=(ref.eos,))
+    ref.ngram = GenerationParams(max_new_tokens=48, no_repeat_ngram_size=3, stop_token_ids=(ref.eos,))
+    ref.scores, ref.generations = ref.hf.score_and_generate(ref.prompts, ref.references, ref.params)
+    ref.banned = ref.hf.generate(ref.prompts, ref.ngram)
+    return ref
 
 
 @pytest.fixture(scope="module")
