@@ -18,7 +18,7 @@ from typing import Any, Optional
 def testbed_models(out: Path, spec: Any, teacher: Any, student: Any, seed: int) -> tuple[Any, Path, Path]:
     """``(files, teacher_dir, student_dir)`` under ``out``: the testbed of ``spec``, its teacher (seed 0) and a student
     warmed up with ``seed``; each one already there (its ``config.json`` written) is reused, not trained again."""
-    from srd_distill.testbed import train_teacher, warm_up_student
+    from srd_distill.testbed_models import train_teacher, warm_up_student
     from srdata.demo.testbed import build_testbed
 
     files = build_testbed(out / "testbed", spec)

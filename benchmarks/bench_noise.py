@@ -182,7 +182,7 @@ class Rescorer:
         import torch
 
         from srdata.backends.hf import HFBackend
-        from srdata.steps.load import ColumnMapping
+        from srdata.steps.dataset import ColumnMapping
         from srdata.steps.prompts import chat_affixes, unconditional_prompt
         from srdata.steps.tokenize import unconditional_prompt_ids
 

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from _common import testbed_models  # noqa: E402  (this folder)
-from srd_distill.testbed import student_recipe, teacher_recipe, evaluate_model, model_parameters  # noqa: E402
+from srd_distill.testbed_models import student_recipe, teacher_recipe, evaluate_model, model_parameters  # noqa: E402
 from srdata.demo.testbed import TestbedSpec  # noqa: E402
 
 SPEC = TestbedSpec(train_pairs=800, dev_pairs=32, test_pairs=160, teacher_pairs=12000, warmup_pairs=4000, noise_fraction=0.10)

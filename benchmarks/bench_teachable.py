@@ -44,7 +44,7 @@ import polars as pl  # noqa: E402
 
 import srdata  # noqa: E402
 from _common import testbed_models  # noqa: E402  (this folder)
-from srd_distill.testbed import student_recipe, teacher_recipe  # noqa: E402
+from srd_distill.testbed_models import student_recipe, teacher_recipe  # noqa: E402
 from srdata.demo.testbed import TestbedSpec  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
 

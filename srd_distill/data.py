@@ -351,7 +351,7 @@ def checked_curriculum(curriculum_dir: Path, n_stages: int, schedule_name: str) 
 
     The names come from ``curriculum.json`` (as ``srdata export`` writes it), and every file
     must match what it records (bytes, rows, checksum; no path outside the folder): srdata's
-    one curriculum reader checks it (:func:`srdata.curriculum.load.verified_curriculum`, as
+    one curriculum reader checks it (:func:`srdata.curriculum.reader.verified_curriculum`, as
     for ``load_curriculum``); only the messages here add what the schedule needs. Without
     it, ``stage-K.parquet`` / ``stage-K.jsonl`` files are looked up directly (a hand-made curriculum: nothing to check
     them against, their checksums are recorded in the run all the same).
@@ -359,7 +359,7 @@ def checked_curriculum(curriculum_dir: Path, n_stages: int, schedule_name: str) 
     Example:
         >>> files, digests = checked_curriculum(Path("runs/dolly/curriculum"), 3, "paper-gpt2")   # doctest: +SKIP
     """
-    from srdata.curriculum.load import MissingStageFilesError, verified_curriculum
+    from srdata.curriculum.reader import MissingStageFilesError, verified_curriculum
 
     if not curriculum_dir.is_dir():
         raise CurriculumFilesError(

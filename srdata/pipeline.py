@@ -20,7 +20,7 @@ from srdata.backends import check_device, resolve_run_dtype, select_backend
 from srdata.config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from srdata.steps.context import check_token_limits
 from srdata.steps.columns import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA
-from srdata.steps.load import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
+from srdata.steps.dataset import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
 from srdata.engines import ShardJob, run_shards
 from srdata.shard import StudentScorer, check_model_path, load_tokenizer, max_positions
 from srdata.steps.hub import check_hub_model, hub_offline

@@ -26,7 +26,7 @@ from srdata.backends import GenerationParams, backend_class, load_backend
 from srdata.config import ScoreConfig
 from srdata.steps.columns import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA  # noqa: F401 - re-exported (srdata.shard held them)
 from srdata.steps.context import check_pair_lengths, model_stop_ids
-from srdata.steps.load import ColumnMapping, column_mapping
+from srdata.steps.dataset import ColumnMapping, column_mapping
 from srdata.steps.prompts import render_rows, resolved_config, unconditional_prompt
 from srdata.steps.rouge import rouge_l
 from srdata.steps.signals import instruction_following_difficulty, prompt_pmi  # noqa: F401 - re-exported as well

@@ -44,7 +44,7 @@ from srdata.run.remote_run import RemoteRunStore, staged_run
 from srdata.run.storage import Location, check_bucket, exists, parse_location, use_options
 from srdata.shard import encode_shard, load_tokenizer
 from srdata.steps.context import model_max_positions
-from srdata.steps.load import ColumnMapping, load_split_with_identity
+from srdata.steps.dataset import ColumnMapping, load_split_with_identity
 from srdata.steps.prompts import resolved_config
 from srdata.steps.teacher import TEACHER_COLUMNS, TEACHER_FOLDER, padded_vocabulary_note, teacher_frame, tokenizer_differences
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import srdata
 from srdata.cli import main
-from srdata.steps.load import DatasetLoadError, load_split, resolve_columns
+from srdata.steps.dataset import DatasetLoadError, load_split, resolve_columns
 
 FAST = dict(device="cpu", dtype="float32", max_new_tokens=4, progress=False)
 

@@ -13,7 +13,7 @@ import srdata
 from srdata.demo.tiny import build_tiny_model
 from srdata.cli import main
 from srdata.steps.context import check_pair_lengths, check_token_limits, model_max_positions
-from srdata.curriculum.load import add_chat_messages, curriculum_training_set
+from srdata.curriculum.reader import add_chat_messages, curriculum_training_set
 
 from .conftest import corpus, write_jsonl
 
@@ -174,7 +174,7 @@ def test_generation_stops_at_every_end_id_the_model_lists(tiny_llama, tmp_path):
     from srdata.backends import Generation
     from srdata.config import build_config
     from srdata.steps.context import model_stop_ids
-    from srdata.steps.load import ColumnMapping
+    from srdata.steps.dataset import ColumnMapping
     from srdata.shard import score_shard
     from srdata.steps.prompts import resolved_config
     from srdata.run.folder import Shard

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from srdata.curriculum.load import CurriculumSampler, curriculum_training_set, load_curriculum
+from srdata.curriculum.reader import CurriculumSampler, curriculum_training_set, load_curriculum
 from srdata.curriculum.export import export_curriculum
 from tests._runs import make_run
 
@@ -171,7 +171,7 @@ def tiny_trainer(train, sampler, callback, tmp_path: Path, seen: list[list[int]]
 
 
 def test_callback_switches_stage_inside_transformers_trainer(run: Path, cache: str, tmp_path: Path):
-    from srdata.curriculum.load import CurriculumCallback
+    from srdata.curriculum.reader import CurriculumCallback
 
     train, stage_of_row = curriculum_training_set(load_curriculum(export_curriculum(run), cache_dir=cache))
     sampler = CurriculumSampler(stage_of_row, epochs_per_stage=1, samples_per_step=4, seed=0)
@@ -193,7 +193,7 @@ def test_callback_switches_stage_inside_transformers_trainer(run: Path, cache: s
 
 
 def test_callback_refuses_a_sampler_built_for_other_steps(run: Path, cache: str, tmp_path: Path):
-    from srdata.curriculum.load import CurriculumCallback
+    from srdata.curriculum.reader import CurriculumCallback
 
     train, stage_of_row = curriculum_training_set(load_curriculum(export_curriculum(run), cache_dir=cache))
     sampler = CurriculumSampler(stage_of_row, samples_per_step=4)

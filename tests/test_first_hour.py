@@ -44,7 +44,7 @@ def test_progress_counts_rows_inside_a_shard(tiny_llama, tmp_path):
     """Rows reach the progress callback batch by batch, long before the shard (8 rows, batches of 2) is done."""
     from srdata.run.folder import Shard
     from srdata.shard import LoadedStudent
-    from srdata.steps.load import ColumnMapping
+    from srdata.steps.dataset import ColumnMapping
 
     config = _config(tiny_llama, tmp_path, batch_size=2, max_new_tokens=4, shard_size=8)
     student = LoadedStudent(config, ColumnMapping("instruction", "output"), "alpaca")

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from srdata.cli import export_cmd, inspect_cmd, rank_cmd, report_cmd
-from srdata.curriculum.load import curriculum_training_set, load_curriculum
+from srdata.curriculum.reader import curriculum_training_set, load_curriculum
 from srdata.curriculum.export import CurriculumError, export_curriculum
 from srdata.curriculum.groups import (
     STRATIFIED_COLUMN,

@@ -83,7 +83,7 @@ def test_records_read_old_names_and_keep_unknown_keys():
 
 def test_renamed_names_keep_a_deprecation_path():
     import srd_distill.stages as stages
-    import srd_distill.testbed as testbed
+    import srd_distill.testbed_models as testbed
     import srd_distill.train as train_module
     from srd_distill.data import Example
 
@@ -114,7 +114,7 @@ def test_srd_distill_reads_a_curriculum_through_srdatas_reader(tmp_path):
     from srd_distill.data import checked_curriculum
     from srd_distill.errors import CurriculumFilesError
     from srdata.curriculum.export import export_curriculum
-    from srdata.curriculum.load import MissingStageFilesError, verified_curriculum
+    from srdata.curriculum.reader import MissingStageFilesError, verified_curriculum
     from tests._runs import make_run
 
     out = export_curriculum(make_run(tmp_path / "run"))

@@ -13,7 +13,7 @@ import pytest
 
 import srdata
 from srdata.curriculum import output as output_module
-from srdata.curriculum.load import load_curriculum
+from srdata.curriculum.reader import load_curriculum
 from srdata.curriculum.export import export_curriculum
 from srdata.run.io import FILE_MODE, HOST_TAG, remove_stale_temps
 from tests._runs import make_run

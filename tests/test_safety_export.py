@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 
 from srdata.curriculum.export import CurriculumError, export_curriculum, rerank_run
-from srdata.curriculum.load import CurriculumIntegrityError, load_curriculum, verified_curriculum, verified_stage_files
+from srdata.curriculum.reader import CurriculumIntegrityError, load_curriculum, verified_curriculum, verified_stage_files
 from srdata.run.io import HOST_TAG, LOCK_FILE, file_sha256
 from tests._cli import invoke
 from tests._runs import make_run

@@ -24,7 +24,7 @@ from srdata.cli import main
 from srdata.run.folder import RunDirError, RunStore, read_manifest
 from srdata.run.identity import UnsafeWeightsError
 from srdata.run.io import HOST_TAG, IntegrityError, file_sha256
-from srdata.steps.load import load_split_with_identity
+from srdata.steps.dataset import load_split_with_identity
 
 from .conftest import write_jsonl
 

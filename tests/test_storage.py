@@ -20,7 +20,7 @@ import pytest
 import srdata
 from srdata.curriculum.cut import CurriculumError
 from srdata.curriculum.export import export_curriculum
-from srdata.curriculum.load import load_curriculum
+from srdata.curriculum.reader import load_curriculum
 from tests._s3 import free_port
 
 from .conftest import REPO_ROOT, write_jsonl

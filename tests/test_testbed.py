@@ -96,7 +96,7 @@ def test_build_testbed_writes_clean_eval_splits(tmp_path):
 
 
 def test_srdata_detects_the_prompt_response_layout(tmp_path):
-    from srdata.steps.load import load_split, resolve_columns
+    from srdata.steps.dataset import load_split, resolve_columns
 
     files = build_testbed(tmp_path / "tb", TestbedSpec(train_pairs=20, dev_pairs=0, test_pairs=0, teacher_pairs=0, warmup_pairs=0))
     dataset = load_split(str(files.train))

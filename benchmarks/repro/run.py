@@ -11,7 +11,7 @@ identical for both arms):
    families (copy, reverse, shift, sort) at four difficulty levels; 10% of the
    training pairs get a wrong response (flag ``is_noisy``, used only here for
    evaluation); clean dev (checkpoint choice) and test (final evaluation) sets.
-2. **Teacher** (:mod:`srd_distill.testbed`): a character-level Llama trained with
+2. **Teacher** (:mod:`srd_distill.testbed_models`): a character-level Llama trained with
    cross-entropy on clean pairs of the same task distribution. **Student** (per seed): a
    smaller Llama given a short warm-up on other clean pairs.
 3. **SRD arm**, through the real CLIs: ``srdata score`` (the student answers every training
@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from srd_distill.testbed import TinyModelRecipe, student_recipe, teacher_recipe, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
+from srd_distill.testbed_models import TinyModelRecipe, student_recipe, teacher_recipe, evaluate_model, model_parameters, train_teacher, warm_up_student  # noqa: E402
 from srdata.run.io import write_json_atomic  # noqa: E402
 from srdata.demo.regimes import REGIME_NAMES, regime_settings  # noqa: E402
 from srdata.demo.testbed import TestbedSpec, build_testbed, format_ranking_summary, ranking_summary  # noqa: E402

@@ -28,7 +28,7 @@ Guarantees (the folder rules and the publishing order are in :mod:`srdata.curric
   processes. A run replaced while it was read (a concurrent rank) is refused, not mixed.
 * **Checksums.** The SHA-256, bytes and rows of every stage file are recorded in
   ``curriculum.json`` (each hashed on its stage's writer thread while the other stages
-  still write) and checked wherever the stages are read (:func:`srdata.curriculum.load.verified_curriculum`).
+  still write) and checked wherever the stages are read (:func:`srdata.curriculum.reader.verified_curriculum`).
 * **Atomic, and clear when it cannot write.** Every file is written to a marked temp file
   and moved into place; a kill or a full disk leaves the earlier export whole (or, killed
   among the final renames, a summary that readers refuse and a rerun cleans up), and a full

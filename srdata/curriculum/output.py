@@ -16,7 +16,7 @@
   is replaced by the new summary marked ``"publishing"`` (it also lists the earlier export's
   files that are to go), the temp files are moved onto their names, the leftover files are
   removed, and ``curriculum.json`` is written without the mark. A process killed in between
-  leaves a summary that readers refuse (:func:`srdata.curriculum.load.verified_curriculum`)
+  leaves a summary that readers refuse (:func:`srdata.curriculum.reader.verified_curriculum`)
   and that tells the next export every file it may replace: a rerun is clean.
 
 Example:
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from srdata.curriculum.cut import CurriculumError
-from srdata.curriculum.load import PUBLISHING_KEY
+from srdata.curriculum.reader import PUBLISHING_KEY
 from srdata.run.folder import CURRICULUM_FILE
 from srdata.run.io import WriteError, is_tool_file, publish, write_json_atomic, write_problem
 

@@ -3,7 +3,7 @@
 ``curriculum.json`` is read first; an export interrupted while it published is refused; every
 stage file it lists is downloaded and must have the bytes and SHA-256 recorded there
 (:func:`srdata.run.storage.download_verified`); then the copy is checked like any local
-export (:func:`srdata.curriculum.load.verified_curriculum`). A copy already matching the record
+export (:func:`srdata.curriculum.reader.verified_curriculum`). A copy already matching the record
 is not downloaded again.
 
 Example:

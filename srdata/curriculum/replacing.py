@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from srdata.curriculum.cut import CurriculumError, StagePlan
-from srdata.curriculum.load import PUBLISHING_KEY
+from srdata.curriculum.reader import PUBLISHING_KEY
 from srdata.curriculum.ranking import Ranking
 from srdata.curriculum.ranking_record import ranking_name
 from srdata.curriculum.source import Run

@@ -31,7 +31,7 @@ import polars as pl
 from srdata.curriculum.cut import CurriculumError, plan_stages, stage_bounds
 from srdata.curriculum.export import Ranking, ranks_in_file_order, resolve_ranking
 from srdata.curriculum.groups import STRATIFIED_COLUMN, GroupError, check_group_columns, curriculum_parts, stratified_ranks
-from srdata.curriculum.load import VerifiedCurriculum, verified_curriculum
+from srdata.curriculum.reader import VerifiedCurriculum, verified_curriculum
 from srdata.curriculum.ranking_record import ranking_name
 from srdata.curriculum.source import Run
 from srdata.curriculum.summary import score_columns

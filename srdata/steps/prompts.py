@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from srdata.steps.load import ColumnMapping
+from srdata.steps.dataset import ColumnMapping
 
 ALPACA = (
     "Below is an instruction that describes a task. "
@@ -116,7 +116,7 @@ def resolved_config(config: Any, mapping: ColumnMapping, template: str) -> Any:
     ``srdata.pipeline.score`` resolves ``--template auto`` and the auto-detected columns once
     and passes this config on: shards, engines, Ray replicas and the manifest read the
     template from ``config.prompt.template`` and the columns with
-    :func:`srdata.steps.load.column_mapping`, never from a separate argument.
+    :func:`srdata.steps.dataset.column_mapping`, never from a separate argument.
 
     Example:
         >>> from srdata.config import build_config

@@ -20,7 +20,7 @@ import polars as pl
 
 from srdata.config import ScoreConfig
 from srdata.run.folder import Shard
-from srdata.steps.load import column_mapping
+from srdata.steps.dataset import column_mapping
 from srdata.steps.prompts import render_rows
 from srdata.steps.tokenize import describe_cuts, full_lengths, prompt_lengths
 
