@@ -75,7 +75,8 @@ def config_options(*models: type[BaseModel], skip: Sequence[str] = (), require: 
     """
 
     def decorate(command: F) -> F:
-        fields = [(name, field) for model in models for name, field in model.model_fields.items() if name not in skip]
+        # A field is named by its setting name (its alias where it has one: ModelConfig.path is --model).
+        fields = [(field.alias or name, field) for model in models for name, field in model.model_fields.items() if (field.alias or name) not in skip]
         for name, field in reversed(fields):
             click_type, is_list = _click_type(field.annotation)
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}

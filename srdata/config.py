@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from srdata.backends.registry import BackendName  # the registered backends' names (imports no backend)
 from srdata.engines import EngineName  # the registered engines' names (imports no engine)
@@ -29,11 +29,15 @@ from srdata.curriculum.cut import FORMATS, LAYOUTS, CurriculumError, Format, Lay
 from srdata.steps.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, RankKey, TieMode, parse_rank_by
 from srdata.run.storage import STORAGE_OPTIONS_HELP  # remote storage (s3://...): options never recorded (secrets)
 # Re-exported: settings files, readable validation errors and a command's settings are srdata.config_io's.
-from srdata.config_io import BOUNDS, ConfigFileError, command_settings, parse_config_file, validation_problems  # noqa: F401
+from srdata.config_io import (  # noqa: F401
+    BOUNDS, ConfigFileError, command_settings, parse_config_file, renamed_property, setting_names, validation_problems,
+)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # A field with an alias (ModelConfig.path, EngineConfig.name) is read under either name and written under its
+    # alias, so flags, config files, manifest.json and settings hashes keep the alias (``--model``, ``"model"``).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
 
 #: ``json_schema_extra`` of a setting that changes speed, memory or logging but no output value:
@@ -69,7 +73,7 @@ class PromptConfig(_Section):
 
 
 class ModelConfig(_Section):
-    model: str = Field(description="The student: a folder saved with save_pretrained, or a hub id.")
+    path: str = Field(alias="model", description="The student: a folder saved with save_pretrained, or a hub id.")
     backend: BackendName = Field(default="auto", description="auto = vllm when importable and a GPU is visible, else hf.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto = bfloat16 on a GPU and on a CPU with AMX, else float32 (srdata.backends.dtype).")
@@ -83,6 +87,7 @@ class ModelConfig(_Section):
         json_schema_extra=RESUMABLE,
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM: GPUs per model replica.")
+    model = renamed_property("model", "path")  # the attribute's old name (its setting keeps it: --model)
 
 
 class GenerationConfig(_Section):
@@ -147,8 +152,8 @@ class RunConfig(_Section):
 class EngineConfig(_Section):
     """Where the shards are scored: in this process, or by a pool of Ray actors (``srdata[ray]``)."""
 
-    engine: EngineName = Field(
-        default="local", description="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way.",
+    name: EngineName = Field(
+        default="local", alias="engine", description="local = this process; ray = a pool of Ray actors (pip install 'srdata[ray]'). Same output either way.",
         json_schema_extra=RESUMABLE,
     )
     ray_address: Optional[str] = Field(
@@ -166,6 +171,7 @@ class EngineConfig(_Section):
         "coming back) before failing. Default: 300 on a cluster srdata joins, 0 on a Ray it starts itself.",
         json_schema_extra=RESUMABLE,
     )
+    engine = renamed_property("engine", "name")  # the attribute's old name (its setting keeps it: --engine)
 
 
 class ScoreConfig(_Section):
@@ -187,8 +193,14 @@ RANK_BY_HELP = (
 TIES_HELP = "input: ties by srd_id; reference: the authors' tools/rank.py order."
 
 
-def _known(value: Any, choices: tuple[str, ...], what: str, error: type[ValueError]) -> Any:
+#: Each choice setting: its choices, what the message calls it, and the error it raises.
+CHOICE_SETTINGS = {"layout": (LAYOUTS, "layout", CurriculumError), "format": (FORMATS, "format", CurriculumError),
+                   "ties": (TIE_MODES, "ties mode", RankingError)}
+
+
+def _known(value: Any, info: ValidationInfo) -> Any:
     """The library's own message for a value outside a ``Literal`` (the CLI's choices refuse it first)."""
+    choices, what, error = CHOICE_SETTINGS[info.field_name]
     if isinstance(value, str) and value not in choices:
         raise error(f"unknown {what} {value!r}: use one of {', '.join(choices)}")
     return value
@@ -265,20 +277,7 @@ class ExportConfig(ShareCheckConfig):
         except ValueError:
             raise ValueError(f"expected comma-separated numbers such as 0.25,0.5,0.75, got {value!r}") from None
 
-    @field_validator("layout", mode="before")
-    @classmethod
-    def _known_layout(cls, value: Any) -> Any:
-        return _known(value, LAYOUTS, "layout", CurriculumError)
-
-    @field_validator("format", mode="before")
-    @classmethod
-    def _known_format(cls, value: Any) -> Any:
-        return _known(value, FORMATS, "format", CurriculumError)
-
-    @field_validator("ties", mode="before")
-    @classmethod
-    def _known_ties(cls, value: Any) -> Any:
-        return _known(value, TIE_MODES, "ties mode", RankingError)
+    _known_choice = field_validator("layout", "format", "ties", mode="before")(_known)
 
     @field_validator("out", mode="before")
     @classmethod
@@ -308,10 +307,7 @@ class RankConfig(_Section):
     rrf_k: int = Field(default=DEFAULT_RRF_K, ge=0, description="RRF constant k.")
     ties: TieMode = Field(default="input", description=TIES_HELP)
 
-    @field_validator("ties", mode="before")
-    @classmethod
-    def _known_ties(cls, value: Any) -> Any:
-        return _known(value, TIE_MODES, "ties mode", RankingError)
+    _known_choice = field_validator("ties", mode="before")(_known)
 
     @model_validator(mode="after")
     def _usable(self) -> "RankConfig":
@@ -358,7 +354,7 @@ class TeacherConfig(_Section):
 class TeachConfig(_Section):
     """Everything ``srdata teach`` runs with: the teacher, and where and how it runs (the student's sections).
 
-    ``model.model`` is the teacher; the encoding settings (template, token limits) are the
+    ``model.path`` is the teacher; the encoding settings (template, token limits) are the
     scored run's own and cannot be changed here.
     """
 
@@ -393,10 +389,11 @@ def resumable_settings(model: type[BaseModel]) -> frozenset[tuple[str, ...]]:
     paths: set[tuple[str, ...]] = set()
     for name, field in model.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        key = field.alias or name  # the key in dumps, manifests and settings
         if extra.get("resumable"):
-            paths.add((name,))
+            paths.add((key,))
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            paths |= {(name, *path) for path in resumable_settings(field.annotation)}
+            paths |= {(key, *path) for path in resumable_settings(field.annotation)}
     return frozenset(paths)
 
 
@@ -432,9 +429,9 @@ def nest(flat: dict[str, Any], sections: dict[str, type[BaseModel]] | None = Non
                 place(key, str(name).replace("-", "_"), inner, f"{name!r} under {key!r}")
             continue
         name = key.replace("-", "_")
-        owners = [section for section, cls in sections.items() if name in cls.model_fields]
+        owners = [section for section, cls in sections.items() if name in setting_names(cls)]
         if not owners:
-            known = sorted({f for cls in sections.values() for f in cls.model_fields})
+            known = sorted({f for cls in sections.values() for f in setting_names(cls)})
             raise ValueError(f"unknown setting {key!r}; known settings: {', '.join(known)}")
         place(owners[0], name, value, f"{key!r} at the top level")
     return nested

@@ -59,7 +59,7 @@ def score_shard(
     prompt_ids = [p.prompt_ids for p in pairs]
     references = [p.reference_ids for p in pairs]
     eos_id = resolve_eos_id(tokenizer)  # the one appended to references; the model's own end ids also stop generation
-    stop_ids = (eos_id, *(i for i in model_stop_ids(config.model.model) if i != eos_id))
+    stop_ids = (eos_id, *(i for i in model_stop_ids(config.model.path) if i != eos_id))
     params = GenerationParams(config.generation.max_new_tokens, config.generation.no_repeat_ngram_size, stop_ids)
     uncond: dict[int, float] | None = None
     if "ifd" in config.metrics.signals and valid:
@@ -167,7 +167,7 @@ def check_model_path(model: str) -> None:
 def load_tokenizer(config: ScoreConfig) -> Any:
     from transformers import AutoTokenizer
 
-    model = config.model.model
+    model = config.model.path
     check_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)

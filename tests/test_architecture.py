@@ -147,7 +147,7 @@ def test_backend_and_engine_names_come_only_from_their_registries():
     from srdata.engines import ENGINES
 
     assert typing.get_args(ModelConfig.model_fields["backend"].annotation) == BACKEND_CHOICES
-    assert typing.get_args(EngineConfig.model_fields["engine"].annotation) == tuple(ENGINES)
+    assert typing.get_args(EngineConfig.model_fields["name"].annotation) == tuple(ENGINES)
     offenders = []
     for name, path in SOURCES.items():
         if name in REGISTRY_MODULES:

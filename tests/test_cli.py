@@ -26,6 +26,7 @@ def test_every_setting_is_a_flag_with_its_help_and_default(command, models, skip
     options = options_of(main.commands[command])
     for model in models:
         for name, field in model.model_fields.items():
+            name = field.alias or name  # the setting's name: ModelConfig.path is --model
             if name in skip:
                 continue
             option = options[name]

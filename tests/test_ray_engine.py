@@ -74,7 +74,7 @@ def test_engine_settings_do_not_change_the_resume_hash():
     local = build_config({"dataset": "d.jsonl", "model": "m", "output": "o"})
     remote = build_config({"dataset": "d.jsonl", "model": "m", "output": "o", "engine": "ray", "ray_address": "auto",
                            "num_replicas": 4, "gpus_per_replica": 1})
-    assert remote.engine.engine == "ray" and remote.engine.num_replicas == 4
+    assert remote.engine.name == "ray" and remote.engine.num_replicas == 4
     assert result_settings(local) == result_settings(remote)
 
 

@@ -1,7 +1,7 @@
 """The backend protocol: what every caller needs from a model (build, context length, generate, score, close).
 
 A backend receives token ids (never text), so every backend sees exactly the same
-inputs, built once by :func:`srdata.steps.tokenize.encode_pair`. Batching, padding and
+inputs, built once by :func:`srdata.steps.tokenize.encode_pairs`. Batching, padding and
 device placement are the backend's own business.
 """
 
@@ -106,7 +106,7 @@ class Backend(Protocol):
         """
         from srdata.steps.context import model_max_positions  # reads the model's config.json
 
-        return model_max_positions(config.model.model)
+        return model_max_positions(config.model.path)
 
     def generate(self, prompt_ids: Rows, params: GenerationParams, progress: ProgressCallback = None) -> list[Generation]:
         """Greedy-decode an answer for every prompt, in input order."""

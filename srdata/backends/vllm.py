@@ -228,7 +228,7 @@ class VLLMBackend(Backend):
         """The model's positions, lowered by ``--max-model-len`` (the engine's context length) when it is set."""
         from srdata.steps.context import model_max_positions  # reads the model's config.json
 
-        return model_max_positions(config.model.model, config.model.max_model_len)
+        return model_max_positions(config.model.path, config.model.max_model_len)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, tokenizer: Any = None, device: str = "auto", **engine: Any) -> "VLLMBackend":

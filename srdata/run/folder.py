@@ -43,7 +43,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from srdata.config import (SECTIONS, BatchingConfig, DataConfig, EngineConfig, GenerationConfig, MetricsConfig, ModelConfig, PromptConfig,
-                           RunConfig, validation_problems)
+                           RunConfig, setting_names, validation_problems)
 
 from srdata.run.names import ANNOTATED_FILE, CURRICULUM_FILE, MANIFEST_FILE, SHARD_FILE, RunDirError  # noqa: F401 - re-exported
 from srdata.run.output_location import check_output_location  # noqa: F401 - re-exported
@@ -86,7 +86,7 @@ class RecordedConfig(BaseModel):
         if not isinstance(values, dict):
             return values
         return {
-            section: {k: v for k, v in content.items() if k in SECTIONS[section].model_fields} if isinstance(content, dict) else content
+            section: {k: v for k, v in content.items() if k in setting_names(SECTIONS[section])} if isinstance(content, dict) else content
             for section, content in values.items()
             if section in SECTIONS
         }
