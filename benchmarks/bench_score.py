@@ -147,7 +147,7 @@ def template_of(name: str) -> str:
 def render_and_encode(rows: dict, tokenizer, template: str = "alpaca"):
     """Prompts and token ids exactly as ``srdata.score`` makes them (default limits)."""
     from srdata.config import PromptConfig
-    from srdata.steps.load import resolve_columns
+    from srdata.steps.dataset import resolve_columns
     from srdata.steps.prompts import chat_affixes, render_rows
     from srdata.steps.tokenize import encode_pairs
 
