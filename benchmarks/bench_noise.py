@@ -183,18 +183,17 @@ class Rescorer:
 
         from srdata.backends.hf import HFBackend
         from srdata.steps.dataset import ColumnMapping
-        from srdata.steps.prompts import chat_affixes, unconditional_prompt
-        from srdata.steps.tokenize import unconditional_prompt_ids
+        from srdata.steps.prompts import unconditional_prompt
+        from srdata.steps.tokenize import prompt_encoding, unconditional_prompt_ids
 
         torch.set_num_threads(threads)
         manifest = json.loads((run_dir / "manifest.json").read_text())
         config = manifest["config"]
         self.backend = HFBackend.from_pretrained(str(model), device="cpu", dtype="float32")
         self.tokenizer = self.backend.tokenizer
-        self.options = dict(
-            max_prompt_tokens=config["prompt"]["max_prompt_tokens"], truncation_side=config["prompt"]["truncation_side"],
-            add_special_tokens=False, keep=chat_affixes(self.tokenizer),
-        )
+        # The run's own encoding rule (what srdata score and srd-distill use), never re-derived here.
+        self.options = prompt_encoding("chat", self.tokenizer, max_prompt_tokens=config["prompt"]["max_prompt_tokens"],
+                                       truncation_side=config["prompt"]["truncation_side"])
         self.max_reference_tokens = config["prompt"]["max_reference_tokens"]
         text = unconditional_prompt("chat", ColumnMapping(**{k: v for k, v in manifest["columns"].items()}), self.tokenizer)
         if text != manifest["unconditional_prompt"]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from srd_distill.data import checked_curriculum
 from srd_distill.errors import TrainingSetupError
@@ -31,6 +31,7 @@ from srd_distill.schedules import (  # BASELINE_EPOCHS: re-exported (the setting
     load_schedule,
     with_epochs,
 )
+from srdata.deprecation import renamed_names
 
 __all__ = ["BASELINE_EPOCHS", "TrainingStage", "plan_training", "StageResult", "TrainResult"]
 
@@ -145,13 +146,8 @@ class TrainResult:
     complete: bool  # False when stop_after_stage ended the run early
 
 
+# Old names of TrainingStage and plan_training (srdata's export has its own stage plan).
 _RENAMED = {"StagePlan": "TrainingStage", "plan_stages": "plan_training"}
 
 
-def __getattr__(name: str) -> Any:
-    """The old names of :class:`TrainingStage` and :func:`plan_training` (srdata's export has its own stage plan)."""
-    if name in _RENAMED:
-        warnings.warn(f"srd_distill.stages.{name} is deprecated; use srd_distill.stages.{_RENAMED[name]}",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_names(__name__, _RENAMED, globals())

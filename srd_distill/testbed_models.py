@@ -21,10 +21,11 @@ Example:
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+from srdata.deprecation import renamed_names
 
 __all__ = ["TinyModelRecipe", "teacher_recipe", "student_recipe", "train_teacher", "warm_up_student", "evaluate_model", "summarise"]
 
@@ -216,10 +217,4 @@ def model_parameters(model_dir: str | Path) -> Optional[int]:
 _RENAMED = {"ModelConfig": "TinyModelRecipe", "TeacherConfig": "teacher_recipe", "StudentConfig": "student_recipe"}
 
 
-def __getattr__(name: str) -> Any:
-    """The old names of :class:`TinyModelRecipe`, :func:`teacher_recipe` and :func:`student_recipe`."""
-    if name in _RENAMED:
-        warnings.warn(f"srd_distill.testbed_models.{name} is deprecated; use srd_distill.testbed_models.{_RENAMED[name]}",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_names(__name__, _RENAMED, globals())

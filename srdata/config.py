@@ -30,8 +30,9 @@ from srdata.steps.rank import DEFAULT_RRF_K, TIE_MODES, RankingError, RankKey, T
 from srdata.run.storage import STORAGE_OPTIONS_HELP  # remote storage (s3://...): options never recorded (secrets)
 # Re-exported: settings files, readable validation errors and a command's settings are srdata.config_io's.
 from srdata.config_io import (  # noqa: F401
-    BOUNDS, ConfigFileError, command_settings, parse_config_file, renamed_property, setting_names, validation_problems,
+    BOUNDS, ConfigFileError, command_settings, parse_config_file, setting_names, validation_problems,
 )
+from srdata.deprecation import renamed_property  # old attribute names (ModelConfig.model) keep working
 
 
 class _Section(BaseModel):

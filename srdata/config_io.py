@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-import warnings
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -174,29 +173,3 @@ def setting_names(model: type[BaseModel]) -> dict[str, str]:
         'name'
     """
     return {field.alias or name: name for name, field in model.model_fields.items()}
-
-
-def renamed_property(old: str, new: str) -> property:
-    """Attribute ``new`` under its old name ``old``: reading or setting it works and warns (DeprecationWarning) naming ``new``.
-
-    Example:
-        >>> class Engine(BaseModel):
-        ...     name: str = "local"
-        ...     engine = renamed_property("engine", "name")
-        >>> Engine().engine  # warns: Engine.engine is deprecated; use Engine.name  # doctest: +SKIP
-        'local'
-    """
-
-    def warn(instance: BaseModel) -> None:
-        cls = type(instance).__name__
-        warnings.warn(f"{cls}.{old} is deprecated; use {cls}.{new}", DeprecationWarning, stacklevel=3)
-
-    def read(instance: BaseModel) -> Any:
-        warn(instance)
-        return getattr(instance, new)
-
-    def write(instance: BaseModel, value: Any) -> None:
-        warn(instance)
-        setattr(instance, new, value)
-
-    return property(read, write, doc=f"Deprecated name of :attr:`{new}`.")

@@ -55,6 +55,24 @@ def score_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
                           timeout=120)
 
 
+def kill_after_shards(proc: subprocess.Popen, fs, manifest: str, seconds: float, shards: int = 2) -> bytes:
+    """SIGKILL ``proc`` once ``manifest`` (a manifest.json in the bucket) records ``shards`` finished shards; its stderr.
+
+    Example: ``err = kill_after_shards(proc, bucket_fs(env), f"{run}/manifest.json", seconds=60)``
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done = sum(s["done"] for s in json.loads(fs.cat_file(manifest))["shards"])
+        except (FileNotFoundError, ValueError):
+            done = 0
+        if done >= shards:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    return proc.communicate(timeout=30)[1]
+
+
 def annotated(path_or_bytes) -> pl.DataFrame:
     return pl.read_parquet(path_or_bytes)
 
@@ -107,19 +125,7 @@ def test_kill_mid_run_and_resume_from_s3(tiny_gpt2, s3, tmp_path):
                "--shard-size", "1", *CLI_FAST]
     proc = subprocess.Popen(command, env=importable(env), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     fs = bucket_fs(env)
-    deadline = time.monotonic() + 60
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            manifest = json.loads(fs.cat_file(f"{out}/manifest.json"))
-            done = sum(s["done"] for s in manifest["shards"])
-        except (FileNotFoundError, ValueError):
-            done = 0
-        if done >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=30)
+    err = kill_after_shards(proc, fs, f"{out}/manifest.json", seconds=60)
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed mid-run: {err.decode()[-2000:]}"
     killed = json.loads(fs.cat_file(f"{out}/manifest.json"))
     assert killed["status"] == "running" and 2 <= sum(s["done"] for s in killed["shards"]) < 12

@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -22,7 +21,7 @@ import srdata
 from srdata.teacher_pass import TeachError
 
 from .conftest import corpus, write_jsonl
-from .test_storage import bucket_fs, importable, put
+from .test_storage import bucket_fs, importable, kill_after_shards, put
 
 FAST = dict(device="cpu", dtype="float32", max_new_tokens=4, progress=False)
 TEACH = dict(device="cpu", dtype="float32", batch_size=2, progress=False)
@@ -108,17 +107,7 @@ def test_a_killed_teach_pass_on_s3_resumes_from_the_verified_shards(tiny_llama, 
     args = [sys.executable, "-m", "srdata.cli", "teach", run, "--teacher", str(teacher), "--top-k", "4", "--device", "cpu",
             "--dtype", "float32", "--batch-size", "1"]
     proc = subprocess.Popen([*args, "-q"], env=importable(env), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline, done = time.monotonic() + 120, 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            done = sum(s["done"] for s in json.loads(fs.cat_file(f"{run}/teacher/manifest.json"))["shards"])
-        except (FileNotFoundError, ValueError):
-            done = 0
-        if done >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=30)
+    err = kill_after_shards(proc, fs, f"{run}/teacher/manifest.json", seconds=120)
     assert proc.returncode == -signal.SIGKILL, f"the teach pass ended before it could be killed: {err.decode()[-2000:]}"
 
     # nothing half-written is visible: the run as scored, the teacher manifest running, each shard it records as stored

@@ -111,7 +111,7 @@ class HFBackend(Backend):
         """The backend for a scoring run: the student, device and dtype, batch sizes from ``config``."""
         m, batching = config.model, config.batching
         return cls.from_pretrained(
-            m.model, device=m.device, dtype=m.dtype, tokenizer=tokenizer, batch_size=batching.batch_size, token_budget=batching.token_budget
+            m.path, device=m.device, dtype=m.dtype, tokenizer=tokenizer, batch_size=batching.batch_size, token_budget=batching.token_budget
         )
 
     @classmethod

@@ -217,7 +217,7 @@ class VLLMBackend(Backend):
         """
         m = config.model
         return cls.from_pretrained(
-            m.model, tokenizer=tokenizer, dtype=m.dtype, seed=config.run.seed, gpu_memory_utilization=m.gpu_memory_utilization,
+            m.path, tokenizer=tokenizer, dtype=m.dtype, seed=config.run.seed, gpu_memory_utilization=m.gpu_memory_utilization,
             max_model_len=m.max_model_len, max_num_batched_tokens=m.max_num_batched_tokens, tensor_parallel_size=m.tensor_parallel_size,
             # vLLM has no such sampling parameter: the engine registers a logits processor for it.
             no_repeat_ngram_size=config.generation.no_repeat_ngram_size, device=m.device,

@@ -212,14 +212,8 @@ def _group_columns(run: Run, by: str | Sequence[str] | None, stratify: str | Non
     return list(dict.fromkeys([*by_columns, *([stratify] if stratify is not None else [])]))
 
 
-def write_stages(
-    rows: pl.LazyFrame,
-    bounds: Sequence[tuple[int, int]],
-    out_dir: Path,
-    fmt: str,
-    compression: str = "zstd",
-    position_column: str = DIFFICULTY_COLUMN,
-) -> list[Path]:
+def write_stages(rows: pl.LazyFrame, bounds: Sequence[tuple[int, int]], out_dir: Path, fmt: str, compression: str = "zstd",
+                 position_column: str = DIFFICULTY_COLUMN) -> list[Path]:
     """Write one file per stage (rows whose ``position_column`` is in ``(start, stop]``); return the final paths.
 
     :func:`encode_stages`, then every stage moved onto its name. ``export_curriculum``
