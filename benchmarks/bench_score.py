@@ -358,7 +358,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
         arms.append((f"srdata tuned (batch_size {tuned[0]}, token_budget {tuned[1]})",
                      dict(batch_size=tuned[0], token_budget=tuned[1])))
     from srdata.backends.batching import bucket_batches
-    from srdata.backends.batching import similar_length_groups
+    from srdata.backends.batching import prefill_chunks, similar_length_groups
 
     lengths = [len(p.prompt_ids) + len(p.reference_ids) for p in pairs]
     plens = [len(p.prompt_ids) for p in pairs]
@@ -376,7 +376,9 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
         for b in bucket_batches(plens, bs, budget, extra=max_new):
             width = max(plens[i] for i in b)
             refs = [lengths[i] - plens[i] for i in b]
-            padded_ce += len(b) * (width - 1) + sum(len(g) * max(refs[j] for j in g) for g in similar_length_groups(refs))
+            prefill = prefill_chunks([plens[i] - 1 for i in b], 4096)  # HFBackend's prefill_chunk_tokens default
+            padded_ce += sum(len(c) * max(plens[b[j]] - 1 for j in c) for c in prefill)
+            padded_ce += sum(len(g) * max(refs[j] for j in g) for g in similar_length_groups(refs))
             padded_gen += len(b) * (width + max_new)
         ce = annotated["ce_loss"].to_list()
         rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ce, ref_ce))
