@@ -22,6 +22,7 @@ from srdata.steps.context import check_token_limits
 from srdata.steps.columns import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA
 from srdata.steps.dataset import ColumnMapping, header_warnings, load_split_with_identity, resolve_columns
 from srdata.engines import ShardJob, run_shards
+from srdata.engines.replica import BACKEND_ON_REPLICAS, earlier_records, record_replica, resume_mismatch, who
 from srdata.shard import StudentScorer, check_model_path, load_tokenizer, max_positions
 from srdata.steps.hub import check_hub_model, hub_offline
 from srdata.interrupt import Kept, ScoreInterrupted, kept_partials, save_interrupted
@@ -158,6 +159,9 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
                 for key in {"batch_size", "token_budget", "sha256", "bytes", "rows"} & earlier.model_fields_set:
                     setattr(entry, key, getattr(earlier, key))
     partials = kept_partials(store, manifest, pending, say)
+    # A resume must compute as the call that scored the finished rows did (srdata.engines.replica)
+    scored_by = earlier_records(store.previous_manifest) if resumed and (len(pending) < len(shards) or partials) else []
+    _check_resume(config, manifest, dtype, scored_by)
     store.write_manifest(manifest)
     kept.manifest = manifest
     if resumed:
@@ -184,10 +188,11 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
 
     if pending:
         rows = sum(s.stop - s.start for s in pending) - sum(f.height for f in partials.values())
-        say(f"loading the student {config.model.model} ({manifest.backend}, {config.engine.engine} engine), then scoring "
+        backend = "backend and dtype resolved on each replica" if config.engine.engine == "ray" else manifest.backend  # not the driver's guess
+        say(f"loading the student {config.model.model} ({backend}, {config.engine.engine} engine), then scoring "
             f"{rows} rows in {len(pending)} shard(s) of up to {config.batching.shard_size}")
-        job = ShardJob(dataset, config, tokenizer, open_student=partial(StudentScorer, kept=partials),
-                       model_identity=identity["model"], on_replica=partial(_record_replica, manifest, store))
+        job = ShardJob(dataset, config, tokenizer, open_student=partial(StudentScorer, kept=partials), model_identity=identity["model"],
+                       on_replica=partial(record_replica, manifest, write=store.write_manifest), earlier_replicas=scored_by)
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # rank + write
@@ -264,7 +269,7 @@ def _manifest(config, settings, identity, mapping, shards, pending, tokenizer) -
         settings=settings,
         config_hash=settings_hash({"settings": settings, "identity": identity}),
         identity=identity,
-        backend=select_backend(config.model.backend),
+        backend=BACKEND_ON_REPLICAS if config.engine.engine == "ray" else select_backend(config.model.backend),  # Ray: as reported
         tokenizer={"class": type(tokenizer).__name__, "vocab_size": len(tokenizer), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
         columns=mapping.to_dict(),
         versions=_versions(),
@@ -272,11 +277,22 @@ def _manifest(config, settings, identity, mapping, shards, pending, tokenizer) -
     )
 
 
-def _record_replica(manifest: Manifest, store: RunStore, record: dict[str, Any]) -> None:
-    """A Ray replica started: its node and what it resolved there (backend, device, versions) go into the manifest."""
-    manifest.replicas = [*(getattr(manifest, "replicas", None) or []), record]
-    manifest.backend = record["backend"]  # resolved where the work runs, not on the driver
-    store.write_manifest(manifest)
+def _check_resume(config: ScoreConfig, manifest: Manifest, dtype: str, earlier: list[dict[str, Any]]) -> None:
+    """Refuse a local resume that would compute otherwise than the call that scored the finished rows; on Ray keep
+    that call's records (each replica is compared with them where it runs) and record the backend only as reported.
+    """
+    if config.engine.engine != "ray":
+        problem = resume_mismatch({"replica": None, "backend": manifest.backend, "dtype": dtype}, earlier)
+        if problem:
+            raise ValueError(problem)
+        return
+    replicas = [r for r in earlier if r.get("replica") is not None]
+    if replicas:  # the records of the replicas that scored the finished shards stay in the manifest
+        manifest.replicas = replicas
+    first = next((r for r in earlier if r.get("dtype")), None)
+    if first is not None and manifest.precision.get("dtype") == "auto":  # what the finished shards were scored in
+        manifest.precision = {**manifest.precision, "dtype": first["dtype"], "reason": f"{first.get('dtype_reason', 'recorded')}, on {who(first)}"}
+    manifest.backend = next((r["backend"] for r in earlier if r.get("backend")), BACKEND_ON_REPLICAS)
 
 
 def _counts(scored: pl.DataFrame, n_input: int, invalid: dict[int, str]) -> dict[str, int]:

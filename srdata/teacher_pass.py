@@ -34,9 +34,10 @@ from typing import Any, Callable
 import polars as pl
 
 from srdata import __version__
-from srdata.backends import check_device, load_backend, resolve_run_dtype
+from srdata.backends import check_device, load_backend, resolve_run_dtype, select_backend
 from srdata.config import TEACH_SECTIONS, ScoreConfig, TeachConfig, merge, nest, settings_hash
 from srdata.engines import ShardJob, run_shards
+from srdata.engines.replica import BACKEND_ON_REPLICAS, earlier_records, record_replica, resume_mismatch
 from srdata.run.folder import ANNOTATED_FILE, MANIFEST_FILE, Manifest, RunStore, Shard, ShardRecord, plan_shards, read_manifest
 from srdata.run.identity import model_identity, require_safetensors
 from srdata.run.io import FolderLock
@@ -168,13 +169,25 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
     resumed = store.prepare(teach_settings, identity, config.teach.overwrite)
     shards = plan_shards(len(dataset), student.batching.shard_size)
     pending = store.pending(shards, say)
+    # the run's template and columns in the config (a run scored before srdata resolved its config recorded them apart)
+    teacher_config = resolved_config(teacher_config, mapping, template)
+    on_ray = config.engine.engine == "ray"
     manifest = Manifest(
         srdata_version=__version__, status="running", config=teacher_config.model_dump(), settings=teach_settings,
         config_hash=settings_hash({"settings": teach_settings, "identity": identity}), identity=identity,
-        columns=mapping.to_dict(), template=template, resumed=resumed,
+        backend=BACKEND_ON_REPLICAS if on_ray else select_backend(config.model.backend),  # Ray: as the replicas report
+        columns=mapping.to_dict(), resumed=resumed,
         shards=[ShardRecord(index=s.index, file=s.file, start=s.start, stop=s.stop, done=s not in pending) for s in shards],
     )
     manifest.precision = {"dtype": dtype, "requested": requested, "reason": dtype_reason}
+    # a resume computes as the call that scored the finished shards did: refused here (local) or per replica (Ray)
+    scored_by = earlier_records(store.previous_manifest) if resumed and len(pending) < len(shards) else []
+    problem = None if on_ray else resume_mismatch({"replica": None, "backend": manifest.backend, "dtype": dtype}, scored_by)
+    if problem:
+        raise TeachError(problem)
+    if on_ray and any(r.get("replica") is not None for r in scored_by):
+        manifest.replicas = scored_by  # kept: they scored the finished shards
+        manifest.backend = scored_by[0].get("backend", BACKEND_ON_REPLICAS)
     for entry in manifest.shards:  # keep the finished shards' checksums
         earlier = store.records.get(entry.file)
         if entry.done and earlier is not None:
@@ -191,9 +204,9 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
         store.write_manifest(manifest)
 
     if pending:
-        # the run's template and columns in the config (a run scored before srdata resolved its config recorded them apart)
-        job = ShardJob(dataset, resolved_config(teacher_config, mapping, template), student_tokenizer,
-                       open_student=functools.partial(LoadedTeacher, top_k=top_k))
+        job = ShardJob(dataset, teacher_config, student_tokenizer, open_student=functools.partial(LoadedTeacher, top_k=top_k),
+                       model_identity=identity["teacher"], earlier_replicas=scored_by,
+                       on_replica=functools.partial(record_replica, manifest, write=store.write_manifest))
         run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
 
     # join into the run's annotated table, checked row by row against the scoring run's token counts

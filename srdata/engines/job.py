@@ -40,6 +40,9 @@ class ShardJob:
     #: The driver's model identity (``model_identity``): Ray replicas that see another model are refused.
     model_identity: dict[str, Any] | None = None
     on_replica: OnReplica | None = None
+    #: What scored the run's finished shards in earlier calls (:func:`srdata.engines.replica.earlier_records`):
+    #: a Ray replica that would compute otherwise is refused before it scores a shard.
+    earlier_replicas: list[dict[str, Any]] | None = None
 
     def rows(self, shard: Shard) -> dict[str, list]:
         """The shard's rows as ``{column: [values]}``."""

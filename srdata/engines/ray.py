@@ -9,7 +9,10 @@ How a run flows:
   Each one checks its node first (the model folder, sent as an absolute path, and
   ``--device``), fails at once naming the node when it cannot run, then loads the student
   and reports its node, backend, device, model fingerprint and package versions; replicas
-  that differ are refused and the records go into the manifest (``replicas``).
+  that differ are refused and the records go into the manifest (``replicas``). On a resume,
+  a replica is also compared with the records of the call that scored the finished shards
+  (kept in the manifest) and refused when it would compute otherwise (backend, device, dtype,
+  model, versions).
 * Shards are fed lazily: a replica holds at most :data:`DEPTH` shards at a time, so the
   driver's object store holds a few shards' rows, never the whole pending set.
 * The scored frame goes back to the driver, which writes the shard file atomically, marks
@@ -38,7 +41,7 @@ import polars as pl
 
 from srdata.engines.cluster import CLUSTER_WAIT_SECONDS, ResourceWait, cluster_fit, wait_for_nodes
 from srdata.engines.job import OnShard, ShardJob
-from srdata.engines.replica import ShardScorer, absolute_model, node_name, replica_mismatch
+from srdata.engines.replica import ShardScorer, absolute_model, node_name, replica_mismatch, resume_mismatch
 from srdata.run.folder import Shard
 
 log = logging.getLogger(__name__)
@@ -189,6 +192,9 @@ class _Pool:
         problem = record.pop("problem")
         if problem:
             raise ValueError(f"replica {n} on node {node_name(record)}: {problem}")
+        resumed = resume_mismatch(record, self.job.earlier_replicas or [])
+        if resumed:  # before it gets a shard: the finished shards and this replica's would mix precisions
+            raise ValueError(resumed)
         self.reference = self.reference or record
         mismatch = replica_mismatch(record, self.reference, self.job.model_identity)
         if mismatch:
@@ -255,7 +261,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def _tokens(frame: pl.DataFrame) -> int:
-    return int(frame.select(pl.sum("prompt_tokens") + pl.sum("reference_tokens") + pl.sum("output_tokens")).item() or 0)
+    """The shard's tokens for the progress bar; a teacher pass's frames have no ``output_tokens``."""
+    names = [c for c in ("prompt_tokens", "reference_tokens", "output_tokens") if c in frame.columns]
+    return int(frame.select(pl.sum_horizontal(pl.sum(c) for c in names)).item() or 0) if names else 0
 
 
 def _table_to_ipc(table: Any) -> bytes:

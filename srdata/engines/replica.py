@@ -139,6 +139,109 @@ def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_m
     return None
 
 
+#: ``Manifest.backend`` on Ray until a replica reports: the driver does not guess what the nodes resolve.
+BACKEND_ON_REPLICAS = "per replica (none reported yet)"
+
+
+def record_differences(record: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
+    """What differs between two records in what decides the values; only fields both records hold.
+
+    Backend, device kind, dtype, model fingerprint and package versions; never node names or pids.
+
+    Example:
+        >>> record_differences({"backend": "hf", "dtype": "float32", "pid": 1}, {"backend": "vllm", "dtype": "bfloat16", "pid": 2})
+        ['backend hf vs vllm', 'dtype float32 vs bfloat16']
+    """
+    differ = []
+    for key in ("backend", "device", "dtype"):
+        ours, theirs = record.get(key), earlier.get(key)
+        if key == "device":
+            ours, theirs = (str(v).split(":")[0] if v else v for v in (ours, theirs))
+        if ours and theirs and ours != theirs:
+            differ.append(f"{key} {ours} vs {theirs}")
+    ours, theirs = (record.get("model") or {}).get("fingerprint"), (earlier.get("model") or {}).get("fingerprint")
+    if ours and theirs and ours != theirs:
+        differ.append(f"model fingerprint {ours} vs {theirs}")
+    ours, theirs = record.get("versions") or {}, earlier.get("versions") or {}
+    differ += [f"{name} {ours[name]} vs {theirs[name]}" for name in sorted(set(ours) & set(theirs)) if ours[name] != theirs[name]]
+    return differ
+
+
+def who(record: dict[str, Any]) -> str:
+    """How a message names a record's replica: ``replica 0 on node 10.0.0.2 (...)`` or ``the local engine``."""
+    if record.get("replica") is None:
+        return "the local engine"
+    return f"replica {record['replica']} on node {node_name(record)}"
+
+
+def earlier_records(previous: Any) -> list[dict[str, Any]]:
+    """What scored a run's finished shards, from its manifest (``None``: no earlier run): the Ray replicas'
+    records, or for a run scored by the local engine its backend and resolved dtype (``precision``).
+
+    Example:
+        >>> from srdata.run.folder import Manifest
+        >>> earlier_records(Manifest.model_validate({"backend": "vllm", "precision": {"dtype": "bfloat16"}}))
+        [{'replica': None, 'backend': 'vllm', 'dtype': 'bfloat16'}]
+    """
+    if previous is None:
+        return []
+    replicas = (previous.model_extra or {}).get("replicas")
+    if replicas:
+        return [dict(r) for r in replicas]
+    if (previous.config.model_dump().get("engine") or {}).get("engine") == "ray":  # no replica reported: nothing known, no guess
+        return []
+    record: dict[str, Any] = {"replica": None}
+    if previous.backend and previous.backend != BACKEND_ON_REPLICAS:
+        record["backend"] = previous.backend
+    dtype = ((previous.model_extra or {}).get("precision") or {}).get("dtype")
+    if dtype and dtype != "auto":
+        record["dtype"] = dtype
+    return [record] if len(record) > 1 else []
+
+
+def resume_mismatch(record: dict[str, Any], earlier: list[dict[str, Any]]) -> str | None:
+    """Why ``record`` must not score next to the shards ``earlier`` records scored (an earlier call), or ``None``.
+
+    Example:
+        >>> resume_mismatch({"replica": None, "backend": "hf", "dtype": "float32"}, [{"replica": None, "backend": "hf", "dtype": "bfloat16"}])[:60]
+        'refusing to resume: the local engine (hf, float32) would sco'
+    """
+    for before in earlier:
+        differ = record_differences(record, before)
+        if differ:
+            return (
+                f"refusing to resume: {who(record)} ({_summary(record)}) would score next to the shards that {who(before)} "
+                f"({_summary(before)}) scored in an earlier call, and they differ ({'; '.join(differ)}): the values would mix. "
+                "Resume with the same hardware, --backend and --dtype as that call, or pass --overwrite to score the whole run again"
+            )
+    return None
+
+
+def _summary(record: dict[str, Any]) -> str:
+    return ", ".join(str(record[k]) for k in ("backend", "device", "dtype") if record.get(k))
+
+
+def record_replica(manifest: Any, record: dict[str, Any], write: Any) -> None:
+    """Add a replica's record to ``manifest.replicas`` (earlier calls' records kept); the first one also sets
+    ``backend`` and the ``precision`` of ``--dtype auto``, which the driver left to the replicas; then ``write(manifest)``.
+
+    Example:
+        >>> from srdata.run.folder import Manifest
+        >>> m = Manifest(backend=BACKEND_ON_REPLICAS)
+        >>> record_replica(m, {"replica": 0, "backend": "vllm", "dtype": "bfloat16"}, write=lambda manifest: None)
+        >>> m.backend, m.replicas[0]["dtype"]
+        ('vllm', 'bfloat16')
+    """
+    if manifest.backend in (None, BACKEND_ON_REPLICAS):
+        manifest.backend = record["backend"]  # resolved where the work runs, not on the driver
+    precision = dict(getattr(manifest, "precision", None) or {})
+    if record.get("dtype") and precision.get("dtype") in (None, "auto"):  # --dtype auto, resolved on the replica's node
+        precision.update(dtype=record["dtype"], reason=f"{record.get('dtype_reason')}, on {who(record)}")
+        manifest.precision = precision
+    manifest.replicas = [*(getattr(manifest, "replicas", None) or []), record]
+    write(manifest)
+
+
 class ShardScorer:
     """The Ray actor: checks this node, loads one student, scores whole shards.
 
