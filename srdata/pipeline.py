@@ -69,9 +69,9 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
     started = time.perf_counter()
     # Before any work: a GPU that is not there, pickle-only weights, an output folder that the
     # loader would read or that holds files of the user's fail now, having touched nothing.
-    if config.engine.engine != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
+    if config.engine.name != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
         check_device(config.model.device)
-    require_safetensors(config.model.model)
+    require_safetensors(config.model.path)
     with use_options(config.run.storage_options):  # remote data or --output (s3://...): srdata.run.storage
         check_output_location(config.data.dataset, config.run.output)
         store = open_run_store(config.run.output)  # s3://...: staged and published (srdata.run.remote_run)
@@ -89,8 +89,8 @@ def score(config: ScoreConfig | dict[str, Any] | None = None, *, progress: bool 
 def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float, kept: Kept) -> ScoreResult:
     """The run itself, holding the folder's lock."""
     # the model first: a typo in its folder, or a hub id offline, fails before the (slow) data load
-    check_model_path(config.model.model)
-    note = check_hub_model(config.model.model)
+    check_model_path(config.model.path)
+    note = check_hub_model(config.model.path)
     if note:
         say(note)
     with hub_offline(note is not None):
@@ -99,7 +99,7 @@ def _score(config: ScoreConfig, store: RunStore, say: Callable[[str], None], pro
 
 def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], None], progress: bool, started: float, kept: Kept) -> ScoreResult:
     """The run, once the model is known to be reachable (or cached while offline)."""
-    say(f"loading the tokenizer of {config.model.model}")
+    say(f"loading the tokenizer of {config.model.path}")
     tokenizer = load_tokenizer(config)
     say(f"loading {config.data.dataset}" + (f" (split {config.data.split})" if config.data.split != "train" else ""))
     dataset, data_identity = load_split_with_identity(config.data.dataset, config.data.split, config.data.limit)
@@ -131,7 +131,7 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
     # --dtype auto resolved once, here, where the local engine computes: every shard is scored in
     # it and a resume checks it. (A Ray replica resolves it on its own node.)
     requested, dtype, dtype_reason = config.model.dtype, config.model.dtype, "resolved on each Ray replica's node"
-    if config.engine.engine == "local":
+    if config.engine.name == "local":
         dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device, requested)
         say(f"dtype: {dtype} ({dtype_reason})")
         config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
@@ -143,7 +143,7 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
     # From here on the template and the columns are in the config, resolved once: shards,
     # engines, Ray replicas and the manifest read them there.
     config = resolved_config(config, mapping, template)
-    identity = {"model": model_identity(config.model.model), "dataset": data_identity, "rows": len(dataset)}
+    identity = {"model": model_identity(config.model.path), "dataset": data_identity, "rows": len(dataset)}
     resumed = store.prepare(settings, identity, config.run.overwrite)
     shards = plan_shards(len(dataset), config.batching.shard_size)
     pending = store.pending(shards, say)
@@ -188,12 +188,12 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
 
     if pending:
         rows = sum(s.stop - s.start for s in pending) - sum(f.height for f in partials.values())
-        backend = "backend and dtype resolved on each replica" if config.engine.engine == "ray" else manifest.backend  # not the driver's guess
-        say(f"loading the student {config.model.model} ({backend}, {config.engine.engine} engine), then scoring "
+        backend = "backend and dtype resolved on each replica" if config.engine.name == "ray" else manifest.backend  # not the driver's guess
+        say(f"loading the student {config.model.path} ({backend}, {config.engine.name} engine), then scoring "
             f"{rows} rows in {len(pending)} shard(s) of up to {config.batching.shard_size}")
         job = ShardJob(dataset, config, tokenizer, open_student=partial(StudentScorer, kept=partials), model_identity=identity["model"],
                        on_replica=partial(record_replica, manifest, write=store.write_manifest), earlier_replicas=scored_by)
-        run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
+        run_shards(config.engine.name, job, pending, save_shard, progress=progress)
 
     # rank + write
     say(f"ranking {len(dataset)} rows")
@@ -269,7 +269,7 @@ def _manifest(config, settings, identity, mapping, shards, pending, tokenizer) -
         settings=settings,
         config_hash=settings_hash({"settings": settings, "identity": identity}),
         identity=identity,
-        backend=BACKEND_ON_REPLICAS if config.engine.engine == "ray" else select_backend(config.model.backend),  # Ray: as reported
+        backend=BACKEND_ON_REPLICAS if config.engine.name == "ray" else select_backend(config.model.backend),  # Ray: as reported
         tokenizer={"class": type(tokenizer).__name__, "vocab_size": len(tokenizer), "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
         columns=mapping.to_dict(),
         versions=_versions(),
@@ -281,7 +281,7 @@ def _check_resume(config: ScoreConfig, manifest: Manifest, dtype: str, earlier: 
     """Refuse a local resume that would compute otherwise than the call that scored the finished rows; on Ray keep
     that call's records (each replica is compared with them where it runs) and record the backend only as reported.
     """
-    if config.engine.engine != "ray":
+    if config.engine.name != "ray":
         problem = resume_mismatch({"replica": None, "backend": manifest.backend, "dtype": dtype}, earlier)
         if problem:
             raise ValueError(problem)

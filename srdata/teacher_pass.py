@@ -73,9 +73,9 @@ def teach(config: TeachConfig | dict[str, Any] | None = None, *, run: str | Path
     """
     config = _as_teach_config(config, settings)
     say = echo or log.info
-    if config.engine.engine != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
+    if config.engine.name != "ray":  # on Ray each replica checks the device where it runs (srdata.engines.replica)
         check_device(config.model.device)
-    require_safetensors(config.model.model)
+    require_safetensors(config.model.path)
     with use_options(config.teach.storage_options):  # a run in object storage (s3://...): srdata.run.storage
         location = parse_location(run if isinstance(run, str) else Path(run), "RUN_DIR")
         if location.is_remote:
@@ -139,7 +139,7 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
 
     # --dtype auto: the scored run's dtype, so excess_ce_loss = ce_loss - teacher_ce_loss compares like with like.
     requested, dtype, dtype_reason = config.model.dtype, config.model.dtype, "resolved on each Ray replica's node"
-    if config.engine.engine == "local":
+    if config.engine.name == "local":
         dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device,
                                                 student.model.dtype if requested == "auto" else requested)
         dtype_reason = "auto: the scored run's dtype" if requested == "auto" != student.model.dtype else dtype_reason
@@ -153,7 +153,7 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
             f"the teacher {config.teach.teacher} does not share the student's tokenizer, so it cannot score the run's token ids: "
             + "; ".join(differences) + ". Choose a teacher of the student's model family (same tokenizer)"
         )
-    vocabulary = padded_vocabulary_note(len(student_tokenizer), _output_rows(config.model.model), _output_rows(student.model.model))
+    vocabulary = padded_vocabulary_note(len(student_tokenizer), _output_rows(config.model.path), _output_rows(student.model.path))
     if vocabulary:
         say(f"note: {vocabulary}")
     _check_context(run_dir, teacher_config)
@@ -164,14 +164,14 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
     teach_settings = {"teach": {"top_k": top_k}, "run": {"config_hash": run_manifest.config_hash}}
     if dtype != "auto":  # a pass resumed in another dtype would mix precisions: refused like other settings
         teach_settings["model"] = {"dtype": dtype}
-    identity = {"teacher": model_identity(config.model.model), "dataset": data_identity, "rows": len(dataset)}
+    identity = {"teacher": model_identity(config.model.path), "dataset": data_identity, "rows": len(dataset)}
     _refuse_another_teacher(store, identity, top_k, config.teach.overwrite, label)
     resumed = store.prepare(teach_settings, identity, config.teach.overwrite)
     shards = plan_shards(len(dataset), student.batching.shard_size)
     pending = store.pending(shards, say)
     # the run's template and columns in the config (a run scored before srdata resolved its config recorded them apart)
     teacher_config = resolved_config(teacher_config, mapping, template)
-    on_ray = config.engine.engine == "ray"
+    on_ray = config.engine.name == "ray"
     manifest = Manifest(
         srdata_version=__version__, status="running", config=teacher_config.model_dump(), settings=teach_settings,
         config_hash=settings_hash({"settings": teach_settings, "identity": identity}), identity=identity,
@@ -207,7 +207,7 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
         job = ShardJob(dataset, teacher_config, student_tokenizer, open_student=functools.partial(LoadedTeacher, top_k=top_k),
                        model_identity=identity["teacher"], earlier_replicas=scored_by,
                        on_replica=functools.partial(record_replica, manifest, write=store.write_manifest))
-        run_shards(config.engine.engine, job, pending, save_shard, progress=progress)
+        run_shards(config.engine.name, job, pending, save_shard, progress=progress)
 
     # join into the run's annotated table, checked row by row against the scoring run's token counts
     taught = store.read_shards(manifest.shards, columns=["srd_id", "teacher_ce_loss", "prompt_tokens", "reference_tokens"])
@@ -244,13 +244,13 @@ def _output_rows(model: str) -> int:
 
 def _check_context(run_dir: Path, config: ScoreConfig) -> None:
     """The run's longest prompt + reference must fit the teacher's positions."""
-    positions = model_max_positions(config.model.model, config.model.max_model_len)
+    positions = model_max_positions(config.model.path, config.model.max_model_len)
     if positions is None:
         return
     longest = pl.scan_parquet(run_dir / ANNOTATED_FILE).select((pl.col("prompt_tokens") + pl.col("reference_tokens")).max()).collect().item()
     if longest is not None and longest > positions:
         raise TeachError(
-            f"the teacher {config.model.model} has {positions} positions, but the run's longest prompt + reference holds {longest} tokens; "
+            f"the teacher {config.model.path} has {positions} positions, but the run's longest prompt + reference holds {longest} tokens; "
             "use a teacher with a longer context, or score the run with lower --max-prompt-tokens / --max-reference-tokens"
         )
 

@@ -100,7 +100,7 @@ class _Pool:
         self.ray, self.job, self.wait = ray, job, wait
         settings = job.config.engine
         config = job.config.model_copy(deep=True)
-        config.model.model = absolute_model(config.model.model)  # the nodes must not resolve it against their own folder
+        config.model.path = absolute_model(config.model.path)  # the nodes must not resolve it against their own folder
         actor = ray.remote(ShardScorer).options(
             num_cpus=settings.cpus_per_replica, num_gpus=settings.gpus_per_replica, max_restarts=-1, max_task_retries=0
         )

@@ -74,7 +74,7 @@ def check_here(config: Any, gpus_per_replica: float) -> str | None:
         >>> check_here(build_config(dict(dataset="d", model="/nonexistent/m", output="o")), 0)[:38]
         'the model folder /nonexistent/m is not'
     """
-    model = config.model.model
+    model = config.model.path
     if os.path.isabs(model) and not os.path.isdir(model):
         return (
             f"the model folder {model} is not visible on this node: copy it to the same path on every node "
@@ -106,7 +106,7 @@ def describe_here(config: Any) -> dict[str, Any]:
     # --dtype auto depends on the node's hardware (bfloat16 on GPUs and bf16-capable CPUs): resolved and compared here.
     dtype, dtype_reason = resolve_run_dtype(backend, device, config.model.dtype)
     return {"device": device, "backend": backend, "dtype": dtype, "dtype_reason": dtype_reason,
-            "model": model_identity(config.model.model), "versions": package_versions(backend)}
+            "model": model_identity(config.model.path), "versions": package_versions(backend)}
 
 
 def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_model: dict[str, Any] | None) -> str | None:
