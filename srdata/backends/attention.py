@@ -19,9 +19,12 @@ heads, position biases, dropout) goes to transformers' own ``sdpa`` function.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 NAME = "srdata_grouped_sdpa"
 
@@ -62,10 +65,14 @@ def use_grouped_decode_attention(model: Any) -> bool:
         return True
     if getattr(config, "_attn_implementation", None) != "sdpa" or not getattr(model, "_can_set_attn_implementation", lambda: False)():
         return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    try:  # transformers releases without these interfaces keep their own sdpa
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, grouped_decode_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as sdpa
-    model.set_attn_implementation(NAME)
+        AttentionInterface.register(NAME, grouped_decode_sdpa)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks as sdpa
+        model.set_attn_implementation(NAME)
+    except (ImportError, AttributeError, ValueError) as err:
+        log.info("grouped decode attention unavailable (%s); using transformers' sdpa", err)
+        return False
     return model.config._attn_implementation == NAME
