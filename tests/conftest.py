@@ -141,3 +141,12 @@ def s3(s3_server, tmp_path, monkeypatch):
     if not fs.exists(bucket):
         fs.mkdir(bucket)
     return f"s3://{bucket}/{uuid.uuid4().hex[:12]}", {**os.environ, **env}
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime per test module (2 CPUs; the Ray tests' own actors), skipped without Ray."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'srdata[ray]'")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -32,14 +32,6 @@ N_ROWS = 20  # 4 shards of 5 rows
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'srdata[ray]'")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     """Real alpaca-layout rows; one has an empty instruction (flagged, per --on-invalid flag)."""
     rows = [json.loads(line) for line in DEMO_SAMPLE.read_text(encoding="utf-8").splitlines()][:N_ROWS]
@@ -118,7 +110,10 @@ def test_ray_output_identical_to_local(ray_runtime, tiny_gpt2, data_file, local_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["engine"]["engine"] == "ray" and manifest["timings"]["rows_scored_this_call"] == N_ROWS - 1
     replicas = manifest["replicas"]  # resolved in each actor, where the work ran
-    assert sorted(r["replica"] for r in replicas) == [0, 1]
+    # Each replica that reported is recorded once (a shard goes only to a replica that reported). Both
+    # usually do, but on a loaded machine one replica can score all 4 shards before the other has loaded.
+    indices = [r["replica"] for r in replicas]
+    assert indices and sorted(set(indices)) == sorted(indices) and set(indices) <= {0, 1}
     for record in replicas:
         assert record["node_id"] and record["node_ip"] and record["pid"] != os.getpid()
         assert record["backend"] == "hf" and record["device"] == "cpu" and record["versions"]["srdata"]

@@ -29,14 +29,6 @@ N_ROWS = 12  # 3 shards of 4 rows
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'srdata[ray]'")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     rows = [json.loads(line) for line in DEMO_SAMPLE.read_text(encoding="utf-8").splitlines()][:N_ROWS]
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", rows)
