@@ -62,12 +62,12 @@ HALF = (torch.bfloat16, torch.float16)
 def resolve_precision(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
     """The device and compute dtype of a run, by the rule ``srdata score``'s HF backend uses.
 
-    ``auto`` device: CUDA when visible. ``auto`` dtype: bfloat16 on a GPU, float32 on the
-    CPU (:func:`srdata.backends.hf.resolve_dtype`), so the student is scored and trained
-    in the same precision.
+    ``auto`` device: CUDA when visible. ``auto`` dtype: srdata's rule
+    (:func:`srdata.backends.dtype.auto_dtype`: bfloat16 on a GPU and on CPUs with native
+    bfloat16 matmuls, float32 elsewhere), so the student is scored and trained in the same precision.
 
     Example:
-        >>> resolve_precision("cpu", "auto")
+        >>> resolve_precision("cpu", "float32")
         (device(type='cpu'), torch.float32)
     """
     device = resolve_device(device_name)

@@ -124,7 +124,7 @@ class ComputeSettings(_Section):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N. Example: --device cuda:1", json_schema_extra=RESUMABLE)
     dtype: DtypeName = Field(
         default="auto",
-        description="Compute precision (autocast; float32 master weights); auto = bfloat16 on a GPU and on a CPU with AMX, else float32. Example: --dtype float32",
+        description="Compute precision (autocast; float32 master weights); auto = bfloat16 on a GPU and on a CPU with AMX or AVX512-BF16, else float32. Example: --dtype float32",
     )
     teacher_dtype: DtypeName = Field(
         default="auto",

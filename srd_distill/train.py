@@ -128,7 +128,7 @@ def train(
     if s.eval_file is not None and not Path(s.eval_file).is_file():
         raise TrainingSetupError(f"eval file {s.eval_file} does not exist")
     device, dtype = resolve_precision(s.device, s.dtype)
-    dtype_reason = resolve_dtype_with_reason(s.dtype, device)[1]  # auto: bfloat16 on GPUs and CPUs with AMX
+    dtype_reason = resolve_dtype_with_reason(s.dtype, device)[1]  # auto: bfloat16 on GPUs and CPUs with AMX or AVX512-BF16
     for role, model in (("teacher", s.teacher), ("student", s.student)):
         if model is None:  # --teacher-logits: no teacher model
             continue

@@ -77,7 +77,7 @@ class ModelConfig(_Section):
     path: str = Field(alias="model", description="The student: a folder saved with save_pretrained, or a hub id.")
     backend: BackendName = Field(default="auto", description="auto = vllm when importable and a GPU is visible, else hf.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto = bfloat16 on a GPU and on a CPU with AMX, else float32 (srdata.backends.dtype).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto = bfloat16 on a GPU and on a CPU with AMX or AVX512-BF16, else float32 (srdata.backends.dtype).")
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0, le=1, description="vLLM: share of GPU memory for the engine (on a CPU build: of host RAM).",
         json_schema_extra=RESUMABLE,

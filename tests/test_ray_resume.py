@@ -108,7 +108,7 @@ def test_a_gpu_run_resumed_on_cpu_ray_replicas_is_refused_and_nothing_is_written
 def test_a_local_resume_with_another_backend_is_refused(tiny_gpt2, data_file, tmp_path):
     run = tmp_path / "run"
     score(**settings(data_file, tiny_gpt2, run, "local"))
-    # A GPU machine whose dtype auto resolved as this one's (bfloat16 on GPUs and AMX CPUs) picked vLLM.
+    # A GPU machine whose dtype auto resolved as this one's (bfloat16 on GPUs and on CPUs with native bfloat16) picked vLLM.
     manifest = interrupt(run, undone=[1, 2])
     manifest["backend"] = "vllm"
     (run / "manifest.json").write_text(json.dumps(manifest))

@@ -79,7 +79,7 @@ def resolve_run_dtype(backend: str, device: str, dtype: str) -> tuple[str, str]:
 
     vLLM: ``auto`` is bfloat16 (:func:`srdata.backends.vllm_engine.resolve_vllm_dtype`).
     transformers: :func:`srdata.backends.dtype.resolve_dtype_with_reason` (bfloat16 on a
-    GPU and on a CPU with AMX, float32 on other CPUs).
+    GPU and on a CPU with AMX or AVX512-BF16, float32 on other CPUs).
 
     Example:
         >>> resolve_run_dtype("hf", "cpu", "float32")

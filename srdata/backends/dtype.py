@@ -8,13 +8,13 @@ and ``srd-distill`` (a student is scored and trained in one precision):
   bfloat16. Measured in issue 28 on one core of an AMX Xeon: 2048x2048 matmul 177 vs
   1,270 GFLOP/s, decode-shaped linear 151 vs 568 GFLOP/s (float32 vs bfloat16); scoring
   with generation 2.37x faster end to end.
-* **Any other CPU**: float32, including CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5,
-  Intel Cooper Lake). Measured on an AMD EPYC with AVX512-BF16 (benchmarks/README.md):
-  bfloat16 matmuls run ~2x float32 (2048x2048: 95 vs 205 GFLOP/s on one core) and
-  teacher-forced scoring 2-3x, but srdata's generation ran slower in bfloat16, so scoring
-  with 32 new tokens was 0.9x end to end: float32 is the faster default there. Pass
-  ``--dtype bfloat16`` to choose it (e.g. for ``srdata teach``, which does not generate). Without
-  AVX512-BF16 bfloat16 matmuls are emulated: slower than float32 and less exact.
+* **CPU with AVX512-BF16 but no AMX** (AMD Zen 4/5, Intel Cooper Lake): bfloat16. Measured
+  on an AMD EPYC (benchmarks/README.md): matmuls ~2x float32 (2048x2048: 95 vs 205 GFLOP/s on
+  one core); scoring with 32 new tokens 1.89x end to end at 1 thread and 1.86x at 2 threads,
+  an srd-distill step 1.40x, with the agreement bounds below met. (Until srdata's bfloat16
+  generation kept the shared prompt prefill it ran at 0.9x there, and this rule said float32.)
+* **Any other CPU**: float32: without AVX512-BF16 or AMX bfloat16 matmuls are emulated,
+  slower than float32 and less exact.
 
 What bfloat16 changes (SmolLM2-135M-Instruct, 128 held-out rows, ``benchmarks/bench_dtype.py``):
 Spearman of ce_loss 0.999, difficulty_rank 0.96 (``paper``) / 0.999 (``noisy``), dropped
@@ -25,6 +25,8 @@ Example:
     >>> auto_dtype("cpu", CpuBfloat16(amx=False, avx512_bf16=False))[0]
     torch.float32
     >>> auto_dtype("cpu", CpuBfloat16(amx=True, avx512_bf16=True))[0]
+    torch.bfloat16
+    >>> auto_dtype("cpu", CpuBfloat16(amx=False, avx512_bf16=True))[0]
     torch.bfloat16
 """
 
@@ -86,8 +88,8 @@ def auto_dtype(device_type: str, cpu: CpuBfloat16) -> tuple[torch.dtype, str]:
     if cpu.amx:
         return torch.bfloat16, "auto: this CPU has AMX (fast bfloat16 matmuls); pass --dtype float32 for float32-exact values"
     if cpu.avx512_bf16:
-        return torch.float32, ("auto: this CPU has AVX512-BF16 but no AMX, where generation measured slower in bfloat16; "
-                               "--dtype bfloat16 speeds up passes without generation")
+        return torch.bfloat16, ("auto: this CPU has AVX512-BF16 (native bfloat16 matmuls, faster end to end than float32); "
+                                "pass --dtype float32 for float32-exact values")
     return torch.float32, "auto: this CPU has no native bfloat16 matmuls (no AMX or AVX512-BF16), so float32 is faster"
 
 
@@ -118,7 +120,7 @@ def resolve_dtype_with_reason(dtype: str, device: torch.device, cpu: CpuBfloat16
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on GPUs and on CPUs with AMX, else float32 (:func:`auto_dtype`).
+    """``auto`` is bfloat16 on GPUs and on CPUs with AMX or AVX512-BF16, else float32 (:func:`auto_dtype`).
 
     Example:
         >>> resolve_dtype("bfloat16", torch.device("cpu"))
