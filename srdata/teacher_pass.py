@@ -138,11 +138,12 @@ def _teach(config: TeachConfig, run_dir: Path, say: Callable[[str], None], progr
     )
 
     # --dtype auto: the scored run's dtype, so excess_ce_loss = ce_loss - teacher_ce_loss compares like with like.
+    # A run scored on Ray records "auto" in its config and the dtype its replicas resolved in its precision.
+    run_dtype = student.model.dtype if student.model.dtype != "auto" else (getattr(run_manifest, "precision", None) or {}).get("dtype", "auto")
     requested, dtype, dtype_reason = config.model.dtype, config.model.dtype, "resolved on each Ray replica's node"
-    if config.engine.name == "local":
-        dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device,
-                                                student.model.dtype if requested == "auto" else requested)
-        dtype_reason = "auto: the scored run's dtype" if requested == "auto" != student.model.dtype else dtype_reason
+    if config.engine.name == "local" or (requested == "auto" != run_dtype):  # on Ray too: replicas get the run's dtype
+        dtype, dtype_reason = resolve_run_dtype(config.model.backend, config.model.device, run_dtype if requested == "auto" else requested)
+        dtype_reason = "auto: the scored run's dtype" if requested == "auto" != run_dtype else dtype_reason
         say(f"teacher dtype: {dtype} ({dtype_reason})")
         teacher_config = teacher_config.model_copy(update={"model": teacher_config.model.model_copy(update={"dtype": dtype})})
     # check the teacher: the same tokenizer, every id in its output layer, the run's longest row in its context

@@ -141,3 +141,18 @@ def test_teach_on_ray_records_its_replicas_and_refuses_a_resume_in_another_dtype
         srdata.teach(run=str(run), teacher=str(tiny_llama), engine="ray", num_replicas=1, device="cpu", dtype="float32", progress=False)
     assert files(run) == before
     assert pl.read_parquet(run / "annotated.parquet")["teacher_ce_loss"].is_not_null().any()  # the finished pass's columns kept
+
+
+def test_teach_on_ray_with_auto_computes_in_the_scored_runs_dtype(ray_runtime, tiny_llama, data_file, tmp_path):
+    """--dtype auto on Ray: the replicas get the run's dtype, not what auto means on their node."""
+    from srdata.backends import resolve_run_dtype
+
+    here = resolve_run_dtype("hf", "cpu", "auto")[0]  # what a replica on this machine would pick by itself
+    other = "float32" if here == "bfloat16" else "bfloat16"
+    run = tmp_path / "run"
+    score(**{**settings(data_file, tiny_llama, run, "local"), "device": "cpu", "dtype": other})
+    said: list[str] = []
+    srdata.teach(run=str(run), teacher=str(tiny_llama), engine="ray", num_replicas=1, device="cpu", progress=False, echo=said.append)
+    assert f"teacher dtype: {other} (auto: the scored run's dtype)" in said, said
+    manifest = json.loads((run / "teacher" / "manifest.json").read_text())
+    assert manifest["precision"]["dtype"] == other and all(r["dtype"] == other for r in manifest["replicas"])
