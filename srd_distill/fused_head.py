@@ -260,8 +260,12 @@ def student_head_pass(
         ws = w_s[:vocab_size].to(mm_s)
         bs = b_s[:vocab_size].to(mm_s) if b_s is not None else None
         hs = h_s.to(mm_s)
-        cdtype = torch.promote_types(torch.promote_types(mm_s, teacher_dtype), torch.float32)
+        # Half matmuls (autocast): the weight gradient stays a float32 in-place addmm of the float32
+        # logit gradient and hidden states (no bfloat16 rounding of each chunk's product, and no
+        # (vocab, hidden) temporary per chunk, whose conversion and add cost more than the product).
         acc_dtype = torch.promote_types(w_s.dtype, torch.float32)
+        h_acc = h_s.to(acc_dtype) if grad_head and mm_s != acc_dtype else hs
+        cdtype = torch.promote_types(torch.promote_types(mm_s, teacher_dtype), torch.float32)
         ce_sum = torch.zeros((), dtype=cdtype, device=h_s.device)
         kd_sum = torch.zeros((), dtype=cdtype, device=h_s.device)
         g_h = torch.empty_like(h_s) if grad_hidden else None
@@ -277,17 +281,20 @@ def student_head_pass(
             ce_sum += terms.ce_sum
             kd_sum += terms.kd_sum
             if terms.grad is not None:
-                dz = post_s.chain_(terms.grad, z_s).to(mm_s)  # d loss / d raw head output, (chunk, vocab)
+                dz_c = post_s.chain_(terms.grad, z_s)  # d loss / d raw head output, (chunk, vocab), in cdtype
+                dz = dz_c.to(mm_s)
                 if g_h is not None:
                     g_h[start:stop] = (dz @ ws).to(g_h.dtype)
                 if g_w is not None:
                     if dz.dtype == acc_dtype:
                         g_w.addmm_(dz.t(), x_s)  # in place: no (vocab, hidden) temporary per chunk
+                    elif dz_c.dtype == acc_dtype and h_acc.dtype == acc_dtype:  # half matmuls: see h_acc
+                        g_w.addmm_(dz_c.t(), h_acc[start:stop])
                     else:
                         g_w += (dz.t() @ x_s).to(acc_dtype)
                 if g_b is not None:
                     g_b += dz.sum(0, dtype=acc_dtype)
-                del dz
+                del dz, dz_c
             del terms, z_s
 
     grad_weight = grad_bias = None

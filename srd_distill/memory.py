@@ -165,7 +165,29 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     """
     if dtype == torch.float32:
         return contextlib.nullcontext()
+    if device.type == "cpu":  # SDPA's CPU flash kernel is no faster in bfloat16: batched matmuls instead
+        return _CpuHalfPrecision(dtype)
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _CpuHalfPrecision(contextlib.AbstractContextManager):
+    """Autocast to ``dtype`` on the CPU, with :func:`srd_distill.cpu_attention.half_attention`; reusable, as autocast."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._stacks: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> "_CpuHalfPrecision":
+        from srd_distill.cpu_attention import half_attention
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type="cpu", dtype=self.dtype))
+        stack.enter_context(half_attention())
+        self._stacks.append(stack)
+        return self
+
+    def __exit__(self, *exc: Any) -> Optional[bool]:
+        return self._stacks.pop().__exit__(*exc)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
