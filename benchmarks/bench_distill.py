@@ -26,7 +26,8 @@ that process from ``wait4``: everything it held, models and optimizer state incl
   16 (``--data`` of the same pairs, ``--max-steps 2``): peak RSS and wall time of the process.
 * ``dtype``: srd-distill's default step (``fused+micro``) on the SmolLM2 batches in float32
   (student and teacher) and under bfloat16 autocast over float32 master weights with the
-  teacher in bfloat16 (what ``--dtype auto`` does on a CPU with AMX; ``--dtypes``
+  teacher in bfloat16 (what ``--dtype auto`` does on a CPU with AMX or AVX512-BF16, attention
+  there as grouped bfloat16 matmuls, :mod:`srd_distill.cpu_attention`; ``--dtypes``
   picks the arms): seconds per step, GFLOP/s (``peaks.training_step_flop``: 6 x student and 2 x
   teacher non-embedding parameters per real token, plus both LM heads per scored token) as a
   share of the matmul peak of the dtype the arm computes in (both peaks measured at the start
@@ -270,7 +271,7 @@ def bench_dtypes(args: argparse.Namespace, work: Path, pairs: Path, peaks: dict[
     """srd-distill's default step (fused head, micro-batches) in float32 and under bfloat16 autocast, same batches."""
     print(f"\n== dtype: SmolLM2 x 2, batch {args.batch}, fused+micro (srd-distill's defaults), {args.warmup} warm-up + "
           f"{args.steps} timed step(s); float32 = student and teacher in float32; bfloat16 = autocast over float32 master "
-          "weights, teacher in bfloat16 (srd-distill's --dtype auto on a CPU with AMX) ==")
+          "weights, teacher in bfloat16 (srd-distill's --dtype auto on a CPU with AMX or AVX512-BF16) ==")
     rows = []
     for dtype in args.dtypes:
         cmd = [sys.executable, __file__, "--child", "arm", "--case", "smollm2", "--arm", "fused+micro", "--batch", str(args.batch),
