@@ -146,7 +146,7 @@ def child_arm(args: argparse.Namespace) -> None:
     from srd_distill.objective import LossSpec, batch_objective
     from srd_distill.step import make_optimizer, optimizer_step
     from srd_distill.fused_head import plan_lm_head
-    from srd_distill.memory import autocast_context, enable_gradient_checkpointing, micro_batch_count
+    from srd_distill.memory import autocast_context, enable_gradient_checkpointing, micro_batch_count, weight_cast_scope
 
     teacher, student, batches, vocab, pad_id = _models_and_batches(args)
     teacher = teacher.to(getattr(torch, args.teacher_dtype)).eval().requires_grad_(False)
@@ -157,7 +157,7 @@ def child_arm(args: argparse.Namespace) -> None:
     plans = (plan_lm_head(student, vocab, "student"), plan_lm_head(teacher, vocab, "teacher")) if args.arm != "unfused" else (None, None)
     spec = LossSpec("fkl", 2.0, 0.9, "all", vocab, *plans)
     assert spec.fused == (args.arm != "unfused"), plans
-    optimizer = make_optimizer(student, 1e-4, 0.01, torch.device("cpu"))
+    optimizer = make_optimizer(student, 1e-4, 0.01, torch.device("cpu"), getattr(torch, args.dtype))
     setup_rss = proc_status_kib("VmRSS")
     times, losses, widths, scored = [], [], [], []
     tokens = []
@@ -168,12 +168,13 @@ def child_arm(args: argparse.Namespace) -> None:
         step_scored = sum(e.scored_tokens for e in examples)
         started = time.perf_counter()
         loss = 0.0
-        for part in split_rows(list(range(len(examples))), parts):  # as train_stage: token-weighted shares
-            batch = collate([examples[i] for i in part], pad_id, torch.device("cpu"))
-            out = batch_objective(student, teacher, batch, spec, precision)
-            share = batch.scored_tokens / step_scored
-            (out.loss * share).backward()
-            loss += float(out.loss.detach()) * share
+        with weight_cast_scope(torch.device("cpu"), getattr(torch, args.dtype)):  # as train_stage
+            for part in split_rows(list(range(len(examples))), parts):  # as train_stage: token-weighted shares
+                batch = collate([examples[i] for i in part], pad_id, torch.device("cpu"))
+                out = batch_objective(student, teacher, batch, spec, precision)
+                share = batch.scored_tokens / step_scored
+                (out.loss * share).backward()
+                loss += float(out.loss.detach()) * share
         optimizer_step(optimizer, lr=1e-4, grad_clip=1.0)
         times.append(time.perf_counter() - started)
         losses.append(loss)

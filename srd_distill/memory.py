@@ -48,6 +48,7 @@ __all__ = [
     "load_model",
     "transformers_bars_off",
     "autocast_context",
+    "weight_cast_scope",
     "enable_gradient_checkpointing",
     "save_checkpoint",
     "peak_memory_text",
@@ -168,6 +169,29 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
     if device.type == "cpu":  # SDPA's CPU flash kernel is no faster in bfloat16: batched matmuls instead
         return _CpuHalfPrecision(dtype)
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def weight_cast_scope(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Hold around the micro-batches of one optimizer step (forwards and backwards, not the update):
+    autocast then casts each float32 master weight to ``dtype`` once per step, not once per micro-batch.
+
+    Autocast keeps its casts of leaf weights in a cache that it empties whenever the
+    outermost autocast region is left, i.e. after every micro-batch's forward. This scope is
+    an outer autocast region that is *disabled* (backward passes and all code between the
+    forwards run as without it) and only keeps that cache alive until it is left, which
+    must be before the optimizer changes the weights. The cached half copy stays an autograd
+    cast of the float32 weight, so every micro-batch's weight gradient still lands in the
+    float32 ``.grad``. A no-op for float32 runs.
+
+    Example:
+        >>> with weight_cast_scope(torch.device("cpu"), torch.float32):   # doctest: +SKIP
+        ...     for micro_batch in micro_batches:
+        ...         loss_of(micro_batch).backward()
+        >>> optimizer_step(optimizer, lr=lr, grad_clip=1.0)   # doctest: +SKIP
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=False)
 
 
 class _CpuHalfPrecision(contextlib.AbstractContextManager):

@@ -68,7 +68,8 @@ from srd_distill.errors import TrainingInterrupted, TrainingSetupError
 from srd_distill.fused_head import HeadPlan, plan_lm_head
 from srd_distill.losses import t2_factor
 from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, micro_batch_count,
-                                peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype)
+                                peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype,
+                                weight_cast_scope)
 from srd_distill.objective import LossSpec, batch_objective, evaluate
 from srd_distill.divergences import CROSS_ENTROPY_FORMS, teacher_entropy_meter
 from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done, stage_notes, stage_preparing
@@ -270,7 +271,7 @@ def train_stage(ctx: RunContext, plan: TrainingStage, start_from: str | Path) ->
         enable_gradient_checkpointing(student)
     student.train()
     student_head = plan_lm_head(student, ctx.vocab_size, "student") if s.fused_head else None
-    optimizer = make_optimizer(student, s.lr, s.weight_decay, ctx.device)
+    optimizer = make_optimizer(student, s.lr, s.weight_decay, ctx.device, ctx.dtype)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)  # a no-op unless float16
     precision = autocast_context(ctx.device, ctx.dtype)
     spec = LossSpec(s.loss, plan.temperature, plan.kd_ratio, s.t2_scaling, ctx.vocab_size, student_head, ctx.teacher_head,
@@ -312,15 +313,16 @@ def train_stage(ctx: RunContext, plan: TrainingStage, start_from: str | Path) ->
             step_tokens = sum(data.examples[i].scored_tokens for i in rows)
             means = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0, "entropy": 0.0}  # this step's token means
             width = max(len(data.examples[i].input_ids) for i in rows)
-            for micro_rows in split_rows(rows, max(s.grad_accum, micro_batch_count(len(rows), width, s.micro_batch_tokens))):
-                batch = collate([data.examples[i] for i in micro_rows], ctx.pad_id, ctx.device, top_k=cached)
-                with teacher_entropy_meter() as entropy:
-                    out = batch_objective(student, teacher, batch, spec, precision)
-                share = batch.scored_tokens / step_tokens
-                means["entropy"] += entropy.mean * share
-                scaler.scale(out.loss * share).backward()
-                for key, value in zip(("loss", "ce_loss", "kd_loss"), out):
-                    means[key] += float(value.detach()) * share
+            with weight_cast_scope(ctx.device, ctx.dtype):  # half weight copies made once per step, left before the update
+                for micro_rows in split_rows(rows, max(s.grad_accum, micro_batch_count(len(rows), width, s.micro_batch_tokens))):
+                    batch = collate([data.examples[i] for i in micro_rows], ctx.pad_id, ctx.device, top_k=cached)
+                    with teacher_entropy_meter() as entropy:
+                        out = batch_objective(student, teacher, batch, spec, precision)
+                    share = batch.scored_tokens / step_tokens
+                    means["entropy"] += entropy.mean * share
+                    scaler.scale(out.loss * share).backward()
+                    for key, value in zip(("loss", "ce_loss", "kd_loss"), out):
+                        means[key] += float(value.detach()) * share
             at.lr = learning_rate(at.step, total_steps, s.lr, s.warmup_steps)
             grad_norm = optimizer_step(optimizer, lr=at.lr, grad_clip=s.grad_clip, scaler=scaler)
             at.step += 1
