@@ -124,3 +124,22 @@ def test_cpu_adamw_bfloat16_runs_the_fused_kernel_equal_to_float32_rounding():
     assert "_fused_adamw_" in ops
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_attention_masks_and_scales_inside_the_score_matmul():
+    # The mask is a bias baddbmm adds and the scale its alpha: no elementwise pass over the scores but the softmax,
+    # forward or backward (they were a third of the attention's time in a bfloat16 step).
+    from srd_distill.cpu_attention import grouped_attention
+
+    batch, heads, kv_heads, length, dim = 2, 6, 2, 9, 8
+    q, k, v = (torch.randn(batch, h, length, dim, dtype=torch.bfloat16, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    real = torch.ones(batch, length, dtype=torch.bool)
+    real[1, 6:] = False
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+    scores_size = batch * heads * length * length
+    with OpLog() as log:
+        out = grouped_attention(torch.nn.Module(), q, k, v, mask)[0]
+        out.float().sum().backward()
+    on_scores = [name for name, a, out in log.calls if isinstance(out, torch.Tensor) and out.numel() == scores_size]
+    assert "baddbmm" in on_scores
+    assert not {"mul", "mul_", "masked_fill", "masked_fill_", "where"} & set(on_scores), on_scores
