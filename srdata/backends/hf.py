@@ -22,6 +22,8 @@ import torch
 from srdata.backends.base import Backend, Generation, GenerationParams, ProgressCallback, ReferenceScores, Rows, check_pairs
 from srdata.backends.attention import use_grouped_decode_attention
 from srdata.backends.batching import bucket_batches, prefill_chunks, similar_length_groups
+from srdata.backends.decode import greedy_decode
+from srdata.backends.packed import use_packed_linears
 from srdata.backends.live import BackendInterrupted, LiveBatch, decode_watcher
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ class HFBackend(Backend):
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self.cache_kwarg = cache_keyword(model)
         use_grouped_decode_attention(model)  # no KV-cache copy per decode step (see attention.py)
+        use_packed_linears(model, batch_size)  # CPU: weights reordered once, not per call, where exact (see packed.py)
         self.hidden_state_ce = self._hidden_state_ce_matches_logits()
         self.shared_prefill: bool | None = None  # checked on first use (see _shared_prefill_matches)
 
@@ -301,7 +304,8 @@ class HFBackend(Backend):
         if live is not None:  # prompts and references are done: show it before decoding starts
             live.losses = losses
             live.add(sum(len(p) + len(r) for p, r in zip(prompts, references)))
-        return losses, self._generate_batch(prompts, params, cache=cache, live=live)
+        answers = greedy_decode(self.model, cache, input_ids, attention_mask, positions, params, live, self.cache_kwarg)
+        return losses, [Generation(ids, self._decode(ids), "stop" if stopped else "length") for ids, stopped in answers]
 
     def _prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, max_cache_len: int
