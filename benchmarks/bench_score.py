@@ -245,11 +245,13 @@ def time_backend_calls(into: dict):
     """Accumulate the seconds srdata's HF backend spends scoring + generating, and generating alone.
 
     ``score_and_generate`` shares each prompt's prefill between the two, so "CE" here is
-    the call's time minus the time in ``_generate_batch`` (the batched ``generate`` calls).
+    the call's time minus the time in decoding (``greedy_decode`` on the shared prefill,
+    ``_generate_batch`` for separate passes).
     """
+    import srdata.backends.hf as hf_module
     from srdata.backends.hf import HFBackend
 
-    originals = {"both": HFBackend.score_and_generate, "generate": HFBackend._generate_batch}
+    originals = {"both": HFBackend.score_and_generate, "generate": HFBackend._generate_batch, "decode": hf_module.greedy_decode}
 
     def wrap(key, fn):
         def timed(self, *args, **kwargs):
@@ -262,10 +264,13 @@ def time_backend_calls(into: dict):
 
     HFBackend.score_and_generate = wrap("both", originals["both"])
     HFBackend._generate_batch = wrap("generate", originals["generate"])
+    # the shared-prefill path decodes with greedy_decode (a plain function: wrapped without a self)
+    hf_module.greedy_decode = wrap("generate", lambda _self, *args, **kwargs: originals["decode"](_self, *args, **kwargs))
     try:
         yield into
     finally:
         HFBackend.score_and_generate, HFBackend._generate_batch = originals["both"], originals["generate"]
+        hf_module.greedy_decode = originals["decode"]
         into["ce"] = into.get("both", 0.0) - into.get("generate", 0.0)
 
 
