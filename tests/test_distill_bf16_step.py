@@ -131,15 +131,38 @@ def test_grouped_attention_masks_and_scales_inside_the_score_matmul():
     # forward or backward (they were a third of the attention's time in a bfloat16 step).
     from srd_distill.cpu_attention import grouped_attention
 
-    batch, heads, kv_heads, length, dim = 2, 6, 2, 9, 8
+    batch, heads, kv_heads, length, dim = 2, 6, 2, 9, 5
     q, k, v = (torch.randn(batch, h, length, dim, dtype=torch.bfloat16, requires_grad=True) for h in (heads, kv_heads, kv_heads))
     real = torch.ones(batch, length, dtype=torch.bool)
     real[1, 6:] = False
     mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
-    scores_size = batch * heads * length * length
     with OpLog() as log:
         out = grouped_attention(torch.nn.Module(), q, k, v, mask)[0]
         out.float().sum().backward()
-    on_scores = [name for name, a, out in log.calls if isinstance(out, torch.Tensor) and out.numel() == scores_size]
-    assert "baddbmm" in on_scores
-    assert not {"mul", "mul_", "masked_fill", "masked_fill_", "where"} & set(on_scores), on_scores
+    names = [name for name, _, _ in log.calls]
+    assert "baddbmm" in names and "bmm" in names
+    # Elementwise passes over scores ((rows, keys): never dim, as the blocks have 2, 2, 2, 3 query rows x 3 heads
+    # and 2, 4, 6, 9 keys); the backward's alpha on the query/key gradients (dim wide) is cheap and allowed.
+    elementwise = [(name, tuple(out.shape)) for name, _, out in log.calls
+                   if name in {"mul", "mul_", "masked_fill", "masked_fill_", "where"} and dim not in out.shape[-2:]]
+    assert elementwise == [("masked_fill_", (batch, 1, 1, length, length))]  # the bias, built once from the mask
+
+
+def test_grouped_attention_skips_the_keys_after_each_query_block_only_when_causal():
+    from srd_distill.cpu_attention import QUERY_BLOCKS, _query_blocks, grouped_attention
+
+    length = 16
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None, None]
+    assert QUERY_BLOCKS > 1 and _query_blocks(causal, length) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    peek = causal.clone()
+    peek[..., 2, 5] = True  # query 2 may see key 5: no block may be cut
+    assert _query_blocks(peek, length) == [(0, length)]
+    assert _query_blocks(causal[..., :2, :2], 2) == [(0, 1), (1, 2)]
+    # The blocked scores: at most stop keys for a block ending at stop, never the whole square.
+    q, k, v = torch.randn(1, 4, length, 8), torch.randn(1, 2, length, 8), torch.randn(1, 2, length, 8)
+    with OpLog() as log:
+        ours = grouped_attention(torch.nn.Module(), q, k, v, None)[0]
+    widths = [tuple(out.shape)[-1] for name, _, out in log.calls if name == "baddbmm"]
+    assert widths == [4, 8, 12, 16]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(ours, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
