@@ -166,3 +166,5 @@ def test_grouped_attention_skips_the_keys_after_each_query_block_only_when_causa
     assert widths == [4, 8, 12, 16]
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(ours, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+

@@ -566,3 +566,17 @@ def test_ctrl_c_says_that_rerunning_resumes(models, curriculum, tmp_path, monkey
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_srd_distill_train_in_bfloat16_with_micro_batches_tracks_the_float32_loss_curve(models, scored_run, tmp_path):
+    # The whole loop (train_stage: weight_cast_scope around two micro-batches a step, AdamW) in bfloat16 against float32.
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train(base(models, data=str(scored_run / "annotated.parquet"), output=str(out), epochs=1, max_steps=3, grad_accum=2,
+                   dtype=dtype, teacher_dtype=dtype), progress=False)
+        assert json.loads((out / "run.json").read_text())["dtype"] == dtype
+        losses[dtype] = [m["loss"] for m in read_metrics(out) if m["event"] == "train"]
+    assert len(losses["float32"]) == len(losses["bfloat16"]) == 3
+    for a, b in zip(losses["float32"], losses["bfloat16"]):
+        assert abs(a - b) / abs(a) < 2e-2  # bfloat16 rounding, as the one-step bound of test_distill_bf16.py
