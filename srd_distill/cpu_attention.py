@@ -4,9 +4,9 @@ On a CPU without AMX, PyTorch's SDPA flash kernel runs bfloat16 no faster than f
 (SmolLM2's attention, 4 x 512 tokens, one core: forward 34 ms, backward 80-89 ms per
 layer in both dtypes), about a quarter of a bfloat16 srd-distill step, while oneDNN's
 bfloat16 batched matmuls run at 2x the float32 ones. :func:`grouped_attention` computes
-``softmax(q k^T * scale + mask) v`` with two ``bmm`` in the compute dtype, the query heads
-of a key/value group stacked so keys and values are never repeated (forward 35 ms,
-backward 52 ms there). It is what ``sdpa`` means inside :func:`half_attention` (entered by
+``softmax(q k^T * scale + mask) v`` with batched matmuls in the compute dtype, the query heads
+of a key/value group stacked so keys and values are never repeated, the mask an additive bias
+of the score matmul, and the queries in causal blocks that skip the keys after them. It is what ``sdpa`` means inside :func:`half_attention` (entered by
 ``srd_distill.memory.autocast_context`` on a CPU in bfloat16/float16 only); the float32
 path and GPUs keep SDPA. Anything it does not handle (a cache, one query token, dropout
 in training, soft-capping, sinks, a float mask) goes to SDPA unchanged.
