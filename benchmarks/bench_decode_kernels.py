@@ -1,0 +1,128 @@
+"""The kernels behind the transformers backend's decode and continuation paths, one at a time.
+
+Prints, for SmolLM2-135M's shapes (hidden 576, MLP 1536, 9 query heads over 3 KV heads,
+head dim 64, vocabulary 49,152), each path srdata takes against the one it replaced,
+measured in the same run (best of 3 passes over 30-90 distinct weights or caches, so the
+data streams from memory as in a real decode step, not from the CPU's caches):
+
+* linear layers at decode sizes (rows = sequences in the batch): ``F.linear`` on the plain
+  weight vs oneDNN's packed weight (``srdata.backends.packed``), and whether the results
+  are bit-identical;
+* the attention of a reference scored after its cached prompt (4 query tokens):
+  transformers' ``sdpa`` (``repeat_kv`` copies of keys and values) vs the grouped layout
+  (``srdata.backends.attention``);
+* the attention of one decode step: the whole padded static cache vs the key columns the
+  rows can see (``key_spans``), on left-padded prompts of mixed length.
+
+Usage:
+    python benchmarks/bench_decode_kernels.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def best_seconds(fn, passes: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def linears(dtype: torch.dtype) -> None:
+    reorder, packed_linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    for out_features, in_features, count in ((1536, 576, 90), (49152, 576, 3)):
+        weights = [torch.randn(out_features, in_features).to(dtype) for _ in range(count)]
+        packed = [reorder(w, 64) for w in weights]
+        for rows in (16, 32, 64, 1024):
+            x = torch.randn(rows, in_features).to(dtype)
+            flop = 2 * rows * in_features * out_features * count
+            plain_s = best_seconds(lambda: [F.linear(x, w) for w in weights])
+            packed_s = best_seconds(lambda: [packed_linear(x, p, None, "none", [None], "") for p in packed])
+            same = all(torch.equal(F.linear(x, w), packed_linear(x, p, None, "none", [None], "")) for w, p in zip(weights[:3], packed[:3]))
+            print(f"  {str(dtype)[6:]:>8} linear {in_features}->{out_features:<6} rows {rows:>5}: plain {flop / plain_s / 1e9:6.1f}  "
+                  f"packed {flop / packed_s / 1e9:6.1f} GFLOP/s  ({plain_s / packed_s:.2f}x)  bit-identical: {same}")
+
+
+def continuation(dtype: torch.dtype, batch: int = 22, keys: int = 806, q_len: int = 4) -> None:
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from srdata.backends.attention import grouped_decode_sdpa
+
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    cases = []
+    for _ in range(30):
+        query = torch.randn(batch, 9, q_len, 64).to(dtype)
+        key, value = torch.randn(batch, 3, keys, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype)
+        mask = torch.ones(batch, 1, q_len, keys, dtype=torch.bool)
+        mask[:, :, :, keys - q_len :] = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))
+        cases.append((query, key, value, mask))
+    plain = best_seconds(lambda: [sdpa_attention_forward(module, *case, scaling=0.125) for case in cases])
+    grouped = best_seconds(lambda: [grouped_decode_sdpa(module, *case, scaling=0.125) for case in cases])
+    same = all(torch.equal(sdpa_attention_forward(module, *c, scaling=0.125)[0], grouped_decode_sdpa(module, *c, scaling=0.125)[0]) for c in cases[:3])
+    print(f"  {str(dtype)[6:]:>8} reference continuation, {batch} rows x {q_len} tokens over {keys} keys: repeat_kv "
+          f"{plain / 30 * 1e3:6.2f} ms  grouped {grouped / 30 * 1e3:6.2f} ms a layer ({plain / grouped:.1f}x)  bit-identical: {same}")
+
+
+def decode_step(dtype: torch.dtype, batch: int = 32, prompt_width: int = 288, room: int = 32) -> None:
+    from types import SimpleNamespace
+
+    import srdata.backends.attention as attention
+
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    generator = torch.Generator().manual_seed(0)
+    lengths = sorted(torch.randint(40, prompt_width + 1, (batch,), generator=generator).tolist(), reverse=True)
+    keys = prompt_width + room
+    mask = torch.zeros(batch, 1, 1, keys, dtype=torch.bool)
+    for row, length in enumerate(lengths):  # left padded, 4 new tokens decoded so far
+        mask[row, ..., prompt_width - length : prompt_width + 4] = True
+    cases = [(torch.randn(batch, 9, 1, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype)) for _ in range(30)]
+
+    def run(spans: bool) -> list:
+        out = []
+        for query, key, value in cases:
+            attention._last_spans = (None, [])  # each case counts its own span computation
+            if spans:
+                out.append(attention.grouped_decode_sdpa(module, query, key, value, mask, scaling=0.125)[0])
+            else:
+                grouped = query.reshape(batch, 3, 3, 64)
+                out.append(F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=0.125))
+        return out
+
+    whole, visible = best_seconds(lambda: run(False)), best_seconds(lambda: run(True))
+    read = sum((b - a) * (end - start) for a, b, start, end in attention.key_spans(mask, batch, keys))
+    print(f"  {str(dtype)[6:]:>8} decode step, {batch} rows, prompts {min(lengths)}-{max(lengths)} tokens, cache {keys} columns: whole cache "
+          f"{whole / 30 * 1e3:5.2f} ms  visible columns {visible / 30 * 1e3:5.2f} ms a layer ({whole / visible:.2f}x; "
+          f"{read / (batch * keys):.0%} of the cache read)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with torch.inference_mode():
+        print("linear layers (plain vs packed weights):")
+        for dtype in (torch.bfloat16, torch.float32):
+            linears(dtype)
+        print("attention:")
+        for dtype in (torch.bfloat16, torch.float32):
+            continuation(dtype)
+            decode_step(dtype)
+    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
