@@ -107,3 +107,25 @@ def test_packed_linear_weights_are_used_only_where_exact(tiny_llama):
             pytest.skip("this CPU's packed bfloat16 kernels do not give identical results")
         with torch.inference_mode():
             assert torch.equal(backend.model(ids).logits, plain(ids).logits)
+
+
+def test_greedy_answers_ignore_the_models_own_generation_defaults(tiny_llama, tmp_path):
+    # Defaults in a model's generation_config.json (a repetition penalty, suppressed tokens)
+    # changed generate()'s answers (the separate passes) but not the decode loop's or vLLM's
+    # requests: every path is the plain argmax now.
+    import shutil
+
+    from transformers import GenerationConfig
+
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 11, 12]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    argmax = [_greedy_one_row(model, p, 10, [-1]) for p in prompts]
+    folder = tmp_path / "with-defaults"
+    shutil.copytree(tiny_llama, folder)
+    GenerationConfig(suppress_tokens=[a[0] for a in argmax], repetition_penalty=5.0).save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert [_greedy_one_row(model, p, 10, [-1]) for p in prompts] != argmax  # generate() applies the saved defaults
+    backend = HFBackend.from_pretrained(folder, device="cpu", dtype="float32")
+    params = GenerationParams(10, stop_token_ids=(-1,))
+    assert [g.token_ids for g in backend.generate(prompts, params)] == argmax
+    assert [g.token_ids for g in backend.score_and_generate(prompts, [[3, 4]] * 2, params)[1]] == argmax

@@ -104,6 +104,11 @@ class HFBackend(Backend):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self.cache_kwarg = cache_keyword(model)
+        # Greedy answers are the plain argmax (as the vLLM backend's requests, and srdata's own decode loop):
+        # generate() would add the model's own defaults, such as a repetition penalty in generation_config.json.
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig()
         use_grouped_decode_attention(model)  # no KV-cache copy per decode step (see attention.py)
         use_packed_linears(model, batch_size)  # CPU: weights reordered once, not per call, where exact (see packed.py)
         self.hidden_state_ce = self._hidden_state_ce_matches_logits()
