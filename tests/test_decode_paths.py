@@ -129,3 +129,18 @@ def test_greedy_answers_ignore_the_models_own_generation_defaults(tiny_llama, tm
     params = GenerationParams(10, stop_token_ids=(-1,))
     assert [g.token_ids for g in backend.generate(prompts, params)] == argmax
     assert [g.token_ids for g in backend.score_and_generate(prompts, [[3, 4]] * 2, params)[1]] == argmax
+
+
+def test_each_layer_shape_is_packed_only_where_its_own_results_are_identical(smollm2, monkeypatch):
+    # The dtype probe runs one shape; oneDNN picks kernels by shape. With that probe forced
+    # open for float32 (whose packed kernels sum in another order here), every layer must
+    # still give the plain model's numbers.
+    import srdata.backends.packed as packed
+
+    monkeypatch.setattr(packed, "packs_identically", lambda dtype, *a, **k: True)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [3, 4, 5, 6, 7, 8, 9]])
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = model(ids).logits
+        packed.use_packed_linears(model)
+        assert torch.equal(model(ids).logits, expected)

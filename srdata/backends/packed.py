@@ -63,20 +63,32 @@ def use_packed_linears(model: Any, batch_hint: int = 64) -> int:
     """Run ``model``'s ``nn.Linear`` layers on packed weights when that is exact here; returns how many were switched.
 
     Only for inference on the CPU: the packed call has no autograd. Models on other
-    devices, or in a dtype where :func:`packs_identically` fails, are left as they are.
+    devices, or in a dtype where :func:`packs_identically` fails, are left as they are;
+    each layer shape is also checked once on its own weights (oneDNN picks kernels by
+    shape), and shapes whose results differ stay unpacked.
     """
     weight = next(model.parameters(), None)
     if weight is None or weight.device.type != "cpu" or not packs_identically(weight.dtype):
         return 0
     reorder, linear = _ops()  # type: ignore[misc]
     switched = 0
+    exact_for_shape: dict[tuple[int, int, bool], bool] = {}  # kernels differ by shape: each shape checked on its own weights
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for module in model.modules():
             if type(module) is not torch.nn.Linear or module.weight.dtype != weight.dtype:
                 continue
             packed = reorder(module.weight.detach(), batch_hint)
-            module.forward = _packed_forward(linear, packed, module.bias)
-            switched += 1
+            shape = (module.in_features, module.out_features, module.bias is not None)
+            if shape not in exact_for_shape:
+                x = torch.randn(2, 7, module.in_features, generator=generator).to(weight.dtype)
+                exact_for_shape[shape] = all(
+                    torch.equal(linear(rows, packed, module.bias, "none", [None], ""), torch.nn.functional.linear(rows, module.weight, module.bias))
+                    for rows in (x[:, :1], x, x.reshape(1, 14, -1))
+                )
+            if exact_for_shape[shape]:
+                module.forward = _packed_forward(linear, packed, module.bias)
+                switched += 1
     log.info("%d linear layers run on packed %s weights", switched, weight.dtype)
     return switched
 
