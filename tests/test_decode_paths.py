@@ -144,3 +144,25 @@ def test_each_layer_shape_is_packed_only_where_its_own_results_are_identical(smo
         expected = model(ids).logits
         packed.use_packed_linears(model)
         assert torch.equal(model(ids).logits, expected)
+
+
+def test_packed_weights_never_answer_for_weights_changed_after_packing(tiny_llama):
+    from srdata.backends.packed import packs_identically
+
+    if not packs_identically(torch.bfloat16):
+        pytest.skip("this CPU's packed bfloat16 kernels do not give identical results")
+    backend = HFBackend.from_pretrained(tiny_llama, device="cpu", dtype="bfloat16")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    layer = backend.model.model.layers[0].mlp.up_proj
+    assert "forward" in vars(layer)  # packed
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # changed in place after packing (a state dict loaded, a training step)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        plain.model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    with torch.inference_mode():
+        assert torch.equal(backend.model(ids).logits, plain(ids).logits)
+    # and with gradients wanted, they flow to the weights
+    backend.model.zero_grad()
+    backend.model(ids).logits.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

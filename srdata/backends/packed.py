@@ -78,8 +78,10 @@ def use_packed_linears(model: Any, batch_hint: int = 64) -> int:
         for module in model.modules():
             if type(module) is not torch.nn.Linear or module.weight.dtype != weight.dtype:
                 continue
-            packed = reorder(module.weight.detach(), batch_hint)
             shape = (module.in_features, module.out_features, module.bias is not None)
+            if exact_for_shape.get(shape) is False:
+                continue
+            packed = reorder(module.weight.detach(), batch_hint)
             if shape not in exact_for_shape:
                 x = torch.randn(2, 7, module.in_features, generator=generator).to(weight.dtype)
                 exact_for_shape[shape] = all(
@@ -87,14 +89,26 @@ def use_packed_linears(model: Any, batch_hint: int = 64) -> int:
                     for rows in (x[:, :1], x, x.reshape(1, 14, -1))
                 )
             if exact_for_shape[shape]:
-                module.forward = _packed_forward(linear, packed, module.bias)
+                module.forward = _packed_forward(module, linear, packed)
                 switched += 1
     log.info("%d linear layers run on packed %s weights", switched, weight.dtype)
     return switched
 
 
-def _packed_forward(linear: Any, packed: torch.Tensor, bias: torch.Tensor | None) -> Any:
+def _packed_forward(module: torch.nn.Linear, linear: Any, packed: torch.Tensor) -> Any:
+    """``module``'s forward on ``packed``, a copy of its weight as it was when packed.
+
+    The copy is only used while it is provably that weight: the same tensor, not changed in
+    place since (its version counter), and no gradient wanted (the packed call has no
+    autograd). Otherwise (weights loaded or trained after packing) the plain ``F.linear``
+    runs, so a stale copy can never answer.
+    """
+    weight, version = module.weight, module.weight._version
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return linear(x, packed, bias, "none", [None], "")
+        current = module.weight
+        if current is not weight or current._version != version or (torch.is_grad_enabled() and current.requires_grad):
+            return torch.nn.functional.linear(x, current, module.bias)
+        return linear(x, packed, module.bias, "none", [None], "")
 
     return forward
