@@ -202,6 +202,57 @@ def test_bfloat16_keeps_the_shared_prefill(smollm2):
     assert backend._shared_prefill_matches()
 
 
+def _first_row_position_off_by_one(monkeypatch):
+    """Make the shared path score the first check row one position late: a bug the check must catch."""
+    continuation = HFBackend._score_continuation
+
+    def off_by_one(self, cache, rows, input_ids, attention_mask, positions, references):
+        shifted = positions.clone()
+        shifted[0] += 1
+        return continuation(self, cache, rows, input_ids, attention_mask, shifted, references)
+
+    monkeypatch.setattr(HFBackend, "_score_continuation", off_by_one)
+
+
+def test_bfloat16_check_catches_a_position_off_by_one(smollm2, monkeypatch, caplog):
+    # On SmolLM2 that bug moves the first row's bfloat16 loss by ~0.5%, inside the 1.6% a
+    # bfloat16 check must allow; the float32 copy of the same weights sees it (0.4% > 1e-3).
+    _first_row_position_off_by_one(monkeypatch)
+    backend = HFBackend.from_pretrained(smollm2, device="cpu", dtype="bfloat16")
+    with caplog.at_level("INFO", logger="srdata.backends.hf"):
+        assert backend._shared_prefill_matches() is False
+    assert "float32 copy" in caplog.text
+    assert next(backend.model.parameters()).dtype == torch.bfloat16  # the run's own model is untouched
+
+    # Without the float32 copy (memory short) the bfloat16 tolerance alone lets it through, and says so.
+    from srdata.backends import prefill_check
+
+    monkeypatch.setattr(prefill_check, "available_memory", lambda device: 1 << 20)
+    with caplog.at_level("WARNING", logger="srdata.backends.prefill_check"):
+        assert backend._shared_prefill_matches() is True
+    assert "16-bit tolerance only" in caplog.text
+
+
+def test_float32_copy_is_exact_and_leaves_the_model_alone(smollm2):
+    from srdata.backends.prefill_check import float32_copy
+
+    backend = HFBackend.from_pretrained(smollm2, device="cpu", dtype="bfloat16")
+    model = backend.model
+    packed = [m for m in model.modules() if "forward" in m.__dict__]
+    assert packed, "bfloat16 linears run packed on this CPU (packed.py)"
+    twin = float32_copy(model)
+    assert all(p.dtype == torch.float32 for p in twin.parameters())
+    assert all(not m.__dict__.get("forward") for m in twin.modules()), "the original's packed forwards stay behind"
+    for (name, mine), (_, theirs) in zip(model.named_parameters(), twin.named_parameters()):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine.float(), theirs), name
+    assert twin.get_output_embeddings().weight is twin.get_input_embeddings().weight  # tying kept
+    # Independent reference: transformers' own float32 cast of the bfloat16 checkpoint.
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16).float()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_decode_attention_matches_transformers_sdpa(tiny_llama):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
