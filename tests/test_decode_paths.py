@@ -166,3 +166,50 @@ def test_packed_weights_never_answer_for_weights_changed_after_packing(tiny_llam
     backend.model.zero_grad()
     backend.model(ids).logits.float().sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_greedy_choice_is_the_float32_argmax_ties_included():
+    from srdata.backends.decode import greedy_choice
+
+    torch.manual_seed(2)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        logits = torch.randint(-3, 4, (64, 4099)).to(dtype) * 0.5  # few distinct values: many ties per row
+        logits[::5, 100:] = -float("inf")  # banned ids (no_repeat_ngram_size) and a row whose max sits early
+        logits[3, :] = -float("inf")
+        assert torch.equal(greedy_choice(logits), logits.float().argmax(-1)), dtype
+
+
+def test_bfloat16_decode_chooses_tokens_without_a_float32_copy_of_the_logits(tiny_llama, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import srdata.backends.hf as hf
+
+    class WideFloat32(TorchDispatchMode):  # records every float32 result as wide as the vocabulary
+        def __init__(self, vocab: int) -> None:
+            super().__init__()
+            self.vocab, self.seen = vocab, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape[-1:] == (self.vocab,):
+                self.seen.append((str(func), tuple(out.shape)))
+            return out
+
+    backend = HFBackend.from_pretrained(tiny_llama, device="cpu", dtype="bfloat16")
+    recorder = WideFloat32(backend.model.config.vocab_size)
+    decode, calls = hf.greedy_decode, []
+
+    def recorded(model, *args, **kwargs):
+        if next(model.parameters()).dtype == torch.float32:  # a float32 copy the backend may check the cache on
+            return decode(model, *args, **kwargs)
+        with recorder:
+            answers = decode(model, *args, **kwargs)
+        calls.append(answers)
+        return answers
+
+    monkeypatch.setattr(hf, "greedy_decode", recorded)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [21, 22, 23, 24]]
+    _, generations = backend.score_and_generate(prompts, [[3, 4]] * 3, GenerationParams(6, stop_token_ids=(-1,), no_repeat_ngram_size=2))
+    assert backend.shared_prefill  # its one-off check: greedy_decode's answers equal generate()'s (which argmaxes float32)
+    assert calls and [len(g.token_ids) for g in generations] == [6, 6, 6]
+    assert recorder.seen == []

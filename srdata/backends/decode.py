@@ -4,7 +4,7 @@
 answered in 3 tokens still runs all 30 layers at every later step, attention over its
 whole cache included, only to be padded. On held-out T0 rows with SmolLM2 and 32 new
 tokens, 17% of the row-steps were such padding; with longer answers it grows. This loop
-runs the same greedy steps (the same forward call, float32 logits, the same
+runs the same greedy steps (the same forward call, the same choice as on float32 logits, the same
 ``no_repeat_ngram_size`` processor, the first highest-scoring id on ties), and once at
 least a quarter of the rows in the cache have stopped it copies the rest into a smaller
 cache. A compaction copies the cache once, about what one step reads, so it is only
@@ -64,10 +64,10 @@ def greedy_decode(
         logits = model(
             input_ids=tokens, attention_mask=mask_now, position_ids=last_position + step,
             **{cache_kwarg: cache}, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1, :].to(dtype=torch.float32)
-        if no_repeat is not None:
+        ).logits[:, -1, :]
+        if no_repeat is not None:  # it only sets banned ids to -inf: the same choice in the logits' own dtype
             logits = no_repeat(sequences, logits)
-        chosen = logits.argmax(dim=-1)
+        chosen = greedy_choice(logits)
         ends = torch.isin(chosen, stop_ids).tolist()
         if live is not None:  # one new token per row still running, its stop token included (as generate() counts)
             live.add(sum(not stopped[row] for row in active))
@@ -92,6 +92,22 @@ def greedy_decode(
             active = [active[k] for k in keep.tolist()]
             sequences, mask, last_position, tokens = sequences[keep], mask[keep], last_position[keep], tokens[keep]
     return [(answers[row], stopped[row]) for row in range(rows)]
+
+
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first highest-scoring id: ``logits.float().argmax(-1)``, without the float32 copy.
+
+    ``generate()`` copies a step's logits to float32 before its argmax. Widening a 16-bit
+    float to float32 is exact and keeps the order, so the choice is the same on the
+    logits as they are; ``max`` returns the first maximal index, as ``argmax`` does, and
+    is vectorized for bfloat16 where ``argmax`` is not. Per decode step at 32 rows x
+    49,152 words (1 thread): float32 copy 3.4 ms + argmax 1.3 ms, against ``max`` 1.3 ms.
+
+    Example:
+        >>> greedy_choice(torch.tensor([[0.5, 2.0, 2.0], [1.0, 0.0, -1.0]], dtype=torch.bfloat16))
+        tensor([1, 0])
+    """
+    return logits.max(dim=-1).indices
 
 
 def compacted(cache: Any, keep: torch.Tensor, config: Any) -> Any:
