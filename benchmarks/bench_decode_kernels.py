@@ -12,10 +12,18 @@ data streams from memory as in a real decode step, not from the CPU's caches):
   transformers' ``sdpa`` (``repeat_kv`` copies of keys and values) vs the grouped layout
   (``srdata.backends.attention``);
 * the attention of one decode step: the whole padded static cache vs the key columns the
-  rows can see (``key_spans``), on left-padded prompts of mixed length.
+  rows can see (``key_spans``), on left-padded prompts of mixed length;
+* each decode step's choice of token: a float32 copy of the logits + ``argmax`` (what
+  ``generate()`` does) vs ``max`` on the logits in their own dtype (``greedy_choice``);
+* with ``--attention-alternatives``: the decode step's attention in float32 math (bf16
+  cache read, scores and softmax in float32) eager and compiled by ``torch.compile``
+  (inductor's C++ backend, dynamic shapes; compile time printed apart), each one's error
+  against a float64 reference beside the flash kernel's. Measured and not used (see
+  benchmarks/README.md).
 
 Usage:
     python benchmarks/bench_decode_kernels.py --threads 1
+    python benchmarks/bench_decode_kernels.py --threads 1 --attention-alternatives
 """
 
 from __future__ import annotations
@@ -106,9 +114,75 @@ def decode_step(dtype: torch.dtype, batch: int = 32, prompt_width: int = 288, ro
           f"{read / (batch * keys):.0%} of the cache read)")
 
 
+def greedy_choice(vocab: int = 49152) -> None:
+    from srdata.backends.decode import greedy_choice as choice
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (16, 32, 64):
+            steps = [torch.randn(rows, 1, vocab).to(dtype) for _ in range(20)]  # a step's logits, as the model returns them
+            copied = best_seconds(lambda: [x[:, -1, :].to(dtype=torch.float32).argmax(dim=-1) for x in steps])
+            own = best_seconds(lambda: [choice(x[:, -1, :]) for x in steps])
+            same = all(torch.equal(x[:, -1, :].float().argmax(-1), choice(x[:, -1, :])) for x in steps)
+            print(f"  {str(dtype)[6:]:>8} {rows:>3} rows x {vocab}: float32 copy + argmax {copied / 20 * 1e3:5.2f} ms  "
+                  f"max in own dtype {own / 20 * 1e3:5.2f} ms a step ({copied / own:.2f}x)  same ids: {same}")
+
+
+def _float32_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped decode attention with the cache read in its dtype and every product, sum and the softmax in float32."""
+    kf = k.float()
+    scores = torch.stack([(q[:, :, g, None, :].float() * kf).sum(-1) for g in range(q.shape[2])], 2) * scale
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    return (probs[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)
+
+
+def attention_alternatives(batch: int = 32, prompt_width: int = 288, room: int = 32) -> None:
+    from srdata.backends.attention import key_spans
+
+    dtype = torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+    lengths = sorted(torch.randint(40, prompt_width + 1, (batch,), generator=generator).tolist(), reverse=True)
+    keys = prompt_width + room
+    mask = torch.zeros(batch, 1, 1, keys, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        mask[row, ..., prompt_width - length : prompt_width + 4] = True
+    cases = [(torch.randn(batch, 3, 3, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype)) for _ in range(30)]
+    spans = key_spans(mask, batch, keys)
+
+    def flash(q, k, v, m, scale):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+
+    def matmul_f32(q, k, v, m, scale):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale).masked_fill_(~m, float("-inf"))
+        return torch.matmul(torch.softmax(scores, -1), v.float()).to(q.dtype)
+
+    t0 = time.perf_counter()
+    compiled = torch.compile(_float32_math_attention, dynamic=True)
+    for a, b, start, end in spans:  # compile for the spans' shapes (dynamic: one graph)
+        q, k, v = cases[0]
+        compiled(q[a:b], k[a:b, :, start:end], v[a:b, :, start:end], mask[a:b, ..., start:end], 0.125)
+    compile_s = time.perf_counter() - t0
+
+    def per_layer(fn, whole: bool) -> float:
+        if whole:
+            return best_seconds(lambda: [fn(q, k, v, mask, 0.125) for q, k, v in cases]) / 30
+        return best_seconds(lambda: [[fn(q[a:b], k[a:b, :, s:e], v[a:b, :, s:e], mask[a:b, ..., s:e], 0.125) for a, b, s, e in spans] for q, k, v in cases]) / 30
+
+    errors = {}
+    for name, fn in (("flash (used)", flash), ("float32 matmuls", matmul_f32), ("float32, inductor", compiled)):
+        worst = 0.0
+        for q, k, v in cases[:5]:
+            exact = torch.softmax((q.double() @ k.double().transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf")), -1) @ v.double()
+            worst = max(worst, float((fn(q, k, v, mask, 0.125).double() - exact).abs().max() / exact.abs().max()))
+        errors[name] = worst
+        print(f"  bfloat16 decode step attention, {name:<18}: visible columns {per_layer(fn, False) * 1e3:5.2f} ms  whole cache "
+              f"{per_layer(fn, True) * 1e3:5.2f} ms a layer; max error vs float64 {worst:.2e} (of the largest output)")
+    print(f"  (torch.compile: {compile_s:.1f} s to compile, not in the figures above)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention-alternatives", action="store_true", help="also time float32-math attention, eager and torch.compile'd")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -120,6 +194,11 @@ def main() -> None:
         for dtype in (torch.bfloat16, torch.float32):
             continuation(dtype)
             decode_step(dtype)
+        print("greedy choice of each step's token:")
+        greedy_choice()
+        if args.attention_alternatives:
+            print("decode attention in float32 math (not used):")
+            attention_alternatives()
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
