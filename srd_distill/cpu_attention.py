@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-__all__ = ["grouped_attention", "half_attention"]
+__all__ = ["grouped_attention", "half_attention", "half_block_inputs"]
 
 # Keyword arguments that change what attention computes: such calls go to SDPA.
 #: Query blocks of :func:`grouped_attention` (causal: each skips the keys after it).
@@ -143,3 +143,67 @@ def half_attention() -> Iterator[None]:
             local["sdpa"] = previous
         else:
             local.pop("sdpa", None)
+
+
+def _half_dtype() -> Optional[torch.dtype]:
+    """The CPU autocast dtype when CPU autocast is on in bfloat16/float16, else None."""
+    if not torch.is_autocast_enabled("cpu"):
+        return None
+    dtype = torch.get_autocast_dtype("cpu")
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _cast_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    """Forward pre-hook: the block's float32 hidden states (and an attention's rotary cos/sin) in the autocast dtype."""
+    dtype = _half_dtype()
+    if dtype is None:
+        return None
+
+    def cast(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu":
+            return x.to(dtype)
+        if isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x):  # (cos, sin)
+            return tuple(cast(t) for t in x)
+        return x
+
+    args = tuple(cast(a) if i == 0 else a for i, a in enumerate(args))
+    kwargs = {k: cast(v) if k in ("hidden_states", "x", "position_embeddings") else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _llama_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Attention blocks with q/k/v projections and gated MLPs with gate/up projections (the Llama family's layout)."""
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj", "v_proj"))
+            or all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))]
+
+
+@contextlib.contextmanager
+def half_block_inputs(model: torch.nn.Module) -> Iterator[None]:
+    """Within CPU half autocast, ``model``'s attention and MLP blocks take their inputs in the autocast dtype.
+
+    Autocast casts a float32 input once per linear layer that reads it: the normed hidden
+    states three times per attention block (q, k, v) and twice per MLP (gate, up), and their
+    gradients back as often. Cast once at the block's entrance instead (the same bfloat16
+    values reach the matmuls). The rotary cos/sin go in the autocast dtype too, so the
+    rotation runs in it rather than promoting q and k to float32 for attention to cast back.
+    Outside CPU half autocast (float32 runs, GPUs) the hooks change nothing; entered outside
+    it, nothing is even registered.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, num_key_value_heads=1))
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16), half_block_inputs(model):
+        ...     len(model.model.layers[0].self_attn._forward_pre_hooks)
+        1
+    """
+    if _half_dtype() is None:
+        yield
+        return
+    handles = [m.register_forward_pre_hook(_cast_inputs, with_kwargs=True) for m in _llama_blocks(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from srd_distill.cpu_attention import half_block_inputs
 from srd_distill.data import Batch, EncodedData, collate
 from srd_distill.fused_head import (
     HeadPlan,
@@ -87,14 +88,15 @@ def batch_objective(
         with torch.inference_mode(), precision:  # the teacher is a fixed target: no graph, no gradient
             teacher_hidden = base_hidden_states(teacher, ids, attention)[rows, cols]
         with precision:
-            student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
+            with half_block_inputs(student):  # CPU bfloat16: one cast per block input, not per linear
+                student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
             # Under autocast the heads' matmuls run in its dtype too (softmax and sums stay float32):
             # a float32 student head was ~15% of a bfloat16 step on CPU.
             return fused_kd_objective(student_hidden, head_weights(student, spec.student_head), teacher_hidden,
                                       head_weights(teacher, spec.teacher_head), ids[:, 1:][rows, cols], *args, vocab_size=spec.vocab_size)  # type: ignore[arg-type]
     with torch.inference_mode(), precision:
         teacher_logits = teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    with precision:
+    with precision, half_block_inputs(student):
         student_logits = student(input_ids=ids, attention_mask=attention, use_cache=False).logits
     vocab = spec.vocab_size
     s, t, targets, mask = shift_for_next_token(student_logits[..., :vocab], teacher_logits[..., :vocab], ids, batch.response_mask)
@@ -114,10 +116,11 @@ def _sparse_objective(student: torch.nn.Module, batch: Batch, spec: LossSpec, pr
     if spec.fused:
         rows, cols = batch.response_mask[:, 1:].nonzero(as_tuple=True)
         with precision:  # the head's matmuls in the autocast dtype too, as the online teacher's path
-            student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
+            with half_block_inputs(student):
+                student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
             return fused_sparse_kd_objective(student_hidden, head_weights(student, spec.student_head), top_ids, top_logprobs,
                                              ids[:, 1:][rows, cols], *args, vocab_size=spec.vocab_size)  # type: ignore[arg-type]
-    with precision:
+    with precision, half_block_inputs(student):
         student_logits = student(input_ids=ids, attention_mask=attention, use_cache=False).logits
     return sparse_kd_objective(student_logits[:, :-1, : spec.vocab_size], top_ids, top_logprobs, ids[:, 1:],
                                batch.response_mask[:, 1:], *args)  # type: ignore[arg-type]

@@ -7,6 +7,10 @@ function equals SDPA to float64 rounding; float32 runs never see the bfloat16 pi
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -159,3 +163,102 @@ def test_float32_fused_head_unchanged_by_the_half_path():
         out.loss.backward()
     assert {dtype for _, dtype, _ in record.seen} == {torch.float32}
     assert [name for shape, _, name in record.seen if shape == (VOCAB, 16)] == ["addmm_"] * 3
+
+
+class Casts(TorchDispatchMode):
+    """Records the shape of every float32 -> bfloat16 conversion, and of every float32 elementwise op, the block runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_half: list[tuple[int, ...]] = []
+        self.float_mul: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if func.overloadpacket is torch.ops.aten._to_copy and src is not None and src.dtype == torch.float32 and out.dtype == torch.bfloat16:
+            self.to_half.append(tuple(src.shape))
+        if func.overloadpacket is torch.ops.aten.mul and isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+            self.float_mul.append(tuple(out.shape))
+        return out
+
+
+def student_forward_backward(student, batch, precision, forward_mode=contextlib.nullcontext()):
+    from srd_distill.cpu_attention import half_block_inputs
+    from srd_distill.fused_head import base_hidden_states
+
+    with forward_mode, precision, half_block_inputs(student):
+        hidden = base_hidden_states(student, batch.input_ids, batch.attention_mask)
+    hidden.float().square().sum().backward()
+    return hidden
+
+
+def test_block_inputs_cast_once_per_block_and_rotary_runs_in_bfloat16():
+    student, batch = tiny_llama(64, seed=1), tiny_batch()
+    rows, width = batch.input_ids.shape
+    record = Casts()
+    student_forward_backward(student, batch, autocast_context(CPU, torch.bfloat16), forward_mode=record)
+    hidden_casts = [s for s in record.to_half if s == (rows, width, 64)]
+    # Per layer: the attention block's input and the MLP's, once each (autocast alone: q, k, v, gate, up = 5).
+    assert len(hidden_casts) == 2 * 2
+    # Rotary: no float32 product of (rows, heads, width, head_dim) (autocast alone promotes q and k to float32 there).
+    assert not [s for s in record.float_mul if len(s) == 4 and s[0] == rows and s[2] == width]
+    for block in student.modules():  # hooks gone afterwards
+        assert not block._forward_pre_hooks
+
+
+def test_block_input_casts_keep_the_bfloat16_step_close_to_float32_and_float32_unchanged():
+    from srd_distill.cpu_attention import half_block_inputs
+
+    student, batch = tiny_llama(64, seed=1), tiny_batch()
+    plain = student_forward_backward(student, batch, autocast_context(CPU, torch.float32))
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    with half_block_inputs(student):  # float32: nothing registered, the same numbers bit for bit
+        assert not any(m._forward_pre_hooks for m in student.modules())
+        again = student_forward_backward(student, batch, autocast_context(CPU, torch.float32))
+    assert torch.equal(plain, again) and grads and all(torch.equal(p.grad, grads[n]) for n, p in student.named_parameters() if n in grads)
+    # The bfloat16 step with the casts: loss and gradients within the file's bounds of a float64 reference.
+    teacher = tiny_llama(96, seed=2).eval().requires_grad_(False)
+    loss64, grads64 = objective_and_grads(student.double(), teacher.double(), batch, contextlib.nullcontext())
+    teacher16 = tiny_llama(96, seed=2).to(torch.bfloat16).eval().requires_grad_(False)
+    loss16, grads16 = objective_and_grads(student.float(), teacher16, batch, autocast_context(CPU, torch.bfloat16))
+    assert abs(loss16 - loss64) / abs(loss64) < 1e-2
+    for name, g64 in grads64.items():
+        if g64.dim() == 2:
+            assert float((grads16[name].double() - g64).norm() / g64.norm()) < 6e-2, name
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from srd_distill.memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory(torch.device("cpu"))
+def faults_of_one_step():  # the fused head's pattern: 4 chunks, each with 4 (128, 49152) float32 work tensors alive at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        work = [torch.empty(128, 49152).fill_(1.0) for _ in range(4)]
+        del work
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_step()
+print(faults_of_one_step())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_page_faults_of_repeated_large_temporaries():
+    pages = 16 * 128 * 49152 * 4 // 4096
+    counts = {}
+    for mode in ("default", "keep"):
+        done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        counts[mode] = int(done.stdout.split()[-1])
+    assert counts["default"] > pages // 2  # glibc's default: fresh pages for every block
+    assert counts["keep"] < pages // 20, counts  # kept: the same pages again
+
+
+def test_train_stage_keeps_freed_memory_on_a_cpu():
+    import inspect
+
+    from srd_distill import train
+
+    assert "keep_freed_memory(ctx.device)" in inspect.getsource(train.train_stage)
