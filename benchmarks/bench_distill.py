@@ -146,8 +146,10 @@ def child_arm(args: argparse.Namespace) -> None:
     from srd_distill.objective import LossSpec, batch_objective
     from srd_distill.step import make_optimizer, optimizer_step
     from srd_distill.fused_head import plan_lm_head
-    from srd_distill.memory import autocast_context, enable_gradient_checkpointing, micro_batch_count, weight_cast_scope
+    from srd_distill.memory import autocast_context, enable_gradient_checkpointing, keep_freed_memory, micro_batch_count, weight_cast_scope
 
+    if not args.no_keep_freed_memory:
+        keep_freed_memory(torch.device("cpu"))  # as train_stage
     teacher, student, batches, vocab, pad_id = _models_and_batches(args)
     teacher = teacher.to(getattr(torch, args.teacher_dtype)).eval().requires_grad_(False)
     precision = autocast_context(torch.device("cpu"), getattr(torch, args.dtype))  # student: float32 master weights
@@ -277,6 +279,7 @@ def bench_dtypes(args: argparse.Namespace, work: Path, pairs: Path, peaks: dict[
     for dtype in args.dtypes:
         cmd = [sys.executable, __file__, "--child", "arm", "--case", "smollm2", "--arm", "fused+micro", "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--pairs", str(pairs), "--dtype", dtype, "--teacher-dtype", dtype]
+        cmd += ["--no-keep-freed-memory"] if args.no_keep_freed_memory else []
         result, _, _, tail = run_child(cmd, work / f"dtype-{dtype}.log")
         if result is None:
             print(f"{dtype:>9}: failed: {tail}")
@@ -362,6 +365,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--teacher-dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="arms without srd_distill.memory.keep_freed_memory (glibc's default trimming: page faults)")
     args = parser.parse_args()
     if args.child == "arm":
         child_arm(args)

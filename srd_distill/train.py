@@ -67,9 +67,9 @@ from srd_distill.data import EncodedData, EncodingSettings, collate, encode_file
 from srd_distill.errors import TrainingInterrupted, TrainingSetupError
 from srd_distill.fused_head import HeadPlan, plan_lm_head
 from srd_distill.losses import t2_factor
-from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, load_model, micro_batch_count,
-                                peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint, saved_dtype,
-                                weight_cast_scope)
+from srd_distill.memory import (DTYPES, autocast_context, enable_gradient_checkpointing, keep_freed_memory, load_model,
+                                micro_batch_count, peak_memory_text, resolve_precision, resolve_teacher_dtype, save_checkpoint,
+                                saved_dtype, weight_cast_scope)
 from srd_distill.objective import LossSpec, batch_objective, evaluate
 from srd_distill.divergences import CROSS_ENTROPY_FORMS, teacher_entropy_meter
 from srd_distill.progress import StageProgress, interrupted_message, stage_banner, stage_done, stage_notes, stage_preparing
@@ -265,6 +265,7 @@ def train_stage(ctx: RunContext, plan: TrainingStage, start_from: str | Path) ->
     data, flagged = encode_file(plan.data_file, ctx.tokenizer, ctx.encoding, s.max_length, srd_ids=cached is not None)
     if cached is not None:  # each row checked against the cache again (cheap), each example pointing at its top-K
         data = cached.align(data, plan.data_file)
+    keep_freed_memory(ctx.device)  # CPU: a step's large temporaries reuse freed pages (no page faults)
     student = load_model(start_from, ctx.device, torch.float32, "student")  # float32 master weights
     check_context(student, teacher, max(len(e.input_ids) for e in data.examples))
     if s.gradient_checkpointing:
