@@ -23,11 +23,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+import weakref
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["grouped_attention", "half_attention", "half_block_inputs"]
+__all__ = ["grouped_attention", "half_attention", "half_block_inputs", "same_on_recompute"]
 
 # Keyword arguments that change what attention computes: such calls go to SDPA.
 #: Query blocks of :func:`grouped_attention` (causal: each skips the keys after it).
@@ -202,8 +203,50 @@ def half_block_inputs(model: torch.nn.Module) -> Iterator[None]:
         yield
         return
     handles = [m.register_forward_pre_hook(_cast_inputs, with_kwargs=True) for m in _llama_blocks(model)]
+    _HOOKED.add(model)
     try:
         yield
     finally:
+        _HOOKED.discard(model)
         for handle in handles:
             handle.remove()
+
+
+_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models inside half_block_inputs now
+
+
+def same_on_recompute(model: torch.nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): a layer recomputed in the backward pass runs with
+    the bfloat16 attention and block input casts that its forward ran with.
+
+    Both are entered around the forward only (the backward runs outside), so without this a
+    recomputed layer would take SDPA and per-linear casts and save other tensors than its
+    forward did (``CheckpointError``). Where neither was on (float32, GPUs), both contexts are
+    empty, as PyTorch's default.
+
+    Example:
+        >>> same_on_recompute(torch.nn.Linear(2, 2))()
+        (nullcontext(), nullcontext())
+    """
+
+    def context_fn() -> tuple[Any, Any]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attention = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa") is grouped_attention
+        hooked = model in _HOOKED
+        if not attention and not hooked:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            with stack:
+                if attention:
+                    stack.enter_context(half_attention())
+                if hooked:
+                    stack.enter_context(half_block_inputs(model))
+                yield
+
+        return contextlib.nullcontext(), recompute()
+
+    return context_fn

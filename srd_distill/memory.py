@@ -263,7 +263,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             f"{type(model).__name__} does not support gradient checkpointing; run without --gradient-checkpointing "
             "(lower --batch-size or raise --grad-accum to save memory instead)"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from srd_distill.cpu_attention import same_on_recompute
+
+    # CPU bfloat16: a recomputed layer must run as its forward did (the grouped attention and block input casts).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": same_on_recompute(model)})
     model.config.use_cache = False
 
 

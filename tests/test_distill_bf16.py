@@ -262,3 +262,16 @@ def test_train_stage_keeps_freed_memory_on_a_cpu():
     from srd_distill import train
 
     assert "keep_freed_memory(ctx.device)" in inspect.getsource(train.train_stage)
+
+
+def test_gradient_checkpointing_in_bfloat16_recomputes_layers_as_their_forward_ran():
+    from srd_distill.memory import enable_gradient_checkpointing
+
+    student, batch = tiny_llama(64, seed=1), tiny_batch()
+    teacher16 = tiny_llama(96, seed=2).to(torch.bfloat16).eval().requires_grad_(False)
+    loss, grads = objective_and_grads(student, teacher16, batch, autocast_context(CPU, torch.bfloat16))
+    enable_gradient_checkpointing(student)
+    student.train()
+    # Before: the recompute (outside the precision context) took SDPA and per-linear casts: CheckpointError.
+    loss_ckpt, grads_ckpt = objective_and_grads(student, teacher16, batch, autocast_context(CPU, torch.bfloat16))
+    assert loss_ckpt == loss and all(torch.equal(grads_ckpt[n], g) for n, g in grads.items())
