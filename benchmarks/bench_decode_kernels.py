@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # srdata from this checkout, installed or not
 
 
 def best_seconds(fn, passes: int = 3) -> float:
