@@ -246,32 +246,44 @@ def time_backend_calls(into: dict):
 
     ``score_and_generate`` shares each prompt's prefill between the two, so "CE" here is
     the call's time minus the time in decoding (``greedy_decode`` on the shared prefill,
-    ``_generate_batch`` for separate passes).
+    ``_generate_batch`` for separate passes). The one-off shared-prefill check (its own
+    scoring and decoding on made-up rows, on a float32 copy for 16-bit models) is counted
+    apart as "check", so CE and decode are the rows' own.
     """
     import srdata.backends.hf as hf_module
     from srdata.backends.hf import HFBackend
 
-    originals = {"both": HFBackend.score_and_generate, "generate": HFBackend._generate_batch, "decode": hf_module.greedy_decode}
+    originals = {
+        "both": HFBackend.score_and_generate, "generate": HFBackend._generate_batch, "decode": hf_module.greedy_decode,
+        "check": HFBackend._shared_prefill_matches,
+    }
+    checking = [0]  # depth of _shared_prefill_matches calls (the float32 copy's check runs inside the model's)
 
     def wrap(key, fn):
         def timed(self, *args, **kwargs):
+            if checking[0] and key != "check":
+                return fn(self, *args, **kwargs)
+            checking[0] += key == "check"
             t0 = time.perf_counter()
             try:
                 return fn(self, *args, **kwargs)
             finally:
-                into[key] = into.get(key, 0.0) + time.perf_counter() - t0
+                checking[0] -= key == "check"
+                if not checking[0]:
+                    into[key] = into.get(key, 0.0) + time.perf_counter() - t0
         return timed
 
     HFBackend.score_and_generate = wrap("both", originals["both"])
     HFBackend._generate_batch = wrap("generate", originals["generate"])
+    HFBackend._shared_prefill_matches = wrap("check", originals["check"])
     # the shared-prefill path decodes with greedy_decode (a plain function: wrapped without a self)
     hf_module.greedy_decode = wrap("generate", lambda _self, *args, **kwargs: originals["decode"](_self, *args, **kwargs))
     try:
         yield into
     finally:
         HFBackend.score_and_generate, HFBackend._generate_batch = originals["both"], originals["generate"]
-        hf_module.greedy_decode = originals["decode"]
-        into["ce"] = into.get("both", 0.0) - into.get("generate", 0.0)
+        HFBackend._shared_prefill_matches, hf_module.greedy_decode = originals["check"], originals["decode"]
+        into["ce"] = into.get("both", 0.0) - into.get("generate", 0.0) - into.get("check", 0.0)
 
 
 def run_srdata(dataset: Path, model: Path, output: Path, max_new_tokens: int, template: str, dtype: str, **batching):
@@ -347,7 +359,7 @@ def bench_model(name: str, args, frame, cache: Path, results: list, notes: list)
         results.append(dict(
             model=name, arm=label, rows=n_rows, seconds=seconds, wall=wall, rows_s=n_rows / seconds,
             tok_s=tokens / seconds, gflops=gflop / seconds, gflops_head=gflop_head / seconds,
-            ce_s=split.get("ce"), gen_s=split.get("generate"), cpu_s=split.get("cpu"), padded=padded, extra=extra, gflops_decode=decode,
+            ce_s=split.get("ce"), gen_s=split.get("generate"), check_s=split.get("check"), cpu_s=split.get("cpu"), padded=padded, extra=extra, gflops_decode=decode,
         ))
 
     ref_generated = sum(map(len, ref_gens))
@@ -423,6 +435,7 @@ def print_table(results: list, peak: float, notes: list) -> None:
     for r in results:
         wall = f"; whole call incl. model+data load and writes {r['wall']:.1f} s wall" if r["wall"] else ""
         wall += f", {r['cpu_s']:.1f} CPU-s"
+        wall += f"; one-off shared-prefill check {r['check_s']:.1f} s" if r.get("check_s") else ""
         print(f"  {r['model']:<6} {r['arm'][:40]:<40} CE {r['ce_s']:6.1f} s, generate {r['gen_s']:6.1f} s; "
               f"padded CE {r['padded']['ce']:,} / generate {r['padded']['generate']:,}{wall}")
         if r["extra"]:
