@@ -384,6 +384,16 @@ def test_grad_accum_gives_the_same_step(models, curriculum, tmp_path):
         assert diff.max() < FAST["lr"] / 3, name
 
 
+def test_every_stage_on_a_cpu_keeps_freed_memory_for_reuse(models, curriculum, tmp_path, monkeypatch):
+    # keep_freed_memory's effect (no page faults for repeated large temporaries) is shown in
+    # test_distill_bf16.py; here: each training stage on a CPU turns it on before its first step.
+    keep, calls = train_module.keep_freed_memory, []
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda device: calls.append(device.type) or keep(device))
+    train(base(models, curriculum=str(curriculum), output=str(tmp_path / "run"), schedule="paper-gpt2", epochs="1,1,1",
+               max_steps=1), progress=False)
+    assert calls == ["cpu"] * 3
+
+
 def test_fused_head_and_gradient_checkpointing_give_the_same_weights(models, curriculum, tmp_path):
     runs, messages = {}, {}
     variants = {"fused": {}, "unfused": {"fused_head": False}, "fused+checkpointing": {"gradient_checkpointing": True}}
