@@ -219,9 +219,13 @@ def test_bfloat16_check_catches_a_position_off_by_one(smollm2, monkeypatch, capl
     # bfloat16 check must allow; the float32 copy of the same weights sees it (0.4% > 1e-3).
     _first_row_position_off_by_one(monkeypatch)
     backend = HFBackend.from_pretrained(smollm2, device="cpu", dtype="bfloat16")
+    import srdata.backends.hf as hf
+
+    packed = []  # the float32 copy is not packed: exact anyway (packed.py), and another copy of the weights
+    monkeypatch.setattr(hf, "use_packed_linears", lambda model, hint: packed.append(model) or 0)
     with caplog.at_level("INFO", logger="srdata.backends.hf"):
         assert backend._shared_prefill_matches() is False
-    assert "float32 copy" in caplog.text
+    assert "float32 copy" in caplog.text and packed == []
     assert next(backend.model.parameters()).dtype == torch.bfloat16  # the run's own model is untouched
 
     # Without the float32 copy (memory short) the bfloat16 tolerance alone lets it through, and says so.
@@ -294,3 +298,20 @@ def test_prefill_runs_each_chunk_at_its_own_width(tiny_llama):
     losses, generations = backend.score_and_generate(prompts, references, params)
     assert losses == pytest.approx(backend.score(prompts, references), rel=1e-5)
     assert [g.token_ids for g in generations] == [g.token_ids for g in backend.generate(prompts, params)]
+
+
+def test_a_model_that_cannot_be_copied_keeps_the_16_bit_check_and_says_so(tiny_llama, monkeypatch, caplog):
+    from srdata.backends import prefill_check
+
+    backend = HFBackend.from_pretrained(tiny_llama, device="cpu", dtype="bfloat16")
+    deepcopy = prefill_check.copy.deepcopy
+
+    def refuse(obj, memo=None):  # only the model cannot be copied (as one holding a lock would)
+        if obj is backend.model:
+            raise TypeError("cannot pickle '_thread.lock' object")
+        return deepcopy(obj, memo)
+
+    monkeypatch.setattr(prefill_check.copy, "deepcopy", refuse)
+    with caplog.at_level("WARNING", logger="srdata.backends.prefill_check"):
+        assert backend._shared_prefill_matches() is True
+    assert "TypeError: cannot pickle" in caplog.text and "16-bit tolerance only" in caplog.text

@@ -74,6 +74,7 @@ class HFBackend(Backend):
         token_budget: int = 16384,
         ce_chunk_tokens: int = 1024,
         prefill_chunk_tokens: int = 4096,
+        pack_linears: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -92,7 +93,8 @@ class HFBackend(Backend):
 
         model.generation_config = GenerationConfig()
         use_grouped_decode_attention(model)  # no KV-cache copy per decode step (see attention.py)
-        use_packed_linears(model, batch_size)  # CPU: weights reordered once, not per call, where exact (see packed.py)
+        if pack_linears:  # CPU: weights reordered once, not per call, where exact (see packed.py)
+            use_packed_linears(model, batch_size)
         self.hidden_state_ce = self._hidden_state_ce_matches_logits()
         self.shared_prefill: bool | None = None  # checked on first use (see _shared_prefill_matches)
 
@@ -411,7 +413,9 @@ class HFBackend(Backend):
             twin = float32_copy(self.model)
             if twin is not None:
                 log.info("checking the shared prompt prefill on a float32 copy of the %s weights", dtype)
-                twin_backend = type(self)(twin, self.tokenizer, batch_size=self.batch_size, token_budget=self.token_budget)
+                twin_backend = type(self)(  # packing is exact (packed.py) and would cost another copy here
+                    twin, self.tokenizer, batch_size=self.batch_size, token_budget=self.token_budget, pack_linears=False
+                )
                 ok = twin_backend._shared_prefill_matches()
                 del twin_backend, twin
         if not ok:

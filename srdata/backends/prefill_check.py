@@ -68,7 +68,7 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def float32_copy(model: Any, *, headroom: float = 1.25) -> Any | None:
-    """A float32 copy of a 16-bit ``model`` (same weights, exactly), or None where memory is short.
+    """A float32 copy of a 16-bit ``model`` (same weights, exactly), or None where memory is short or it cannot be copied.
 
     The copy shares nothing with ``model``: casting the model itself up and back down
     would also cast buffers transformers keeps in float32 (rotary ``inv_freq``). Forward
@@ -91,7 +91,12 @@ def float32_copy(model: Any, *, headroom: float = 1.25) -> Any | None:
             "at the 16-bit tolerance only", needed / 2**30, known,
         )
         return None
-    twin = copy.deepcopy(model)
+    try:
+        twin = copy.deepcopy(model)
+    except Exception as err:  # a model object that cannot be copied (hooks, handles): say so, as for memory
+        log.warning("no float32 copy for the shared-prefill check (%s: %s): positions are checked at the 16-bit "
+                    "tolerance only", type(err).__name__, err)
+        return None
     for module in twin.modules():
         module.__dict__.pop("forward", None)  # an instance override, as packed.py installs
     return twin.float()
