@@ -80,9 +80,9 @@ def float32_copy(model: Any, *, headroom: float = 1.25) -> Any | None:
         >>> next(twin.parameters()).dtype  # doctest: +SKIP
         torch.float32
     """
-    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
-    device = next(iter(params)).device
-    needed = headroom * sum(p.numel() for p in params) * torch.finfo(torch.float32).bits // 8
+    params = list(model.parameters())  # tied weights once (parameters() skips repeats)
+    device = params[0].device
+    needed = headroom * sum(p.numel() for p in params) * 4  # float32 bytes
     free = available_memory(device)
     if free is None or free < needed:
         known = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
