@@ -111,4 +111,15 @@ def _packed_forward(module: torch.nn.Linear, linear: Any, packed: torch.Tensor) 
             return torch.nn.functional.linear(x, current, module.bias)
         return linear(x, packed, module.bias, "none", [None], "")
 
+    forward.packed_weight = packed  # marks what this module installed (prefill_check's float32 copy drops only these)
     return forward
+
+
+def installed_packed_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs a forward :func:`use_packed_linears` installed (not one another library set).
+
+    Example:
+        >>> installed_packed_forward(torch.nn.Linear(2, 2))
+        False
+    """
+    return hasattr(module.__dict__.get("forward"), "packed_weight")

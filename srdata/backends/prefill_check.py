@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from srdata.backends.packed import installed_packed_forward
+
 log = logging.getLogger(__name__)
 
 
@@ -71,9 +73,9 @@ def float32_copy(model: Any, *, headroom: float = 1.25) -> Any | None:
     """A float32 copy of a 16-bit ``model`` (same weights, exactly), or None where memory is short or it cannot be copied.
 
     The copy shares nothing with ``model``: casting the model itself up and back down
-    would also cast buffers transformers keeps in float32 (rotary ``inv_freq``). Forward
-    methods installed on the original's modules (packed weights, see packed.py) are
-    dropped from the copy, since they hold the original's 16-bit weights.
+    would also cast buffers transformers keeps in float32 (rotary ``inv_freq``). Packed
+    forwards srdata installed on the original's modules (packed.py) are dropped from the
+    copy, since they hold the original's 16-bit weights; forwards set by anything else stay.
 
     Example:
         >>> twin = float32_copy(model)  # doctest: +SKIP
@@ -98,5 +100,6 @@ def float32_copy(model: Any, *, headroom: float = 1.25) -> Any | None:
                     "tolerance only", type(err).__name__, err)
         return None
     for module in twin.modules():
-        module.__dict__.pop("forward", None)  # an instance override, as packed.py installs
+        if installed_packed_forward(module):  # holds the original's 16-bit weights; other overrides are the model's
+            del module.forward
     return twin.float()
