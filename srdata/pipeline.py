@@ -16,7 +16,7 @@ from typing import Any, Callable
 import polars as pl
 
 from srdata import __version__
-from srdata.backends import check_device, resolve_run_dtype, select_backend
+from srdata.backends import check_device, decode_attention_kernel, resolve_run_dtype, select_backend
 from srdata.config import ScoreConfig, build_config, merge, nest, result_settings, settings_hash
 from srdata.steps.context import check_token_limits
 from srdata.steps.columns import RANK_COLUMNS, SCORE_COLUMNS, SHARD_SCHEMA
@@ -150,6 +150,8 @@ def _score_checked(config: ScoreConfig, store: RunStore, say: Callable[[str], No
     manifest = _manifest(config, settings, identity, mapping, shards, pending, tokenizer)
     manifest.resumed = resumed
     manifest.precision = {"dtype": dtype, "requested": requested, "reason": dtype_reason}
+    if config.engine.name == "local":
+        manifest.precision["decode_attention"] = decode_attention_kernel(config.model.backend, config.model.device, dtype)
     if uncond_text is not None:
         manifest.unconditional_prompt = uncond_text
     if resumed:  # keep how the finished shards were scored, and their checksums

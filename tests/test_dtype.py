@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import srdata
-from srdata.backends import resolve_run_dtype
+from srdata.backends import decode_attention_kernel, resolve_run_dtype
 from srdata.backends.dtype import CpuBfloat16, auto_dtype, cpu_bfloat16, resolve_dtype, resolve_dtype_with_reason
 from srdata.cli import main
 from srdata.run.folder import RunDirError, read_manifest
@@ -88,6 +88,7 @@ def test_the_resolved_dtype_is_printed_recorded_used_and_checked_on_resume(tiny_
     assert any(line.startswith("dtype: float32 (auto: this CPU has no native bfloat16") for line in said), said
     manifest = read_manifest(tmp_path / "plain")
     assert manifest.precision["dtype"] == "float32" and manifest.precision["requested"] == "auto"
+    assert manifest.precision["decode_attention"] == "torch"  # srdata's native kernel is for bfloat16 only
     assert manifest.settings["model"]["dtype"] == "float32"
 
     simulate_cpu(monkeypatch, amx=True, avx512_bf16=True)
@@ -99,7 +100,8 @@ def test_the_resolved_dtype_is_printed_recorded_used_and_checked_on_resume(tiny_
     assert result.exit_code == 0, result.output
     assert "dtype: bfloat16 (auto: this CPU has AMX" in result.output
     manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
-    assert manifest["precision"] == {"dtype": "bfloat16", "requested": "auto", "reason": manifest["precision"]["reason"]}
+    kernel = decode_attention_kernel("hf", "cpu", "bfloat16")  # srdata's own where the CPU has AVX512-BF16 (native.py)
+    assert manifest["precision"] == {"dtype": "bfloat16", "requested": "auto", "reason": manifest["precision"]["reason"], "decode_attention": kernel}
     assert "AMX" in manifest["precision"]["reason"]
     # ... and the run really computed in bfloat16: close to the float32 values, not equal to them
     fast = pl.read_parquet(tmp_path / "fast" / "annotated.parquet")["ce_loss"].to_list()

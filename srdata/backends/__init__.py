@@ -95,6 +95,25 @@ def resolve_run_dtype(backend: str, device: str, dtype: str) -> tuple[str, str]:
     return str(resolved).removeprefix("torch."), reason
 
 
+def decode_attention_kernel(backend: str, device: str, dtype: str) -> str:
+    """Which kernel a decode step's attention runs on (kept in the manifest beside the dtype).
+
+    ``srdata-avx512-bf16`` (:mod:`srdata.backends.native`) for the transformers backend in
+    bfloat16 on a CPU with AVX512-BF16 and a C compiler; ``torch`` for its other cases;
+    ``vllm`` for the vLLM backend.
+
+    Example:
+        >>> decode_attention_kernel("hf", "cpu", "float32")
+        'torch'
+    """
+    if select_backend(backend) == "vllm":
+        return "vllm"
+    from srdata.backends import native  # imports torch: lazily
+    from srdata.backends.dtype import resolve_device
+
+    return native.name(resolve_device(device), getattr(native.torch, dtype, None))
+
+
 def backend_class(name: str) -> type[Backend]:
     """The class of a registered backend (``auto`` resolved here), imported now.
 

@@ -94,7 +94,7 @@ def check_here(config: Any, gpus_per_replica: float) -> str | None:
 
 def describe_here(config: Any) -> dict[str, Any]:
     """Device, backend, dtype, model fingerprint and package versions as resolved on this node."""
-    from srdata.backends import resolve_run_dtype, select_backend
+    from srdata.backends import decode_attention_kernel, resolve_run_dtype, select_backend
     from srdata.run.identity import model_identity
 
     device = config.model.device
@@ -106,7 +106,7 @@ def describe_here(config: Any) -> dict[str, Any]:
     # --dtype auto depends on the node's hardware (bfloat16 on GPUs and bf16-capable CPUs): resolved and compared here.
     dtype, dtype_reason = resolve_run_dtype(backend, device, config.model.dtype)
     return {"device": device, "backend": backend, "dtype": dtype, "dtype_reason": dtype_reason,
-            "model": model_identity(config.model.path), "versions": package_versions(backend)}
+            "decode_attention": decode_attention_kernel(backend, device, dtype), "model": model_identity(config.model.path), "versions": package_versions(backend)}
 
 
 def replica_mismatch(record: dict[str, Any], reference: dict[str, Any], driver_model: dict[str, Any] | None) -> str | None:
