@@ -11,8 +11,10 @@ data streams from memory as in a real decode step, not from the CPU's caches):
 * the attention of a reference scored after its cached prompt (4 query tokens):
   transformers' ``sdpa`` (``repeat_kv`` copies of keys and values) vs the grouped layout
   (``srdata.backends.attention``);
-* the attention of one decode step: the whole padded static cache vs the key columns the
-  rows can see (``key_spans``), on left-padded prompts of mixed length;
+* the attention of one decode step: torch's kernel over the whole padded static cache, over
+  the key columns the rows can see (``key_spans``), and srdata's native kernel
+  (``srdata.backends.native``: bfloat16 on AVX512-BF16 CPUs), each one's error against a
+  float64 reference, on left-padded prompts of mixed length;
 * each decode step's choice of token: a float32 copy of the logits + ``argmax`` (what
   ``generate()`` does) vs ``max`` on the logits in their own dtype (``greedy_choice``);
 * with ``--attention-alternatives``: the decode step's attention in float32 math (bf16
@@ -88,34 +90,45 @@ def continuation(dtype: torch.dtype, batch: int = 22, keys: int = 806, q_len: in
 
 
 def decode_step(dtype: torch.dtype, batch: int = 32, prompt_width: int = 288, room: int = 32) -> None:
-    from types import SimpleNamespace
+    """One decode step's attention: torch's kernel over the whole cache, over the visible columns (key_spans), and
+    srdata's native kernel (bfloat16 on AVX512-BF16 CPUs), with each one's error against float64."""
+    from srdata.backends import native
+    from srdata.backends.attention import key_spans
 
-    import srdata.backends.attention as attention
-
-    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
     generator = torch.Generator().manual_seed(0)
     lengths = sorted(torch.randint(40, prompt_width + 1, (batch,), generator=generator).tolist(), reverse=True)
     keys = prompt_width + room
     mask = torch.zeros(batch, 1, 1, keys, dtype=torch.bool)
     for row, length in enumerate(lengths):  # left padded, 4 new tokens decoded so far
         mask[row, ..., prompt_width - length : prompt_width + 4] = True
-    cases = [(torch.randn(batch, 9, 1, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype)) for _ in range(30)]
+    cases = [(torch.randn(batch, 3, 3, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype), torch.randn(batch, 3, keys, 64).to(dtype)) for _ in range(30)]
+    spans = key_spans(mask, batch, keys)
 
-    def run(spans: bool) -> list:
-        out = []
-        for query, key, value in cases:
-            if spans:
-                out.append(attention.grouped_decode_sdpa(module, query, key, value, mask, scaling=0.125)[0])
-            else:
-                grouped = query.reshape(batch, 3, 3, 64)
-                out.append(F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=0.125))
-        return out
+    def whole(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
 
-    whole, visible = best_seconds(lambda: run(False)), best_seconds(lambda: run(True))
-    read = sum((b - a) * (end - start) for a, b, start, end in attention.key_spans(mask, batch, keys))
-    print(f"  {str(dtype)[6:]:>8} decode step, {batch} rows, prompts {min(lengths)}-{max(lengths)} tokens, cache {keys} columns: whole cache "
-          f"{whole / 30 * 1e3:5.2f} ms  visible columns {visible / 30 * 1e3:5.2f} ms a layer ({whole / visible:.2f}x; "
-          f"{read / (batch * keys):.0%} of the cache read)")
+    def visible(q, k, v):  # what grouped_decode_sdpa runs where the native kernel is not used
+        return torch.cat([F.scaled_dot_product_attention(q[a:b], k[a:b, :, s:e], v[a:b, :, s:e], attn_mask=mask[a:b, ..., s:e], scale=0.125)
+                          for a, b, s, e in spans])
+
+    def srdata_kernel(q, k, v):
+        return native.decode_attention(q, k, v, mask, 0.125)
+
+    arms = [("torch, whole cache", whole), ("torch, visible columns", visible)]
+    if srdata_kernel(*cases[0]) is not None:
+        arms.append(("srdata native kernel", srdata_kernel))
+    read = sum((b - a) * (end - start) for a, b, start, end in spans)
+    print(f"  {str(dtype)[6:]:>8} decode step, {batch} rows, prompts {min(lengths)}-{max(lengths)} tokens, cache {keys} columns "
+          f"({read / (batch * keys):.0%} of the cache in the visible spans):")
+    base = None
+    for label, fn in arms:
+        seconds = best_seconds(lambda: [fn(q, k, v) for q, k, v in cases]) / 30
+        base = base or seconds
+        worst = 0.0
+        for q, k, v in cases[:5]:
+            exact = torch.softmax((q.double() @ k.double().transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf")), -1) @ v.double()
+            worst = max(worst, float((fn(q, k, v).double() - exact).abs().max() / exact.abs().max()))
+        print(f"    {label:<24} {seconds * 1e3:5.2f} ms a layer ({base / seconds:.2f}x the whole cache); max error vs float64 {worst:.2e}")
 
 
 def greedy_choice(vocab: int = 49152) -> None:
