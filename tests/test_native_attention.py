@@ -168,3 +168,15 @@ def test_real_model_bfloat16_decode_runs_on_the_kernel_and_answers_as_torchs(smo
     with_torch = backend.generate(ids, params)
     same = sum(a.token_ids == b.token_ids for a, b in zip(with_kernel, with_torch))
     assert same >= 6, [(a.text, b.text) for a, b in zip(with_kernel, with_torch)]  # bf16 roundings differ: near-ties may flip
+
+
+def test_each_ray_replica_records_the_kernel_its_decode_attention_runs_on(tiny_llama):
+    from types import SimpleNamespace
+
+    from srdata.engines.replica import describe_here
+
+    for dtype in ("bfloat16", "float32"):
+        config = SimpleNamespace(model=SimpleNamespace(device="cpu", backend="hf", dtype=dtype, path=str(tiny_llama)))
+        record = describe_here(config)
+        assert record["dtype"] == dtype
+        assert record["decode_attention"] == ("srdata-avx512-bf16" if dtype == "bfloat16" and REASON is None else "torch")
