@@ -13,8 +13,9 @@
  *   q, out: [rows, kv_heads, groups, dim] contiguous (query head h*groups+g uses KV head h)
  *   k, v:   [rows, kv_heads, keys, dim], dim contiguous, any row / head stride
  *   mask:   [rows, keys] bytes, nonzero = visible
- * Returns 0, or 1 when a row sees no key (the caller then uses torch's kernel), or 2 when
- * dim is not 64 or 128 (the caller checks that first).
+ * Returns 0, or (the caller then uses torch's kernel): 1 when a row sees no key, 2 when dim
+ * is not 64 or 128 (the caller checks that first), 3 when a thread could not allocate its
+ * scores (groups x keys floats).
  *
  * Built on first use by srdata/backends/native.py: cc -O3 -mavx512f -mavx512bw -mavx512bf16 -fopenmp
  */
@@ -136,11 +137,17 @@ int srdata_decode_attention_bf16(
         if (j == keys) return 1;
     }
     int64_t padded = (keys + 15) & ~(int64_t)15;
+    int out_of_memory = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = (float *)malloc(sizeof(float) * groups * padded);
+        if (!scores) {
+#pragma omp atomic write
+            out_of_memory = 1;
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < rows * kv_heads; task++) {
+            if (!scores) continue;
             int64_t r = task / kv_heads, h = task % kv_heads;
             const uint8_t *m = mask + r * keys;
             int64_t lo = 0, hi = keys;
@@ -154,5 +161,5 @@ int srdata_decode_attention_bf16(
         }
         free(scores);
     }
-    return 0;
+    return out_of_memory ? 3 : 0;
 }
