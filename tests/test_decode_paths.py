@@ -213,3 +213,24 @@ def test_bfloat16_decode_chooses_tokens_without_a_float32_copy_of_the_logits(tin
     assert backend.shared_prefill  # its one-off check: greedy_decode's answers equal generate()'s (which argmaxes float32)
     assert calls and [len(g.token_ids) for g in generations] == [6, 6, 6]
     assert recorder.seen == []
+
+
+def test_compaction_gathers_the_kept_rows_in_place_without_a_new_cache(tiny_llama, monkeypatch):
+    import transformers
+
+    from srdata.backends.decode import compacted
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    cache = transformers.StaticCache(config=model.config, max_cache_len=12)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13], [4, 5, 6]]), past_key_values=cache, use_cache=True)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    built = []
+    monkeypatch.setattr(transformers.StaticCache, "__init__", lambda self, *a, **k: built.append(1))
+    keep = torch.tensor([0, 2, 3])
+    smaller = compacted(cache, keep)
+    assert smaller is cache and not built  # one gather per layer, no new zero-filled cache
+    for layer, (keys, values) in zip(smaller.layers, before):
+        assert torch.equal(layer.keys, keys[keep]) and torch.equal(layer.values, values[keep])
+        assert not layer.keys[:, :, 3:].any()  # the room after the written columns is still empty
+    assert int(smaller.layers[0].get_seq_length()) == 3
