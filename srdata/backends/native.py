@@ -36,33 +36,23 @@ from typing import Any
 
 import torch
 
+from srdata.backends.dtype import cpu_bfloat16
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "decode_attention.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC")
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma")
 DISABLE_ENV, CACHE_ENV = "SRDATA_NATIVE_KERNELS", "SRDATA_KERNEL_CACHE"
 #: The kernel's largest error on the load check, relative to the largest output (the flash kernel: ~2.5e-3).
 CHECK_TOLERANCE = 8e-3
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be built here, or ``None``."""
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"{DISABLE_ENV}={os.environ[DISABLE_ENV]}"
-    missing = [flag for flag in NEEDED_CPU_FLAGS if flag not in cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
+    if not cpu_bfloat16().avx512_bf16:  # torch's own query, as for --dtype auto (CPUs with it have AVX512BW/VL too)
+        return "the CPU lacks AVX512-BF16 (as torch reports it)"
     if compiler() is None:
         return "no C compiler ($CC, cc or gcc) on PATH"
     return None
