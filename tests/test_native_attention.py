@@ -180,3 +180,12 @@ def test_each_ray_replica_records_the_kernel_its_decode_attention_runs_on(tiny_l
         record = describe_here(config)
         assert record["dtype"] == dtype
         assert record["decode_attention"] == ("srdata-avx512-bf16" if dtype == "bfloat16" and REASON is None else "torch")
+
+
+@needs_kernel
+def test_kernel_on_a_long_cache_and_many_query_heads_per_kv_head():
+    q, k, v, mask = _case(rows=3, kv_heads=2, groups=12, dim=128, keys=2600, seed=6)  # 24 heads over 2 KV heads
+    out = native.decode_attention(q, k, v, mask, 128**-0.5)
+    exact = _exact(q, k, v, mask, 128**-0.5)
+    flash = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=128**-0.5)
+    assert out is not None and _error(out, exact) <= max(1.25 * _error(flash, exact), 2e-3)
