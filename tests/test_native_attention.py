@@ -144,6 +144,7 @@ def test_a_kernel_that_fails_to_build_or_check_is_not_used(tmp_path, monkeypatch
         with caplog.at_level("INFO", logger="srdata.backends.native"):
             assert native.kernel() is None
         assert "load check failed" in caplog.text
+        assert any(r.levelname == "WARNING" and "load check failed" in r.getMessage() for r in caplog.records)  # not hidden at INFO
     finally:
         native.kernel.cache_clear()
 
@@ -189,3 +190,15 @@ def test_kernel_on_a_long_cache_and_many_query_heads_per_kv_head():
     exact = _exact(q, k, v, mask, 128**-0.5)
     flash = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=128**-0.5)
     assert out is not None and _error(out, exact) <= max(1.25 * _error(flash, exact), 2e-3)
+
+
+@needs_kernel
+def test_an_unwritable_kernel_cache_warns_with_the_setting_to_change(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {**os.environ, "SRDATA_KERNEL_CACHE": str(blocker / "kernels")}
+    code = "import torch; from srdata.backends import native; print(native.name('cpu', torch.bfloat16))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "torch"  # torch's kernel runs: the scores are still computed
+    assert "SRDATA_KERNEL_CACHE to a writable folder" in done.stderr, done.stderr  # a warning, shown without logging setup
+    assert blocker.read_text() == "not a folder"  # the user's file is untouched

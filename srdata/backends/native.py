@@ -59,6 +59,7 @@ def unavailable_reason() -> str | None:
 
 
 def compiler() -> str | None:
+    """The C compiler to build with: ``$CC``, else ``cc``, else ``gcc`` (``None`` when none is on PATH)."""
     return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
 
 
@@ -103,7 +104,11 @@ def kernel() -> Any | None:
                 return function
             reason = f"its load check failed (error {error:.1e} > {CHECK_TOLERANCE:.0e} of the largest output)"
         except (OSError, RuntimeError, AttributeError) as err:
-            reason = str(err)
+            fix = f"set {CACHE_ENV} to a writable folder, or " if isinstance(err, OSError) else ""
+            reason = f"{err} ({fix}{DISABLE_ENV}=0 stops trying)"
+        # This CPU could run the kernel and it failed: worth a warning (bfloat16 decoding runs ~1.4x slower).
+        log.warning("decode attention: torch's kernel (srdata's native kernel failed: %s)", reason)
+        return None
     log.info("decode attention: torch's kernel (srdata's native kernel unavailable: %s)", reason)
     return None
 
