@@ -147,11 +147,17 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         visible = mask.reshape(rows, keys).contiguous().view(torch.uint8)  # bool is one byte, 0 or 1
     else:
         return None
-    query = query.contiguous()
+    return _launch(function, query.contiguous(), key, value, visible, scale, torch.get_num_threads())
+
+
+def _launch(function: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+            scale: float, threads: int) -> torch.Tensor | None:
+    """One kernel call on tensors already checked for it (``visible``: ``[rows, keys]`` bytes); ``None`` if it declined."""
+    rows, kv_heads, groups, dim = query.shape
     out = torch.empty_like(query)
     status = function(
         query.data_ptr(), key.data_ptr(), value.data_ptr(), visible.data_ptr(), out.data_ptr(),
-        rows, kv_heads, groups, dim, keys, key.stride(0), key.stride(1), float(scale), torch.get_num_threads(),
+        rows, kv_heads, groups, dim, key.shape[2], key.stride(0), key.stride(1), float(scale), threads,
     )
     return out if status == 0 else None
 
@@ -167,10 +173,8 @@ def check_error(function: Any) -> float:
         mask = torch.zeros(rows, 1, 1, keys, dtype=torch.bool)
         for row in range(rows):
             mask[row, ..., 7 * row : keys - 3] = True
-        out = torch.empty_like(q)
-        status = function(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.view(torch.uint8).data_ptr(), out.data_ptr(),
-                          rows, kv_heads, groups, dim, keys, k.stride(0), k.stride(1), dim**-0.5, 1)
-        if status != 0:
+        out = _launch(function, q, k, v, mask.reshape(rows, keys).view(torch.uint8), dim**-0.5, 1)
+        if out is None:
             return float("inf")
         scores = (q.double() @ k.double().transpose(-1, -2) * dim**-0.5).masked_fill(~mask, float("-inf"))
         exact = torch.softmax(scores, -1) @ v.double()
