@@ -75,25 +75,97 @@ def grouped_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         q = query.to(dtype).reshape(batch * kv_heads, group, length, dim)
         k = key.to(dtype).reshape(batch * kv_heads, length, dim)
         v = value.to(dtype).reshape(batch * kv_heads, length, dim)
-        if attention_mask is None:
-            allowed = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None, None]
-        else:
-            allowed = attention_mask[:, :, None]  # (batch, 1, 1, length, length)
-        # The mask as an additive bias the score matmul adds (baddbmm), the scale as its alpha:
-        # no separate scaling and masked_fill passes over the scores, forward and backward.
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=query.device).masked_fill_(~allowed, _masked_bias(dtype))
-        outs = []
-        for start, stop in _query_blocks(allowed, length):
+        blocks, biases = _block_biases(attention_mask, (batch, kv_heads, group, length), dtype, query.device)
+        out = _BlockedAttention.apply(q, k, v, blocks, biases, scale, (batch, kv_heads, group, length, dim))
+    return out.view(batch, length, heads, dim), None
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T + bias) v`` one causal query block at a time, with its own backward pass.
+
+    Autograd through the blocks would slice ``q``, ``k`` and ``v`` per block and, in the backward pass,
+    pad each block's gradient to the full length with zeros and add the blocks up (per layer: 12
+    zero-padded copies and 9 adds of (batch, heads, length, dim) tensors), and scale the query and key
+    gradients in separate passes. Here the key and value gradients accumulate in place (``baddbmm_``
+    into their rows ``[0, stop)``), the query gradient of a block is written where it belongs, and the
+    scale is the matmuls' alpha. The output is written straight in ``(batch, length, heads, dim)``
+    order (no transposed copy after). Values are the same operations as before; gradients differ by
+    bfloat16 rounding only (fewer roundings: no separate scaling pass).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, biases, scale, shape):  # type: ignore[override]
+        batch, kv_heads, group, length, dim = shape
+        bkv = batch * kv_heads
+        out = torch.empty(batch, length, kv_heads, group, dim, dtype=q.dtype, device=q.device)
+        saved = []
+        for (start, stop), bias in zip(blocks, biases):
             # Causal: this block's queries attend to keys [0, stop) only; the scores beyond are never computed
             # (a quarter of the work at 4 blocks would be masked-out scores and their softmax).
             rows = stop - start
-            q_block = q[:, :, start:stop].reshape(batch * kv_heads, group * rows, dim)
-            b_block = bias[..., start:stop, :stop].expand(batch, kv_heads, group, rows, stop)
-            scores = torch.baddbmm(b_block.reshape(batch * kv_heads, group * rows, stop), q_block, k[:, :stop].transpose(1, 2),
-                                   alpha=scale)
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v[:, :stop]).view(batch * kv_heads, group, rows, dim))
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+            q_block = q[:, :, start:stop].reshape(bkv, group * rows, dim)
+            probs = torch.softmax(torch.baddbmm(bias, q_block, k[:, :stop].transpose(1, 2), alpha=scale), dim=-1)
+            block_out = torch.bmm(probs, v[:, :stop]).view(batch, kv_heads, group, rows, dim)
+            out[:, start:stop] = block_out.permute(0, 3, 1, 2, 4)
+            saved += [q_block, probs]
+        ctx.save_for_backward(k, v, *saved)  # through save_for_backward: checkpointing's hooks see them
+        ctx.blocks, ctx.scale, ctx.shape = blocks, scale, shape
+        return out.view(batch, length, kv_heads * group, dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        k, v, *saved = ctx.saved_tensors
+        batch, kv_heads, group, length, dim = ctx.shape
+        bkv = batch * kv_heads
+        grad_out = grad_out.view(batch, length, kv_heads, group, dim)
+        dq = torch.empty(bkv, group, length, dim, dtype=k.dtype, device=k.device)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for i, (start, stop) in enumerate(ctx.blocks):
+            rows = stop - start
+            q_block, probs = saved[2 * i], saved[2 * i + 1]
+            d_out = grad_out[:, start:stop].permute(0, 2, 3, 1, 4).reshape(bkv, group * rows, dim)
+            dv[:, :stop].baddbmm_(probs.transpose(1, 2), d_out)
+            d_scores = torch._softmax_backward_data(torch.bmm(d_out, v[:, :stop].transpose(1, 2)), probs, -1, probs.dtype)
+            d_q = torch.baddbmm(d_out.new_empty(()), d_scores, k[:, :stop], beta=0, alpha=ctx.scale)
+            dq[:, :, start:stop] = d_q.view(bkv, group, rows, dim)
+            dk[:, :stop].baddbmm_(d_scores.transpose(1, 2), q_block, alpha=ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+#: The last mask's query blocks and per-block biases: every layer of a forward pass gets the same mask object.
+_LAST_BIASES: list[Any] = []
+
+
+def _block_biases(attention_mask: Optional[torch.Tensor], shape: tuple[int, int, int, int], dtype: torch.dtype,
+                  device: torch.device) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+    """The query blocks of :func:`_query_blocks` and, per block, the mask as the ``(batch * kv_heads, group * rows, stop)``
+    additive bias its score matmul adds; built once per mask and reused while the same, unchanged mask comes back
+    (the layers of one forward pass: transformers builds one mask per pass and hands it to every layer).
+
+    Masked scores get half the dtype's lowest value (see :func:`_masked_bias`).
+    """
+    batch, kv_heads, group, length = shape
+    key = (shape, dtype, device, _mask_state(attention_mask))
+    if _LAST_BIASES and _LAST_BIASES[0] == key and (attention_mask is None or _LAST_BIASES[1]() is attention_mask):
+        return _LAST_BIASES[2], _LAST_BIASES[3]
+    if attention_mask is None:
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None, None]
+    else:
+        allowed = attention_mask[:, :, None]  # (batch, 1, 1, length, length)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, _masked_bias(dtype))
+    blocks = _query_blocks(allowed, length)
+    biases = [bias[..., start:stop, :stop].expand(batch, kv_heads, group, stop - start, stop)
+              .reshape(batch * kv_heads, group * (stop - start), stop) for start, stop in blocks]
+    _LAST_BIASES[:] = [key, weakref.ref(attention_mask) if attention_mask is not None else None, blocks, biases]
+    return blocks, biases
+
+
+def _mask_state(mask: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What must not have changed for a mask's biases to be reused: storage, layout and (where tracked) its version."""
+    if mask is None:
+        return None
+    version = None if mask.is_inference() else mask._version  # inference tensors keep no version counter
+    return (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, version)
 
 
 def _query_blocks(allowed: torch.Tensor, length: int) -> list[tuple[int, int]]:
@@ -202,10 +274,13 @@ def half_block_inputs(model: torch.nn.Module) -> Iterator[None]:
     if _half_dtype() is None:
         yield
         return
+    from srd_distill.cpu_norm import fast_rms_norms
+
     handles = [m.register_forward_pre_hook(_cast_inputs, with_kwargs=True) for m in _llama_blocks(model)]
     _HOOKED.add(model)
     try:
-        yield
+        with fast_rms_norms(model):  # the float32 norms' backward in closed form (srd_distill.cpu_norm)
+            yield
     finally:
         _HOOKED.discard(model)
         for handle in handles:
