@@ -1,4 +1,4 @@
-"""srdata's one native CPU kernel: a decode step's attention over a bfloat16 KV cache.
+"""srdata's native CPU kernels: how they are built and loaded, and the first of them, a decode step's attention over a bfloat16 KV cache.
 
 Why: on a bf16 decode step (one query token per row) torch's CPU flash kernel spends its
 time per (row, head), reading the cache at ~3 GB/s where a plain read runs at ~20 GB/s; on
@@ -32,7 +32,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,7 +40,8 @@ from srdata.backends.dtype import cpu_bfloat16
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "decode_attention.c"
+KERNELS = Path(__file__).with_name("kernels")  # the C sources (and their shared header, simd.h)
+SOURCE = KERNELS / "decode_attention.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-shared", "-fPIC")
 DISABLE_ENV, CACHE_ENV = "SRDATA_NATIVE_KERNELS", "SRDATA_KERNEL_CACHE"
 #: The kernel's largest error on the load check, relative to the largest output (the flash kernel: ~2.5e-3).
@@ -63,54 +64,68 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
 
 
-def build(cache: Path | None = None) -> Path:
-    """Compile the kernel unless this source, compiler and flags were compiled already; returns the library's path.
+def build(cache: Path | None = None, source: Path | None = None) -> Path:
+    """Compile ``source`` (default: the decode attention kernel) unless this source, its headers, compiler and flags
+    were compiled already; returns the library's path.
 
     Raises ``RuntimeError`` with the compiler's message when it fails.
     """
     from srdata.run.io import temp_path
 
+    source = Path(source or SOURCE)
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler ($CC, cc or gcc) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the source may include
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, cc, version, *FLAGS]).encode()).hexdigest()[:16]
     folder = Path(cache or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "srdata" / "kernels")
-    library = folder / f"decode_attention-{key}.so"
+    library = folder / f"{source.stem}-{key}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(library)
-    done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, check=False)
+    done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-600:]}")
+        raise RuntimeError(f"{cc} failed on {source.name}: {done.stderr.strip()[-600:]}")
     os.replace(tmp, library)
     return library
 
 
-@functools.lru_cache(maxsize=1)
-def kernel() -> Any | None:
-    """The checked kernel function, or ``None`` (logged once) where it cannot be used."""
+def load(source: Path, symbol: str, argtypes: list[Any], check: Callable[[Any], float], tolerance: float, what: str) -> Any | None:
+    """Build ``source``, load its function ``symbol`` and check it (``check(function)`` <= ``tolerance``); ``None``,
+    logged once by the caller's cache, where it cannot be used. ``what`` names the kernel in the log lines.
+
+    Example:
+        >>> load(KERNELS / "kd_fkl.c", "srdata_kd_fkl_bf16", ARGTYPES, check_error, 1e-5, "KD loss")  # doctest: +SKIP
+    """
     reason = unavailable_reason()
     if reason is None:
         try:
-            function = ctypes.CDLL(str(build())).srdata_decode_attention_bf16
+            function = getattr(ctypes.CDLL(str(build(source=source))), symbol)
             function.restype = ctypes.c_int
-            function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
-            error = check_error(function)
-            if error <= CHECK_TOLERANCE:
-                log.info("decode attention: srdata's AVX512-BF16 kernel (load check: error %.1e)", error)
+            function.argtypes = argtypes
+            error = check(function)
+            if error <= tolerance:
+                log.info("%s: srdata's AVX512-BF16 kernel (load check: error %.1e)", what, error)
                 return function
-            reason = f"its load check failed (error {error:.1e} > {CHECK_TOLERANCE:.0e} of the largest output)"
+            reason = f"its load check failed (error {error:.1e} > {tolerance:.0e})"
         except (OSError, RuntimeError, AttributeError) as err:
             fix = f"set {CACHE_ENV} to a writable folder, or " if isinstance(err, OSError) else ""
             reason = f"{err} ({fix}{DISABLE_ENV}=0 stops trying)"
-        # This CPU could run the kernel and it failed: worth a warning (bfloat16 decoding runs ~1.4x slower).
-        log.warning("decode attention: torch's kernel (srdata's native kernel failed: %s)", reason)
+        # This CPU could run the kernel and it failed: worth a warning (the torch path it falls back to is slower).
+        log.warning("%s: torch's ops (srdata's native kernel failed: %s)", what, reason)
         return None
-    log.info("decode attention: torch's kernel (srdata's native kernel unavailable: %s)", reason)
+    log.info("%s: torch's ops (srdata's native kernel unavailable: %s)", what, reason)
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def kernel() -> Any | None:
+    """The checked decode attention kernel, or ``None`` (logged once) where it cannot be used."""
+    argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+    return load(SOURCE, "srdata_decode_attention_bf16", argtypes, check_error, CHECK_TOLERANCE, "decode attention")
 
 
 def name(device: Any, dtype: Any) -> str:
