@@ -237,6 +237,22 @@ def teacher_entropy_meter() -> Iterator[TeacherEntropy]:
         _METER.reset(token)
 
 
+def record_teacher_entropy(entropy_sum: Tensor, tokens: int) -> None:
+    """Add ``H(p)`` summed over ``tokens`` of a cross-entropy-form divergence computed elsewhere (the native fkl kernel)
+    to the active :func:`teacher_entropy_meter`, as :func:`divergence` does for its own.
+
+    Example:
+        >>> with teacher_entropy_meter() as meter:
+        ...     record_teacher_entropy(torch.tensor(3.0), 2)
+        >>> meter.mean
+        1.5
+    """
+    meter = _METER.get()
+    if meter is not None:
+        meter.total = meter.total + entropy_sum.detach()
+        meter.tokens += tokens
+
+
 def divergence(
     loss_name: str, q: Distribution, p: Distribution, need_grad: bool, coef: float
 ) -> tuple[Tensor, Tensor | None]:

@@ -275,14 +275,15 @@ def student_head_pass(
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             x_s = hs[start:stop]
-            z_s = torch.nn.functional.linear(x_s, ws, bs).to(cdtype)
-            post_s.apply_(z_s)
+            z_s = torch.nn.functional.linear(x_s, ws, bs)
+            if not post_s.identity:  # else terms_of upcasts (bfloat16 logits may go to the native kernel as they are)
+                z_s = post_s.apply_(z_s.to(cdtype))
             terms = terms_of(start, stop, z_s, cdtype, need_grad)
             ce_sum += terms.ce_sum
             kd_sum += terms.kd_sum
             if terms.grad is not None:
                 dz_c = post_s.chain_(terms.grad, z_s)  # d loss / d raw head output, (chunk, vocab), in cdtype
-                dz = dz_c.to(mm_s)
+                dz = terms.grad_bf16 if terms.grad_bf16 is not None and mm_s == torch.bfloat16 and post_s.identity else dz_c.to(mm_s)
                 if g_h is not None:
                     g_h[start:stop] = (dz @ ws).to(g_h.dtype)
                 if g_w is not None:
@@ -332,8 +333,9 @@ def _fused_pass(
         ht = h_t.to(mm_t)
 
     def teacher_terms(start: int, stop: int, z_s: Tensor, cdtype: torch.dtype, need_grad: bool) -> ChunkTerms:
-        z_t = torch.nn.functional.linear(ht[start:stop], wt, bt).to(cdtype)
-        post_t.apply_(z_t)
+        z_t = torch.nn.functional.linear(ht[start:stop], wt, bt)
+        if not post_t.identity:
+            z_t = post_t.apply_(z_t.to(cdtype))
         return chunk_terms(z_s, z_t, targets[start:stop], cdtype=cdtype, n_scored=n, need_grad=need_grad, **terms_settings)
 
     result = student_head_pass(h_s, w_s, b_s, post_s=post_s, vocab_size=vocab_size, chunk_size=chunk_size, settings=settings,

@@ -28,6 +28,7 @@ from srd_distill.divergences import (
     distribution,
     divergence,
     divergence_coef,
+    record_teacher_entropy,
 )
 from srd_distill.t2_scaling import check_t2_scaling, t2_factor
 
@@ -124,6 +125,7 @@ class ChunkTerms(NamedTuple):
     ce_sum: Tensor  # sum over the chunk's tokens of -log softmax(z)[y] (0 without targets)
     kd_sum: Tensor  # sum over the chunk's tokens of the divergence (no T^2 factor)
     grad: Tensor | None  # d(ce_weight * CE mean + kd_weight * KD mean) / d z_student, (chunk, vocab)
+    grad_bf16: Tensor | None = None  # the same gradient rounded to bfloat16, where the native kernel wrote it too
 
 
 def chunk_terms(
@@ -149,6 +151,16 @@ def chunk_terms(
     kd_grad_scale = kd_weight * factor * inv_n / temperature
     want_kd_grad = need_grad and kd_weight != 0.0
     want_ce_grad = need_grad and y is not None and ce_weight != 0.0
+    if loss_name == "fkl" and cdtype == torch.float32 and z_student.dtype == z_teacher.dtype == torch.bfloat16:
+        # bfloat16 logits on a CPU: srdata's native kernel, one pass where torch makes ~20 (srd_distill.native_kd).
+        from srd_distill.native_kd import fkl_chunk_terms
+
+        native = fkl_chunk_terms(z_student, z_teacher, y, temperature=temperature, kd_scale=kd_grad_scale if want_kd_grad else 0.0,
+                                 ce_scale=ce_weight * inv_n if want_ce_grad else 0.0, need_grad=want_kd_grad or want_ce_grad)
+        if native is not None:
+            record_teacher_entropy(native.entropy.sum().to(cdtype), native.entropy.shape[0])
+            return ChunkTerms(native.ce.sum().to(cdtype), native.kd.sum().to(cdtype), native.grad_f32 if need_grad else None,
+                              native.grad_bf16 if need_grad else None)
     q = distribution(z_student, cdtype, temperature)
     value, grad_s = divergence(loss_name, q, distribution(z_teacher, cdtype, temperature), want_kd_grad, coef)
     kd_sum = value.sum()
