@@ -34,7 +34,7 @@ from torch import Tensor
 
 from srdata.backends import native
 
-__all__ = ["NativeTerms", "fkl_chunk_terms", "kernel"]
+__all__ = ["NativeTerms", "fkl_chunk_terms", "fkl_kernel"]
 
 SOURCE = native.KERNELS / "kd_fkl.c"
 _ARGTYPES = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_float] * 3
@@ -54,9 +54,9 @@ class NativeTerms(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1)
-def kernel() -> Any | None:
+def fkl_kernel() -> Any | None:
     """The checked kernel function, or ``None`` (logged once) where it cannot be used."""
-    return native.load(SOURCE, "srdata_kd_fkl_bf16", _ARGTYPES, check_error, CHECK_TOLERANCE, "KD loss (fkl + CE)")
+    return native.load(SOURCE, "srdata_kd_fkl_bf16", _ARGTYPES, fkl_check_error, CHECK_TOLERANCE, "KD loss (fkl + CE)")
 
 
 def fkl_chunk_terms(z_s: Tensor, z_t: Tensor, targets: Optional[Tensor], *, temperature: float, kd_scale: float,
@@ -69,7 +69,7 @@ def fkl_chunk_terms(z_s: Tensor, z_t: Tensor, targets: Optional[Tensor], *, temp
     if (z_s.dtype != torch.bfloat16 or z_t.dtype != torch.bfloat16 or z_s.device.type != "cpu" or z_t.device.type != "cpu"
             or z_s.dim() != 2 or z_s.shape != z_t.shape or z_s.shape[1] == 0):
         return None
-    function = kernel()
+    function = fkl_kernel()
     if function is None:
         return None
     return _launch(function, z_s, z_t, targets, temperature, kd_scale, ce_scale, need_grad, torch.get_num_threads())
@@ -111,7 +111,7 @@ def reference(z_s: Tensor, z_t: Tensor, targets: Optional[Tensor], temperature: 
     return NativeTerms(-(p * s).sum(-1), ce, -(p * t).sum(-1), grad, None)
 
 
-def check_error(function: Any) -> float:
+def fkl_check_error(function: Any) -> float:
     """The kernel's largest error against :func:`reference` on random rows (vocab tails, T = 1 and 2), relative."""
     generator = torch.Generator().manual_seed(0)
     worst = 0.0

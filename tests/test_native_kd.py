@@ -53,7 +53,7 @@ def test_kernel_matches_float64(temperature, vocab):
 def test_strided_rows_and_two_threads_give_the_contiguous_one_thread_result():
     wide_s, wide_t, y = _logits(6, 300, seed=4)
     z_s, z_t = wide_s[:, :257], wide_t[:, 10:267]  # rows 300 elements apart
-    function = native_kd.kernel()
+    function = native_kd.fkl_kernel()
     strided = native_kd._launch(function, z_s, z_t, y % 257, 2.0, 0.1, 0.05, True, 2)
     dense = native_kd._launch(function, z_s.contiguous(), z_t.contiguous(), y % 257, 2.0, 0.1, 0.05, True, 1)
     for a, b in zip(strided, dense):
@@ -96,7 +96,7 @@ def test_rows_and_settings_the_kernel_does_not_take_go_to_torchs_ops():
 
 
 def test_without_the_kernel_chunk_terms_runs_torchs_ops(monkeypatch):
-    monkeypatch.setattr(native_kd, "kernel", lambda: None)  # another CPU, no compiler, or SRDATA_NATIVE_KERNELS=0
+    monkeypatch.setattr(native_kd, "fkl_kernel", lambda: None)  # another CPU, no compiler, or SRDATA_NATIVE_KERNELS=0
     z_s, z_t, y = _logits(5, 300, seed=8)
     ours, theirs = _terms(z_s, z_t, y, 2.0), _terms(z_s.float(), z_t.float(), y, 2.0)
     assert ours.grad_bf16 is None
@@ -115,7 +115,7 @@ def test_bfloat16_training_step_through_the_fused_head_matches_torchs_ops(monkey
     monkeypatch.setattr(native_kd, "fkl_chunk_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
     loss, grads = objective_and_grads(student, teacher, batch, autocast_context(CPU, torch.bfloat16))
     assert calls  # the kernel ran
-    monkeypatch.setattr(native_kd, "kernel", lambda: None)
+    monkeypatch.setattr(native_kd, "fkl_kernel", lambda: None)
     loss_torch, grads_torch = objective_and_grads(student, teacher, batch, autocast_context(CPU, torch.bfloat16))
     assert loss == pytest.approx(loss_torch, rel=1e-5)
     for name, grad in grads.items():
