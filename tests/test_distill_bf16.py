@@ -193,7 +193,11 @@ def student_forward_backward(student, batch, precision, forward_mode=contextlib.
     return hidden
 
 
-def test_block_inputs_cast_once_per_block_and_rotary_runs_in_bfloat16():
+def test_block_inputs_cast_once_per_block_and_rotary_runs_in_bfloat16(monkeypatch):
+    from srd_distill import cpu_norm
+
+    # The torch norms (float32 out): srdata's native RMSNorm emits bf16 itself, no cast at all (tests/test_cpu_norm.py).
+    monkeypatch.setattr(cpu_norm, "_kernel_for", lambda x, weight: None)
     student, batch = tiny_llama(64, seed=1), tiny_batch()
     rows, width = batch.input_ids.shape
     record = Casts()
