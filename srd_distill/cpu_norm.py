@@ -19,11 +19,12 @@ rounding of the float64 ones. A decoder layer's two norms (input, post-attention
 in bfloat16 directly: :func:`half_block_inputs` casts the block's input to bf16 at its entrance
 anyway, so the matmuls get the same bf16 rounding of the same float32 product, and the q/k/v (gate/up) input
 gradients were already summed in bf16 inside the block; the norm only saves the cast's passes.
-(4, 512, 576) forward + backward including the bf16 cast, 2 threads: autograd 8.0 ms, closed form
-3.4 ms, the kernel 1.4 ms with a float32 output, 1.1 ms with the bf16 one. The bf16 teacher's
+(4, 512, 576) forward + backward including the bf16 cast, 2 threads, freed memory kept as in training
+(shared machine, two runs): autograd 6.0-6.3 ms, closed form 3.0-3.8 ms, the kernel 1.4-2.1 ms with a
+float32 output, 0.7-1.7 ms with the bf16 one; a bf16 SmolLM2 step 15.91 -> 15.67 s. The bf16 teacher's
 norms (:func:`teacher_rms_norms`, no gradient) run in one pass that gives ``LlamaRMSNorm``'s
 result (normed rounded to bf16, times the bf16 weight, rounded again) up to the order of the sum
-of squares: 3.4 -> 0.17 ms on the same shape. Anywhere else (no kernel, other dtypes or sizes,
+of squares: 0.8-1.3 -> 0.15-0.18 ms on the same shape. Anywhere else (no kernel, other dtypes or sizes,
 GPUs) the torch paths run, with no error.
 
 Example:
