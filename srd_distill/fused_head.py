@@ -84,6 +84,9 @@ log = logging.getLogger(__name__)
 # 49k and 152k vocabularies. GPUs: about 2**26 float32 elements per tensor.
 # Figures: benchmarks/README.md (bench_distill.py --cases chunks).
 _FUSED_CHUNK_TOKENS_CPU = 128
+#: CPU bfloat16: the head's weight gradient is one bf16 product per this many scored tokens (see student_head_pass);
+#: their logit gradients are kept meanwhile, a (tokens, vocab) bf16 buffer: 100 MB at a 49k vocabulary.
+WEIGHT_GRAD_TOKENS = 1024
 _FUSED_CHUNK_ELEMENTS_GPU = 1 << 26
 
 
@@ -260,11 +263,19 @@ def student_head_pass(
         ws = w_s[:vocab_size].to(mm_s)
         bs = b_s[:vocab_size].to(mm_s) if b_s is not None else None
         hs = h_s.to(mm_s)
-        # Half matmuls (autocast): the weight gradient stays a float32 in-place addmm of the float32
-        # logit gradient and hidden states (no bfloat16 rounding of each chunk's product, and no
-        # (vocab, hidden) temporary per chunk, whose conversion and add cost more than the product).
+        # Half matmuls (autocast): the weight gradient is a float32 in-place addmm of the float32
+        # logit gradient and hidden states per chunk (no bfloat16 rounding of each chunk's product,
+        # and no (vocab, hidden) temporary per chunk, whose conversion and add cost more than the
+        # product). On a CPU in bfloat16 that float32 product ran at half the bf16 matmuls' speed
+        # (~0.3 s of a 1,000-token SmolLM2 micro-batch): there the logit gradients of up to
+        # WEIGHT_GRAD_TOKENS tokens are kept in bf16 and multiplied at once, a bf16 product summed in
+        # float32 and rounded once to bf16, as autocast computes every other linear layer's weight gradient.
         acc_dtype = torch.promote_types(w_s.dtype, torch.float32)
-        h_acc = h_s.to(acc_dtype) if grad_head and mm_s != acc_dtype else hs
+        half_weight_grad = grad_head and mm_s == torch.bfloat16 and h_s.device.type == "cpu"
+        dz_buffer = (torch.empty((min(n, chunk_size * max(1, WEIGHT_GRAD_TOKENS // chunk_size)), vocab_size), dtype=mm_s,
+                                 device=h_s.device) if half_weight_grad and n else None)
+        buffered_from = 0  # the first token whose logit gradient is in dz_buffer
+        h_acc = h_s.to(acc_dtype) if grad_head and mm_s != acc_dtype and not half_weight_grad else hs
         cdtype = torch.promote_types(torch.promote_types(mm_s, teacher_dtype), torch.float32)
         ce_sum = torch.zeros((), dtype=cdtype, device=h_s.device)
         kd_sum = torch.zeros((), dtype=cdtype, device=h_s.device)
@@ -286,7 +297,12 @@ def student_head_pass(
                 dz = terms.grad_bf16 if terms.grad_bf16 is not None and mm_s == torch.bfloat16 and post_s.identity else dz_c.to(mm_s)
                 if g_h is not None:
                     g_h[start:stop] = (dz @ ws).to(g_h.dtype)
-                if g_w is not None:
+                if g_w is not None and dz_buffer is not None:
+                    dz_buffer[start - buffered_from : stop - buffered_from] = dz
+                    if stop - buffered_from == dz_buffer.shape[0] or stop == n:
+                        g_w.add_(dz_buffer[: stop - buffered_from].t() @ hs[buffered_from:stop])  # bf16 product, float32 sum
+                        buffered_from = stop
+                elif g_w is not None:
                     if dz.dtype == acc_dtype:
                         g_w.addmm_(dz.t(), x_s)  # in place: no (vocab, hidden) temporary per chunk
                     elif dz_c.dtype == acc_dtype and h_acc.dtype == acc_dtype:  # half matmuls: see h_acc

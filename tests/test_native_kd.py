@@ -122,3 +122,32 @@ def test_bfloat16_training_step_through_the_fused_head_matches_torchs_ops(monkey
         # The same bf16 matmuls on gradients that differ by float32 rounding (then one bf16 rounding each).
         error = float((grad - grads_torch[name]).norm() / grads_torch[name].norm())
         assert error < 2e-3, (name, error)
+
+
+@needs_kernel
+@pytest.mark.parametrize("buffer_tokens", [8, 1024])  # flushes at 8, 16, 21 tokens / one flush
+def test_cpu_bfloat16_head_weight_gradient_is_the_bf16_product_of_the_buffered_logit_gradients(monkeypatch, buffer_tokens):
+    from srd_distill import fused_head
+    from srd_distill.fused_head import HeadWeights, LogitPostprocess, fused_kd_objective
+
+    monkeypatch.setattr(fused_head, "WEIGHT_GRAD_TOKENS", buffer_tokens)
+    seen = []
+    real = native_kd.fkl_chunk_terms
+    monkeypatch.setattr(native_kd, "fkl_chunk_terms", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    g = torch.Generator().manual_seed(6)
+    n, vocab, hidden = 21, 300, 32
+    h_s = torch.randn(n, hidden, generator=g).requires_grad_(True)
+    w_s = (0.3 * torch.randn(vocab, hidden, generator=g)).requires_grad_(True)
+    h_t, w_t = torch.randn(n, hidden, generator=g).bfloat16(), (0.3 * torch.randn(vocab, hidden, generator=g)).bfloat16()
+    y = torch.randint(0, vocab, (n,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_kd_objective(h_s, HeadWeights(w_s, None, LogitPostprocess()), h_t, HeadWeights(w_t, None, LogitPostprocess()),
+                                 y, "fkl", 2.0, 0.9, chunk_size=4)
+    out.loss.backward()
+    assert len(seen) == 6 and all(t is not None for t in seen)  # every chunk on the kernel
+    dz = torch.cat([t.grad_bf16 for t in seen]).double()
+    exact = dz.t() @ h_s.detach().bfloat16().double()  # the same bf16 logit gradients and hidden states, in float64
+    error = float((w_s.grad.double() - exact).abs().max() / exact.abs().max())
+    assert 0 < error < 4e-3  # bf16 rounding of each product, nothing more
+    exact_h = dz @ w_s.detach().bfloat16().double()
+    assert float((h_s.grad.double() - exact_h).abs().max() / exact_h.abs().max()) < 4e-3
