@@ -264,9 +264,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             "(lower --batch-size or raise --grad-accum to save memory instead)"
         )
     from srd_distill.cpu_attention import same_on_recompute
+    from srd_distill.cpu_mlp import swiglu_on_recompute
 
-    # CPU bfloat16: a recomputed layer must run as its forward did (the grouped attention and block input casts).
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": same_on_recompute(model)})
+    # CPU bfloat16: a recomputed layer must run as its forward did (the grouped attention and block input casts,
+    # the MLP activation's kernel).
+    context_fn = swiglu_on_recompute(same_on_recompute(model), model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
     model.config.use_cache = False
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from srd_distill.cpu_attention import half_block_inputs
+from srd_distill.cpu_mlp import swiglu_mlps
 from srd_distill.cpu_norm import teacher_rms_norms
 from srd_distill.data import Batch, EncodedData, collate
 from srd_distill.fused_head import (
@@ -86,18 +87,18 @@ def batch_objective(
         return _sparse_objective(student, batch, spec, precision)
     if spec.fused:
         rows, cols = batch.response_mask[:, 1:].nonzero(as_tuple=True)  # hidden state t predicts token t + 1
-        with torch.inference_mode(), precision, teacher_rms_norms(teacher):  # a fixed target: no graph, no gradient
+        with torch.inference_mode(), precision, teacher_rms_norms(teacher), swiglu_mlps(teacher):  # a fixed target: no graph, no gradient
             teacher_hidden = base_hidden_states(teacher, ids, attention)[rows, cols]
         with precision:
-            with half_block_inputs(student):  # CPU bfloat16: one cast per block input, not per linear
+            with half_block_inputs(student), swiglu_mlps(student):  # CPU bfloat16: one cast per block input, not per linear
                 student_hidden = base_hidden_states(student, ids, attention)[rows, cols]
             # Under autocast the heads' matmuls run in its dtype too (softmax and sums stay float32):
             # a float32 student head was ~15% of a bfloat16 step on CPU.
             return fused_kd_objective(student_hidden, head_weights(student, spec.student_head), teacher_hidden,
                                       head_weights(teacher, spec.teacher_head), ids[:, 1:][rows, cols], *args, vocab_size=spec.vocab_size)  # type: ignore[arg-type]
-    with torch.inference_mode(), precision, teacher_rms_norms(teacher):
+    with torch.inference_mode(), precision, teacher_rms_norms(teacher), swiglu_mlps(teacher):
         teacher_logits = teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    with precision, half_block_inputs(student):
+    with precision, half_block_inputs(student), swiglu_mlps(student):
         student_logits = student(input_ids=ids, attention_mask=attention, use_cache=False).logits
     vocab = spec.vocab_size
     s, t, targets, mask = shift_for_next_token(student_logits[..., :vocab], teacher_logits[..., :vocab], ids, batch.response_mask)
