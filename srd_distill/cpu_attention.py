@@ -90,7 +90,8 @@ class _BlockedAttention(torch.autograd.Function):
     into their rows ``[0, stop)``), the query gradient of a block is written where it belongs, and the
     scale is the matmuls' alpha. The output is written straight in ``(batch, length, heads, dim)``
     order (no transposed copy after). Values are the same operations as before; gradients differ by
-    bfloat16 rounding only (fewer roundings: no separate scaling pass).
+    bfloat16 rounding only (fewer roundings: no separate scaling pass). In bfloat16 the softmax and its backward run
+    on srdata's native kernel where it builds (:mod:`srd_distill.native_softmax`; within one bf16 ulp of torch's).
     """
 
     @staticmethod
@@ -104,7 +105,7 @@ class _BlockedAttention(torch.autograd.Function):
             # (a quarter of the work at 4 blocks would be masked-out scores and their softmax).
             rows = stop - start
             q_block = q[:, :, start:stop].reshape(bkv, group * rows, dim)
-            probs = torch.softmax(torch.baddbmm(bias, q_block, k[:, :stop].transpose(1, 2), alpha=scale), dim=-1)
+            probs = _softmax(torch.baddbmm(bias, q_block, k[:, :stop].transpose(1, 2), alpha=scale))
             block_out = torch.bmm(probs, v[:, :stop]).view(batch, kv_heads, group, rows, dim)
             out[:, start:stop] = block_out.permute(0, 3, 1, 2, 4)
             saved += [q_block, probs]
@@ -125,11 +126,29 @@ class _BlockedAttention(torch.autograd.Function):
             q_block, probs = saved[2 * i], saved[2 * i + 1]
             d_out = grad_out[:, start:stop].permute(0, 2, 3, 1, 4).reshape(bkv, group * rows, dim)
             dv[:, :stop].baddbmm_(probs.transpose(1, 2), d_out)
-            d_scores = torch._softmax_backward_data(torch.bmm(d_out, v[:, :stop].transpose(1, 2)), probs, -1, probs.dtype)
+            d_scores = _softmax_backward(torch.bmm(d_out, v[:, :stop].transpose(1, 2)), probs)
             d_q = torch.baddbmm(d_out.new_empty(()), d_scores, k[:, :stop], beta=0, alpha=ctx.scale)
             dq[:, :, start:stop] = d_q.view(bkv, group, rows, dim)
             dk[:, :stop].baddbmm_(d_scores.transpose(1, 2), q_block, alpha=ctx.scale)
         return dq, dk, dv, None, None, None, None
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; bfloat16 CPU scores on srdata's native kernel, in place (the scores are this
+    block's own temporary), within one bf16 ulp of torch's (``srd_distill.native_softmax``), else torch's."""
+    from srd_distill.native_softmax import softmax_bf16
+
+    probs = softmax_bf16(scores, out=scores) if scores.dtype == torch.bfloat16 else None
+    return probs if probs is not None else torch.softmax(scores, dim=-1)
+
+
+def _softmax_backward(d_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The scores' gradient ``probs * (d_probs - sum(d_probs * probs))``: the native kernel for bfloat16 (over
+    ``d_probs``, a temporary), else torch's."""
+    from srd_distill.native_softmax import softmax_backward_bf16
+
+    d_scores = softmax_backward_bf16(d_probs, probs, out=d_probs) if probs.dtype == torch.bfloat16 else None
+    return d_scores if d_scores is not None else torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
 
 
 #: The last mask's query blocks and per-block biases: every layer of a forward pass gets the same mask object.
