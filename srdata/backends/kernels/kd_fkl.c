@@ -25,13 +25,6 @@
 
 #include "simd.h"
 
-static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
-
 /* One row; e_s, e_t, e_1 are this thread's vocab-float buffers (NULL when no gradient is written). */
 static int kd_row(const uint16_t *zs, const uint16_t *zt, int64_t vocab, int64_t y, float inv_t, int separate_ce,
                   float kd_scale, float ce_scale, uint16_t *g16, float *g32, double *values,
@@ -39,7 +32,7 @@ static int kd_row(const uint16_t *zs, const uint16_t *zt, int64_t vocab, int64_t
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
     __m512 max_s = neg_inf, max_t = neg_inf, nonfinite = _mm512_setzero_ps();
     for (int64_t i = 0; i < vocab; i += 16) {
-        __mmask16 m = tail_mask(vocab - i);
+        __mmask16 m = tail_mask(vocab, i);
         __m512 a = load_bf16_masked(zs + i, m), b = load_bf16_masked(zt + i, m);
         max_s = _mm512_mask_max_ps(max_s, m, max_s, a);
         max_t = _mm512_mask_max_ps(max_t, m, max_t, b);
@@ -52,7 +45,7 @@ static int kd_row(const uint16_t *zs, const uint16_t *zt, int64_t vocab, int64_t
     __m512 ps_sum = _mm512_setzero_ps(), pt_sum = _mm512_setzero_ps();
     const __m512 vms = _mm512_set1_ps(ms), vmt = _mm512_set1_ps(mt), vinv = _mm512_set1_ps(inv_t);
     for (int64_t i = 0; i < vocab; i += 16) {
-        __mmask16 m = tail_mask(vocab - i);
+        __mmask16 m = tail_mask(vocab, i);
         __m512 zs1 = _mm512_sub_ps(load_bf16_masked(zs + i, m), vms);  /* <= 0 on the row's lanes */
         __m512 s = _mm512_mul_ps(zs1, vinv);
         __m512 t = _mm512_mul_ps(_mm512_sub_ps(load_bf16_masked(zt + i, m), vmt), vinv);
@@ -94,7 +87,7 @@ static int kd_row(const uint16_t *zs, const uint16_t *zt, int64_t vocab, int64_t
     const __m512 c = _mm512_set1_ps((float)(ce_scale / z_1));
     const float *e1_row = separate_ce ? e_1 : e_s;
     for (int64_t i = 0; i < vocab; i += 16) {
-        __mmask16 m = tail_mask(vocab - i);
+        __mmask16 m = tail_mask(vocab, i);
         __m512 g = _mm512_fmsub_ps(a, _mm512_maskz_loadu_ps(m, e_s + i), _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, e_t + i)));
         if (ce_scale != 0.0f) g = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, e1_row + i), g);
         if (y >= i && y < i + 16 && ce_scale != 0.0f) {  /* - ce_scale at the target */
@@ -102,7 +95,7 @@ static int kd_row(const uint16_t *zs, const uint16_t *zt, int64_t vocab, int64_t
             g = _mm512_mask_sub_ps(g, at, g, _mm512_set1_ps(ce_scale));
         }
         if (g32) _mm512_mask_storeu_ps(g32 + i, m, g);
-        if (g16) _mm256_mask_storeu_epi16(g16 + i, m, (__m256i)_mm512_cvtneps_pbh(g));
+        if (g16) store_bf16_masked(g16 + i, m, g);
     }
     return 0;
 }

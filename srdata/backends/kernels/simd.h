@@ -28,4 +28,21 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 
+/* The lanes of the 16 elements from i on that lie before n: all 16 but in a row's tail. */
+static inline __mmask16 tail_mask(int64_t n, int64_t i) {
+    int64_t left = n - i;
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* The lanes m of 16 bfloat16 values widened to float32 (the other lanes 0; nothing outside m is read). */
+static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The lanes m of v rounded to bfloat16 (to nearest even, as torch's .to(bfloat16)) and stored. */
+static inline void store_bf16_masked(uint16_t *p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 #endif

@@ -23,20 +23,6 @@
 
 #include "simd.h"
 
-static inline __m512 load_bf16_tail(const uint16_t *p, __mmask16 m) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline void store_bf16_tail(uint16_t *p, __m512 v, __mmask16 m) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-static inline __mmask16 tail_mask(int64_t cols, int64_t i) {
-    int64_t left = cols - i;
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
-
 static void nan_row(uint16_t *out, int64_t cols) {
     for (int64_t i = 0; i < cols; i++) out[i] = 0x7FC0;  /* bf16 quiet NaN */
 }
@@ -46,7 +32,7 @@ static void forward_row(const uint16_t *x, uint16_t *out, float *e, int64_t cols
     __mmask16 nan = 0;
     for (int64_t i = 0; i < cols; i += 16) {
         __mmask16 m = tail_mask(cols, i);
-        __m512 v = load_bf16_tail(x + i, m);
+        __m512 v = load_bf16_masked(x + i, m);
         nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
         mx = _mm512_mask_max_ps(mx, m, mx, v);
         _mm512_storeu_ps(e + i, v);  /* the next pass reads float32 (no second widening); e: cols rounded up to 16 */
@@ -65,20 +51,20 @@ static void forward_row(const uint16_t *x, uint16_t *out, float *e, int64_t cols
     }
     __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(acc));  /* sum >= 1: the max's own term */
     for (int64_t i = 0; i < cols; i += 16)
-        store_bf16_tail(out + i, _mm512_mul_ps(_mm512_loadu_ps(e + i), inv), tail_mask(cols, i));
+        store_bf16_masked(out + i, tail_mask(cols, i), _mm512_mul_ps(_mm512_loadu_ps(e + i), inv));
 }
 
 static void backward_row(const uint16_t *g, const uint16_t *p, uint16_t *out, int64_t cols) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < cols; i += 16) {
         __mmask16 m = tail_mask(cols, i);
-        acc = _mm512_fmadd_ps(load_bf16_tail(g + i, m), load_bf16_tail(p + i, m), acc);
+        acc = _mm512_fmadd_ps(load_bf16_masked(g + i, m), load_bf16_masked(p + i, m), acc);
     }
     __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
     for (int64_t i = 0; i < cols; i += 16) {
         __mmask16 m = tail_mask(cols, i);
-        __m512 d = _mm512_mul_ps(load_bf16_tail(p + i, m), _mm512_sub_ps(load_bf16_tail(g + i, m), dot));
-        store_bf16_tail(out + i, d, m);
+        __m512 d = _mm512_mul_ps(load_bf16_masked(p + i, m), _mm512_sub_ps(load_bf16_masked(g + i, m), dot));
+        store_bf16_masked(out + i, m, d);
     }
 }
 

@@ -19,15 +19,6 @@
 
 #include "simd.h"
 
-static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 m) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline void store_bf16_masked(uint16_t *p, __mmask16 m, __m512 v) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
 static inline __m512 sigmoid(__m512 g) {
     __m512 absg = _mm512_abs_ps(g);
     __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), absg));
@@ -59,9 +50,8 @@ int srdata_swiglu(int op, const uint16_t *g, const uint16_t *u, const uint16_t *
     int64_t vectors = (n + 15) / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t v = 0; v < vectors; v++) {
-        int64_t i = v * 16, left = n - i;
-        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        block(op, g + i, u + i, dh ? dh + i : 0, a + i, b ? b + i : 0, m);
+        int64_t i = v * 16;
+        block(op, g + i, u + i, dh ? dh + i : 0, a + i, b ? b + i : 0, tail_mask(n, i));
     }
     return 0;
 }
